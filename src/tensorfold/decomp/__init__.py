@@ -1,0 +1,1 @@
+"""Decompositions: one algorithm per module, each returning a result type from ``results``."""

@@ -1,0 +1,91 @@
+"""File helpers: safe loading of arrays and atomic writes.
+
+Nothing here unpickles arbitrary objects: ``.pt`` files load with ``weights_only=True`` and ``.npy``/
+``.npz`` with ``allow_pickle=False``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tensorfold.errors import FileFormatError
+
+ARRAY_SUFFIXES = (".npy", ".npz", ".pt", ".pth", ".safetensors")
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success it replaces ``path`` in one rename.
+
+    A crash or an exception leaves any existing file untouched and no partial file behind.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def load_array(path: str | os.PathLike, key: str | None = None) -> torch.Tensor:
+    """Load one tensor from ``.npy``, ``.npz``, ``.pt``/``.pth`` or ``.safetensors``.
+
+    Files holding several arrays need ``key`` unless they hold exactly one.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileFormatError(f"{path}: no such file")
+    suffix = path.suffix.lower()
+    if suffix not in ARRAY_SUFFIXES:
+        raise FileFormatError(f"{path}: unknown format {suffix!r}; expected one of {', '.join(ARRAY_SUFFIXES)}")
+    try:
+        if suffix == ".npy":
+            if key is not None:
+                raise FileFormatError(f"{path}: a .npy file holds one array; --key {key!r} does not apply")
+            return torch.from_numpy(np.load(path, allow_pickle=False))
+        if suffix == ".npz":
+            with np.load(path, allow_pickle=False) as npz:
+                return torch.from_numpy(_pick(dict(npz.items()), key, path))
+        if suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return _pick(load_file(str(path)), key, path)
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except FileFormatError:
+        raise
+    except Exception as exc:  # numpy, safetensors and torch raise many types for corrupt files
+        raise FileFormatError(f"{path}: cannot read as {suffix} ({type(exc).__name__}: {exc})") from None
+    if isinstance(obj, torch.Tensor):
+        if key is not None:
+            raise FileFormatError(f"{path}: holds a single tensor; --key {key!r} does not apply")
+        return obj
+    if isinstance(obj, dict):
+        return _pick({k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}, key, path)
+    raise FileFormatError(f"{path}: holds a {type(obj).__name__}, not a tensor or a dict of tensors")
+
+
+def _pick(arrays: dict, key: str | None, path: Path):
+    if key is None:
+        if len(arrays) == 1:
+            return next(iter(arrays.values()))
+        raise FileFormatError(f"{path}: holds {len(arrays)} arrays ({', '.join(sorted(arrays))}); choose one with --key")
+    if key not in arrays:
+        raise FileFormatError(f"{path}: no array named {key!r}; available: {', '.join(sorted(arrays)) or 'none'}")
+    return arrays[key]
