@@ -85,7 +85,8 @@ def _pick(arrays: dict, key: str | None, path: Path):
     if key is None:
         if len(arrays) == 1:
             return next(iter(arrays.values()))
-        raise FileFormatError(f"{path}: holds {len(arrays)} arrays ({', '.join(sorted(arrays))}); choose one with --key")
+        names = ", ".join(sorted(arrays))
+        raise FileFormatError(f"{path}: holds {len(arrays)} arrays ({names}); choose one with --key")
     if key not in arrays:
         raise FileFormatError(f"{path}: no array named {key!r}; available: {', '.join(sorted(arrays)) or 'none'}")
     return arrays[key]
