@@ -1,0 +1,394 @@
+"""``tensorfold decompose`` and ``tensorfold info``: decompose a tensor file, describe a saved result.
+
+Methods are looked up in :data:`METHODS`, a small registry from name to :class:`Method`. Adding a
+method to the CLI is one ``register_method(Method(...))`` call with a function
+``fit(X, options) -> Decomposition``; options the method needs beyond the common ones travel in
+``FitOptions.extra``.
+
+>>> sorted(METHODS)
+['cp', 'svd', 'tr', 'tt', 'tucker']
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import typer
+
+from tensorfold.cli.common import (
+    check_option_choice,
+    check_output_path,
+    fit_progress,
+    parse_rank,
+    print_key_value_table,
+    stdout_console,
+)
+from tensorfold.errors import InvalidArgumentError, InvalidTensorError, RankError
+
+if TYPE_CHECKING:
+    import torch
+
+    from tensorfold.decomp.results import Decomposition
+
+DTYPES = ("float32", "float64")
+DEVICES = ("cpu", "cuda")
+
+
+# --- the method registry ------------------------------------------------------------------------
+@dataclass(frozen=True)
+class FitOptions:
+    """Options of one run, already validated against the method's declared capabilities.
+
+    ``max_iter``/``tol`` are None when not given, so the algorithm's own defaults apply.
+    """
+
+    rank: int | tuple[int, ...] | None
+    eps: float | None = None
+    seed: int = 0
+    max_iter: int | None = None
+    tol: float | None = None
+    callback: Callable[[int, float], None] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def iteration_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments shared by the iterative algorithms, only those that were set."""
+        kwargs: dict[str, Any] = {"seed": self.seed}
+        if self.max_iter is not None:
+            kwargs["n_iter_max"] = self.max_iter
+        if self.tol is not None:
+            kwargs["tol"] = self.tol
+        if self.callback is not None:
+            kwargs["callback"] = self.callback
+        return kwargs
+
+
+@dataclass(frozen=True)
+class Method:
+    """A decomposition the CLI can run.
+
+    ``fit(X, options)`` builds the result. The flags say which options make sense, so the CLI can
+    refuse the others with a clear message before any work is done.
+    """
+
+    name: str
+    description: str
+    fit: Callable[[torch.Tensor, FitOptions], Decomposition]
+    iterative: bool = False  # takes --max-iter/--tol and reports progress through a callback
+    per_mode_rank: bool = False  # --rank may be a comma list
+    uses_eps: bool = False  # --eps is an error target that may replace --rank
+    min_order: int = 2
+    max_order: int | None = None
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register_method(method: Method) -> Method:
+    """Add (or replace) a method of ``tensorfold decompose``."""
+    METHODS[method.name] = method
+    return method
+
+
+def _single_rank(options: FitOptions, method: str) -> int | None:
+    if isinstance(options.rank, tuple):
+        raise RankError(f"method {method!r} takes a single --rank, got {','.join(map(str, options.rank))}")
+    return options.rank
+
+
+def _fit_cp(X, options: FitOptions):
+    import tensorfold
+
+    return tensorfold.cp(X, _single_rank(options, "cp"), **options.iteration_kwargs())
+
+
+def _fit_tucker(X, options: FitOptions):
+    import tensorfold
+
+    return tensorfold.tucker(X, options.rank, method="hooi", **options.iteration_kwargs())
+
+
+def _fit_tt(X, options: FitOptions):
+    import tensorfold
+
+    return tensorfold.tensor_train(X, max_rank=options.rank, eps=options.eps)
+
+
+def _fit_tr(X, options: FitOptions):
+    import tensorfold
+
+    return tensorfold.tensor_ring(X, options.rank, **options.iteration_kwargs())
+
+
+def _fit_svd(X, options: FitOptions):
+    import tensorfold
+
+    return tensorfold.svd_lowrank(X, _single_rank(options, "svd"), method="exact", seed=options.seed, eps=options.eps)
+
+
+register_method(Method("cp", "CP (CANDECOMP/PARAFAC) by ALS with line search", _fit_cp, iterative=True))
+register_method(Method("tucker", "Tucker by HOOI (per-mode ranks)", _fit_tucker, iterative=True, per_mode_rank=True))
+register_method(
+    Method("tt", "tensor train by TT-SVD (max bond rank and/or --eps)", _fit_tt, per_mode_rank=True, uses_eps=True)
+)
+register_method(Method("tr", "tensor ring by ALS (per-bond ranks)", _fit_tr, iterative=True, per_mode_rank=True))
+register_method(
+    Method("svd", "truncated SVD of a matrix (rank and/or --eps)", _fit_svd, uses_eps=True, min_order=2, max_order=2)
+)
+
+
+def _check_method_options(method: Method, options: FitOptions) -> None:
+    """Refuse options the method does not take, before loading or fitting anything."""
+    if options.rank is None and not (method.uses_eps and options.eps is not None):
+        needs = "--rank or --eps" if method.uses_eps else "--rank"
+        raise RankError(f"method {method.name!r} needs {needs}")
+    if isinstance(options.rank, tuple) and not method.per_mode_rank:
+        raise RankError(f"method {method.name!r} takes a single --rank, got {','.join(map(str, options.rank))}")
+    if options.eps is not None and not method.uses_eps:
+        users = ", ".join(m.name for m in METHODS.values() if m.uses_eps)
+        raise InvalidArgumentError(f"--eps applies to {users}, not to {method.name!r}")
+    if (options.max_iter is not None or options.tol is not None) and not method.iterative:
+        users = ", ".join(m.name for m in METHODS.values() if m.iterative)
+        raise InvalidArgumentError(f"--max-iter and --tol apply to iterative methods ({users}), not to {method.name!r}")
+    if options.eps is not None and not 0 < options.eps < 1:
+        raise InvalidArgumentError(f"--eps must be a relative error in (0, 1), got {options.eps}")
+    if options.max_iter is not None and options.max_iter <= 0:
+        raise InvalidArgumentError(f"--max-iter must be a positive integer, got {options.max_iter}")
+    if options.tol is not None and not options.tol >= 0:
+        raise InvalidArgumentError(f"--tol must be >= 0, got {options.tol}")
+
+
+def _check_order(method: Method, X, source: str) -> None:
+    order = X.ndim
+    if order < method.min_order or (method.max_order is not None and order > method.max_order):
+        if method.max_order == method.min_order == 2:
+            want = "a 2-way tensor (a matrix)"
+        elif method.max_order is None:
+            want = f"at least {method.min_order} modes"
+        else:
+            want = f"{method.min_order} to {method.max_order} modes"
+        raise InvalidTensorError(
+            f"method {method.name!r} needs {want}; {source} has shape {tuple(X.shape)} ({order} modes)"
+        )
+
+
+def prepare_tensor(X, source: str, dtype: str | None, device: str):
+    """Cast to the requested float dtype and move to ``device``, refusing what cannot be decomposed.
+
+    Without ``dtype``, float32/float64 input keeps its dtype and other dtypes are refused with a hint,
+    so no silent conversion happens.
+    """
+    import torch
+
+    from tensorfold.core.validate import check_tensor
+
+    if X.is_complex():
+        raise InvalidTensorError(f"{source} is complex ({X.dtype}); only real tensors can be decomposed")
+    if dtype is not None:
+        X = X.to(getattr(torch, dtype))
+    elif X.dtype not in (torch.float32, torch.float64):
+        raise InvalidTensorError(
+            f"{source} has dtype {str(X.dtype).replace('torch.', '')}; pass --dtype float32 or --dtype float64 "
+            "to convert it"
+        )
+    if device == "cuda" and not torch.cuda.is_available():
+        raise InvalidArgumentError("--device cuda: CUDA is not available on this machine")
+    X = check_tensor(X, source)
+    return X.to(device)
+
+
+def run_method(name: str, X, options: FitOptions, *, source: str = "the input") -> Decomposition:
+    """Validate ``options`` for method ``name`` and fit it to the prepared tensor ``X``."""
+    method = METHODS.get(name)
+    if method is None:
+        raise InvalidArgumentError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}")
+    _check_method_options(method, options)
+    _check_order(method, X, source)
+    return method.fit(X, options)
+
+
+def summarize(X, result: Decomposition, wall_seconds: float) -> dict[str, Any]:
+    """Quality and size figures of ``result`` as an approximation of ``X`` (JSON-friendly)."""
+    import tensorfold
+
+    info = getattr(result, "info", None)
+    summary = result.summary()
+    rel = float(tensorfold.relative_error(X, result))
+    return {
+        "rank": summary["rank"],
+        "relative_error": rel,
+        "n_params": summary["n_params"],
+        "compression_ratio": summary["compression_ratio"],
+        "iterations": info.n_iter if info is not None else None,
+        "converged": info.converged if info is not None else None,
+        "seconds": info.seconds if info is not None and info.seconds > 0 else wall_seconds,
+        "dtype": summary["dtype"],
+        "device": summary["device"],
+    }
+
+
+# --- commands -----------------------------------------------------------------------------------
+DECOMPOSE_EPILOG = """\
+Examples:
+
+  tensorfold decompose data.npy --method cp --rank 10 --out cp10.safetensors
+
+  tensorfold decompose arrays.npz --key video --method tucker --rank 20,16,16 --out tucker.safetensors
+
+  tensorfold decompose cube.pt --method tt --eps 0.05 --out tt.safetensors --dtype float32
+
+  tensorfold decompose weights.safetensors --key layer1.weight --method svd --rank 64 --out w.safetensors
+
+Writes OUT (safetensors, readable with tensorfold.load) and OUT with suffix .json (the summary).
+"""
+
+
+def decompose(
+    input_path: Path = typer.Argument(
+        ..., metavar="INPUT", help="Tensor file: .npy, .npz, .pt/.pth (safe load) or .safetensors."
+    ),
+    method: str = typer.Option(..., "--method", "-m", help="Decomposition: cp, tucker, tt, tr or svd."),
+    rank: str | None = typer.Option(
+        None, "--rank", "-r", help="Rank: an integer, or a comma list of per-mode ranks (tucker, tt, tr)."
+    ),
+    out: Path = typer.Option(..., "--out", "-o", help="Output file (safetensors); the summary goes beside it."),
+    eps: float | None = typer.Option(None, "--eps", help="Relative error target (tt, svd); may replace --rank."),
+    key: str | None = typer.Option(None, "--key", "-k", help="Array name inside .npz/.pt/.safetensors files."),
+    dtype: str | None = typer.Option(
+        None, "--dtype", help="float32 or float64 (default: the input's float dtype; required for other dtypes)."
+    ),
+    device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the random initialisation (results are reproducible)."),
+    max_iter: int | None = typer.Option(None, "--max-iter", help="Iteration limit of cp, tucker, tr."),
+    tol: float | None = typer.Option(None, "--tol", help="Stopping tolerance on the change of fit (cp, tucker, tr)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT and its .json if they exist."),
+    as_json: bool = typer.Option(False, "--json", help="Print the JSON summary instead of the table."),
+) -> None:
+    """Decompose a tensor stored in a file and save the result.
+
+    Prints a summary (rank, relative error, parameters, compression, iterations, seconds), saved as JSON beside OUT.
+
+    The input file is only read, never modified.
+    """
+    from tensorfold import __version__
+    from tensorfold.io import load_array, write_text_atomic
+
+    started = time.perf_counter()
+    check_option_choice(method, "--method", METHODS)
+    options = FitOptions(rank=parse_rank(rank), eps=eps, seed=seed, max_iter=max_iter, tol=tol)
+    _check_method_options(METHODS[method], options)
+    if dtype is not None:
+        check_option_choice(dtype, "--dtype", DTYPES)
+    check_option_choice(device, "--device", DEVICES)
+    if out.suffix.lower() == ".json":
+        raise InvalidArgumentError(
+            f"--out {out}: give the result path (e.g. .safetensors); the .json summary is written beside it"
+        )
+    summary_path = out.with_suffix(".json")
+    check_output_path(out, overwrite=overwrite, inputs=[input_path])
+    check_output_path(summary_path, overwrite=overwrite, inputs=[input_path])
+
+    raw = load_array(input_path, key)
+    source = str(input_path) if key is None else f"{input_path}[{key}]"
+    X = prepare_tensor(raw, source, dtype, device)
+    fit_started = time.perf_counter()
+    if METHODS[method].iterative:
+        with fit_progress(f"{method} rank {rank}", total=max_iter) as callback:
+            options = replace(options, callback=callback)
+            result = run_method(method, X, options, source=source)
+    else:
+        result = run_method(method, X, options, source=source)
+    wall = time.perf_counter() - fit_started
+
+    summary = {
+        "method": method,
+        "requested_rank": list(options.rank) if isinstance(options.rank, tuple) else options.rank,
+        "eps": eps,
+        **summarize(X, result, wall),
+        "seed": seed,
+        "input": {
+            "path": str(input_path),
+            "key": key,
+            "shape": list(raw.shape),
+            "dtype": str(raw.dtype).replace("torch.", ""),
+        },
+        "output": str(out),
+        "tensorfold_version": __version__,
+    }
+    result.save(out)
+    summary["total_seconds"] = time.perf_counter() - started
+    write_text_atomic(summary_path, json.dumps(summary, indent=2) + "\n")
+
+    if as_json:
+        typer.echo(json.dumps(summary, indent=2))
+        return
+    rows = [
+        ("method", method),
+        ("input", f"{source} {tuple(summary['input']['shape'])} {summary['input']['dtype']}"),
+        ("rank", summary["rank"]),
+        ("relative error", summary["relative_error"]),
+        ("parameters", summary["n_params"]),
+        ("compression", f"{summary['compression_ratio']:.3g}x"),
+        ("iterations", summary["iterations"]),
+        ("converged", summary["converged"]),
+        ("seconds", summary["seconds"]),
+        ("dtype / device", f"{summary['dtype']} / {summary['device']}"),
+        ("saved", f"{out} (summary: {summary_path})"),
+    ]
+    print_key_value_table(f"tensorfold decompose: {method}", rows, console=stdout_console())
+
+
+INFO_EPILOG = """\
+Examples:
+
+  tensorfold info cp10.safetensors
+
+  tensorfold info cp10.safetensors --json
+"""
+
+
+def info(
+    path: Path = typer.Argument(..., metavar="FILE", help="A result saved by tensorfold (.safetensors)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the stored header as JSON."),
+) -> None:
+    """Describe a saved decomposition from its header (type, shape, rank, size, how it was fitted).
+
+    Only the header is read, so this is instant even for large files.
+    """
+    from tensorfold.decomp.results import read_header
+
+    header = read_header(path)
+    if as_json:
+        typer.echo(json.dumps(header, indent=2))
+        return
+    fit = header.get("info") or {}
+    history = fit.get("fit_history") or []
+    ratio = header.get("compression_ratio")
+    rows = [
+        ("type", header.get("type")),
+        ("shape", header.get("shape")),
+        ("rank", header.get("rank")),
+        ("parameters", header.get("n_params")),
+        ("compression", f"{ratio:.3g}x" if isinstance(ratio, (int, float)) else None),
+        ("dtype", header.get("dtype")),
+        ("fitted by", fit.get("method")),
+        ("iterations", fit.get("n_iter")),
+        ("converged", fit.get("converged")),
+        ("final fit", history[-1] if history else None),
+        ("seconds", fit.get("seconds")),
+        ("format version", header.get("format_version")),
+    ]
+    details = fit.get("details") or {}
+    rows += [(f"detail: {k}", v if isinstance(v, (int, float, str, list)) else str(v)) for k, v in details.items()]
+    print_key_value_table(f"tensorfold result: {path}", rows)
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``decompose`` and ``info`` to ``app``."""
+    methods = "; ".join(f"{m.name}: {m.description}" for m in METHODS.values())
+    app.command("decompose", epilog=DECOMPOSE_EPILOG + f"\nMethods: {methods}.")(decompose)
+    app.command("info", epilog=INFO_EPILOG)(info)
