@@ -1,0 +1,88 @@
+"""Factorized drop-in replacements for trained nn.Linear and nn.ConvNd layers.
+
+>>> import torch
+>>> from tensorfold.nn import layer_class_for
+>>> cls, opts = layer_class_for("svd", torch.nn.Conv2d(16, 32, 3))
+>>> cls.__name__, opts
+('SVDConv', {'scheme': 'channel'})
+>>> layer = cls.from_dense(torch.nn.Conv2d(16, 32, 3), rank=0.5, **opts)
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from torch import nn
+
+from tensorfold.errors import InvalidArgumentError, TensorfoldError
+from tensorfold.nn.base import FactorizedLayer, LayerCost, dense_flops, dense_params
+from tensorfold.nn.linear import LowRankLinear
+
+__all__ = [
+    "FactorizedLayer",
+    "LayerCost",
+    "LowRankLinear",
+    "SVDConv",
+    "TuckerConv",
+    "CPConv",
+    "TTLinear",
+    "dense_params",
+    "dense_flops",
+    "measure_latency",
+    "LatencyTable",
+    "METHODS",
+    "layer_class_for",
+]
+
+# Layer families in their own modules, imported on first use.
+_LAZY = {
+    "SVDConv": "tensorfold.nn.conv",
+    "TuckerConv": "tensorfold.nn.conv",
+    "CPConv": "tensorfold.nn.conv",
+    "TTLinear": "tensorfold.nn.tt_linear",
+    "measure_latency": "tensorfold.nn.latency",
+    "LatencyTable": "tensorfold.nn.latency",
+}
+
+# planner method name -> {layer family: (class name, options)}; "linear" covers nn.Linear, "conv" nn.ConvNd.
+METHODS: dict[str, dict[str, tuple[str, dict]]] = {
+    "svd": {"linear": ("LowRankLinear", {}), "conv": ("SVDConv", {"scheme": "channel"})},
+    "spatial": {"conv": ("SVDConv", {"scheme": "spatial"})},
+    "tucker": {"conv": ("TuckerConv", {})},
+    "cp": {"conv": ("CPConv", {})},
+    "tt": {"linear": ("TTLinear", {})},
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'tensorfold.nn' has no attribute {name!r}")
+
+
+def layer_class_for(method: str, layer: nn.Module) -> tuple[type[FactorizedLayer], dict] | None:
+    """The factorized layer class and options for a planner ``method`` on ``layer``.
+
+    Returns ``None`` when the method does not apply (wrong layer type, a 1x1 kernel for the
+    kernel-splitting methods, a layer the class refuses such as Conv1d for the spatial scheme).
+    """
+    if method not in METHODS:
+        raise InvalidArgumentError(f"method must be one of {', '.join(map(repr, METHODS))}; got {method!r}")
+    if isinstance(layer, nn.Linear):
+        family = "linear"
+    elif isinstance(layer, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        family = "conv"
+    else:
+        return None
+    entry = METHODS[method].get(family)
+    if entry is None:
+        return None
+    name, opts = entry
+    cls = globals()[name] if name in globals() else __getattr__(name)
+    try:
+        cls.check_layer(layer, **opts)
+    except TensorfoldError:
+        return None
+    return cls, dict(opts)
