@@ -1,0 +1,559 @@
+"""Factorized convolutions: channel/spatial SVD, Tucker-2 and CP, each a chain of plain ConvNd layers.
+
+Every layer keeps the dense layer's stride, padding (numbers, 'same', 'valid', every padding mode),
+dilation and bias. A grouped (or depthwise) convolution is factored group by group: the ranks are
+per group and the factored convolutions carry the same ``groups``, so the factored weight stays
+block diagonal. All three export to ONNX as plain Conv nodes (plus Pad for non-zero padding modes).
+
+The constructors take the dense layer (or its :class:`~tensorfold.nn.base.DenseSpec`) for the
+hyper-parameters and build an uninitialised layer, e.g. to load a ``state_dict`` into;
+``from_dense`` fits the factors to a trained layer.
+
+>>> import torch
+>>> from tensorfold.nn import SVDConv, TuckerConv
+>>> dense = torch.nn.Conv2d(16, 32, 3, padding=1)
+>>> x = torch.randn(2, 16, 8, 8)
+>>> full = TuckerConv.from_dense(dense, rank=(16, 32))  # full rank: exact
+>>> bool(torch.allclose(full(x), dense(x), atol=1e-5))
+True
+>>> SVDConv.from_dense(dense, rank=0.5).rank
+10
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from tensorfold.core.svd import truncated_svd
+from tensorfold.core.tenalg import mode_dot, unfold
+from tensorfold.core.validate import check_choice, check_rank
+from tensorfold.errors import InvalidArgumentError, NotCompressibleError, RankError, ShapeError
+from tensorfold.nn.base import (
+    DenseSpec,
+    FactorizedLayer,
+    compute_dtype,
+    conv_macs,
+    conv_output_size,
+    dense_bias_of,
+    dense_weight_of,
+    svd_factors,
+)
+
+_CONVS = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+
+
+def _make_conv(spec: DenseSpec, in_ch: int, out_ch: int, kernel, *, groups: int, bias: bool, spatial: bool,
+               axis: int | None = None, device=None, dtype=None) -> nn.Module:
+    """A ConvNd of the dense layer's dimension.
+
+    ``spatial=False`` makes a pointwise (1x1) conv. ``spatial=True`` carries the dense layer's stride,
+    padding, dilation and padding mode, restricted to ``axis`` when given (separable schemes).
+    """
+    d = spec.dim
+    if not spatial:
+        return _CONVS[d](in_ch, out_ch, (1,) * d, groups=groups, bias=bias, device=device, dtype=dtype)
+    padding = spec.explicit_padding()
+    stride, dilation = spec.stride, spec.dilation
+    if axis is not None:
+        def only(values, rest):
+            return tuple(v if i == axis else rest for i, v in enumerate(values))
+        stride, dilation = only(stride, 1), only(dilation, 1)
+        if not isinstance(padding, str):
+            padding = only(padding, 0)
+    return _CONVS[d](
+        in_ch, out_ch, tuple(kernel), stride=stride, padding=padding, dilation=dilation, groups=groups,
+        bias=bias, padding_mode=spec.padding_mode, device=device, dtype=dtype,
+    )
+
+
+def _axis_kernel(spec: DenseSpec, axis: int) -> tuple[int, ...]:
+    return tuple(k if i == axis else 1 for i, k in enumerate(spec.kernel_size))
+
+
+def _axis_output(spec: DenseSpec, spatial: Sequence[int], axis: int) -> tuple[int, ...]:
+    """Spatial size after the separable stage along ``axis`` (only that axis changes)."""
+    padding = spec.padding if isinstance(spec.padding, str) else tuple(
+        p if i == axis else 0 for i, p in enumerate(spec.padding))
+    stride = tuple(s if i == axis else 1 for i, s in enumerate(spec.stride))
+    dilation = tuple(v if i == axis else 1 for i, v in enumerate(spec.dilation))
+    return conv_output_size(spatial, _axis_kernel(spec, axis), stride, padding, dilation)
+
+
+def _groups_of(weight: torch.Tensor, groups: int) -> list[torch.Tensor]:
+    """The per-group blocks ``(out/groups, in/groups, *k)`` of a conv weight."""
+    return list(weight.chunk(groups, dim=0))
+
+
+def _positions(spec: DenseSpec, input_shape) -> tuple[int, tuple[int, ...], tuple[int, ...]]:
+    batch, spatial = spec.split_input_shape(input_shape)
+    return batch, spatial, spec.output_spatial(spatial)
+
+
+def _leading_vectors(M: torch.Tensor, rank: int) -> torch.Tensor:
+    """The ``rank`` leading left singular vectors of ``M`` (m, n).
+
+    For a very wide ``M`` the small Gram matrix ``M M^T`` (m, m) has the same left singular vectors
+    and avoids the SVD workspace of the wide matrix (a (1024, 13824) unfolding of a 3-D kernel).
+    """
+    if M.shape[1] > 4 * M.shape[0]:
+        return truncated_svd(M @ M.T, rank).U
+    return truncated_svd(M, rank).U
+
+
+class _FactorizedConv(FactorizedLayer):
+    """What the conv families share: spec checks, bias, readable repr."""
+
+    @classmethod
+    def _check_spec(cls, spec: DenseSpec, **opts) -> None:
+        if not spec.is_conv:
+            raise NotCompressibleError(f"{cls.__name__} factors nn.Conv1d/2d/3d layers, not {spec.describe()}")
+
+    def _init_spec(self, layer) -> DenseSpec:
+        spec = DenseSpec.of(layer)
+        type(self)._check_spec(spec, **self._layer_opts())
+        return spec
+
+    def bias_tensor(self) -> torch.Tensor | None:
+        return self.last.bias
+
+    def extra_repr(self) -> str:
+        s = self.spec
+        parts = [f"{s.in_features}, {s.out_features}", f"kernel_size={s.kernel_size}", f"rank={self.rank}"]
+        if any(v != 1 for v in s.stride):
+            parts.append(f"stride={s.stride}")
+        if isinstance(s.padding, str) or any(s.padding):
+            parts.append(f"padding={s.padding!r}" if isinstance(s.padding, str) else f"padding={s.padding}")
+        if any(v != 1 for v in s.dilation):
+            parts.append(f"dilation={s.dilation}")
+        if s.groups != 1:
+            parts.append(f"groups={s.groups}")
+        if s.padding_mode != "zeros":
+            parts.append(f"padding_mode={s.padding_mode!r}")
+        parts.append(f"bias={s.bias}")
+        parts.extend(f"{k}={v!r}" for k, v in self._layer_opts().items())
+        return ", ".join(parts)
+
+
+# ------------------------------------------------------------------------------------------------
+# SVD: channel (kxk conv into r channels, then 1x1) and spatial (kx1 into r, then 1xk)
+# ------------------------------------------------------------------------------------------------
+
+
+class SVDConv(_FactorizedConv):
+    """Low-rank convolution from a truncated SVD of the (per-group) kernel matrix.
+
+    ``scheme="channel"``: a conv with the dense kernel into ``groups * rank`` channels, then a 1x1
+    conv (the SVD of the ``(out, in*k)`` matricisation). ``scheme="spatial"`` (Conv2d): a ``kh x 1``
+    conv into ``groups * rank`` channels, then a ``1 x kw`` conv (the SVD of the ``(in*kh, out*kw)``
+    matricisation, Jaderberg et al. 2014). Both are the best approximation of their rank (Eckart-Young).
+
+    >>> import torch
+    >>> dense = torch.nn.Conv2d(8, 8, 3, padding=1)
+    >>> layer = SVDConv.from_dense(dense, rank=24, scheme="spatial")  # full rank
+    >>> x = torch.randn(1, 8, 6, 6)
+    >>> bool(torch.allclose(layer(x), dense(x), atol=1e-5))
+    True
+    """
+
+    def __init__(self, layer, rank, *, scheme: str = "channel", device=None, dtype=None):
+        super().__init__()
+        self.scheme = check_choice(scheme, "scheme", ("channel", "spatial"))
+        self.spec = spec = self._init_spec(layer)
+        self.rank = r = self._validate_rank(spec, rank, scheme=scheme)
+        g, kw = spec.groups, dict(device=device, dtype=dtype)
+        if scheme == "channel":
+            self.first = _make_conv(spec, spec.in_features, g * r, spec.kernel_size, groups=g, bias=False,
+                                    spatial=True, **kw)
+            self.last = _make_conv(spec, g * r, spec.out_features, None, groups=g, bias=spec.bias, spatial=False, **kw)
+        else:
+            self.first = _make_conv(spec, spec.in_features, g * r, _axis_kernel(spec, 0), groups=g, bias=False,
+                                    spatial=True, axis=0, **kw)
+            self.last = _make_conv(spec, g * r, spec.out_features, _axis_kernel(spec, 1), groups=g, bias=spec.bias,
+                                   spatial=True, axis=1, **kw)
+
+    def _layer_opts(self) -> dict:
+        return {"scheme": self.scheme}
+
+    @classmethod
+    def _check_spec(cls, spec: DenseSpec, *, scheme: str = "channel", **opts) -> None:
+        super()._check_spec(spec)
+        check_choice(scheme, "scheme", ("channel", "spatial"))
+        if scheme == "spatial" and (spec.dim != 2 or min(spec.kernel_size) < 2):
+            raise NotCompressibleError(
+                f"the spatial SVD scheme splits a kh x kw Conv2d kernel into kh x 1 and 1 x kw; "
+                f"{spec.describe()} has nothing to split"
+            )
+
+    @classmethod
+    def _matrix_shape(cls, spec: DenseSpec, scheme: str) -> tuple[int, int]:
+        ig, og = spec.in_features // spec.groups, spec.out_features // spec.groups
+        if scheme == "channel":
+            return og, ig * math.prod(spec.kernel_size)
+        kh, kw = spec.kernel_size
+        return ig * kh, og * kw
+
+    @classmethod
+    def max_rank(cls, layer, *, scheme: str = "channel", **opts) -> int:
+        spec = cls.check_layer(layer, scheme=scheme)
+        return min(cls._matrix_shape(spec, scheme))
+
+    @classmethod
+    def _validate_rank(cls, spec: DenseSpec, rank, *, scheme: str = "channel", **opts) -> int:
+        return check_rank(rank, max_rank=min(cls._matrix_shape(spec, scheme)), what=f"{spec.describe()} ({scheme})")
+
+    @classmethod
+    def _n_levels(cls, spec: DenseSpec, *, scheme: str = "channel", **opts) -> int:
+        return min(cls._matrix_shape(spec, scheme))
+
+    @classmethod
+    def _rank_at_level(cls, spec: DenseSpec, level: int, **opts) -> int:
+        return level
+
+    @classmethod
+    def _params_at(cls, spec: DenseSpec, rank: int, *, scheme: str = "channel", **opts) -> int:
+        g, bias = spec.groups, (spec.out_features if spec.bias else 0)
+        if scheme == "channel":
+            return g * rank * (spec.in_features // g) * math.prod(spec.kernel_size) + spec.out_features * rank + bias
+        kh, kw = spec.kernel_size
+        return rank * spec.in_features * kh + spec.out_features * rank * kw + bias
+
+    @classmethod
+    def _flops_at(cls, spec: DenseSpec, rank: int, input_shape, *, scheme: str = "channel", **opts) -> int:
+        batch, spatial, out = _positions(spec, input_shape)
+        g, mid = spec.groups, spec.groups * rank
+        if scheme == "channel":
+            n_out = batch * math.prod(out)
+            return conv_macs(spec.in_features, mid, g, spec.kernel_size, n_out) + conv_macs(
+                mid, spec.out_features, g, (1,), n_out)
+        after_h = _axis_output(spec, spatial, 0)
+        return conv_macs(spec.in_features, mid, g, _axis_kernel(spec, 0), batch * math.prod(after_h)) + conv_macs(
+            mid, spec.out_features, g, _axis_kernel(spec, 1), batch * math.prod(out))
+
+    @classmethod
+    def from_dense(cls, layer, rank, *, scheme: str = "channel", svd_method: str = "exact", seed: int = 0) -> SVDConv:
+        """Best rank-``rank`` (per group) approximation of a trained conv layer."""
+        check_choice(svd_method, "svd_method", ("exact", "randomized"))
+        spec = cls.check_layer(layer, scheme=scheme)
+        r = cls.resolve_rank(spec, rank, scheme=scheme)
+        weight = dense_weight_of(layer)
+        firsts, seconds = [], []
+        for Wg in _groups_of(weight, spec.groups):
+            og, ig, *k = Wg.shape
+            if scheme == "channel":
+                left, right, _ = svd_factors(Wg.reshape(og, -1), r, method=svd_method, seed=seed)
+                firsts.append(right.reshape(r, ig, *k))
+                seconds.append(left.reshape(og, r, *([1] * spec.dim)))
+            else:
+                kh, kw = k
+                M = Wg.permute(1, 2, 0, 3).reshape(ig * kh, og * kw)  # rows (c, h), columns (o, w)
+                left, right, _ = svd_factors(M, r, method=svd_method, seed=seed)
+                firsts.append(left.T.reshape(r, ig, kh, 1))
+                seconds.append(right.reshape(r, og, 1, kw).transpose(0, 1))
+        return cls.from_factors(layer, torch.cat(firsts), torch.cat(seconds), dense_bias_of(layer), scheme=scheme)
+
+    @classmethod
+    def from_factors(cls, conv, first_weight: torch.Tensor, second_weight: torch.Tensor,
+                     bias: torch.Tensor | None = None, scheme: str = "channel") -> SVDConv:
+        """The layer with the given factor weights, for data-aware fitting.
+
+        ``scheme="channel"``: ``first_weight`` ``(groups*r, in/groups, *k)``, ``second_weight``
+        ``(out, r, 1, ...)``; ``scheme="spatial"``: ``(groups*r, in/groups, kh, 1)`` and ``(out, r, 1, kw)``.
+        ``bias`` must be given exactly when ``conv`` has one.
+        """
+        spec = cls.check_layer(conv, scheme=scheme)
+        if first_weight.ndim != spec.dim + 2 or first_weight.shape[0] % spec.groups:
+            raise ShapeError(f"first_weight of shape {tuple(first_weight.shape)} does not fit {spec.describe()}")
+        r = first_weight.shape[0] // spec.groups
+        layer = cls(spec, r, scheme=scheme, device=first_weight.device, dtype=first_weight.dtype)
+        _fill(layer.first.weight, first_weight, "first_weight")
+        _fill(layer.last.weight, second_weight, "second_weight")
+        _fill_bias(layer, spec, bias)
+        return layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.last(self.first(x))
+
+    def dense_weight(self) -> torch.Tensor:
+        g, r, s = self.spec.groups, self.rank, self.spec
+        firsts, seconds = self.first.weight.chunk(g), self.last.weight.chunk(g)
+        blocks = []
+        for f, sec in zip(firsts, seconds):
+            sec = sec.reshape(sec.shape[0], r, -1)  # (og, r, 1 or kw)
+            if self.scheme == "channel":
+                blocks.append((sec[:, :, 0] @ f.reshape(r, -1)).reshape(-1, *f.shape[1:]))
+            else:  # W[o, c, h, w] = sum_r first[r, c, h] second[o, r, w]
+                blocks.append(torch.einsum("rch,orw->ochw", f[..., 0], sec))
+        return torch.cat(blocks).reshape(s.weight_shape)
+
+
+# ------------------------------------------------------------------------------------------------
+# Tucker-2: 1x1 in -> r_in, kxk core r_in -> r_out, 1x1 r_out -> out
+# ------------------------------------------------------------------------------------------------
+
+
+class TuckerConv(_FactorizedConv):
+    """Tucker-2 convolution: 1x1 ``in -> r_in``, the kxk core ``r_in -> r_out``, 1x1 ``r_out -> out``.
+
+    ``rank`` is ``(r_in, r_out)`` (per group); an int gives both (capped at each side's full rank).
+    ``from_dense`` runs a partial HOSVD (truncated SVDs of the output and input mode unfoldings) and
+    ``n_iter`` optional HOOI sweeps that can only lower the error. Exact at ``(in/groups, out/groups)``.
+
+    >>> import torch
+    >>> layer = TuckerConv.from_dense(torch.nn.Conv2d(32, 64, 3), rank=(8, 16))
+    >>> layer.rank
+    (8, 16)
+    """
+
+    def __init__(self, layer, rank, *, device=None, dtype=None):
+        super().__init__()
+        self.spec = spec = self._init_spec(layer)
+        self.rank = (r_in, r_out) = self._validate_rank(spec, rank)
+        g, kw = spec.groups, dict(device=device, dtype=dtype)
+        self.first = _make_conv(spec, spec.in_features, g * r_in, None, groups=g, bias=False, spatial=False, **kw)
+        self.core = _make_conv(spec, g * r_in, g * r_out, spec.kernel_size, groups=g, bias=False, spatial=True, **kw)
+        self.last = _make_conv(spec, g * r_out, spec.out_features, None, groups=g, bias=spec.bias, spatial=False, **kw)
+
+    @staticmethod
+    def _full(spec: DenseSpec) -> tuple[int, int]:
+        return spec.in_features // spec.groups, spec.out_features // spec.groups
+
+    @classmethod
+    def max_rank(cls, layer, **opts) -> tuple[int, int]:
+        return cls._full(cls.check_layer(layer))
+
+    @classmethod
+    def _validate_rank(cls, spec: DenseSpec, rank, **opts) -> tuple[int, int]:
+        full_in, full_out = cls._full(spec)
+        if isinstance(rank, (tuple, list)):
+            if len(rank) != 2:
+                raise RankError(f"TuckerConv rank is (r_in, r_out), got {rank!r}")
+            return (check_rank(rank[0], "r_in", max_rank=full_in, what=spec.describe()),
+                    check_rank(rank[1], "r_out", max_rank=full_out, what=spec.describe()))
+        r = check_rank(rank, max_rank=max(full_in, full_out), what=spec.describe())
+        return min(r, full_in), min(r, full_out)
+
+    @classmethod
+    def _n_levels(cls, spec: DenseSpec, **opts) -> int:
+        return max(cls._full(spec))
+
+    @classmethod
+    def _rank_at_level(cls, spec: DenseSpec, level: int, **opts) -> tuple[int, int]:
+        # Both ranks grow in proportion to their full size, so a fraction keeps the kernel's aspect.
+        full_in, full_out = cls._full(spec)
+        top = max(full_in, full_out)
+        return max(1, round(level * full_in / top)), max(1, round(level * full_out / top))
+
+    @classmethod
+    def _params_at(cls, spec: DenseSpec, rank, **opts) -> int:
+        r_in, r_out = rank
+        core = spec.groups * r_out * r_in * math.prod(spec.kernel_size)
+        return spec.in_features * r_in + core + spec.out_features * r_out + (spec.out_features if spec.bias else 0)
+
+    @classmethod
+    def _flops_at(cls, spec: DenseSpec, rank, input_shape, **opts) -> int:
+        batch, spatial, out = _positions(spec, input_shape)
+        g, (r_in, r_out) = spec.groups, rank
+        n_in, n_out = batch * math.prod(spatial), batch * math.prod(out)
+        return (conv_macs(spec.in_features, g * r_in, g, (1,), n_in)
+                + conv_macs(g * r_in, g * r_out, g, spec.kernel_size, n_out)
+                + conv_macs(g * r_out, spec.out_features, g, (1,), n_out))
+
+    @classmethod
+    def from_dense(cls, layer, rank, *, n_iter: int = 0) -> TuckerConv:
+        """Tucker-2 factors of a trained conv layer (partial HOSVD, then ``n_iter`` HOOI sweeps)."""
+        if isinstance(n_iter, bool) or not isinstance(n_iter, int) or n_iter < 0:
+            raise InvalidArgumentError(f"n_iter must be a non-negative integer, got {n_iter!r}")
+        spec = cls.check_layer(layer)
+        r_in, r_out = cls.resolve_rank(spec, rank)
+        weight = dense_weight_of(layer)
+        firsts, cores, lasts = [], [], []
+        for Wg in _groups_of(weight.to(compute_dtype(weight)), spec.groups):
+            U_out = _leading_vectors(unfold(Wg, 0), r_out)
+            U_in = _leading_vectors(unfold(Wg, 1), r_in)
+            for _ in range(n_iter):  # HOOI: each factor the best one given the other
+                U_out = _leading_vectors(unfold(mode_dot(Wg, U_in.T, 1), 0), r_out)
+                U_in = _leading_vectors(unfold(mode_dot(Wg, U_out.T, 0), 1), r_in)
+            core = mode_dot(mode_dot(Wg, U_out.T, 0), U_in.T, 1)  # (r_out, r_in, *k)
+            ones = (1,) * spec.dim
+            firsts.append(U_in.T.reshape(r_in, -1, *ones))
+            cores.append(core)
+            lasts.append(U_out.reshape(-1, r_out, *ones))
+        return cls.from_factors(layer, torch.cat(firsts), torch.cat(cores), torch.cat(lasts), dense_bias_of(layer),
+                                dtype=weight.dtype)
+
+    @classmethod
+    def from_factors(cls, conv, first_weight, core_weight, last_weight, bias=None, *, dtype=None) -> TuckerConv:
+        """The layer with weights (groups*r_in, in/groups, 1..), (groups*r_out, r_in, *k), (out, r_out, 1..)."""
+        spec = cls.check_layer(conv)
+        if core_weight.ndim != spec.dim + 2 or core_weight.shape[0] % spec.groups:
+            raise ShapeError(f"core_weight of shape {tuple(core_weight.shape)} does not fit {spec.describe()}")
+        rank = (core_weight.shape[1], core_weight.shape[0] // spec.groups)
+        dtype = dtype or core_weight.dtype
+        layer = cls(spec, rank, device=core_weight.device, dtype=dtype)
+        _fill(layer.first.weight, first_weight, "first_weight")
+        _fill(layer.core.weight, core_weight, "core_weight")
+        _fill(layer.last.weight, last_weight, "last_weight")
+        _fill_bias(layer, spec, bias)
+        return layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.last(self.core(self.first(x)))
+
+    def dense_weight(self) -> torch.Tensor:
+        g = self.spec.groups
+        blocks = []
+        for f, c, last in zip(self.first.weight.chunk(g), self.core.weight.chunk(g), self.last.weight.chunk(g)):
+            U_in, U_out = f.reshape(f.shape[0], -1).T, last.reshape(last.shape[0], -1)
+            blocks.append(mode_dot(mode_dot(c, U_out, 0), U_in, 1))
+        return torch.cat(blocks)
+
+
+# ------------------------------------------------------------------------------------------------
+# CP: 1x1 in -> r, one depthwise conv per spatial axis, 1x1 r -> out
+# ------------------------------------------------------------------------------------------------
+
+
+class CPConv(_FactorizedConv):
+    """CP convolution (Lebedev et al. 2015): 1x1 ``in -> r``, depthwise ``k x 1`` and ``1 x k``
+    (one depthwise conv per spatial axis), 1x1 ``r -> out``; ``rank`` per group.
+
+    ``from_dense`` fits a CP decomposition of the kernel with :func:`tensorfold.decomp.cp.cp`;
+    ``from_cp`` builds the layer from given CP factors (one :class:`~tensorfold.CPTensor` per group).
+    """
+
+    def __init__(self, layer, rank, *, device=None, dtype=None):
+        super().__init__()
+        self.spec = spec = self._init_spec(layer)
+        self.rank = r = self._validate_rank(spec, rank)
+        g, kw, mid = spec.groups, dict(device=device, dtype=dtype), spec.groups * rank
+        self.first = _make_conv(spec, spec.in_features, mid, None, groups=g, bias=False, spatial=False, **kw)
+        self.spatial = nn.ModuleList(
+            _make_conv(spec, mid, mid, _axis_kernel(spec, a), groups=mid, bias=False, spatial=True, axis=a, **kw)
+            for a in range(spec.dim)
+        )
+        self.last = _make_conv(spec, g * r, spec.out_features, None, groups=g, bias=spec.bias, spatial=False, **kw)
+
+    @classmethod
+    def max_rank(cls, layer, **opts) -> int:
+        return cls._max(cls.check_layer(layer))
+
+    @staticmethod
+    def _max(spec: DenseSpec) -> int:
+        # The generic upper bound of the CP rank: min over modes of the product of the other sizes.
+        shape = (spec.out_features // spec.groups, spec.in_features // spec.groups, *spec.kernel_size)
+        total = math.prod(shape)
+        return min(total // n for n in shape)
+
+    @classmethod
+    def _validate_rank(cls, spec: DenseSpec, rank, **opts) -> int:
+        return check_rank(rank, max_rank=cls._max(spec), what=spec.describe())
+
+    @classmethod
+    def _n_levels(cls, spec: DenseSpec, **opts) -> int:
+        return cls._max(spec)
+
+    @classmethod
+    def _rank_at_level(cls, spec: DenseSpec, level: int, **opts) -> int:
+        return level
+
+    @classmethod
+    def _params_at(cls, spec: DenseSpec, rank: int, **opts) -> int:
+        mid = spec.groups * rank
+        return ((spec.in_features + spec.out_features) * rank + mid * sum(spec.kernel_size)
+                + (spec.out_features if spec.bias else 0))
+
+    @classmethod
+    def _flops_at(cls, spec: DenseSpec, rank: int, input_shape, **opts) -> int:
+        batch, spatial, out = _positions(spec, input_shape)
+        g, mid = spec.groups, spec.groups * rank
+        total = conv_macs(spec.in_features, mid, g, (1,), batch * math.prod(spatial))
+        for a in range(spec.dim):
+            spatial = _axis_output(spec, spatial, a)
+            total += conv_macs(mid, mid, mid, _axis_kernel(spec, a), batch * math.prod(spatial))
+        return total + conv_macs(mid, spec.out_features, g, (1,), batch * math.prod(out))
+
+    @classmethod
+    def from_dense(cls, layer, rank, *, seed: int = 0, n_iter_max: int = 200) -> CPConv:
+        """CP factors of a trained conv kernel (per group), fitted by :func:`tensorfold.decomp.cp.cp`."""
+        spec = cls.check_layer(layer)
+        r = cls.resolve_rank(spec, rank)
+        try:
+            from tensorfold.decomp.cp import cp
+        except ImportError as exc:  # the CP solver lives in the decomposition engine
+            raise NotCompressibleError(f"CPConv.from_dense needs tensorfold.decomp.cp ({exc})") from None
+        weight = dense_weight_of(layer)
+        work = weight.to(compute_dtype(weight))
+        decompositions = [cp(Wg, r, seed=seed, n_iter_max=n_iter_max) for Wg in _groups_of(work, spec.groups)]
+        return cls.from_cp(layer, decompositions, dtype=weight.dtype)
+
+    @classmethod
+    def from_cp(cls, conv, decompositions, *, dtype=None) -> CPConv:
+        """The layer for given CP decompositions of the kernel: a CPTensor, or a list of one per group.
+
+        Each CPTensor has factors ``(out/groups, r), (in/groups, r), (k_1, r), ...``.
+        """
+        spec = cls.check_layer(conv)
+        if not isinstance(decompositions, (list, tuple)):
+            decompositions = [decompositions]
+        if len(decompositions) != spec.groups:
+            raise ShapeError(f"{spec.describe()} has {spec.groups} groups but {len(decompositions)} CP decompositions")
+        shape = (spec.out_features // spec.groups, spec.in_features // spec.groups, *spec.kernel_size)
+        ranks = {d.rank for d in decompositions}
+        if len(ranks) != 1 or any(tuple(d.shape) != shape for d in decompositions):
+            raise ShapeError(f"CP decompositions must all have shape {shape} and one rank, got "
+                             f"{[(tuple(d.shape), d.rank) for d in decompositions]}")
+        r = ranks.pop()
+        ref = decompositions[0].weights
+        layer = cls(spec, r, device=ref.device, dtype=dtype or ref.dtype)
+        n_factors = spec.dim + 2
+        firsts, axes, lasts = [], [[] for _ in range(spec.dim)], []
+        for d in decompositions:
+            # Spread |weights| evenly over all factors (balanced scales train better); the sign goes last.
+            w = d.weights
+            scale = w.abs() ** (1.0 / n_factors)
+            A_out, A_in, *A_k = (f * scale for f in d.factors)
+            lasts.append(A_out * torch.sign(w))
+            firsts.append(A_in.T)
+            for a, A in enumerate(A_k):
+                axes[a].append(A.T)
+        ones = (1,) * spec.dim
+        _fill(layer.first.weight, torch.cat(firsts).reshape(spec.groups * r, -1, *ones), "CP input factors")
+        for a, conv_a in enumerate(layer.spatial):
+            _fill(conv_a.weight, torch.cat(axes[a]).reshape(conv_a.weight.shape), f"CP factors of axis {a}")
+        _fill(layer.last.weight, torch.cat(lasts).reshape(spec.out_features, r, *ones), "CP output factors")
+        _fill_bias(layer, spec, dense_bias_of(conv) if isinstance(conv, nn.Module) else None)
+        return layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.first(x)
+        for conv in self.spatial:
+            x = conv(x)
+        return self.last(x)
+
+    def dense_weight(self) -> torch.Tensor:
+        g, r, d = self.spec.groups, self.rank, self.spec.dim
+        letters = "xyz"[:d]
+        ins = self.first.weight.reshape(g, r, -1)
+        axes = [conv.weight.reshape(g, r, -1) for conv in self.spatial]
+        outs = self.last.weight.reshape(g, -1, r)
+        spec = f"gor,grc,{','.join('gr' + ch for ch in letters)}->goc{letters}"
+        W = torch.einsum(spec, outs, ins, *axes)
+        return W.reshape(self.spec.weight_shape)
+
+
+def _fill(target: torch.Tensor, value: torch.Tensor, name: str) -> None:
+    if tuple(value.shape) != tuple(target.shape):
+        raise ShapeError(f"{name} has shape {tuple(value.shape)}, expected {tuple(target.shape)}")
+    with torch.no_grad():
+        target.copy_(value)
+
+
+def _fill_bias(layer: _FactorizedConv, spec: DenseSpec, bias: torch.Tensor | None) -> None:
+    if (bias is None) != (not spec.bias):
+        raise ShapeError(f"{spec.describe()} {'has' if spec.bias else 'has no'} bias; the given bias does not match")
+    if bias is not None:
+        _fill(layer.last.bias, bias, "bias")
