@@ -344,3 +344,20 @@ def test_console_script_in_a_fresh_process(tmp_path):
     probe = "import sys, tensorfold.cli.main; print('torch' in sys.modules)"
     res = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert res.stdout.strip() == "False", res.stderr
+
+
+def test_demo_quick_rows_match_direct_computations():
+    from tensorfold.demo import load_digits_tensor, run_demo
+
+    rows = run_demo(quick=True)
+    assert [r["method"] for r in rows] == ["cp", "tucker", "tt", "svd*"]
+    X = load_digits_tensor()
+    assert tuple(X.shape) == (1797, 8, 8) and X.dtype == torch.float64
+    # Eckart-Young: the rank-5 SVD error of the unfolding is the tail of its singular values.
+    s = torch.linalg.svdvals(X.reshape(1797, 64))
+    expected = float(s[5:].square().sum().sqrt() / s.square().sum().sqrt())
+    svd_row = rows[-1]
+    assert float(svd_row["rel. error"]) == pytest.approx(expected, abs=1e-4)
+    assert svd_row["params"] == 5 * (1797 + 64 + 1)
+    for row in rows:
+        assert 0 < float(row["rel. error"]) < 1 and row["dtype"] == "float64"

@@ -96,7 +96,7 @@ def main() -> None:
     console.print("rel. error = ||X - approx|| / ||X||;  ratio = entries of X per stored parameter;")
     console.print("iters/conv. = sweeps run and whether the tolerance was met (iterative methods only);")
     console.print(f"svd* = truncated SVD of the ({X.shape[0]}, {X.shape[1] * X.shape[2]}) images x pixels unfolding;")
-    console.print(f"cp runs at most {CP_OPTIONS['max_iter']} sweeps (tol {CP_OPTIONS['tol']:g}).")
+    console.print(f"cp: n_iter_max={CP_OPTIONS['max_iter']}, tol={CP_OPTIONS['tol']:g}, svd initialisation.")
     console.print("Decompose your own tensor file: tensorfold decompose --help")
 
 
