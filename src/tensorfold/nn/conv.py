@@ -17,7 +17,7 @@ hyper-parameters and build an uninitialised layer, e.g. to load a ``state_dict``
 >>> bool(torch.allclose(full(x), dense(x), atol=1e-5))
 True
 >>> SVDConv.from_dense(dense, rank=0.5).rank
-10
+13
 """
 
 from __future__ import annotations
