@@ -197,7 +197,7 @@ def run_case(tmp_path, cube, case):
     if case == "wrong method":
         return invoke(*base, "-m", "pca", "-r", "2"), "--method must be one of cp, tucker, tt, tr, svd; got 'pca'"
     if case == "eps for cp":
-        return invoke(*base, "-m", "cp", "-r", "2", "--eps", "0.1"), "--eps applies to tt, svd, not to 'cp'"
+        return invoke(*base, "-m", "cp", "-r", "2", "--eps", "0.1"), "--eps applies to tt, tr, svd, not to 'cp'"
     if case == "eps out of range":
         return invoke(*base, "-m", "tt", "--eps", "1.5"), "--eps must be a relative error in (0, 1)"
     if case == "max-iter for tt":

@@ -121,7 +121,7 @@ def _fit_tt(X, options: FitOptions):
 def _fit_tr(X, options: FitOptions):
     import tensorfold
 
-    return tensorfold.tensor_ring(X, options.rank, **options.iteration_kwargs())
+    return tensorfold.tensor_ring(X, options.rank, eps=options.eps, **options.iteration_kwargs())
 
 
 def _fit_svd(X, options: FitOptions):
@@ -135,7 +135,12 @@ register_method(Method("tucker", "Tucker by HOOI (per-mode ranks)", _fit_tucker,
 register_method(
     Method("tt", "tensor train by TT-SVD (max bond rank and/or --eps)", _fit_tt, per_mode_rank=True, uses_eps=True)
 )
-register_method(Method("tr", "tensor ring by ALS (per-bond ranks)", _fit_tr, iterative=True, per_mode_rank=True))
+register_method(
+    Method(
+        "tr", "tensor ring by TR-SVD + ALS (per-bond ranks, or --eps)", _fit_tr,
+        iterative=True, per_mode_rank=True, uses_eps=True,
+    )
+)
 register_method(
     Method("svd", "truncated SVD of a matrix (rank and/or --eps)", _fit_svd, uses_eps=True, min_order=2, max_order=2)
 )
@@ -256,7 +261,7 @@ def decompose(
         None, "--rank", "-r", help="Rank: an integer, or a comma list of per-mode ranks (tucker, tt, tr)."
     ),
     out: Path = typer.Option(..., "--out", "-o", help="Output file (safetensors); the summary goes beside it."),
-    eps: float | None = typer.Option(None, "--eps", help="Relative error target (tt, svd); may replace --rank."),
+    eps: float | None = typer.Option(None, "--eps", help="Relative error target (tt, tr, svd); may replace --rank."),
     key: str | None = typer.Option(None, "--key", "-k", help="Array name inside .npz/.pt/.safetensors files."),
     dtype: str | None = typer.Option(
         None, "--dtype", help="float32 or float64 (default: the input's float dtype; required for other dtypes)."
