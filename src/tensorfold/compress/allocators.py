@@ -1,0 +1,236 @@
+"""Allocating one global budget over every layer and method.
+
+Each allocator picks one candidate per :class:`~tensorfold.compress.candidates.LayerMenu` (the dense
+layer is always a candidate) so that the summed cost (params, FLOPs or latency) of the covered
+layers is at most ``budget`` times their dense cost:
+
+- ``uniform``: the same fraction of each layer's cost (the first listed method that applies);
+- ``energy``: the same spectral energy threshold in each layer (the first method; the classic
+  "keep 90% of the energy" rule, with the threshold searched so the budget is met);
+- ``balanced``: ALDS-style, minimise the largest sensitivity-normalised layer error over all methods,
+  then spend any slack on the worst layers;
+- ``knapsack`` (= ``auto``): a multiple-choice knapsack minimising the total sensitivity-weighted
+  squared error ``sum_i s_i e_i^2`` (dynamic programming over a fine cost grid, costs rounded up so
+  the result is always feasible).
+
+>>> from tensorfold.compress.candidates import Candidate, LayerMenu
+>>> opts = [Candidate("dense", None, 100, None, None, 0.0), Candidate("svd", 1, 30, None, None, 0.5),
+...         Candidate("svd", 2, 60, None, None, 0.1)]
+>>> menus = [LayerMenu("a", None, "", None, list(opts)), LayerMenu("b", None, "", None, list(opts))]
+>>> [c.rank for c in allocate(menus, 0.6, allocator="knapsack").choices]
+[2, 2]
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from tensorfold.compress.candidates import Candidate, LayerMenu
+from tensorfold.errors import InvalidArgumentError, NotCompressibleError
+
+ALLOCATORS = ("uniform", "energy", "balanced", "knapsack", "auto")
+TARGETS = ("params", "flops", "latency")
+DP_UNITS = 20000
+
+
+@dataclass(frozen=True)
+class Allocation:
+    choices: list[Candidate]
+    total: float  # summed cost of the chosen candidates
+    dense_total: float
+    objective: float  # sum of sensitivity-weighted squared errors
+
+    @property
+    def fraction(self) -> float:
+        return self.total / self.dense_total if self.dense_total > 0 else 1.0
+
+
+def _cost(c: Candidate, target: str) -> float:
+    value = c.cost(target)
+    if value is None:
+        raise InvalidArgumentError(
+            f"target={target!r} needs the input shape of every layer: pass calib batches or example_inputs"
+        )
+    return float(value)
+
+
+def usable_options(menu: LayerMenu, target: str) -> list[Candidate]:
+    """The menu's options for ``target``; for latency, factorisations predicted slower than dense are dropped."""
+    if target != "latency":
+        return list(menu.options)
+    dense_t = _cost(menu.dense, target)
+    return [menu.dense] + [c for c in menu.options[1:] if _cost(c, target) < dense_t]
+
+
+def objective(menus: Sequence[LayerMenu], choices: Sequence[Candidate]) -> float:
+    return float(sum(m.sensitivity * c.error**2 for m, c in zip(menus, choices)))
+
+
+def _primary(menu: LayerMenu, options: list[Candidate], methods: Sequence[str] | None) -> list[Candidate]:
+    """Options of the first listed method that has any for this layer (plus dense)."""
+    order = list(methods) if methods else list(dict.fromkeys(c.method for c in options[1:]))
+    for method in order:
+        chosen = [c for c in options[1:] if c.method == method]
+        if chosen:
+            return [options[0], *chosen]
+    return [options[0]]
+
+
+def _bisect(pick, lo: float, hi: float, cap: float, increasing: bool, iters: int = 60):
+    """Largest (increasing=True) or smallest (False) parameter whose picked total is <= cap."""
+    best = pick(lo if increasing else hi)
+    for _ in range(iters):
+        mid = (lo + hi) / 2
+        choice = pick(mid)
+        if choice[1] <= cap:
+            best = choice
+            if increasing:
+                lo = mid
+            else:
+                hi = mid
+        elif increasing:
+            hi = mid
+        else:
+            lo = mid
+    return best
+
+
+def _uniform(per_layer, target, cap):
+    def pick(f):
+        chosen = []
+        for opts in per_layer:
+            dense = opts[0]
+            if f >= 1.0 or len(opts) == 1:
+                chosen.append(dense)
+                continue
+            limit = f * _cost(dense, target)
+            fitting = [c for c in opts[1:] if _cost(c, target) <= limit]
+            chosen.append(max(fitting, key=lambda c: _cost(c, target)) if fitting
+                          else min(opts[1:], key=lambda c: _cost(c, target)))
+        return chosen, sum(_cost(c, target) for c in chosen)
+
+    full = pick(1.0)
+    return full[0] if full[1] <= cap else _bisect(pick, 0.0, 1.0, cap, increasing=True)[0]
+
+
+def _threshold(per_layer, weights, target, cap):
+    """Cheapest option per layer whose weighted error is <= eps; eps searched to meet the cap."""
+
+    def pick(eps):
+        chosen = []
+        for opts, w in zip(per_layer, weights):
+            ok = [c for c in opts if w * c.error <= eps]
+            chosen.append(min(ok, key=lambda c: (_cost(c, target), c.error)))
+        return chosen, sum(_cost(c, target) for c in chosen)
+
+    top = max((w * c.error for opts, w in zip(per_layer, weights) for c in opts), default=0.0)
+    return _bisect(pick, 0.0, top + 1e-12, cap, increasing=False)[0]
+
+
+def _fill_slack(per_layer, weights, chosen, target, cap):
+    """Greedy: upgrade the layer with the largest weighted error while the budget allows."""
+    chosen = list(chosen)
+    total = sum(_cost(c, target) for c in chosen)
+    while True:
+        order = sorted(range(len(chosen)), key=lambda i: -weights[i] * chosen[i].error)
+        upgraded = False
+        for i in order:
+            cur = chosen[i]
+            better = [c for c in per_layer[i] if c.error < cur.error
+                      and total - _cost(cur, target) + _cost(c, target) <= cap]
+            if better:
+                new = min(better, key=lambda c: (_cost(c, target), c.error))
+                total += _cost(new, target) - _cost(cur, target)
+                chosen[i] = new
+                upgraded = True
+                break
+        if not upgraded:
+            return chosen
+
+
+def _knapsack(per_layer, sens, target, cap):
+    """Multiple-choice knapsack by dynamic programming over DP_UNITS cost units (costs rounded up)."""
+    unit = cap / DP_UNITS
+    dp = np.zeros(DP_UNITS + 1)
+    back = []
+    for opts, s in zip(per_layer, sens):
+        new = np.full(DP_UNITS + 1, np.inf)
+        arg = np.full(DP_UNITS + 1, -1, dtype=np.int32)
+        for j, c in enumerate(opts):
+            w = int(math.ceil(_cost(c, target) / unit - 1e-9)) if unit > 0 else 0
+            if w > DP_UNITS:
+                continue
+            cand = np.full(DP_UNITS + 1, np.inf)
+            cand[w:] = dp[: DP_UNITS + 1 - w] + s * c.error**2
+            better = cand < new - 1e-15
+            new[better] = cand[better]
+            arg[better] = j
+        dp = new
+        back.append(arg)
+    if not np.isfinite(dp[DP_UNITS]):
+        return None
+    chosen, c_units = [], DP_UNITS
+    for opts, arg in zip(reversed(per_layer), reversed(back)):
+        j = int(arg[c_units])
+        c = opts[j]
+        chosen.append(c)
+        c_units -= int(math.ceil(_cost(c, target) / unit - 1e-9)) if unit > 0 else 0
+    return chosen[::-1]
+
+
+def allocate(
+    menus: Sequence[LayerMenu],
+    budget: float,
+    *,
+    target: str = "params",
+    allocator: str = "auto",
+    methods: Sequence[str] | None = None,
+) -> Allocation:
+    """Choose one candidate per menu under ``budget`` (fraction of the menus' dense cost)."""
+    if allocator not in ALLOCATORS:
+        raise InvalidArgumentError(f"allocator must be one of {', '.join(ALLOCATORS)}; got {allocator!r}")
+    if target not in TARGETS:
+        raise InvalidArgumentError(f"target must be one of {', '.join(TARGETS)}; got {target!r}")
+    check_budget(budget)
+    per_layer = [usable_options(m, target) for m in menus]
+    dense_total = sum(_cost(m.dense, target) for m in menus)
+    cap = budget * dense_total
+    smallest = sum(min(_cost(c, target) for c in opts) for opts in per_layer)
+    if smallest > cap * (1 + 1e-12):
+        raise NotCompressibleError(
+            f"budget {budget:g} of the {target} cannot be met: the smallest factorisations of the covered "
+            f"layers still need {smallest / dense_total:.3f} of it (allow more methods, exclude fewer layers, "
+            f"or raise the budget)"
+        )
+    sens = [max(float(m.sensitivity), 0.0) for m in menus]
+    mean_s = sum(sens) / len(sens) if sens else 1.0
+    root_w = [math.sqrt(s / mean_s) if mean_s > 0 else 1.0 for s in sens]
+    if allocator == "uniform":
+        chosen = _uniform([_primary(m, o, methods) for m, o in zip(menus, per_layer)], target, cap)
+    elif allocator == "energy":
+        chosen = _threshold([_primary(m, o, methods) for m, o in zip(menus, per_layer)], [1.0] * len(menus),
+                            target, cap)
+    elif allocator == "balanced":
+        chosen = _threshold(per_layer, root_w, target, cap)
+        chosen = _fill_slack(per_layer, root_w, chosen, target, cap)
+    else:
+        chosen = _knapsack(per_layer, sens, target, cap)
+        if chosen is None:  # rounding made the smallest choice infeasible: fall back to the balanced search
+            chosen = _fill_slack(per_layer, root_w, _threshold(per_layer, root_w, target, cap), target, cap)
+    total = sum(_cost(c, target) for c in chosen)
+    if total > cap * (1 + 1e-9):
+        raise NotCompressibleError(
+            f"the {allocator} allocator cannot meet budget {budget:g} with its method ({total / dense_total:.3f} "
+            f"at best); use allocator='knapsack' or 'balanced', which mix methods"
+        )
+    return Allocation(list(chosen), total, dense_total, objective(menus, chosen))
+
+
+def check_budget(budget) -> float:
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or math.isnan(budget) or not 0 < budget <= 1:
+        raise InvalidArgumentError(f"budget must be a fraction in (0, 1], got {budget!r}")
+    return float(budget)

@@ -1,0 +1,362 @@
+"""Calibration data: running a model on user batches, capturing layer inputs, output-aware fitting.
+
+``calib`` is an iterable of input batches, each a tensor, a tuple/list whose first item is the input,
+or a dict of keyword inputs (Hugging Face style; a model whose ``forward`` takes the dict itself, as
+``SentenceTransformer`` does, gets it as one argument).
+
+The fitting here is *activation-whitened truncated SVD*: with ``X`` the inputs a Linear layer sees
+and ``G = X^T X = L L^T`` (accumulated in float64), the rank-``r`` weight minimising the output
+error ``||X W^T - X A^T||_F`` is ``A = trunc_r(W L) L^{-1}``. When ``G`` is rank-deficient (fewer
+samples than features, dead inputs) a small ridge is added before the Cholesky factorisation, and
+when even that fails the eigen-decomposition with clipped eigenvalues is used; a zero ``G`` falls back
+to the plain weight SVD. Nothing here crashes on a singular Gram matrix.
+
+>>> import torch
+>>> from tensorfold.compress.calibration import whitened_lowrank
+>>> W = torch.randn(8, 6, dtype=torch.float64)
+>>> X = torch.randn(100, 6, dtype=torch.float64)
+>>> fit = whitened_lowrank(W, X.T @ X, 6)      # full rank: exact
+>>> bool(torch.allclose(fit.second @ fit.first, W))
+True
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import math
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tensorfold.core.svd import truncated_svd
+from tensorfold.errors import InvalidArgumentError, ShapeError, TensorfoldError
+
+# Patch Gram matrices above this dimension (in_channels * kernel volume) are not accumulated.
+MAX_GRAM_DIM = 4096
+
+
+# ---- batches and model calls ----------------------------------------------------------------------
+
+
+def materialize(calib, name: str = "calib") -> list:
+    """The calibration batches as a list (an iterable is consumed once); validates the batch types."""
+    if calib is None:
+        return []
+    if isinstance(calib, (torch.Tensor, Mapping)):
+        calib = [calib]
+    try:
+        batches = list(calib)
+    except TypeError:
+        raise InvalidArgumentError(f"{name} must be an iterable of input batches, got {type(calib).__name__}") from None
+    if not batches:
+        raise InvalidArgumentError(f"{name} holds no batch")
+    for i, batch in enumerate(batches):
+        if not isinstance(batch, (torch.Tensor, tuple, list, Mapping)):
+            raise InvalidArgumentError(
+                f"{name} batch {i} is a {type(batch).__name__}; give tensors, tuples (input first) or dicts"
+            )
+        if isinstance(batch, (tuple, list)) and (not batch or not isinstance(batch[0], (torch.Tensor, Mapping))):
+            raise InvalidArgumentError(f"{name} batch {i}: a tuple batch needs the input tensor as its first item")
+    return batches
+
+
+def _to_device(obj, device):
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, Mapping):
+        return {k: _to_device(v, device) for k, v in obj.items()}
+    return obj
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def _takes_dict(model: nn.Module, batch: Mapping) -> bool:
+    """True when ``forward`` wants the dict as one positional argument (its required first
+    parameter is not one of the dict's keys), as ``SentenceTransformer.forward(input)`` does."""
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return False
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if not positional:
+        return False
+    first = positional[0]
+    return first.default is inspect.Parameter.empty and first.name not in batch
+
+
+def batch_input(batch):
+    """The model input of a batch (the first item of a tuple)."""
+    return batch[0] if isinstance(batch, (tuple, list)) else batch
+
+
+def call_model(model: nn.Module, batch):
+    """Run ``model`` on one calibration/example batch (see the module docs for the batch kinds)."""
+    x = _to_device(batch_input(batch), _model_device(model))
+    if isinstance(x, Mapping):
+        return model(dict(x)) if _takes_dict(model, x) else model(**x)
+    return model(x)
+
+
+def output_tensor(output, output_fn: Callable | None = None) -> torch.Tensor:
+    """The tensor to compare in a model's output (``output_fn`` decides when given).
+
+    Dicts: ``sentence_embedding``, ``logits``, ``last_hidden_state`` or else the first tensor value;
+    tuples: the first item; objects with a ``logits``/``last_hidden_state`` attribute: that.
+    """
+    if output_fn is not None:
+        output = output_fn(output)
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, Mapping):
+        for key in ("sentence_embedding", "logits", "last_hidden_state"):
+            if isinstance(output.get(key), torch.Tensor):
+                return output[key]
+        for value in output.values():
+            if isinstance(value, torch.Tensor):
+                return value
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    for attr in ("logits", "last_hidden_state"):
+        if isinstance(getattr(output, attr, None), torch.Tensor):
+            return getattr(output, attr)
+    raise InvalidArgumentError(
+        f"cannot find the output tensor in a {type(output).__name__}; pass output_fn to pick it"
+    )
+
+
+def run_checked(model: nn.Module, batch, index: int, name: str = "calib"):
+    """``call_model`` that turns a shape/type failure of the user's batch into a clear ShapeError."""
+    try:
+        return call_model(model, batch)
+    except TensorfoldError:
+        raise
+    except _StopForward:
+        raise
+    except (RuntimeError, TypeError, ValueError, IndexError, KeyError) as exc:
+        x = batch_input(batch)
+        desc = (
+            f"shape {tuple(x.shape)}" if isinstance(x, torch.Tensor)
+            else f"keys {sorted(x)}" if isinstance(x, Mapping) else type(x).__name__
+        )
+        raise ShapeError(
+            f"{name} batch {index} ({desc}) does not fit {type(model).__name__}: {type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''}"
+        ) from None
+
+
+# ---- capturing layer inputs -------------------------------------------------------------------------
+
+
+class _StopForward(Exception):
+    """Raised by a hook to end a forward pass once the wanted layer input has been seen."""
+
+
+def layer_rows(layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    """The layer input as rows of the matrix its weight multiplies: ``(N, in)`` for Linear, the
+    unfolded patches ``(N*positions, in*kh*kw)`` for an ungrouped Conv2d; None when not supported."""
+    if isinstance(layer, nn.Linear):
+        return x.reshape(-1, x.shape[-1])
+    if isinstance(layer, nn.Conv2d) and layer.groups == 1 and isinstance(layer.padding, tuple):
+        if layer.padding_mode != "zeros":
+            return None
+        dim = layer.in_channels * math.prod(layer.kernel_size)
+        if dim > MAX_GRAM_DIM:
+            return None
+        if x.ndim == 3:
+            x = x.unsqueeze(0)
+        cols = F.unfold(x, layer.kernel_size, dilation=layer.dilation, padding=layer.padding, stride=layer.stride)
+        return cols.transpose(1, 2).reshape(-1, dim)
+    return None
+
+
+@dataclass
+class GramStats:
+    """Accumulated ``X^T X`` (float64) of a layer's input rows, and the number of rows."""
+
+    gram: torch.Tensor | None = None
+    rows: int = 0
+    input_shape: tuple[int, ...] | None = None
+    cross: torch.Tensor | None = None  # X_compressed^T X_original when both are captured
+
+    def add(self, X: torch.Tensor) -> None:
+        X = X.detach().double()
+        g = X.T @ X
+        self.gram = g if self.gram is None else self.gram + g
+        self.rows += X.shape[0]
+
+
+@contextlib.contextmanager
+def capture_inputs(layers: Mapping[str, nn.Module], *, grams: bool = True) -> Iterator[dict[str, GramStats]]:
+    """Hooks that record each layer's input shape and (optionally) accumulate its input Gram matrix."""
+    stats = {name: GramStats() for name in layers}
+    handles = []
+    for name, layer in layers.items():
+
+        def hook(module, args, _name=name):
+            if not args or not isinstance(args[0], torch.Tensor):
+                return
+            x = args[0]
+            st = stats[_name]
+            if st.input_shape is None:
+                st.input_shape = tuple(x.shape)
+            if grams:
+                rows = layer_rows(module, x)
+                if rows is not None:
+                    st.add(rows)
+
+        handles.append(layer.register_forward_pre_hook(hook))
+    try:
+        yield stats
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def collect_grams(model: nn.Module, layers: Mapping[str, nn.Module], batches: list, *, grams: bool = True,
+                  progress: Callable[[int], None] | None = None) -> dict[str, GramStats]:
+    """One pass of ``model`` over ``batches`` recording every layer's input shape and Gram matrix."""
+    with torch.no_grad(), capture_inputs(layers, grams=grams) as stats:
+        for i, batch in enumerate(batches):
+            run_checked(model, batch, i)
+            if progress is not None:
+                progress(i + 1)
+    return stats
+
+
+def paired_layer_grams(original: nn.Module, original_layer: nn.Module, current: nn.Module, current_layer: nn.Module,
+                       batches: list) -> GramStats:
+    """Gram of ``current_layer``'s inputs in the (partly compressed) ``current`` model, and the cross
+    Gram ``X_current^T X_original`` with the inputs the same layer sees in the ``original`` model.
+
+    Each forward stops as soon as the layer has been reached, so the cost is a partial pass.
+    """
+    st = GramStats()
+    for batch in batches:
+        xs = {}
+        for key, model, layer in (("cur", current, current_layer), ("orig", original, original_layer)):
+
+            def hook(module, args, _key=key, _xs=xs):
+                _xs[_key] = layer_rows(module, args[0])
+                if st.input_shape is None:
+                    st.input_shape = tuple(args[0].shape)
+                raise _StopForward
+
+            handle = layer.register_forward_pre_hook(hook)
+            try:
+                with torch.no_grad():
+                    call_model(model, batch)
+            except _StopForward:
+                pass
+            finally:
+                handle.remove()
+        if xs.get("cur") is None or xs.get("orig") is None:
+            continue
+        Xc, Xo = xs["cur"].detach().double(), xs["orig"].detach().double()
+        st.add(Xc)
+        c = Xc.T @ Xo
+        st.cross = c if st.cross is None else st.cross + c
+    return st
+
+
+# ---- whitened low-rank fitting ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WhitenedFit:
+    """``W ~ second @ first`` (second ``(out, r)``, first ``(r, in)``) and the whitened spectrum."""
+
+    first: torch.Tensor
+    second: torch.Tensor
+    spectrum: torch.Tensor
+    rel_error: float  # predicted relative output error ||X (W - A)^T|| / ||X W^T||
+
+
+def whitening_factor(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(L, L_inv)`` with ``L L^T ~ gram`` (float64), robust to a singular gram; None when gram is zero."""
+    G = gram.double()
+    n = G.shape[0]
+    scale = float(torch.diagonal(G).mean())
+    if not math.isfinite(scale) or scale <= 0:
+        return None
+    eye = torch.eye(n, dtype=G.dtype, device=G.device)
+    for jitter in (1e-8, 1e-6, 1e-4, 1e-2):
+        L, info = torch.linalg.cholesky_ex(G + jitter * scale * eye)
+        if int(info) == 0:
+            L_inv = torch.linalg.solve_triangular(L, eye, upper=False)
+            if bool(torch.isfinite(L_inv).all()):
+                return L, L_inv
+    # Last resort: symmetric square root with eigenvalues clipped from below.
+    evals, Q = torch.linalg.eigh((G + G.T) / 2)
+    evals = evals.clamp_min(1e-6 * max(float(evals.max()), 1e-300))
+    root = evals.sqrt()
+    return Q * root, (Q / root).T
+
+
+def whitened_spectrum(weight_matrix: torch.Tensor, gram: torch.Tensor) -> torch.Tensor | None:
+    """Singular values of ``W L`` (float64): the output-error spectrum of rank truncation."""
+    factors = whitening_factor(gram)
+    if factors is None:
+        return None
+    L, _ = factors
+    return torch.linalg.svdvals(weight_matrix.double() @ L)
+
+
+def whitened_lowrank(weight_matrix: torch.Tensor, gram: torch.Tensor, rank: int,
+                     cross: torch.Tensor | None = None) -> WhitenedFit:
+    """Rank-``rank`` ``A = second @ first`` minimising ``||X W^T - X A^T||`` for ``X^T X = gram``.
+
+    With ``cross = X^T X_o`` (inputs ``X_o`` the layer sees in the uncompressed model) the target
+    becomes ``X_o W^T``: the layer also corrects the error of the compressed layers before it.
+    Falls back to the plain truncated SVD of ``W`` when ``gram`` is zero.
+    """
+    W = weight_matrix.double()
+    factors = whitening_factor(gram)
+    if factors is None:
+        t = truncated_svd(W, rank)
+        total = float((t.full_spectrum.double() ** 2).sum())
+        err = math.sqrt(t.tail_sq / total) if total > 0 else 0.0
+        return WhitenedFit(t.V.T.contiguous(), (t.U * t.S), t.full_spectrum.double(), err)
+    L, L_inv = factors
+    target = W
+    if cross is not None:
+        # Unconstrained least squares: A* = W cross^T gram^{-1}, solved through the Cholesky factor.
+        target = (W @ cross.double().T) @ L_inv.T @ L_inv
+    t = truncated_svd(target @ L, rank)
+    total = float((t.full_spectrum.double() ** 2).sum())
+    err = math.sqrt(t.tail_sq / total) if total > 0 else 0.0
+    first = t.V.T @ L_inv  # (r, in)
+    second = t.U * t.S  # (out, r)
+    return WhitenedFit(first.contiguous(), second.contiguous(), t.full_spectrum.double(), err)
+
+
+def relative_tail_errors(spectrum: torch.Tensor) -> torch.Tensor:
+    """``err[r] = sqrt(sum_{k>=r} s_k^2 / sum s_k^2)`` for r = 0..n (err[n] = 0)."""
+    sq = spectrum.double() ** 2
+    total = float(sq.sum())
+    tails = torch.cat([torch.flip(torch.cumsum(torch.flip(sq, [0]), 0), [0]), sq.new_zeros(1)])
+    return (tails / total).sqrt() if total > 0 else torch.zeros_like(tails)
+
+
+__all__ = [
+    "GramStats",
+    "WhitenedFit",
+    "call_model",
+    "capture_inputs",
+    "collect_grams",
+    "materialize",
+    "output_tensor",
+    "paired_layer_grams",
+    "relative_tail_errors",
+    "run_checked",
+    "whitened_lowrank",
+    "whitened_spectrum",
+    "whitening_factor",
+]

@@ -1,0 +1,298 @@
+"""Candidate menus: for every layer and method, the ranks worth considering with their predicted
+error, parameters, FLOPs and latency.
+
+Errors are relative: ``||W - W_r|| / ||W||`` for the weight (weight-only planning) or
+``||X (W - W_r)^T|| / ||X W^T||`` for the outputs on the calibration inputs ``X`` (calibrated
+planning, through the input Gram matrix). For the SVD methods they come exactly from the tail of
+the (whitened) spectrum; for Tucker, CP and TT the layer is built at each rank of a coarser grid
+and its error is measured, never guessed.
+
+Latency comes from the shipped :class:`tensorfold.nn.LatencyTable` when it holds the layer's
+shape, otherwise it is measured on the spot (skeleton layers at a few ranks, interpolated in FLOPs).
+
+>>> import torch
+>>> from tensorfold.compress.candidates import layer_menu
+>>> menu = layer_menu("fc", torch.nn.Linear(32, 16), ("svd",), input_shape=(4, 32))
+>>> [c.rank for c in menu.options][:4], menu.options[-1].error == 0.0 or menu.options[-1].error > 0
+([1, 2, 3, 4], True)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from tensorfold.compress.calibration import GramStats, relative_tail_errors, whitened_spectrum
+from tensorfold.errors import TensorfoldError
+from tensorfold.nn import FactorizedLayer, LowRankLinear, dense_flops, dense_params, layer_class_for
+from tensorfold.nn.base import DenseSpec
+
+# Ranks tried per method: every rank for SVD-type methods up to this many, then an even grid.
+SVD_GRID = 64
+MEASURED_FRACTIONS = {
+    "tucker": (0.03, 0.06, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9),
+    "tt": (0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9),
+    "cp": (0.03, 0.06, 0.1, 0.2, 0.3, 0.45, 0.6, 0.8),
+}
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One way to hold a layer: ``method`` ("dense" keeps it) at ``rank``, with its predicted cost/error."""
+
+    method: str
+    rank: int | tuple | None
+    params: int
+    flops: int | None
+    latency: float | None
+    error: float
+
+    def cost(self, target: str) -> float | None:
+        return {"params": self.params, "flops": self.flops, "latency": self.latency}[target]
+
+
+@dataclass
+class LayerMenu:
+    """Every candidate for one layer; ``options[0]`` is the dense layer itself."""
+
+    name: str
+    module: nn.Module
+    description: str
+    input_shape: tuple[int, ...] | None
+    options: list[Candidate]
+    spectrum: list[float] | None = None  # (whitened) singular values of the SVD matricisation
+    calibrated: bool = False
+    sensitivity: float = 1.0
+    opts: dict = field(default_factory=dict)  # method -> layer options
+
+    @property
+    def dense(self) -> Candidate:
+        return self.options[0]
+
+
+def _svd_like(cls) -> bool:
+    from tensorfold.nn import SVDConv
+
+    return cls is LowRankLinear or cls is SVDConv
+
+
+def _group_matrices(weight: torch.Tensor, spec: DenseSpec, scheme: str) -> list[torch.Tensor]:
+    """The matrices whose truncated SVD the SVD-type layer keeps (one per group)."""
+    if not spec.is_conv:
+        return [weight]
+    mats = []
+    for Wg in weight.chunk(spec.groups, dim=0):
+        og, ig, *k = Wg.shape
+        if scheme == "channel":
+            mats.append(Wg.reshape(og, -1))
+        else:
+            kh, kw = k
+            mats.append(Wg.permute(1, 2, 0, 3).reshape(ig * kh, og * kw))
+    return mats
+
+
+def weight_matrix(layer: nn.Module) -> torch.Tensor:
+    """The weight as the matrix the layer multiplies its (patch) input rows with: ``(out, in*k)``."""
+    w = layer.weight.detach()
+    return w.reshape(w.shape[0], -1)
+
+
+def _svd_errors(layer: nn.Module, spec: DenseSpec, opts: dict, gram: GramStats | None):
+    """Relative error at every rank 0..R (tensor) and the spectrum used; calibrated when possible."""
+    scheme = opts.get("scheme", "channel")
+    if gram is not None and gram.gram is not None and spec.groups == 1 and scheme == "channel":
+        s = whitened_spectrum(weight_matrix(layer), gram.gram)
+        if s is not None:
+            return relative_tail_errors(s), s, True
+    mats = _group_matrices(layer.weight.detach().double(), spec, scheme)
+    spectra = [torch.linalg.svdvals(M) for M in mats]
+    n = min(len(s) for s in spectra)
+    tails = sum(relative_tail_errors(s)[: n + 1] ** 2 * float((s**2).sum()) for s in spectra)
+    total = sum(float((s**2).sum()) for s in spectra)
+    err = (tails / total).sqrt() if total > 0 else torch.zeros(n + 1, dtype=torch.float64)
+    return err, spectra[0], False
+
+
+def _svd_ranks(cls, layer, opts, dense_p: int) -> list[int]:
+    max_r = cls.max_rank(layer, **opts)
+    ranks = [r for r in range(1, max_r + 1)]
+    # keep the ranks that save parameters (params grow linearly with rank)
+    lo, hi = 0, len(ranks)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if cls.cost(layer, ranks[mid], _shape_for_params(layer), **opts).params < dense_p:
+            lo = mid + 1
+        else:
+            hi = mid
+    useful = ranks[:lo]
+    if len(useful) <= SVD_GRID:
+        return useful
+    step = len(useful) / SVD_GRID
+    picked = sorted({useful[min(int(round(i * step)), len(useful) - 1)] for i in range(SVD_GRID)} | {useful[-1]})
+    return picked
+
+
+def _shape_for_params(layer: nn.Module) -> tuple[int, ...]:
+    from tensorfold.compress.walk import _probe_shape
+
+    return _probe_shape(layer)
+
+
+def _output_error(layer: nn.Module, approx: torch.Tensor, gram: GramStats | None) -> tuple[float, bool]:
+    """Relative error of ``approx`` (a dense weight) in the outputs when the Gram is known, else in the weight."""
+    W = layer.weight.detach().double()
+    D = (W - approx.double()).reshape(W.shape[0], -1)
+    Wm = W.reshape(W.shape[0], -1)
+    if gram is not None and gram.gram is not None and gram.gram.shape[0] == Wm.shape[1]:
+        G = gram.gram
+        num = float(((D @ G) * D).sum())
+        den = float(((Wm @ G) * Wm).sum())
+        if den > 0:
+            return math.sqrt(max(num, 0.0) / den), True
+    den = float((Wm**2).sum())
+    return (math.sqrt(float((D**2).sum()) / den) if den > 0 else 0.0), False
+
+
+def _measured_candidates(method, cls, layer, opts, gram):
+    """(rank, error, calibrated) for Tucker/CP/TT layers built at a grid of parameter fractions."""
+    seen, out = set(), []
+    for frac in MEASURED_FRACTIONS.get(method, (0.1, 0.25, 0.5, 0.75)):
+        try:
+            rank = cls.resolve_rank(layer, frac, **opts)
+        except TensorfoldError:
+            continue
+        key = tuple(rank) if isinstance(rank, (list, tuple)) else rank
+        if key in seen:
+            continue
+        seen.add(key)
+        try:
+            with torch.no_grad():
+                built = cls.from_dense(layer, rank, **opts)
+                err, calibrated = _output_error(layer, built.dense_weight(), gram)
+        except TensorfoldError:
+            continue
+        out.append((rank, err, calibrated))
+    return out
+
+
+class LatencyModel:
+    """Predicted seconds of a dense or factored layer: the shipped table, else measured on the spot."""
+
+    def __init__(self, threads: int = 2, repeats: int = 10):
+        from tensorfold.nn import LatencyTable
+
+        self.threads, self.repeats = threads, repeats
+        try:
+            self.table = LatencyTable.load()
+        except TensorfoldError:
+            self.table = None
+        self._cache: dict = {}
+
+    def _measure(self, module: nn.Module, input_shape) -> float:
+        from tensorfold.nn import measure_latency
+
+        return measure_latency(module, input_shape, threads=self.threads, repeats=self.repeats, warmup=2)
+
+    def dense(self, name: str, layer: nn.Module, input_shape) -> float:
+        if self.table is not None:
+            t = self.table.predict("dense", layer, None, input_shape, threads=self.threads)
+            if t is not None:
+                return t
+        key = (name, "dense")
+        if key not in self._cache:
+            self._cache[key] = self._measure(layer, input_shape)
+        return self._cache[key]
+
+    def factored(self, name: str, method: str, cls, layer, opts, ranks: Sequence, input_shape) -> list[float]:
+        """Seconds for each rank: table entries where present, else measured at <= 6 ranks and
+        interpolated linearly in FLOPs."""
+        out: list[float | None] = []
+        for r in ranks:
+            t = self.table.predict(method, layer, r, input_shape, threads=self.threads) if self.table else None
+            out.append(t)
+        missing = [i for i, t in enumerate(out) if t is None]
+        if not missing:
+            return out  # type: ignore[return-value]
+        flops = [cls.cost(layer, ranks[i], input_shape, **opts).flops for i in range(len(ranks))]
+        n_probe = min(6, len(missing))
+        probe_idx = sorted({missing[round(j * (len(missing) - 1) / max(n_probe - 1, 1))] for j in range(n_probe)})
+        probes = []
+        for i in probe_idx:
+            skeleton = build_skeleton(cls, DenseSpec.of(layer), ranks[i], opts, dtype=layer.weight.dtype)
+            probes.append((flops[i], self._measure(skeleton, input_shape)))
+        probes.sort()
+        for i in missing:
+            f = flops[i]
+            below = [p for p in probes if p[0] <= f]
+            above = [p for p in probes if p[0] > f]
+            if below and above:
+                (fa, ta), (fb, tb) = below[-1], above[0]
+                out[i] = ta + (f - fa) / max(fb - fa, 1) * (tb - ta)
+            else:
+                fa, ta = below[-1] if below else above[0]
+                out[i] = ta * f / max(fa, 1)
+        return out  # type: ignore[return-value]
+
+
+def build_skeleton(cls, spec: DenseSpec, rank, opts: dict, *, dtype=None, device=None) -> FactorizedLayer:
+    """An uninitialised factored layer of the right structure (for latency probes and loading)."""
+    from tensorfold.nn import TTLinear
+
+    if isinstance(rank, list):
+        rank = tuple(rank)
+    if cls is LowRankLinear:
+        return cls(spec.in_features, spec.out_features, rank, bias=spec.bias, dtype=dtype, device=device)
+    if cls is TTLinear:
+        tt_opts = {k: (tuple(v) if isinstance(v, list) else v) for k, v in opts.items()}
+        return cls(spec.in_features, spec.out_features, rank, bias=spec.bias, dtype=dtype, device=device, **tt_opts)
+    return cls(spec, rank, dtype=dtype, device=device, **opts)
+
+
+def layer_menu(
+    name: str,
+    layer: nn.Module,
+    methods: Sequence[str],
+    *,
+    input_shape: Sequence[int] | None = None,
+    gram: GramStats | None = None,
+    latency: LatencyModel | None = None,
+) -> LayerMenu:
+    """Every candidate (dense first) of ``layer`` for ``methods``; see the module docs."""
+    spec = DenseSpec.of(layer)
+    shape = tuple(input_shape) if input_shape is not None else None
+    dense_p = dense_params(layer)
+    dense_f = dense_flops(layer, shape) if shape is not None else None
+    dense_t = latency.dense(name, layer, shape) if (latency is not None and shape is not None) else None
+    options = [Candidate("dense", None, dense_p, dense_f, dense_t, 0.0)]
+    menu = LayerMenu(name, layer, spec.describe(), shape, options)
+    for method in methods:
+        found = layer_class_for(method, layer)
+        if found is None:
+            continue
+        cls, opts = found
+        menu.opts[method] = opts
+        if _svd_like(cls):
+            errors, spectrum, calibrated = _svd_errors(layer, spec, opts, gram)
+            ranks = _svd_ranks(cls, layer, opts, dense_p)
+            rows = [(r, float(errors[min(r, len(errors) - 1)]), calibrated) for r in ranks]
+            if method == "svd" and menu.spectrum is None:
+                menu.spectrum = [float(s) for s in spectrum]
+                menu.calibrated = calibrated
+        else:
+            rows = _measured_candidates(method, cls, layer, opts, gram)
+        if not rows:
+            continue
+        ranks = [r for r, _, _ in rows]
+        times = (latency.factored(name, method, cls, layer, opts, ranks, shape)
+                 if latency is not None and shape is not None else [None] * len(rows))
+        for (rank, err, calibrated), t in zip(rows, times):
+            cost = cls.cost(layer, rank, shape if shape is not None else _shape_for_params(layer), **opts)
+            if cost.params >= dense_p:
+                continue
+            menu.calibrated = menu.calibrated or calibrated
+            options.append(Candidate(method, rank, cost.params, cost.flops if shape is not None else None, t, err))
+    return menu

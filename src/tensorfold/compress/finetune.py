@@ -1,0 +1,463 @@
+"""Fine-tune a compressed model, with knowledge distillation from the original.
+
+Compression loses accuracy; a short fine-tune wins most of it back (Lebedev et al. 2015, Kim et al.
+2016, ALDS). :func:`finetune` trains a deep copy of the compressed model on labelled batches, on
+inputs alone (pure distillation from the teacher), or both, and returns the copy; neither the
+compressed model nor the teacher is changed.
+
+>>> import torch
+>>> from torch import nn
+>>> teacher = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+>>> student = nn.Sequential(nn.Linear(8, 4), nn.ReLU(), nn.Linear(4, 3))
+>>> inputs = [torch.randn(32, 8, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+>>> tuned = finetune(student, inputs, teacher=teacher, epochs=2, progress=False)
+>>> tuned is student
+False
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import sys
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tensorfold.core.validate import check_choice, check_positive, make_generator
+from tensorfold.errors import InvalidArgumentError, ShapeError
+
+DISTILL_MODES = ("logits", "features")
+DISTILL_LOSSES = ("kl", "mse", "cosine")
+
+
+@dataclass
+class FinetuneHistory:
+    """What happened during :func:`finetune`: one entry per epoch (``train_loss``, ``val_loss``)."""
+
+    epochs: list[dict[str, float]] = field(default_factory=list)
+    best_epoch: int = 0  # 0 = the model as given was best on the validation data
+    best_val_loss: float | None = None
+    steps: int = 0
+    stopped_early: bool = False
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One training batch split into model inputs and optional targets."""
+
+    args: tuple
+    kwargs: dict
+    targets: Any = None
+
+    def to(self, device: torch.device) -> Batch:
+        return Batch(_move(self.args, device), _move(self.kwargs, device), _move(self.targets, device))
+
+    def __call__(self, model: nn.Module):
+        return model(*self.args, **self.kwargs)
+
+
+def split_batch(item) -> Batch:
+    """Interpret one item of ``data``: a tensor or a dict is an input batch alone; a (inputs, targets)
+    pair carries targets; a 1-tuple is inputs alone."""
+    if isinstance(item, torch.Tensor):
+        return Batch((item,), {})
+    if isinstance(item, Mapping):
+        return Batch((), dict(item))
+    if isinstance(item, (tuple, list)):
+        if len(item) == 0 or len(item) > 2:
+            raise ShapeError(f"a batch must be inputs or (inputs, targets); got a sequence of {len(item)} items")
+        inputs = item[0]
+        targets = item[1] if len(item) == 2 else None
+        if isinstance(inputs, Mapping):
+            return Batch((), dict(inputs), targets)
+        return Batch((inputs,), {}, targets)
+    raise ShapeError(f"a batch must be a tensor, a dict of inputs or an (inputs, targets) pair, got {type(item)}")
+
+
+def default_output(outputs) -> torch.Tensor:
+    """The tensor to train on: the output itself, ``.logits``/``["logits"]``, a ``sentence_embedding``,
+    or the first tensor of a tuple."""
+    if isinstance(outputs, torch.Tensor):
+        return outputs
+    for key in ("logits", "sentence_embedding", "last_hidden_state"):
+        value = outputs.get(key) if isinstance(outputs, Mapping) else getattr(outputs, key, None)
+        if isinstance(value, torch.Tensor):
+            return value
+    if isinstance(outputs, (tuple, list)) and outputs and isinstance(outputs[0], torch.Tensor):
+        return outputs[0]
+    raise InvalidArgumentError(
+        f"cannot find a tensor in the model output of type {type(outputs).__name__}; pass output_fn"
+    )
+
+
+def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, *, temperature: float = 2.0,
+                      kind: str = "kl") -> torch.Tensor:
+    """Distance of ``student`` outputs from ``teacher`` outputs.
+
+    ``kind="kl"``: Hinton's KL(teacher || student) on softened logits (last dimension = classes),
+    scaled by temperature**2 so gradients keep their size; ``"mse"``: mean squared error relative to
+    the teacher's mean square; ``"cosine"``: mean of 1 - cosine similarity along the last dimension.
+    """
+    if student.shape != teacher.shape:
+        raise ShapeError(f"student output {tuple(student.shape)} and teacher output {tuple(teacher.shape)} differ")
+    if kind == "kl":
+        t = float(temperature)
+        log_p_student = F.log_softmax(student.flatten(0, -2) / t, dim=-1)
+        log_p_teacher = F.log_softmax(teacher.flatten(0, -2) / t, dim=-1)
+        return F.kl_div(log_p_student, log_p_teacher, log_target=True, reduction="batchmean") * t * t
+    if kind == "mse":
+        return feature_loss(student, teacher)
+    if kind == "cosine":
+        return (1 - F.cosine_similarity(student, teacher, dim=-1)).mean()
+    raise InvalidArgumentError(f"distill_loss must be one of {', '.join(DISTILL_LOSSES)}, got {kind!r}")
+
+
+def feature_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Mean squared difference of two feature maps relative to the teacher's mean square."""
+    return F.mse_loss(student, teacher) / teacher.pow(2).mean().clamp_min(1e-12)
+
+
+def task_loss(outputs: torch.Tensor, targets) -> torch.Tensor:
+    """Cross-entropy for integer class targets, mean squared error for float targets of the output's shape."""
+    if not isinstance(targets, torch.Tensor):
+        raise ShapeError(f"targets must be a tensor, got {type(targets).__name__}")
+    if not targets.is_floating_point():
+        if outputs.dim() < 2 or targets.shape != outputs.shape[:1] + outputs.shape[2:]:
+            raise ShapeError(f"integer targets {tuple(targets.shape)} do not fit logits {tuple(outputs.shape)}")
+        return F.cross_entropy(outputs, targets)
+    if targets.shape != outputs.shape:
+        raise ShapeError(f"float targets {tuple(targets.shape)} do not match outputs {tuple(outputs.shape)}")
+    return F.mse_loss(outputs, targets.to(outputs.dtype))
+
+
+def feature_layer_names(student: nn.Module, teacher: nn.Module) -> list[str]:
+    """Modules present under the same name in both models whose type differs (the replaced layers)."""
+    teacher_modules = dict(teacher.named_modules())
+    names = []
+    for name, module in student.named_modules():
+        if not name or name not in teacher_modules:
+            continue
+        if type(module) is not type(teacher_modules[name]) and not any(name.startswith(n + ".") for n in names):
+            names.append(name)
+    return names
+
+
+def finetune(
+    compressed: nn.Module,
+    data: Iterable,
+    *,
+    teacher: nn.Module | None = None,
+    epochs: int = 1,
+    lr: float = 1e-3,
+    distill: str | None = "logits",
+    alpha: float = 0.5,
+    temperature: float = 2.0,
+    distill_loss: str = "kl",
+    feature_layers: Sequence[str] | None = None,
+    feature_weight: float = 1.0,
+    val_data: Iterable | None = None,
+    patience: int | None = 2,
+    seed: int = 0,
+    weight_decay: float = 0.0,
+    progress: bool | Callable[[dict], None] = True,
+    output_fn: Callable[[Any], torch.Tensor] | None = None,
+    loss_fn: Callable[[torch.Tensor, Any], torch.Tensor] | None = None,
+    max_steps: int | None = None,
+    history: FinetuneHistory | None = None,
+) -> nn.Module:
+    """Fine-tune a deep copy of ``compressed`` and return it (the best one on ``val_data`` if given).
+
+    Parameters
+    ----------
+    compressed: the model to train (not modified).
+    data: re-iterable batches, each ``(inputs, targets)`` or inputs alone; inputs are a tensor or a dict
+        of keyword arguments. Inputs alone need a ``teacher`` (pure distillation). A list of batches is
+        visited in a new seeded order each epoch; a loader is used as it iterates.
+    teacher: the original model; its outputs are the distillation targets (it is run in eval mode and
+        left as it was).
+    distill: "logits" (match the teacher's outputs), "features" (outputs plus the outputs of every
+        layer whose type differs between student and teacher, or of ``feature_layers``), or None.
+    alpha: weight of the distillation term when targets are present: ``alpha * distill + (1 - alpha) *
+        task``. Without targets the loss is the distillation term alone.
+    temperature, distill_loss: softening of the KL on logits; "kl" (default), "mse" or "cosine" (for
+        embeddings, e.g. with ``output_fn`` picking a sentence embedding).
+    val_data: batches for early stopping: the validation loss (same objective) is measured before
+        training and after every epoch; training stops after ``patience`` epochs without improvement
+        and the best weights (possibly the untouched input) are returned.
+    seed: seeds the batch order and any dropout (torch's global generator is restored afterwards).
+    progress: a progress bar on stderr, or a callable receiving a dict after each epoch.
+    output_fn: maps the model output to the tensor compared (default :func:`default_output`).
+    loss_fn: ``loss_fn(outputs, targets)`` for the task term (default :func:`task_loss`).
+    max_steps: stop after this many optimizer steps in total.
+    history: a :class:`FinetuneHistory` to fill with per-epoch losses.
+
+    Example: ``tuned = finetune(small, train_batches, teacher=model, epochs=3, val_data=val_batches)``.
+    """
+    if not isinstance(compressed, nn.Module):
+        raise InvalidArgumentError(f"compressed must be a torch.nn.Module, got {type(compressed).__name__}")
+    if teacher is not None and not isinstance(teacher, nn.Module):
+        raise InvalidArgumentError(f"teacher must be a torch.nn.Module or None, got {type(teacher).__name__}")
+    if distill is not None:
+        check_choice(distill, "distill", DISTILL_MODES)
+    check_choice(distill_loss, "distill_loss", DISTILL_LOSSES)
+    epochs = _check_int(epochs, "epochs")
+    if max_steps is not None:
+        max_steps = _check_int(max_steps, "max_steps")
+    if patience is not None:
+        patience = _check_int(patience, "patience")
+    check_positive(lr, "lr")
+    check_positive(temperature, "temperature")
+    check_positive(weight_decay, "weight_decay", allow_zero=True)
+    if not 0.0 <= float(alpha) <= 1.0:
+        raise InvalidArgumentError(f"alpha must lie in [0, 1], got {alpha!r}")
+    data = _reiterable(data, "data")
+    val_data = None if val_data is None else _reiterable(val_data, "val_data")
+    use_teacher = teacher is not None and distill is not None
+    output_fn = output_fn or default_output
+    loss_fn = loss_fn or task_loss
+
+    student = copy.deepcopy(compressed)
+    for p in student.parameters():
+        p.requires_grad_(True)
+    params = [p for p in student.parameters() if p.is_floating_point()]
+    if not params:
+        raise InvalidArgumentError("the compressed model has no trainable floating-point parameters")
+    device = params[0].device
+    optimizer = torch.optim.Adam(params, lr=float(lr), weight_decay=float(weight_decay))
+
+    features = None
+    if use_teacher and distill == "features":
+        names = list(feature_layers) if feature_layers is not None else feature_layer_names(student, teacher)
+        features = _FeatureTaps(student, teacher, names)
+
+    objective = _Objective(student, teacher if use_teacher else None, features, output_fn, loss_fn,
+                           float(alpha), float(temperature), distill_loss, float(feature_weight))
+    record = history if history is not None else FinetuneHistory()
+    generator = make_generator(seed)
+    reporter = _Progress(progress, epochs, data)
+
+    try:
+        with _teacher_in_eval(teacher), _seeded_global_rng(seed), reporter:
+            best_state, best_val = None, math.inf
+            if val_data is not None:
+                best_val = objective.mean_loss(val_data, device)
+                best_state = copy.deepcopy(student.state_dict())
+                record.best_val_loss = best_val
+            bad_epochs = 0
+            for epoch in range(1, epochs + 1):
+                student.train()
+                total, count = 0.0, 0
+                for item in _epoch_order(data, generator):
+                    loss = objective.loss(split_batch(item).to(device))
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                    total, count = total + float(loss.detach()), count + 1
+                    record.steps += 1
+                    reporter.step(epoch, float(loss.detach()))
+                    if max_steps is not None and record.steps >= max_steps:
+                        break
+                entry = {"epoch": epoch, "train_loss": total / max(1, count), "steps": record.steps}
+                if val_data is not None:
+                    val = objective.mean_loss(val_data, device)
+                    entry["val_loss"] = val
+                    if val < best_val:
+                        best_val, bad_epochs = val, 0
+                        best_state = copy.deepcopy(student.state_dict())
+                        record.best_epoch, record.best_val_loss = epoch, val
+                    else:
+                        bad_epochs += 1
+                record.epochs.append(entry)
+                reporter.epoch(entry)
+                if max_steps is not None and record.steps >= max_steps:
+                    break
+                if patience is not None and val_data is not None and bad_epochs >= patience:
+                    record.stopped_early = epoch < epochs
+                    break
+            if best_state is not None:
+                student.load_state_dict(best_state)
+    finally:
+        if features is not None:
+            features.remove()
+    student.eval()
+    return student
+
+
+class _Objective:
+    """The training loss: task term, distillation on outputs and optionally on features."""
+
+    def __init__(self, student, teacher, features, output_fn, loss_fn, alpha, temperature, kind, feature_weight):
+        self.student, self.teacher, self.features = student, teacher, features
+        self.output_fn, self.loss_fn = output_fn, loss_fn
+        self.alpha, self.temperature, self.kind, self.feature_weight = alpha, temperature, kind, feature_weight
+
+    def loss(self, batch: Batch) -> torch.Tensor:
+        if self.features is not None:
+            self.features.clear()
+        out = self.output_fn(batch(self.student))
+        task = None if batch.targets is None else self.loss_fn(out, batch.targets)
+        if self.teacher is None:
+            if task is None:
+                raise InvalidArgumentError("batches without targets need a teacher and distill='logits'/'features'")
+            return task
+        with torch.no_grad():
+            teacher_out = self.output_fn(batch(self.teacher)).to(out.dtype)
+        dist = distillation_loss(out, teacher_out, temperature=self.temperature, kind=self.kind)
+        if self.features is not None:
+            dist = dist + self.feature_weight * self.features.loss()
+        return dist if task is None else self.alpha * dist + (1 - self.alpha) * task
+
+    @torch.no_grad()
+    def mean_loss(self, data: Iterable, device: torch.device) -> float:
+        modes = {m: m.training for m in self.student.modules()}
+        self.student.eval()
+        total, count = 0.0, 0
+        try:
+            for item in data:
+                total, count = total + float(self.loss(split_batch(item).to(device))), count + 1
+        finally:
+            for module, mode in modes.items():
+                module.training = mode
+        if count == 0:
+            raise InvalidArgumentError("val_data yielded no batches")
+        return total / count
+
+
+class _FeatureTaps:
+    """Forward hooks capturing the outputs of the same-named layers in student and teacher."""
+
+    def __init__(self, student: nn.Module, teacher: nn.Module, names: Sequence[str]):
+        student_modules, teacher_modules = dict(student.named_modules()), dict(teacher.named_modules())
+        missing = [n for n in names if n not in student_modules or n not in teacher_modules]
+        if missing:
+            raise InvalidArgumentError(f"feature_layers not found in both models: {', '.join(missing)}")
+        self.names = list(names)
+        self.student_out: dict[str, torch.Tensor] = {}
+        self.teacher_out: dict[str, torch.Tensor] = {}
+        self.handles = []
+        for name in self.names:
+            self.handles.append(student_modules[name].register_forward_hook(self._saver(self.student_out, name)))
+            self.handles.append(teacher_modules[name].register_forward_hook(self._saver(self.teacher_out, name)))
+
+    @staticmethod
+    def _saver(store, name):
+        def hook(module, inputs, output):
+            if isinstance(output, torch.Tensor):
+                store[name] = output
+        return hook
+
+    def clear(self) -> None:
+        self.student_out.clear()
+        self.teacher_out.clear()
+
+    def loss(self) -> torch.Tensor | float:
+        terms = [feature_loss(self.student_out[n], self.teacher_out[n].detach())
+                 for n in self.names if n in self.student_out and n in self.teacher_out]
+        return torch.stack(terms).mean() if terms else 0.0
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+class _Progress:
+    """A rich progress bar on stderr, a user callback, or nothing."""
+
+    def __init__(self, progress, epochs: int, data):
+        self.callback = progress if callable(progress) else None
+        self.enabled = progress is True
+        self.epochs = epochs
+        self.per_epoch = len(data) if hasattr(data, "__len__") else None
+        self._bar = None
+
+    def __enter__(self):
+        if self.enabled:
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self._bar = Progress(TextColumn("fine-tune {task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TimeElapsedColumn(), console=Console(file=sys.stderr), transient=True)
+            self._bar.__enter__()
+            total = None if self.per_epoch is None else self.per_epoch * self.epochs
+            self._task = self._bar.add_task("", total=total)
+        return self
+
+    def step(self, epoch: int, loss: float) -> None:
+        if self._bar is not None:
+            self._bar.update(self._task, advance=1, description=f"epoch {epoch}/{self.epochs} loss {loss:.4f}")
+
+    def epoch(self, entry: dict) -> None:
+        if self.callback is not None:
+            self.callback(dict(entry))
+
+    def __exit__(self, *exc):
+        if self._bar is not None:
+            self._bar.__exit__(*exc)
+        return False
+
+
+def _check_int(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InvalidArgumentError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+def _reiterable(data, name: str):
+    if data is None:
+        raise InvalidArgumentError(f"{name} must be an iterable of batches, got None")
+    if isinstance(data, (torch.Tensor, Mapping)):
+        raise InvalidArgumentError(f"{name} must be an iterable of batches (e.g. a list), not a single "
+                                   f"{type(data).__name__}")
+    try:
+        iterator = iter(data)
+    except TypeError:
+        raise InvalidArgumentError(f"{name} must be an iterable of batches, got {type(data).__name__}") from None
+    if iterator is data:  # a one-shot iterator: keep its batches so that every epoch sees them
+        data = list(data)
+    if hasattr(data, "__len__") and len(data) == 0:
+        raise InvalidArgumentError(f"{name} holds no batches")
+    return data
+
+
+def _epoch_order(data, generator: torch.Generator):
+    if isinstance(data, Sequence):
+        return [data[int(i)] for i in torch.randperm(len(data), generator=generator)]
+    return data
+
+
+def _move(obj, device: torch.device):
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, Mapping):
+        return {k: _move(v, device) for k, v in obj.items()}
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_move(v, device) for v in obj)
+    return obj
+
+
+@contextlib.contextmanager
+def _teacher_in_eval(teacher: nn.Module | None):
+    if teacher is None:
+        yield
+        return
+    modes = {m: m.training for m in teacher.modules()}
+    teacher.eval()
+    try:
+        yield
+    finally:
+        for module, mode in modes.items():
+            module.training = mode
+
+
+@contextlib.contextmanager
+def _seeded_global_rng(seed: int):
+    """Dropout and friends draw from torch's global generator: seed it for the run, then restore it."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(seed) if isinstance(seed, int) else 0)
+        yield

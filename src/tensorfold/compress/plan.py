@@ -1,0 +1,290 @@
+"""The compression plan: what happens to each layer, what it costs and what it is predicted to lose.
+
+A :class:`Plan` is plain data: it serialises to JSON (``to_json``/``from_json``, ``save``/``load``),
+prints as a table (``table()`` gives a ``rich`` table, ``str(plan)`` plain text) and is all that
+``tensorfold.apply`` needs besides the model.
+
+>>> import torch, tensorfold as tf
+>>> model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 64))
+>>> p = tf.plan(model, budget=0.5, methods=("svd",))
+>>> p.fraction <= 0.5
+True
+>>> tf.Plan.from_json(p.to_json()) == p
+True
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from tensorfold.errors import FileFormatError
+from tensorfold.io import write_text_atomic
+
+PLAN_VERSION = 1
+
+
+def _rank_from_json(rank):
+    return tuple(rank) if isinstance(rank, list) else rank
+
+
+@dataclass
+class LayerPlan:
+    """The decision for one layer (``method == "dense"`` keeps it as it is)."""
+
+    name: str
+    layer: str  # e.g. "Linear(384, 1536)"
+    method: str
+    rank: int | tuple | None
+    options: dict
+    params: int
+    dense_params: int
+    flops: int | None
+    dense_flops: int | None
+    latency: float | None
+    dense_latency: float | None
+    error: float  # predicted relative error (outputs when calibrated, else weights)
+    sensitivity: float = 1.0
+    input_shape: tuple | None = None
+
+    @property
+    def factored(self) -> bool:
+        return self.method != "dense"
+
+    @property
+    def param_fraction(self) -> float:
+        return self.params / self.dense_params if self.dense_params else 1.0
+
+
+@dataclass
+class Plan:
+    """Per-layer decisions plus the settings that produced them and the totals.
+
+    ``budget`` is the fraction of ``target`` (params, flops or latency) of the covered layers;
+    ``fraction`` the fraction reached; ``model_fraction`` the whole model's parameter fraction.
+    """
+
+    layers: list[LayerPlan]
+    skipped: list[tuple[str, str]]
+    budget: float
+    target: str
+    allocator: str
+    methods: tuple[str, ...]
+    calibrated: bool
+    model_params: int
+    model_name: str | None = None
+    include: tuple[str, ...] | None = None
+    exclude: tuple[str, ...] | None = None
+    objective: float = 0.0
+    curve: list[tuple[float, float]] = field(default_factory=list)  # (budget, predicted objective)
+    spectra: dict[str, list[float]] = field(default_factory=dict)
+
+    # ---- totals ---------------------------------------------------------------------------------
+
+    def _total(self, attr: str) -> float | None:
+        values = [getattr(lp, attr) for lp in self.layers]
+        return None if any(v is None for v in values) else sum(values)
+
+    @property
+    def params(self) -> int:
+        return int(self._total("params"))
+
+    @property
+    def dense_params(self) -> int:
+        return int(self._total("dense_params"))
+
+    @property
+    def flops(self) -> int | None:
+        return self._total("flops")
+
+    @property
+    def dense_flops(self) -> int | None:
+        return self._total("dense_flops")
+
+    @property
+    def latency(self) -> float | None:
+        return self._total("latency")
+
+    @property
+    def dense_latency(self) -> float | None:
+        return self._total("dense_latency")
+
+    @property
+    def fraction(self) -> float:
+        """Fraction of the covered layers' ``target`` cost that the plan keeps."""
+        now, before = {
+            "params": (self.params, self.dense_params),
+            "flops": (self.flops, self.dense_flops),
+            "latency": (self.latency, self.dense_latency),
+        }[self.target]
+        return now / before if before else 1.0
+
+    @property
+    def model_params_after(self) -> int:
+        return self.model_params - self.dense_params + self.params
+
+    @property
+    def model_fraction(self) -> float:
+        """Whole-model parameter fraction after compression (embeddings, norms etc. included)."""
+        return self.model_params_after / self.model_params if self.model_params else 1.0
+
+    def totals(self) -> dict:
+        def ratio(a, b):
+            return None if a is None or not b else a / b
+
+        return {
+            "layers": len(self.layers),
+            "factored": sum(lp.factored for lp in self.layers),
+            "skipped": len(self.skipped),
+            "params": self.params,
+            "dense_params": self.dense_params,
+            "params_fraction": ratio(self.params, self.dense_params),
+            "flops": self.flops,
+            "dense_flops": self.dense_flops,
+            "flops_fraction": ratio(self.flops, self.dense_flops),
+            "latency": self.latency,
+            "dense_latency": self.dense_latency,
+            "latency_fraction": ratio(self.latency, self.dense_latency),
+            "budget": self.budget,
+            "target": self.target,
+            "fraction": self.fraction,
+            "model_params": self.model_params,
+            "model_params_after": self.model_params_after,
+            "model_fraction": self.model_fraction,
+            "predicted_objective": self.objective,
+        }
+
+    # ---- serialisation ----------------------------------------------------------------------------
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["methods"] = list(self.methods)
+        d["skipped"] = [list(s) for s in self.skipped]
+        d["totals"] = self.totals()
+        d["version"] = PLAN_VERSION
+        return d
+
+    def to_json(self, indent: int | None = 1) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Plan:
+        if not isinstance(d, dict) or d.get("version") != PLAN_VERSION or "layers" not in d:
+            raise FileFormatError(f"not a tensorfold plan (version {PLAN_VERSION} expected)")
+        try:
+            layers = []
+            for lp in d["layers"]:
+                lp = dict(lp)
+                lp["rank"] = _rank_from_json(lp["rank"])
+                lp["input_shape"] = tuple(lp["input_shape"]) if lp.get("input_shape") is not None else None
+                lp["options"] = {k: _rank_from_json(v) for k, v in lp.get("options", {}).items()}
+                layers.append(LayerPlan(**lp))
+            return cls(
+                layers=layers,
+                skipped=[tuple(s) for s in d["skipped"]],
+                budget=float(d["budget"]),
+                target=d["target"],
+                allocator=d["allocator"],
+                methods=tuple(d["methods"]),
+                calibrated=bool(d["calibrated"]),
+                model_params=int(d["model_params"]),
+                model_name=d.get("model_name"),
+                include=tuple(d["include"]) if d.get("include") else None,
+                exclude=tuple(d["exclude"]) if d.get("exclude") else None,
+                objective=float(d.get("objective", 0.0)),
+                curve=[tuple(p) for p in d.get("curve", [])],
+                spectra=dict(d.get("spectra", {})),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise FileFormatError(f"malformed plan: {type(exc).__name__}: {exc}") from None
+
+    @classmethod
+    def from_json(cls, text: str) -> Plan:
+        try:
+            return cls.from_dict(json.loads(text))
+        except json.JSONDecodeError as exc:
+            raise FileFormatError(f"plan is not valid JSON: {exc}") from None
+
+    def save(self, path) -> None:
+        write_text_atomic(path, self.to_json())
+
+    @classmethod
+    def load(cls, path) -> Plan:
+        path = Path(path)
+        if not path.is_file():
+            raise FileFormatError(f"{path}: no such plan file")
+        return cls.from_json(path.read_text())
+
+    # ---- display ----------------------------------------------------------------------------------
+
+    def rows(self) -> list[dict]:
+        """One record per layer for tables (numbers as they are, None where unknown)."""
+        out = []
+        for lp in self.layers:
+            out.append({
+                "layer": lp.name,
+                "shape": lp.layer,
+                "method": lp.method,
+                "rank": "-" if lp.rank is None else ("x".join(map(str, lp.rank)) if isinstance(lp.rank, tuple)
+                                                     else lp.rank),
+                "params": lp.params,
+                "kept": lp.param_fraction,
+                "flops": lp.flops,
+                "latency_ms": None if lp.latency is None else lp.latency * 1e3,
+                "error": lp.error,
+                "sensitivity": lp.sensitivity,
+            })
+        return out
+
+    def table(self):
+        """A ``rich.table.Table`` of the per-layer decisions with a totals row."""
+        from rich.table import Table
+
+        t = Table(title=self.title(), title_justify="left")
+        for col in ("layer", "shape", "method", "rank", "params", "kept", "FLOPs", "latency ms", "pred. error"):
+            t.add_column(col, justify="left" if col in ("layer", "shape", "method") else "right")
+        for r in self.rows():
+            t.add_row(
+                r["layer"], r["shape"], r["method"], str(r["rank"]), f"{r['params']:,}", f"{r['kept']:.2f}",
+                "-" if r["flops"] is None else f"{r['flops']:,}",
+                "-" if r["latency_ms"] is None else f"{r['latency_ms']:.3f}", f"{r['error']:.3f}",
+            )
+        tot = self.totals()
+        t.add_section()
+        t.add_row(
+            "total", f"{tot['factored']}/{tot['layers']} factored", "", "", f"{self.params:,}",
+            f"{tot['params_fraction']:.3f}", "-" if self.flops is None else f"{self.flops:,}",
+            "-" if self.latency is None else f"{self.latency * 1e3:.3f}", "",
+        )
+        return t
+
+    def title(self) -> str:
+        src = f" of {self.model_name}" if self.model_name else ""
+        return (f"Plan{src}: {self.allocator} allocation, budget {self.budget:g} of {self.target}, "
+                f"{'calibrated' if self.calibrated else 'weight-only'}")
+
+    def summary(self) -> str:
+        tot = self.totals()
+        lines = [
+            self.title(),
+            f"covered layers: {tot['factored']} of {tot['layers']} factored, {tot['skipped']} skipped",
+            f"{self.target}: {self.fraction:.3f} of the covered layers (budget {self.budget:g})",
+            f"params: {self.params:,} of {self.dense_params:,} in covered layers; whole model "
+            f"{self.model_params_after:,} of {self.model_params:,} ({self.model_fraction:.3f})",
+        ]
+        if self.flops is not None:
+            lines.append(f"FLOPs: {self.flops:,} of {self.dense_flops:,} ({self.flops / self.dense_flops:.3f})")
+        if self.latency is not None and self.dense_latency:
+            lines.append(f"predicted latency of the covered layers: {self.latency / self.dense_latency:.3f} of dense")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        head = f"{'layer':<40} {'shape':<22} {'method':<8} {'rank':>8} {'params':>10} {'kept':>6} {'error':>7}"
+        body = [
+            f"{r['layer']:<40} {r['shape']:<22} {r['method']:<8} {str(r['rank']):>8} {r['params']:>10,} "
+            f"{r['kept']:>6.2f} {r['error']:>7.3f}"
+            for r in self.rows()
+        ]
+        skipped = [f"skipped {n}: {why}" for n, why in self.skipped]
+        return "\n".join([self.summary(), head, *body, *skipped])
