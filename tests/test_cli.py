@@ -161,72 +161,72 @@ def cube(tmp_path):
     return write_input(tmp_path / "cube.npy", random_cp((4, 5, 6), 2, seed=0).to_tensor(), None)
 
 
-def run_case(tmp_path, cube, case):
-    out = tmp_path / "out.safetensors"
-    base = ["decompose", cube, "--out", out]
+def bad_input_file(tmp_path: Path, case: str) -> Path:
+    """An input file that is wrong in the way ``case`` names."""
     if case == "missing file":
-        return invoke("decompose", tmp_path / "absent.npy", "-m", "cp", "-r", "2", "-o", out), "no such file"
+        return tmp_path / "absent.npy"
     if case == "corrupt file":
         bad = tmp_path / "bad.safetensors"
         bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all}")
-        return invoke("decompose", bad, "-m", "cp", "-r", "2", "-o", out), "cannot read as .safetensors"
+        return bad
     if case == "unknown key":
-        npz = tmp_path / "arrays.npz"
-        np.savez(npz, a=np.ones((3, 3)), b=np.ones((3, 3)))
-        return invoke("decompose", npz, "-k", "c", "-m", "svd", "-r", "1", "-o", out), "no array named 'c'"
+        np.savez(tmp_path / "arrays.npz", a=np.ones((3, 3)), b=np.ones((3, 3)))
+        return tmp_path / "arrays.npz"
     if case == "NaN input":
         X = torch.ones(4, 5, 6, dtype=torch.float64)
         X[1, 2, 3] = float("nan")
-        nan = write_input(tmp_path / "nan.npy", X, None)
-        return invoke("decompose", nan, "-m", "cp", "-r", "2", "-o", out), "contains 1 NaN or Inf entries"
-    if case == "rank 0":
-        return invoke(*base, "-m", "cp", "-r", "0"), "--rank must be positive"
-    if case == "rank not a number":
-        return invoke(*base, "-m", "cp", "-r", "two"), "--rank must be an integer or a comma-separated list"
-    if case == "rank too large":
-        return invoke(*base, "-m", "tucker", "-r", "3,9,3"), "larger than the data allows"
-    if case == "svd rank too large":
-        mat = write_input(tmp_path / "m.npy", torch.ones(4, 5, dtype=torch.float64), None)
-        return invoke("decompose", mat, "-m", "svd", "-r", "9", "-o", out), "larger than the data allows"
-    if case == "missing rank":
-        return invoke(*base, "-m", "cp"), "method 'cp' needs --rank"
-    if case == "per-mode rank for cp":
-        return invoke(*base, "-m", "cp", "-r", "2,2,2"), "takes a single --rank"
-    if case == "wrong rank count":
-        return invoke(*base, "-m", "tucker", "-r", "2,2"), "2 entries but the tensor has 3 modes"
-    if case == "wrong method":
-        return invoke(*base, "-m", "pca", "-r", "2"), "--method must be one of cp, tucker, tt, tr, svd; got 'pca'"
-    if case == "eps for cp":
-        return invoke(*base, "-m", "cp", "-r", "2", "--eps", "0.1"), "--eps applies to tt, tr, svd, not to 'cp'"
-    if case == "eps out of range":
-        return invoke(*base, "-m", "tt", "--eps", "1.5"), "--eps must be a relative error in (0, 1)"
-    if case == "max-iter for tt":
-        return invoke(*base, "-m", "tt", "-r", "2", "--max-iter", "5"), "apply to iterative methods"
-    if case == "svd on 3-way":
-        return invoke(*base, "-m", "svd", "-r", "2"), "needs a 2-way tensor (a matrix); "
-    if case == "bad dtype":
-        return invoke(*base, "-m", "cp", "-r", "2", "--dtype", "float16"), "--dtype must be one of float32, float64"
-    if case == "json out":
-        return invoke("decompose", cube, "-m", "cp", "-r", "2", "-o", tmp_path / "o.json"), "the .json summary"
-    if case == "out is input":
-        return invoke(*base[:2], "-m", "cp", "-r", "2", "-o", cube, "--overwrite"), "is the input file"
+        return write_input(tmp_path / "nan.npy", X, None)
+    if case == "matrix":
+        return write_input(tmp_path / "m.npy", torch.ones(4, 5, dtype=torch.float64), None)
     raise AssertionError(case)
 
 
-ERROR_CASES = [
-    "missing file", "corrupt file", "unknown key", "NaN input", "rank 0", "rank not a number", "rank too large",
-    "svd rank too large", "missing rank", "per-mode rank for cp", "wrong rank count", "wrong method", "eps for cp",
-    "eps out of range", "max-iter for tt", "svd on 3-way", "bad dtype", "json out", "out is input",
-]
+# case -> (input: "cube" (a 4x5x6 tensor) or a bad_input_file case, options, expected message)
+ERROR_CASES = {
+    "missing file": ("missing file", ["-m", "cp", "-r", "2"], "absent.npy: no such file"),
+    "corrupt file": ("corrupt file", ["-m", "cp", "-r", "2"], "cannot read as .safetensors"),
+    "unknown key": ("unknown key", ["-k", "c", "-m", "svd", "-r", "1"], "no array named 'c'; available: a, b"),
+    "NaN input": ("NaN input", ["-m", "cp", "-r", "2"], "contains 1 NaN or Inf entries"),
+    "rank 0": ("cube", ["-m", "cp", "-r", "0"], "--rank must be positive"),
+    "rank not a number": ("cube", ["-m", "cp", "-r", "two"], "--rank must be an integer or a comma-separated list"),
+    "rank too large": ("cube", ["-m", "tucker", "-r", "3,9,3"], "larger than the data allows"),
+    "svd rank too large": ("matrix", ["-m", "svd", "-r", "9"], "larger than the data allows"),
+    "missing rank": ("cube", ["-m", "cp"], "method 'cp' needs --rank"),
+    "per-mode rank for cp": ("cube", ["-m", "cp", "-r", "2,2,2"], "takes a single --rank"),
+    "wrong rank count": ("cube", ["-m", "tucker", "-r", "2,2"], "2 entries but the tensor has 3 modes"),
+    "wrong method": ("cube", ["-m", "pca", "-r", "2"], "--method must be one of cp, tucker, tt, tr, svd; got 'pca'"),
+    "eps for cp": ("cube", ["-m", "cp", "-r", "2", "--eps", "0.1"], "--eps applies to tt, tr, svd, not to 'cp'"),
+    "eps out of range": ("cube", ["-m", "tt", "--eps", "1.5"], "--eps must be a relative error in (0, 1)"),
+    "max-iter for tt": ("cube", ["-m", "tt", "-r", "2", "--max-iter", "5"], "apply to iterative methods"),
+    "svd on 3-way": ("cube", ["-m", "svd", "-r", "2"], "needs a 2-way tensor (a matrix); "),
+    "bad dtype": ("cube", ["-m", "cp", "-r", "2", "--dtype", "float16"], "--dtype must be one of float32, float64"),
+    "bad device": ("cube", ["-m", "cp", "-r", "2", "--device", "tpu"], "--device must be one of cpu, cuda"),
+}
 
 
 @pytest.mark.parametrize("case", ERROR_CASES)
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, cube, case):
+    source, options, message = ERROR_CASES[case]
+    path = cube if source == "cube" else bad_input_file(tmp_path, source)
     before = digest(cube)
-    res, message = run_case(tmp_path, cube, case)
+    res = invoke("decompose", path, "--out", tmp_path / "out.safetensors", *options)
     assert_clean_error(res, message)
     assert not (tmp_path / "out.safetensors").exists() and not (tmp_path / "out.json").exists()
     assert digest(cube) == before
+
+
+@pytest.mark.parametrize("out,overwrite,message", [
+    ("o.json", False, "the .json summary is written beside it"),
+    ("cube.npy", True, "is the input file; choose another output path"),
+    (".", True, "is a directory"),
+])
+def test_bad_output_paths(tmp_path, cube, monkeypatch, out, overwrite, message):
+    monkeypatch.chdir(tmp_path)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    res = invoke("decompose", cube, "-m", "cp", "-r", "2", "-o", out, *(["--overwrite"] if overwrite else []))
+    assert_clean_error(res, message)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    assert tensorfold.io.load_array(cube).shape == (4, 5, 6)
 
 
 def test_existing_out_needs_overwrite(tmp_path, cube):

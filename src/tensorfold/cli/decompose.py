@@ -293,8 +293,8 @@ def decompose(
         raise InvalidArgumentError(
             f"--out {out}: give the result path (e.g. .safetensors); the .json summary is written beside it"
         )
-    summary_path = out.with_suffix(".json")
     check_output_path(out, overwrite=overwrite, inputs=[input_path])
+    summary_path = out.with_suffix(".json")
     check_output_path(summary_path, overwrite=overwrite, inputs=[input_path])
 
     raw = load_array(input_path, key)
