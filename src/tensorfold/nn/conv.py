@@ -300,7 +300,8 @@ class TuckerConv(_FactorizedConv):
 
     ``rank`` is ``(r_in, r_out)`` (per group); an int gives both (capped at each side's full rank).
     ``from_dense`` runs a partial HOSVD (truncated SVDs of the output and input mode unfoldings) and
-    ``n_iter`` optional HOOI sweeps that can only lower the error. Exact at ``(in/groups, out/groups)``.
+    ``n_iter`` optional HOOI sweeps that can only lower the error. Exact at ``max_rank``, which is
+    ``(in/groups, out/groups)`` unless the kernel is 1x1 and one side is larger.
 
     >>> import torch
     >>> layer = TuckerConv.from_dense(torch.nn.Conv2d(32, 64, 3), rank=(8, 16))
@@ -319,7 +320,9 @@ class TuckerConv(_FactorizedConv):
 
     @staticmethod
     def _full(spec: DenseSpec) -> tuple[int, int]:
-        return spec.in_features // spec.groups, spec.out_features // spec.groups
+        # the ranks of the input and output unfoldings of one group's kernel
+        ig, og, k = spec.in_features // spec.groups, spec.out_features // spec.groups, math.prod(spec.kernel_size)
+        return min(ig, og * k), min(og, ig * k)
 
     @classmethod
     def max_rank(cls, layer, **opts) -> tuple[int, int]:
