@@ -151,11 +151,16 @@ def _tr_svd(X: torch.Tensor, ranks: list[int] | None, *, eps: float | None, norm
         delta = eps * math.sqrt(norm_sq / d)
         trunc = truncated_svd(X.reshape(shape[0], rest), abs_error=math.sqrt(2) * delta)
         r0, r1 = _balanced_split(trunc.S.shape[0])
+    # The sign of each singular pair is arbitrary, and here it matters: the pair index (a, b) is split
+    # over two bonds, so a sign flip of one pair is not a gauge change and alters the later truncations.
+    # Fix it as TensorLy's svd_flip does (largest |U| entry of each column positive): reproducible
+    # across LAPACK builds and devices, and equal to TensorLy's TR-SVD.
+    U, SV = _flip_signs(trunc.U, trunc.S[:, None] * trunc.V.T)
     # Left singular vectors, index (a, b) over (r_0, r_1), become G_1 of shape (r_0, I_1, r_1).
-    cores = [trunc.U.reshape(shape[0], r0, r1).permute(1, 0, 2).contiguous()]
+    cores = [U.reshape(shape[0], r0, r1).permute(1, 0, 2).contiguous()]
     tails = [trunc.tail_sq]
     # Remainder as (b, I_2, ..., I_d, a): a tensor train whose last bond closes the ring.
-    C = (trunc.S[:, None] * trunc.V.T).reshape(r0, r1, rest).permute(1, 2, 0)
+    C = SV.reshape(r0, r1, rest).permute(1, 2, 0)
     r_prev = r1
     for k in range(1, d - 1):
         trunc = truncated_svd(C.reshape(r_prev * shape[k], -1), None if ranks is None else ranks[k + 1],
@@ -168,6 +173,14 @@ def _tr_svd(X: torch.Tensor, ranks: list[int] | None, *, eps: float | None, norm
     if d > 1:
         cores.append(C.reshape(r_prev, shape[-1], r0))
     return cores, tails
+
+
+def _flip_signs(U: torch.Tensor, W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flip column ``j`` of ``U`` and row ``j`` of ``W`` so that ``U``'s largest-magnitude entry is positive."""
+    rows = U.abs().argmax(dim=0)
+    signs = torch.sign(U[rows, torch.arange(U.shape[1], device=U.device)])
+    signs = torch.where(signs == 0, torch.ones_like(signs), signs)
+    return U * signs, W * signs[:, None]
 
 
 def _balanced_split(rank: int) -> tuple[int, int]:
