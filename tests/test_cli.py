@@ -77,8 +77,8 @@ def test_round_trip(tmp_path, name, key, method, rank, make):
     loaded = tensorfold.load(out)
     recomputed = tensorfold.relative_error(X, loaded)
     assert summary["relative_error"] == pytest.approx(recomputed, rel=1e-6, abs=1e-12)
-    bound = 1e-2 if method == "tr" else 1e-6  # TR-ALS is not guaranteed to reach the global optimum
-    assert recomputed < bound
+    # TR-ALS can stall in a local optimum on some inputs (not on this fixed one, which reaches ~1e-8).
+    assert recomputed < 1e-6
     assert summary["method"] == method
     assert summary["n_params"] == loaded.n_params
     assert summary["compression_ratio"] == pytest.approx(X.numel() / loaded.n_params)
