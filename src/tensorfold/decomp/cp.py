@@ -74,7 +74,8 @@ def cp(
     n_iter_max : most ALS sweeps per phase (the core phase and the full-tensor phase each get this
         many when the tensor is compressed first).
     tol : stop when the relative change of the fit between two sweeps is below ``tol`` (never below
-        ten machine epsilons of X's dtype, which is all the fit can resolve).
+        ten machine epsilons of X's dtype, which is all the fit can resolve); ``tol=0`` runs exactly
+        ``n_iter_max`` sweeps per phase (and does not warn).
     seed : seed or ``torch.Generator`` for the random init and the range finder.
     line_search : Bro-style extrapolation, kept only when it lowers the error.
     callback : ``callback(iteration, fit)`` after every sweep (iteration counts from 1 across phases).
@@ -114,8 +115,9 @@ def cp(
         check_choice(init, "init", ("svd", "random"))
     X = X.contiguous()  # a no-op for ordinary tensors; ALS relies on row-major views of X
     gen = make_generator(seed)
-    total_sq = float(torch.linalg.vector_norm(X).double() ** 2)
-    tol = max(tol, 10 * torch.finfo(X.dtype).eps)
+    total_sq = _norm_sq(X)
+    if tol > 0:  # tol=0 asks for exactly n_iter_max sweeps per phase
+        tol = max(tol, 10 * torch.finfo(X.dtype).eps)
 
     core_ranks = [min(n, rank + core_margin) for n in X.shape]
     core_numel = math.prod(core_ranks)
@@ -135,7 +137,7 @@ def cp(
 
     if use_core:
         core, bases = _compress(X, core_ranks, gen)
-        core_sq = float(torch.linalg.vector_norm(core).double() ** 2)
+        core_sq = _norm_sq(core)
         outside_sq = max(total_sq - core_sq, 0.0)
         weights, factors = _initial(core, rank, init, gen, bases=bases)
         core_als = _ALS(core, core_sq, total_sq, outside_sq)
@@ -163,7 +165,7 @@ def cp(
     details.update(full_iterations=run.n_iter, accepted_jumps=accepted, final_fit=final_fit)
     if core_run is not None:
         details["refinement_gain"] = run.history[-1] - core_run.history[-1]
-    if not run.converged:
+    if not run.converged and tol > 0:
         warnings.warn(
             f"cp: fit still changing after {n_iter_max} sweeps on the full tensor (tol={tol:g}); "
             "raise n_iter_max or tol",
@@ -230,6 +232,7 @@ class _ALS:
         self.left = list(range(h))
         self.right = list(range(h, d))
         self.guard = _GUARD[T.dtype]
+        self.eps = torch.finfo(T.dtype).eps
 
     # -- one sweep ------------------------------------------------------------------------------
     def sweep(self, weights, factors, grams, P_left=None):
@@ -268,6 +271,14 @@ class _ALS:
         inner = float(((M * factors[n]).sum(0).double() * weights.double()).sum())
         return self._fit(inner, weights, factors, grams)
 
+    def resolution(self, rel: float) -> float:
+        """Smallest relative change of the fit the fit computation can resolve at relative error ``rel``.
+
+        Rounding of order ``eps * ||X||^2`` in ``||X||^2 - 2<X,Y> + ||Y||^2`` moves ``rel`` by about
+        ``eps / (2 rel)``; below the guard the residual is formed directly and only ``eps`` remains.
+        """
+        return 10 * self.eps if rel < self.guard else max(10 * self.eps, 5 * self.eps / max(rel, 1e-300))
+
     def _fit(self, inner, weights, factors, grams) -> tuple[float, float]:
         w = weights.double()
         model_sq = float(w @ _hadamard(grams).double() @ w)
@@ -298,9 +309,9 @@ class _ALS:
                 w_c, f_c = _normalize(None, [s + jump * (e - s) for s, e in zip(start, end)])
                 g_c = [A.T @ A for A in f_c]
                 P_c = partial_mttkrp(self.T, f_c, self.left)
-                fit_c, _ = self.fit_from_left_partial(w_c, f_c, g_c, P_c)
+                fit_c, rel_c = self.fit_from_left_partial(w_c, f_c, g_c, P_c)
                 if fit_c > fit:
-                    weights, factors, grams, fit, P_next = w_c, f_c, g_c, fit_c, P_c
+                    weights, factors, grams, fit, rel, P_next = w_c, f_c, g_c, fit_c, rel_c, P_c
                     accepted += 1
                     fails = 0
                 else:
@@ -309,7 +320,8 @@ class _ALS:
                         power, fails = power + 1.0, 0
             history.append(fit)
             report(fit, self.phase)
-            if len(history) > 1 and abs(history[-1] - history[-2]) <= tol * max(abs(history[-2]), 1e-30):
+            threshold = max(tol, self.resolution(rel)) * max(abs(history[-1]), 1e-30)
+            if tol > 0 and len(history) > 1 and abs(history[-1] - history[-2]) <= threshold:
                 converged = True
                 break
         return weights, factors, _Run(history, len(history), converged, accepted)
@@ -346,6 +358,15 @@ def _normalize(weights, factors) -> tuple[torch.Tensor, list[torch.Tensor]]:
         out.append(A / norms)
         w = w * norms
     return w, out
+
+
+def _norm_sq(T: torch.Tensor) -> float:
+    """``||T||^2`` accumulated in float64 (in row blocks, so float32 data is never copied whole)."""
+    if T.dtype == torch.float64:
+        return float(torch.linalg.vector_norm(T) ** 2)
+    T2 = T.reshape(T.shape[0], -1)
+    block = max(1, (1 << 22) // max(T2.shape[1], 1))
+    return sum(float((T2[i : i + block].double() ** 2).sum()) for i in range(0, T2.shape[0], block))
 
 
 def _residual_sq_direct(T: torch.Tensor, weights, factors) -> float:
