@@ -57,6 +57,7 @@ def load_array(path: str | os.PathLike, key: str | None = None) -> torch.Tensor:
         raise FileFormatError(f"{path}: unknown format {suffix!r}; expected one of {', '.join(ARRAY_SUFFIXES)}")
     try:
         if suffix == ".npy":
+            _check_npy_magic(path)
             if key is not None:
                 raise FileFormatError(f"{path}: a .npy file holds one array; --key {key!r} does not apply")
             return torch.from_numpy(np.load(path, allow_pickle=False))
@@ -90,3 +91,13 @@ def _pick(arrays: dict, key: str | None, path: Path):
     if key not in arrays:
         raise FileFormatError(f"{path}: no array named {key!r}; available: {', '.join(sorted(arrays)) or 'none'}")
     return arrays[key]
+
+
+_NPY_MAGIC = b"\x93NUMPY"
+
+
+def _check_npy_magic(path: Path) -> None:
+    # numpy reports a file without the .npy header as "pickled data", which misleads for a corrupt file.
+    with open(path, "rb") as f:
+        if f.read(len(_NPY_MAGIC)) != _NPY_MAGIC:
+            raise FileFormatError(f"{path}: cannot read as .npy (the NumPy header is missing: not a .npy file)")
