@@ -225,8 +225,10 @@ class FactorizedLayer(nn.Module):
     LayerCost(params=800, flops=3072)
     """
 
-    spec: DenseSpec
-    rank: object
+    __jit_unused_properties__ = ["n_params"]  # TorchScript compiles only the forward path
+
+    # Instances set ``self.spec`` (the DenseSpec) and ``self.rank`` (the concrete rank). They are not
+    # declared as class annotations because TorchScript would try to compile them.
 
     # ---- hooks for subclasses -------------------------------------------------------------------
 

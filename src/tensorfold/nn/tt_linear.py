@@ -140,6 +140,9 @@ class TTLinear(FactorizedLayer):
         self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype)) if bias else None
         l2r, r2l = _sweep_costs(self.in_dims, self.out_dims, self.rank)
         self.reverse = r2l < l2r
+        # plain attributes for the forward (TorchScript compiles ints and lists of ints)
+        self.in_features, self.out_features = spec.in_features, spec.out_features
+        self._in_list, self._out_list = list(self.in_dims), list(self.out_dims)
 
     def _layer_opts(self) -> dict:
         return {"in_dims": self.in_dims, "out_dims": self.out_dims}
@@ -223,20 +226,24 @@ class TTLinear(FactorizedLayer):
     # ---- forward and inspection -------------------------------------------------------------------
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n_in, n_out = self.spec.in_features, self.spec.out_features
-        lead = x.shape[:-1]
+        n_in, n_out = self.in_features, self.out_features
+        lead = list(x.shape[:-1])
         Z = x.reshape(-1, n_in)
         B = Z.shape[0]
         d = len(self.in_dims)
+        mats: list[torch.Tensor] = []
         if self.reverse:  # the right-to-left sweep is the left-to-right sweep of the mirrored chain
-            Z = Z.reshape([B] + list(self.in_dims)).permute([0] + list(range(d, 0, -1))).reshape(B, n_in)
-            in_dims, out_dims = self.in_dims[::-1], self.out_dims[::-1]
-            mats = [c.permute(3, 2, 1, 0) for c in self.cores[::-1]]  # (r_k, n, m, r_{k-1})
+            Z = Z.reshape([B] + self._in_list).permute([0] + list(range(d, 0, -1))).reshape(B, n_in)
+            in_dims, out_dims = self._in_list[::-1], self._out_list[::-1]
+            for core in self.cores:
+                mats.insert(0, core.permute(3, 2, 1, 0))  # (r_k, n, m, r_{k-1})
         else:
-            in_dims, out_dims = self.in_dims, self.out_dims
-            mats = [c.permute(0, 2, 1, 3) for c in self.cores]  # (r_{k-1}, n, m, r_k)
+            in_dims, out_dims = self._in_list, self._out_list
+            for core in self.cores:
+                mats.append(core.permute(0, 2, 1, 3))  # (r_{k-1}, n, m, r_k)
         M, rest = 1, n_in
-        for mat, n, m in zip(mats, in_dims, out_dims):
+        for k in range(d):
+            mat, n, m = mats[k], in_dims[k], out_dims[k]
             r, r2 = mat.shape[0], mat.shape[3]
             rest = rest // n
             # Z holds (B, M, r, n, rest): contract (r, n) with the core in one matmul.
@@ -245,9 +252,11 @@ class TTLinear(FactorizedLayer):
             Z = Z.reshape(B, M, rest, m * r2).transpose(2, 3)
             M = M * m
         if self.reverse:
-            Z = Z.reshape([B] + list(out_dims)).permute([0] + list(range(d, 0, -1)))
-        out = Z.reshape(lead + (n_out,))
-        return out if self.bias is None else out + self.bias
+            Z = Z.reshape([B] + out_dims).permute([0] + list(range(d, 0, -1)))
+        out = Z.reshape(lead + [n_out])
+        if self.bias is not None:
+            out = out + self.bias
+        return out
 
     def dense_weight(self) -> torch.Tensor:
         d = len(self.in_dims)
