@@ -45,6 +45,8 @@ _GUARD = {torch.float32: 3e-3, torch.float64: 1e-6}
 # Compression is worth it ("auto") when the core is this much smaller than X and X is not tiny.
 _AUTO_MIN_NUMEL = 50_000
 _AUTO_MAX_CORE_FRACTION = 0.25
+# Row blocks of this many entries bound the temporaries of direct norms and residuals (8 MB in float64).
+_BLOCK_ELEMENTS = 1 << 20
 # Line search: jump = iteration ** (1 / power); the power grows after this many rejected jumps.
 _LS_MAX_FAIL = 4
 
@@ -155,7 +157,10 @@ def cp(
         core_run = None
 
     full = _ALS(X, total_sq, total_sq, 0.0)
-    weights, factors, run = full.run(weights, factors, n_iter_max, tol, line_search, report)
+    # The core phase's last fit is already the fit of the expanded model to X, so one full sweep that
+    # does not change it shows convergence on the full tensor.
+    previous = core_run.history[-1] if core_run else None
+    weights, factors, run = full.run(weights, factors, n_iter_max, tol, line_search, report, previous)
     history = (core_run.history if core_run else []) + run.history
     accepted = run.accepted + (core_run.accepted if core_run else 0)
     final_fit = run.history[-1]
@@ -290,7 +295,8 @@ class _ALS:
         return 1.0 - rel, rel
 
     # -- the loop -------------------------------------------------------------------------------
-    def run(self, weights, factors, n_iter_max, tol, line_search, report) -> tuple:
+    def run(self, weights, factors, n_iter_max, tol, line_search, report, previous_fit=None) -> tuple:
+        """Up to ``n_iter_max`` sweeps; ``previous_fit`` is the fit of the starting point, if known."""
         factors = list(factors)
         grams = [A.T @ A for A in factors]
         history: list[float] = []
@@ -321,7 +327,8 @@ class _ALS:
             history.append(fit)
             report(fit, self.phase)
             threshold = max(tol, self.resolution(rel)) * max(abs(history[-1]), 1e-30)
-            if tol > 0 and len(history) > 1 and abs(history[-1] - history[-2]) <= threshold:
+            last = history[-2] if len(history) > 1 else previous_fit
+            if tol > 0 and last is not None and abs(history[-1] - last) <= threshold:
                 converged = True
                 break
         return weights, factors, _Run(history, len(history), converged, accepted)
@@ -365,7 +372,7 @@ def _norm_sq(T: torch.Tensor) -> float:
     if T.dtype == torch.float64:
         return float(torch.linalg.vector_norm(T) ** 2)
     T2 = T.reshape(T.shape[0], -1)
-    block = max(1, (1 << 22) // max(T2.shape[1], 1))
+    block = max(1, _BLOCK_ELEMENTS // max(T2.shape[1], 1))
     return sum(float((T2[i : i + block].double() ** 2).sum()) for i in range(0, T2.shape[0], block))
 
 
@@ -373,7 +380,7 @@ def _residual_sq_direct(T: torch.Tensor, weights, factors) -> float:
     """``||T - [[w; factors]]||^2`` formed in row blocks of mode 0 (bounded extra memory)."""
     rest = khatri_rao(factors[1:]) if T.ndim > 1 else None  # (prod(other dims), R)
     T2 = T.reshape(T.shape[0], -1)
-    block = max(1, min(T.shape[0], (1 << 22) // max(T2.shape[1], 1)))
+    block = max(1, min(T.shape[0], _BLOCK_ELEMENTS // max(T2.shape[1], 1)))
     total = 0.0
     for i in range(0, T.shape[0], block):
         approx = (factors[0][i : i + block] * weights) @ rest.T
