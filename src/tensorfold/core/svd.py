@@ -94,9 +94,22 @@ def truncated_svd(
 def _exact_svd(M: torch.Tensor):
     m, n = M.shape
     # For very unequal shapes an eigendecomposition of the small Gram matrix is much cheaper, but
-    # loses half the digits; keep torch's full SVD (gesdd) which is accurate and fast enough here.
+    # loses half the digits. A QR of the long side first (M^T = Q R, then the SVD of the small R^T)
+    # keeps full accuracy and is 2-4x faster than torch's SVD on e.g. the 10 x 10^6 unfoldings of TT-SVD.
+    if n >= _QR_FIRST_RATIO * m:
+        Q, R = torch.linalg.qr(M.T)  # M = R^T Q^T
+        U, S, Wh = torch.linalg.svd(R.T, full_matrices=False)
+        return U, S, Q @ Wh.T
+    if m >= _QR_FIRST_RATIO * n:
+        Q, R = torch.linalg.qr(M)  # M = Q R
+        U, S, Vh = torch.linalg.svd(R, full_matrices=False)
+        return Q @ U, S, Vh.T
     U, S, Vh = torch.linalg.svd(M, full_matrices=False)
     return U, S, Vh.T
+
+
+# Aspect ratio from which the QR-first SVD pays off (measured on 2 cores, float64).
+_QR_FIRST_RATIO = 4
 
 
 def _randomized_svd(M: torch.Tensor, rank: int, *, oversample: int, n_iter: int, seed):
