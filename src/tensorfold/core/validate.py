@@ -110,6 +110,20 @@ def check_positive(value, name: str, *, allow_zero: bool = False) -> float:
     return v
 
 
+def check_count(value, name: str, *, minimum: int = 0) -> int:
+    """Validate an integer count (iterations, oversampling...) that must be at least ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise InvalidArgumentError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def check_callback(callback, usage: str):
+    """``None`` or a callable; ``usage`` shows how it is called, for the error message."""
+    if callback is not None and not callable(callback):
+        raise InvalidArgumentError(f"callback must be None or callable as {usage}, got {type(callback).__name__}")
+    return callback
+
+
 def make_generator(seed: int | torch.Generator | None) -> torch.Generator:
     """A private CPU generator: tensorfold never touches torch's global RNG.
 

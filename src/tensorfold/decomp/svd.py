@@ -12,7 +12,7 @@ import time
 import torch
 
 from tensorfold.core.svd import truncated_svd
-from tensorfold.core.validate import check_choice, check_positive, check_rank, check_tensor
+from tensorfold.core.validate import check_choice, check_count, check_positive, check_rank, check_tensor
 from tensorfold.decomp.results import FitInfo, LowRankMatrix
 from tensorfold.errors import InvalidArgumentError
 
@@ -67,10 +67,8 @@ def svd_lowrank(
         eps = check_eps(eps)
         if method == "randomized":
             raise InvalidArgumentError("eps needs method='exact' (the randomized method works at a given rank)")
-    if isinstance(oversample, bool) or not isinstance(oversample, int) or oversample < 0:
-        raise InvalidArgumentError(f"oversample must be an integer >= 0, got {oversample!r}")
-    if isinstance(n_iter, bool) or not isinstance(n_iter, int) or n_iter < 0:
-        raise InvalidArgumentError(f"n_iter must be an integer >= 0, got {n_iter!r}")
+    oversample = check_count(oversample, "oversample")
+    n_iter = check_count(n_iter, "n_iter")
 
     trunc = truncated_svd(
         M, rank, rel_error=eps, method=method, oversample=oversample, n_iter=n_iter, seed=seed

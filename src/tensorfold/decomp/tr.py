@@ -22,7 +22,9 @@ import torch
 from tensorfold.core.norms import tr_norm
 from tensorfold.core.svd import truncated_svd
 from tensorfold.core.validate import (
+    check_callback,
     check_choice,
+    check_count,
     check_positive,
     check_rank,
     check_tensor,
@@ -83,11 +85,9 @@ def tensor_ring(
             raise InvalidArgumentError("eps chooses the ranks by TR-SVD, so it needs init='svd'")
     else:
         ranks = _check_tr_ranks(ranks, d)
-    if isinstance(n_iter_max, bool) or not isinstance(n_iter_max, int) or n_iter_max < 0:
-        raise InvalidArgumentError(f"n_iter_max must be an integer >= 0, got {n_iter_max!r}")
+    n_iter_max = check_count(n_iter_max, "n_iter_max")
     tol = check_positive(tol, "tol", allow_zero=True)
-    if callback is not None and not callable(callback):
-        raise InvalidArgumentError("callback must be callable as callback(sweep, relative_error)")
+    check_callback(callback, "callback(sweep, relative_error)")
 
     norm_sq = float(torch.linalg.vector_norm(X).double() ** 2)
     details: dict = {"init": init, "eps": eps}

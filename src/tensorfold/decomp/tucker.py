@@ -22,7 +22,9 @@ import torch
 
 from tensorfold.core.svd import truncated_svd
 from tensorfold.core.validate import (
+    check_callback,
     check_choice,
+    check_count,
     check_positive,
     check_ranks,
     check_tensor,
@@ -30,7 +32,6 @@ from tensorfold.core.validate import (
     randn,
 )
 from tensorfold.decomp.results import FitInfo, TuckerTensor
-from tensorfold.errors import InvalidArgumentError
 
 METHODS = ("hooi", "hosvd", "sthosvd")
 INITS = ("sthosvd", "hosvd", "random")
@@ -78,11 +79,9 @@ def tucker(
     ranks = check_ranks(ranks, X.shape)
     check_choice(method, "method", METHODS)
     check_choice(init, "init", INITS)
-    if isinstance(n_iter_max, bool) or not isinstance(n_iter_max, int) or n_iter_max < 0:
-        raise InvalidArgumentError(f"n_iter_max must be an integer >= 0, got {n_iter_max!r}")
+    n_iter_max = check_count(n_iter_max, "n_iter_max")
     tol = check_positive(tol, "tol", allow_zero=True)
-    if callback is not None and not callable(callback):
-        raise InvalidArgumentError("callback must be callable as callback(iteration, fit)")
+    check_callback(callback, "callback(iteration, fit)")
 
     norm_sq = float(torch.linalg.vector_norm(X).double() ** 2)
     first = method if method != "hooi" else init
