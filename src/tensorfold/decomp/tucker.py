@@ -38,6 +38,8 @@ INITS = ("sthosvd", "hosvd", "random")
 
 # Largest temporary (in entries) used when a Gram matrix is accumulated over slices of the tensor.
 _GRAM_CHUNK_ENTRIES = 1 << 22
+# float32 tensors up to this size get their Gram matrices in float64 (see _leading_subspace).
+_FLOAT64_GRAM_MAX_ENTRIES = 1 << 22
 
 
 def tucker(
@@ -177,9 +179,12 @@ def _leading_subspace(X: torch.Tensor, mode: int, rank: int) -> tuple[torch.Tens
     a, n, b = _views(X.shape, mode)
     if a * b >= n:
         # Eigenvectors of the small Gram matrix (its SVD, through the one truncation helper).
-        trunc = truncated_svd(_mode_gram(X, mode), rank)
+        # Squaring the singular values halves the digits: in float32 that costs visible fit, so
+        # tensors that are cheap to copy (every HOOI step) form and decompose their Gram in float64.
+        work = X if X.dtype == torch.float64 or X.numel() > _FLOAT64_GRAM_MAX_ENTRIES else X.double()
+        trunc = truncated_svd(_mode_gram(work, mode), rank)
         tail = float(trunc.full_spectrum[rank:].double().sum())
-        return trunc.U, max(tail, 0.0)
+        return trunc.U.to(X.dtype), max(tail, 0.0)
     trunc = truncated_svd(X.movedim(mode, 0).reshape(n, a * b), rank)
     if trunc.U.shape[1] < rank:  # unfolding narrower than the rank: complete the basis
         return _complete_basis(trunc.U, rank), trunc.tail_sq
