@@ -162,7 +162,7 @@ def _leading_subspace(data: COOTensor, mode: int, k: int, gen: torch.Generator, 
         _, cols = torch.unique(data.indices[:, others], dim=0, return_inverse=True)
     n_cols = int(cols.max()) + 1
     Y = torch.sparse_coo_tensor(
-        torch.stack([data.indices[:, mode], cols]), data.values, (data.shape[mode], n_cols)
+        torch.stack([data.indices[:, mode], cols]), data.values, (data.shape[mode], n_cols), check_invariants=False
     ).coalesce()
     Yt = Y.t().coalesce()
     width = min(k + 8, data.shape[mode], n_cols)
@@ -220,16 +220,11 @@ def _ridge_solve(G: torch.Tensor, rhs: torch.Tensor, reg: float) -> torch.Tensor
     return torch.linalg.lstsq(G + lam * eye, rhs.unsqueeze(-1)).solution.squeeze(-1)
 
 
-def _cp_row_systems(data: COOTensor, factors, mode: int):
-    """Per-row Gram matrices and right-hand sides of the CP least-squares problem for ``mode``."""
-    rows = data.indices[:, mode]
-    R = factors[0].shape[1]
-    G = rowwise_gram(rows, lambda sl: row_products(factors, data.indices, skip=mode, rows=sl),
-                     data.shape[mode], R, data.nnz, data.dtype, data.device)
-    K = row_products(factors, data.indices, skip=mode)
-    rhs = torch.zeros(data.shape[mode], R, dtype=data.dtype, device=data.device)
-    rhs.index_add_(0, rows, K * data.values[:, None])
-    return G, rhs
+def _settled(err_prev: float, err: float, tol: float, dtype: torch.dtype) -> bool:
+    """Stop when the observed error is below tol, changes by less than tol relative to itself, or changes
+    by less than the dtype's resolution (the relative error cannot be resolved any finer)."""
+    change = abs(err_prev - err)
+    return err < tol or change < tol * err or change < 10 * torch.finfo(dtype).eps
 
 
 def _observed_error(data: COOTensor, model_values: torch.Tensor, data_norm: float) -> float:
@@ -239,17 +234,24 @@ def _observed_error(data: COOTensor, model_values: torch.Tensor, data_norm: floa
 def _cp_als(data, rank, init, n_iter_max, tol, reg, gen, callback, start) -> CPTensor:
     factors = _cp_scale(data, _initial_factors(data, [rank] * data.ndim, init, gen))
     data_norm = data.norm() or 1.0
+    # Rows of each factor at the observed cells; after a factor update only its own rows change.
+    gathered = [f.index_select(0, data.indices[:, m]) for m, f in enumerate(factors)]
     history: list[float] = []
     converged = False
     err_prev = math.inf
     for it in range(n_iter_max):
         for mode in range(data.ndim):
-            G, rhs = _cp_row_systems(data, factors, mode)
+            K = _product(gathered, skip=mode)
+            rows = data.indices[:, mode]
+            G = rowwise_gram(rows, K.__getitem__, data.shape[mode], rank, data.nnz, data.dtype, data.device)
+            rhs = torch.zeros(data.shape[mode], rank, dtype=data.dtype, device=data.device)
+            rhs.index_add_(0, rows, K * data.values[:, None])
             factors[mode] = _ridge_solve(G, rhs, reg)
-        err = _observed_error(data, row_products(factors, data.indices).sum(1), data_norm)
+            gathered[mode] = factors[mode].index_select(0, rows)
+        err = _observed_error(data, _product(gathered).sum(1), data_norm)
         history.append(1.0 - err)
         stop = callback is not None and bool(callback(it, err))
-        if abs(err_prev - err) < tol * max(err, 1e-300) or err < tol or stop:
+        if _settled(err_prev, err, tol, data.dtype) or stop:
             converged = not stop or err < tol
             break
         err_prev = err
@@ -259,6 +261,14 @@ def _cp_als(data, rank, init, n_iter_max, tol, reg, gen, callback, start) -> CPT
     weights = torch.ones(rank, dtype=data.dtype, device=data.device)
     info = _info("complete-cp-als", history, converged, start, data, err)
     return CPTensor(weights, tuple(factors), info).normalize()
+
+
+def _product(gathered: list[torch.Tensor], skip: int | None = None) -> torch.Tensor:
+    out = None
+    for m, g in enumerate(gathered):
+        if m != skip:
+            out = g if out is None else out * g
+    return out
 
 
 def _info(method, history, converged, start, data, err) -> FitInfo:
@@ -409,7 +419,7 @@ def _tucker_als(data, ranks, init, n_iter_max, tol, reg, gen, callback, start) -
         err = _observed_error(data, _tucker_values(data, core, factors), data_norm)
         history.append(1.0 - err)
         stop = callback is not None and bool(callback(it, err))
-        if abs(err_prev - err) < tol * max(err, 1e-300) or err < tol or stop:
+        if _settled(err_prev, err, tol, data.dtype) or stop:
             converged = not stop or err < tol
             break
         err_prev = err

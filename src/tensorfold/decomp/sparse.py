@@ -92,6 +92,8 @@ def as_coo(coo, name: str = "coo") -> COOTensor:
                 f"{name} must be a COOTensor, a torch sparse COO tensor or a tuple (indices, values, shape)"
             ) from None
     indices = as_tensor(indices, f"{name} indices")
+    if as_tensor(values, f"{name} values").numel() == 0:
+        raise InvalidTensorError(f"{name} has no observed entries")
     values = check_tensor(values, f"{name} values", min_order=1, max_order=1)
     try:
         shape = tuple(int(n) for n in shape)
@@ -108,8 +110,6 @@ def as_coo(coo, name: str = "coo") -> COOTensor:
         raise ShapeError(f"{name} indices must have shape (nnz, {d}) for a {d}-way shape, got {tuple(indices.shape)}")
     if indices.shape[0] != values.shape[0]:
         raise ShapeError(f"{name} has {indices.shape[0]} index rows but {values.shape[0]} values")
-    if values.shape[0] == 0:
-        raise InvalidTensorError(f"{name} has no observed entries")
     indices = indices.to(device=values.device, dtype=torch.long)
     lo = indices.min(0).values
     hi = indices.max(0).values
