@@ -187,3 +187,14 @@ def test_info_fields():
 def test_bad_input(X, ranks, kwargs, error):
     with pytest.raises(error):
         tf.tucker(X, ranks, **kwargs)
+
+
+def test_float32_hooi_reaches_float64_fit():
+    # Gram matrices of small float32 tensors are formed in float64, so single precision loses no fit
+    # to squared singular values even where the kept spectrum spans two orders of magnitude.
+    X = add_noise(random_tucker((30, 31, 32), (6, 6, 6), seed=14).to_tensor(), 0.01)
+    ranks = (9, 9, 9)  # keeps 3 noise directions per mode
+    e64 = tf.relative_error(X, tf.tucker(X, ranks, n_iter_max=10, tol=0))
+    r32 = tf.tucker(X.float(), ranks, n_iter_max=10, tol=0)
+    assert r32.dtype == torch.float32
+    assert abs(tf.relative_error(X, r32.to(torch.float64)) - e64) < 1e-8  # float32 Grams: 3e-7
