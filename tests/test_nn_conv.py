@@ -59,6 +59,9 @@ def test_full_rank_equals_dense(cfg):
         layer = cls.from_dense(dense, cls.max_rank(dense, **opts), **opts)
         assert layer(x).shape == y.shape
         assert (layer(x) - y).abs().max() <= 1e-5, (cls.__name__, opts)
+        assert (layer(x[0]) - y[0]).abs().max() <= 1e-5  # unbatched input
+        strided = x.transpose(1, -1).contiguous().transpose(1, -1)  # same values, channels-last storage
+        assert (layer(strided) - y).abs().max() <= 1e-5
         back = layer.to_dense()
         assert type(back) is type(dense)
         assert (back(x) - y).abs().max() <= 1e-5

@@ -32,14 +32,14 @@ def _cases():
     x2, x1 = (2, 8, 10, 10), (2, 6, 17)
     return [
         ("lowrank", LowRankLinear.from_dense(linear, 7), (3, 48), {"MatMul", "Gemm"}),
-        ("svd", SVDConv.from_dense(conv, 5), x2, {"Conv"}),
+        ("svd", SVDConv.from_dense(conv, 5), x2, {"Conv", "MatMul", "Add"}),  # 1x1 convs run as MatMul
         ("svd-groups", SVDConv.from_dense(grouped, 3), x2, {"Conv"}),
         ("spatial", SVDConv.from_dense(conv, 5, scheme="spatial"), x2, {"Conv"}),
-        ("tucker", TuckerConv.from_dense(conv, (4, 6)), x2, {"Conv"}),
-        ("tucker-1d", TuckerConv.from_dense(conv1d, (3, 4)), x1, {"Conv"}),
+        ("tucker", TuckerConv.from_dense(conv, (4, 6)), x2, {"Conv", "MatMul", "Add"}),
+        ("tucker-1d", TuckerConv.from_dense(conv1d, (3, 4)), x1, {"Conv", "MatMul", "Add"}),
         ("cp", CPConv.from_dense(grouped, 4, n_iter_max=20), x2, {"Conv"}),
-        ("cp-1d", CPConv.from_dense(conv1d, 4, n_iter_max=20), x1, {"Conv"}),
-        ("svd-reflect", SVDConv.from_dense(reflect, 5), x2, {"Conv", "Pad"}),
+        ("cp-1d", CPConv.from_dense(conv1d, 4, n_iter_max=20), x1, {"Conv", "MatMul", "Add"}),
+        ("svd-reflect", SVDConv.from_dense(reflect, 5), x2, {"Conv", "Pad", "MatMul", "Add"}),
         ("tt", TTLinear.from_dense(linear, 4), (3, 48), {"MatMul", "Add"}),
     ]
 

@@ -115,6 +115,11 @@ class _FactorizedConv(FactorizedLayer):
     def _init_spec(self, layer) -> DenseSpec:
         spec = DenseSpec.of(layer)
         type(self)._check_spec(spec, **self._layer_opts())
+        # plain attributes read by forward (TorchScript compiles bools and ints, not the spec)
+        self._dim = spec.dim
+        self._matmul_first = self._matmul_last = spec.groups == 1  # 1x1 convs run as matmuls
+        if isinstance(self, SVDConv) and self.scheme == "spatial":
+            self._matmul_last = False
         return spec
 
     def bias_tensor(self) -> torch.Tensor | None:
@@ -275,7 +280,10 @@ class SVDConv(_FactorizedConv):
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.last(self.first(x))
+        y = self.first(x)
+        if self._matmul_last:
+            return _pointwise(y, self.last.weight, self.last.bias, self._dim)
+        return self.last(y)
 
     def dense_weight(self) -> torch.Tensor:
         g, r, s = self.spec.groups, self.rank, self.spec
@@ -404,7 +412,14 @@ class TuckerConv(_FactorizedConv):
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.last(self.core(self.first(x)))
+        if self._matmul_first:
+            x = _pointwise(x, self.first.weight, None, self._dim)
+        else:
+            x = self.first(x)
+        x = self.core(x)
+        if self._matmul_first:
+            return _pointwise(x, self.last.weight, self.last.bias, self._dim)
+        return self.last(x)
 
     def dense_weight(self) -> torch.Tensor:
         g = self.spec.groups
@@ -532,9 +547,14 @@ class CPConv(_FactorizedConv):
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.first(x)
+        if self._matmul_first:
+            x = _pointwise(x, self.first.weight, None, self._dim)
+        else:
+            x = self.first(x)
         for conv in self.spatial:
             x = conv(x)
+        if self._matmul_first:
+            return _pointwise(x, self.last.weight, self.last.bias, self._dim)
         return self.last(x)
 
     def dense_weight(self) -> torch.Tensor:
@@ -546,6 +566,24 @@ class CPConv(_FactorizedConv):
         spec = f"gor,grc,{','.join('gr' + ch for ch in letters)}->goc{letters}"
         W = torch.einsum(spec, outs, ins, *axes)
         return W.reshape(self.spec.weight_shape)
+
+
+def _pointwise(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dim: int) -> torch.Tensor:
+    """A 1x1 convolution (groups=1) as one batched matmul over the spatial positions.
+
+    On CPU oneDNN runs a 1x1 conv on NCHW data several times slower than the same GEMM (measured
+    in bench/layers.py); it exports to ONNX as MatMul.
+    """
+    unbatched = x.dim() == dim + 1
+    if unbatched:
+        x = x.unsqueeze(0)
+    batch, channels = x.shape[0], x.shape[1]
+    out = weight.shape[0]
+    y = torch.matmul(weight.reshape(out, channels), x.reshape(batch, channels, -1))
+    if bias is not None:
+        y = y + bias.unsqueeze(-1)
+    y = y.reshape([batch, out] + list(x.shape[2:]))
+    return y.squeeze(0) if unbatched else y
 
 
 def _fill(target: torch.Tensor, value: torch.Tensor, name: str) -> None:
