@@ -36,6 +36,11 @@ from pathlib import Path
 THREADS = 2
 for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
     os.environ[_var] = str(THREADS)  # inherited by the spawned case processes before they load BLAS
+# OpenMP workers that spin while waiting (libgomp's default) stall torch 5-15x when the 2 cores are shared
+# with other jobs; passive waiting costs nothing on a quiet machine. It applies to every case alike (it
+# only affects OpenMP users: torch, hence tensorfold and TensorLy's pytorch backend). Set it yourself to
+# override.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -396,9 +401,10 @@ def main(argv=None) -> int:
         "repeats": repeats,
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}",
         "load_average": os.getloadavg(),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
     }
-    print(f"\n{meta['date']}, {meta['threads']} threads, best of up to {repeats}, load average at end "
-          f"{', '.join(f'{x:.1f}' for x in meta['load_average'])}")
+    print(f"\n{meta['date']}, {meta['threads']} threads, OMP_WAIT_POLICY={meta['omp_wait_policy']}, best of up to "
+          f"{repeats}, load average at end {', '.join(f'{x:.1f}' for x in meta['load_average'])}")
     if args.json:
         Path(args.json).write_text(json.dumps({"meta": meta, "rows": rows, "ratios": ratios}, indent=2,
                                               default=str))

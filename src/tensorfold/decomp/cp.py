@@ -113,11 +113,16 @@ def cp(
         core_margin = max(5, rank // 2)
     elif isinstance(core_margin, bool) or not isinstance(core_margin, int) or core_margin < 0:
         raise InvalidArgumentError(f"core_margin must be a non-negative integer, got {core_margin!r}")
-    if not isinstance(init, CPTensor):
+    if isinstance(init, CPTensor):
+        if tuple(init.shape) != tuple(X.shape) or init.rank != rank:
+            raise ShapeError(f"init has shape {init.shape} and rank {init.rank}; X needs {tuple(X.shape)}, {rank}")
+    else:
         check_choice(init, "init", ("svd", "random"))
     X = X.contiguous()  # a no-op for ordinary tensors; ALS relies on row-major views of X
     gen = make_generator(seed)
     total_sq = _norm_sq(X)
+    if total_sq == 0:
+        raise InvalidArgumentError("X is all zeros; it has no CP decomposition to fit")
     if tol > 0:  # tol=0 asks for exactly n_iter_max sweeps per phase
         tol = max(tol, 10 * torch.finfo(X.dtype).eps)
 
@@ -134,8 +139,6 @@ def cp(
         "compressed": bool(use_core),
         "line_search": bool(line_search),
     }
-    if total_sq == 0:
-        raise InvalidArgumentError("X is all zeros; it has no CP decomposition to fit")
 
     if use_core:
         core, bases = _compress(X, core_ranks, gen)
@@ -396,12 +399,7 @@ def _residual_sq_direct(T: torch.Tensor, weights, factors) -> float:
 def _initial(T, rank, init, gen, bases=None):
     """Initial (weights, normalized factors) for ALS on ``T`` (the core when ``bases`` is given)."""
     d = T.ndim
-    if isinstance(init, CPTensor):
-        full_shape = tuple(Q.shape[0] if Q is not None else n for Q, n in zip(bases, T.shape)) if bases else T.shape
-        if tuple(init.shape) != tuple(full_shape):
-            raise ShapeError(f"init has shape {init.shape}, X has {tuple(full_shape)}")
-        if init.rank != rank:
-            raise ShapeError(f"init has rank {init.rank}, expected {rank}")
+    if isinstance(init, CPTensor):  # shape and rank checked by cp()
         factors = [f.to(dtype=T.dtype, device=T.device) for f in init.factors]
         factors[-1] = factors[-1] * init.weights.to(dtype=T.dtype, device=T.device)
         if bases is not None:
