@@ -98,10 +98,11 @@ def nonnegative_cp(
             V = cp_gram(factors, skip=mode)
             M = mttkrp(X, factors, mode)
             factors[mode] = hals_columns(M, V, factors[mode], n_inner)
-        factors = _balance(factors)
-        # <X, model> = <M, A_last> from the last MTTKRP (computed with the other factors as they are now).
+        # <X, model> = <M, A_last> from the last MTTKRP (computed with the other factors as they are now,
+        # so before the rebalancing below).
         model_sq = float(cp_gram(factors).sum())
         cross = float((M * factors[-1]).sum())
+        factors = _balance(factors)
         err = math.sqrt(max(x_norm_sq - 2 * cross + model_sq, 0.0) / x_norm_sq) if x_norm_sq else 0.0
         history.append(1.0 - err)
         stop = callback is not None and bool(callback(it, err))
