@@ -114,7 +114,8 @@ def _as_spectra(X_or_spectra) -> list[np.ndarray]:
     if isinstance(X_or_spectra, (torch.Tensor, np.ndarray)) and X_or_spectra.ndim >= 2:
         return [s.numpy() for s in mode_spectra(X_or_spectra)]
     try:
-        spectra = [np.asarray(torch.as_tensor(s).double().cpu(), dtype=np.float64) for s in X_or_spectra]
+        spectra = [s.detach().double().cpu().numpy() if isinstance(s, torch.Tensor) else np.asarray(s, np.float64)
+                   for s in X_or_spectra]
     except (TypeError, ValueError, RuntimeError):
         raise InvalidArgumentError("give a tensor or a sequence of per-mode spectra (1-D arrays)") from None
     if len(spectra) < 2 or any(s.ndim != 1 or s.size == 0 for s in spectra):
