@@ -1,0 +1,83 @@
+"""``tensorfold sweep``: accuracy-vs-size and accuracy-vs-latency curves of a built-in model.
+
+>>> import typer
+>>> app = typer.Typer()
+>>> register(app)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from tensorfold.errors import InvalidArgumentError
+
+EPILOG = (
+    "Examples:\n\n"
+    "  tensorfold sweep --model digits-cnn --budgets 0.9,0.7,0.5,0.3,0.2 --target params "
+    "--allocators uniform,energy,balanced,knapsack --out runs/digits-sweep\n\n"
+    "  tensorfold sweep --model resnet20-shapes --budgets 0.5,0.3 --finetune-epochs 1 --out runs/resnet-sweep\n\n"
+    "Writes sweep.json, accuracy_vs_size.png, accuracy_vs_latency.png and index.html into --out (all or nothing)."
+)
+
+
+def _csv(text: str, option: str) -> list[str]:
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    if not items:
+        raise InvalidArgumentError(f"{option} needs at least one comma-separated value")
+    return items
+
+
+def sweep(
+    model: str = typer.Option("digits-cnn", "--model", "-m", help="Built-in model name (see tensorfold compress)."),
+    budgets: str = typer.Option("0.9,0.7,0.5,0.3,0.2", "--budgets", help="Comma-separated fractions in (0, 1]."),
+    target: str = typer.Option("params", "--target", help="params, flops or latency."),
+    allocators: str = typer.Option("uniform,energy,balanced,knapsack", "--allocators",
+                                   help="Comma-separated: uniform, energy, balanced, knapsack, auto."),
+    methods: str = typer.Option("svd,spatial,tucker,cp", "--methods", help="Comma-separated planner methods."),
+    finetune_epochs: int = typer.Option(0, "--finetune-epochs", help="Fine-tune every point for N epochs."),
+    calib: int = typer.Option(256, "--calib", help="Calibration samples."),
+    seed: int = typer.Option(0, "--seed", help="Seed for calibration sampling and fine-tuning."),
+    threads: int = typer.Option(2, "--threads", help="CPU threads for the latency measurement."),
+    batch_size: int = typer.Option(32, "--batch-size", help="Batch size of the latency measurement."),
+    no_latency: bool = typer.Option(False, "--no-latency", help="Skip the latency measurement."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output directory."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out if it exists."),
+) -> None:
+    """Compress a built-in model at several budgets with each allocator and plot quality vs size and latency."""
+    from tensorfold.cli.common import check_output_path, stderr_console, stdout_console
+
+    try:
+        budget_values = [float(b) for b in _csv(budgets, "--budgets")]
+    except ValueError:
+        raise InvalidArgumentError(f"--budgets takes comma-separated fractions, got {budgets!r}") from None
+    if finetune_epochs < 0 or threads < 1 or batch_size < 1 or calib < 1:
+        raise InvalidArgumentError("--finetune-epochs must be >= 0 and --threads, --batch-size, --calib >= 1")
+    check_output_path(out, overwrite=overwrite, kind="dir")
+
+    from tensorfold.compress.sweep import sweep as run_sweep
+    from tensorfold.compress.sweep import write_sweep
+
+    err = stderr_console()
+    result = run_sweep(
+        model, budget_values, target=target, allocators=_csv(allocators, "--allocators"),
+        methods=_csv(methods, "--methods"), finetune_epochs=finetune_epochs, calib_samples=calib, seed=seed,
+        latency=not no_latency, threads=threads, batch_size=batch_size, progress=lambda msg: err.print(msg),
+    )
+    write_sweep(result, out, overwrite=overwrite)
+    console = stdout_console()
+    metric = result.metric
+    console.print(f"{result.model}: dense {metric} {result.dense_metrics[metric]:.4f}")
+    for p in result.points:
+        if p.error:
+            console.print(f"{p.allocator:>9} @ {p.budget:<4g} skipped: {p.error}")
+            continue
+        shown = (p.metrics_finetuned or p.metrics)[metric]
+        speed = f"  speedup {p.speedup:.2f}x" if p.speedup else ""
+        console.print(f"{p.allocator:>9} @ {p.budget:<4g} fraction {p.fraction:.3f}  {metric} {shown:.4f}{speed}")
+    console.print(f"wrote {out}/sweep.json, accuracy_vs_size.png, accuracy_vs_latency.png, index.html")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("sweep", epilog=EPILOG)(sweep)

@@ -1,0 +1,343 @@
+"""Accuracy-vs-size and accuracy-vs-latency curves: compress a built-in model at several budgets.
+
+For every allocator and budget, :func:`sweep` plans and applies a compression (with calibration
+data), optionally fine-tunes it with distillation from the original, evaluates it with the model's
+own metric (test accuracy for the vision models) and measures its CPU latency side by side with the
+dense model. :func:`write_sweep` writes ``sweep.json`` (every number), ``accuracy_vs_size.png``,
+``accuracy_vs_latency.png`` (one line per allocator) and a self-contained ``index.html`` into a
+new directory, atomically (a temporary directory renamed into place).
+
+>>> from tensorfold.compress.sweep import sweep, write_sweep
+>>> result = sweep("digits-cnn", budgets=(0.5, 0.3), allocators=("uniform", "knapsack"),
+...                methods=("svd",), latency=False, progress=False)  # doctest: +SKIP
+>>> write_sweep(result, "runs/digits-sweep")  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import html
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from tensorfold.compress.allocators import ALLOCATORS, TARGETS, check_budget
+from tensorfold.compress.api import apply, eval_mode, plan
+from tensorfold.compress.finetune import finetune
+from tensorfold.errors import InvalidArgumentError, TensorfoldError
+
+CONV_METHODS = ("svd", "spatial", "tucker", "cp")
+FILES = ("sweep.json", "accuracy_vs_size.png", "accuracy_vs_latency.png", "index.html")
+
+
+@dataclass
+class SweepPoint:
+    """One compressed model of the sweep."""
+
+    allocator: str
+    budget: float
+    fraction: float | None  # achieved fraction of the covered layers' target cost
+    model_fraction: float | None  # whole-model parameter fraction
+    params: int
+    flops: int | None
+    metrics: dict[str, float]
+    metrics_finetuned: dict[str, float] | None = None
+    latency: float | None = None  # seconds per batch, CPU
+    dense_latency: float | None = None  # the dense model, measured right beside it
+    seconds: float = 0.0  # plan + apply (+ fine-tune) time
+    methods_used: dict[str, int] = field(default_factory=dict)
+    error: str | None = None  # why this point failed, if it did
+
+    @property
+    def speedup(self) -> float | None:
+        if self.latency is None or self.dense_latency is None or self.latency <= 0:
+            return None
+        return self.dense_latency / self.latency
+
+
+@dataclass
+class SweepResult:
+    model: str
+    target: str
+    methods: tuple[str, ...]
+    budgets: tuple[float, ...]
+    allocators: tuple[str, ...]
+    metric: str
+    dense_metrics: dict[str, float]
+    dense_params: int
+    dense_latency: float | None
+    finetune_epochs: int
+    threads: int
+    batch_size: int
+    points: list[SweepPoint] = field(default_factory=list)
+
+    def curve(self, allocator: str) -> list[SweepPoint]:
+        """The points of one allocator, largest budget first."""
+        return sorted((p for p in self.points if p.allocator == allocator and p.error is None),
+                      key=lambda p: -p.budget)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        for p, raw in zip(self.points, d["points"]):
+            raw["speedup"] = p.speedup
+        return d
+
+
+def resolve_builtin(model):
+    """A BuiltinModel from a name (or the object itself)."""
+    if isinstance(model, str):
+        from tensorfold import zoo
+
+        return zoo.get(model)
+    for attr in ("load", "calibration", "evaluate", "example_inputs"):
+        if not callable(getattr(model, attr, None)):
+            raise InvalidArgumentError(f"model must be a built-in model name or a BuiltinModel, got {model!r}")
+    return model
+
+
+def _check_budgets(budgets: Sequence[float]) -> tuple[float, ...]:
+    values = tuple(sorted({check_budget(float(b)) for b in budgets}, reverse=True))
+    if not values:
+        raise InvalidArgumentError("give at least one budget")
+    return values
+
+
+def _check_allocators(allocators: Sequence[str]) -> tuple[str, ...]:
+    allocators = tuple(allocators)
+    unknown = [a for a in allocators if a not in ALLOCATORS]
+    if unknown or not allocators:
+        raise InvalidArgumentError(f"allocators must be among {', '.join(ALLOCATORS)}; got {', '.join(allocators)}")
+    return allocators
+
+
+def paired_latency(dense: nn.Module, small: nn.Module, inputs: torch.Tensor, *, threads: int = 2,
+                   rounds: int = 3, repeats: int = 10) -> tuple[float, float]:
+    """(dense, small) seconds per call, measured alternately; the minimum of per-round medians.
+
+    Alternating the two models makes the ratio robust to load that comes and goes on a shared machine.
+    """
+    from tensorfold.nn import measure_latency
+
+    shape = tuple(inputs.shape)
+    best_dense = best_small = math.inf
+    with eval_mode(dense, small):
+        for _ in range(rounds):
+            best_dense = min(best_dense, measure_latency(dense, shape, threads=threads, repeats=repeats,
+                                                         inputs=inputs))
+            best_small = min(best_small, measure_latency(small, shape, threads=threads, repeats=repeats,
+                                                         inputs=inputs))
+    return best_dense, best_small
+
+
+def sweep(
+    model,
+    budgets: Sequence[float] = (0.9, 0.7, 0.5, 0.3, 0.2),
+    *,
+    target: str = "params",
+    allocators: Sequence[str] = ("uniform", "energy", "balanced", "knapsack"),
+    methods: Sequence[str] = CONV_METHODS,
+    finetune_epochs: int = 0,
+    finetune_lr: float = 1e-3,
+    calib_samples: int = 256,
+    seed: int = 0,
+    latency: bool = True,
+    threads: int = 2,
+    batch_size: int = 32,
+    progress: bool | Callable[[str], None] = True,
+) -> SweepResult:
+    """Compress the built-in ``model`` at every budget with every allocator; see the module docstring.
+
+    A point that fails (e.g. a budget no allocator can reach) is kept with its ``error`` and left out
+    of the curves. ``finetune_epochs > 0`` needs the model's ``finetune_data``.
+    """
+    entry = resolve_builtin(model)
+    budgets = _check_budgets(budgets)
+    allocators = _check_allocators(allocators)
+    if target not in TARGETS:
+        raise InvalidArgumentError(f"target must be one of {', '.join(TARGETS)}; got {target!r}")
+    if isinstance(finetune_epochs, bool) or not isinstance(finetune_epochs, int) or finetune_epochs < 0:
+        raise InvalidArgumentError(f"finetune_epochs must be a non-negative integer, got {finetune_epochs!r}")
+    if finetune_epochs and getattr(entry, "finetune_data", None) is None:
+        raise InvalidArgumentError(f"{entry.name} has no fine-tuning data; use finetune_epochs=0")
+    say = progress if callable(progress) else ((lambda msg: print(msg, file=sys.stderr)) if progress else None)
+
+    original = entry.load()
+    calib = entry.calibration(calib_samples, seed)
+    inputs = entry.example_inputs(batch_size)
+    dense_metrics = entry.evaluate(original, original)
+    metric = "accuracy" if "accuracy" in dense_metrics else next(iter(dense_metrics))
+    result = SweepResult(
+        model=entry.name, target=target, methods=tuple(methods), budgets=budgets, allocators=allocators,
+        metric=metric, dense_metrics=dense_metrics, dense_params=sum(p.numel() for p in original.parameters()),
+        dense_latency=None, finetune_epochs=finetune_epochs, threads=threads, batch_size=batch_size,
+    )
+    data = entry.finetune_data(64, seed) if finetune_epochs else None
+    for allocator in allocators:
+        for budget in budgets:
+            start = time.perf_counter()
+            try:
+                p = plan(original, budget, target=target, methods=methods, allocator=allocator, calib=calib,
+                         example_inputs=inputs, curve=False, model_name=entry.name)
+                small = apply(original, p, calib)
+            except TensorfoldError as exc:
+                result.points.append(SweepPoint(allocator, budget, None, None, 0, None, {},
+                                                error=f"{type(exc).__name__}: {exc}"))
+                if say:
+                    say(f"{allocator} @ {budget:g}: skipped ({exc})")
+                continue
+            point = SweepPoint(allocator, budget, p.fraction, p.model_fraction, p.model_params_after, p.flops,
+                               entry.evaluate(original, small))
+            for lp in p.layers:
+                point.methods_used[lp.method] = point.methods_used.get(lp.method, 0) + 1
+            if finetune_epochs:
+                train, val = data
+                small = finetune(small, train, teacher=original, epochs=finetune_epochs, lr=finetune_lr,
+                                 val_data=val, seed=seed, progress=False, output_fn=getattr(entry, "output_fn", None))
+                point.metrics_finetuned = entry.evaluate(original, small)
+            point.seconds = time.perf_counter() - start
+            if latency:
+                point.dense_latency, point.latency = paired_latency(original, small, inputs, threads=threads)
+            result.points.append(point)
+            if say:
+                shown = point.metrics_finetuned or point.metrics
+                speed = f", speedup {point.speedup:.2f}x" if point.speedup else ""
+                say(f"{allocator} @ {budget:g}: fraction {point.fraction:.3f}, {metric} {shown[metric]:.4f}{speed}")
+    if latency:
+        measured = [p.dense_latency for p in result.points if p.dense_latency]
+        result.dense_latency = min(measured) if measured else None
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------
+# report
+
+
+def _curve_values(result: SweepResult, point: SweepPoint) -> float:
+    metrics = point.metrics_finetuned or point.metrics
+    return metrics[result.metric]
+
+
+def plot_sweep(result: SweepResult, x: str, path: str | os.PathLike) -> None:
+    """One line per allocator: the metric against the size fraction (``x="size"``) or latency."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.4, 4.2), dpi=100)
+    ax = fig.add_subplot()
+    for allocator in result.allocators:
+        pts = result.curve(allocator)
+        if x == "latency":
+            pts = [p for p in pts if p.latency is not None]
+            xs = [p.latency * 1e3 for p in pts]
+        else:
+            xs = [p.fraction for p in pts]
+        if pts:
+            ax.plot(xs, [_curve_values(result, p) for p in pts], marker="o", label=allocator)
+    dense_y = result.dense_metrics[result.metric]
+    if x == "latency" and result.dense_latency:
+        ax.plot([result.dense_latency * 1e3], [dense_y], marker="*", markersize=12, color="black", ls="",
+                label="dense")
+        ax.set_xlabel(f"measured CPU latency, ms per batch of {result.batch_size} ({result.threads} threads)")
+    else:
+        ax.axhline(dense_y, color="black", lw=0.8, ls="--", label="dense")
+        ax.set_xlabel(f"fraction of the layers' {result.target} kept")
+    tuned = " after fine-tuning" if result.finetune_epochs else ""
+    ax.set_ylabel(f"{result.metric}{tuned}")
+    ax.set_title(f"{result.model}: {result.metric} vs {'latency' if x == 'latency' else 'size'}")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+
+
+def _table_html(result: SweepResult) -> str:
+    tuned = bool(result.finetune_epochs)
+    head = ["allocator", "budget", "fraction", "model params", result.metric, "drop"]
+    head += [f"{result.metric} tuned", "drop tuned"] if tuned else []
+    head += ["latency ms", "speedup", "methods"]
+    rows = []
+    for p in sorted(result.points, key=lambda p: (result.allocators.index(p.allocator), -p.budget)):
+        if p.error:
+            rows.append([p.allocator, f"{p.budget:g}", html.escape(p.error)])
+            continue
+        drop = p.metrics.get(f"{result.metric}_drop")
+        cells = [p.allocator, f"{p.budget:g}", f"{p.fraction:.3f}", f"{p.params:,}", f"{p.metrics[result.metric]:.4f}",
+                 "" if drop is None else f"{drop:+.4f}"]
+        if tuned:
+            tdrop = p.metrics_finetuned.get(f"{result.metric}_drop")
+            cells += [f"{p.metrics_finetuned[result.metric]:.4f}", "" if tdrop is None else f"{tdrop:+.4f}"]
+        cells += ["" if p.latency is None else f"{p.latency * 1e3:.2f}",
+                  "" if p.speedup is None else f"{p.speedup:.2f}x",
+                  ", ".join(f"{k}: {v}" for k, v in sorted(p.methods_used.items()))]
+        rows.append(cells)
+    th = "".join(f"<th>{html.escape(h)}</th>" for h in head)
+    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in r) + "</tr>" for r in rows)
+    return f"<table><tr>{th}</tr>{body}</table>"
+
+
+def render_html(result: SweepResult, images: dict[str, bytes]) -> str:
+    """A self-contained HTML page: the two curves (embedded PNGs) and the table of every point."""
+    figs = "".join(
+        f'<img alt="{html.escape(name)}" src="data:image/png;base64,{base64.b64encode(data).decode()}">'
+        for name, data in images.items()
+    )
+    dense = ", ".join(f"{k} {v:.4f}" for k, v in result.dense_metrics.items() if not k.endswith("_drop"))
+    lat = f"; dense latency {result.dense_latency * 1e3:.2f} ms" if result.dense_latency else ""
+    return f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>tensorfold sweep: {html.escape(result.model)}</title>
+<style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}
+td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}img{{max-width:48%;margin:4px}}</style></head>
+<body><h1>Compression sweep: {html.escape(result.model)}</h1>
+<p>target {html.escape(result.target)}; methods {html.escape(", ".join(result.methods))};
+fine-tuning epochs {result.finetune_epochs}; dense: {html.escape(dense)}{lat}
+(batch {result.batch_size}, {result.threads} threads).</p>
+{figs}
+{_table_html(result)}
+</body></html>
+"""
+
+
+def write_sweep(result: SweepResult, out: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """Write the sweep's files into the new directory ``out`` (atomically); refuses an existing one
+    unless ``overwrite``."""
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise InvalidArgumentError(f"{out} exists; pass overwrite=True (--overwrite) to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the result should look like any new directory
+    try:
+        (tmp / "sweep.json").write_text(json.dumps(result.to_dict(), indent=1, allow_nan=False))
+        images = {}
+        for name, x in (("accuracy_vs_size.png", "size"), ("accuracy_vs_latency.png", "latency")):
+            plot_sweep(result, x, tmp / name)
+            images[name] = (tmp / name).read_bytes()
+        (tmp / "index.html").write_text(render_html(result, images))
+        if out.exists():
+            old = out.with_name(f".{out.name}.old")
+            with contextlib.suppress(FileNotFoundError):
+                shutil.rmtree(old)
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
