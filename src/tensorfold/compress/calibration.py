@@ -159,10 +159,26 @@ class _StopForward(Exception):
     """Raised by a hook to end a forward pass once the wanted layer input has been seen."""
 
 
-def layer_rows(layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+def token_mask(batch) -> torch.Tensor | None:
+    """The ``attention_mask`` of a dict batch (Hugging Face style), used to drop padding positions."""
+    x = batch_input(batch)
+    if isinstance(x, Mapping):
+        mask = x.get("attention_mask")
+        if isinstance(mask, torch.Tensor) and mask.ndim == 2:
+            return mask
+    return None
+
+
+def layer_rows(layer: nn.Module, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor | None:
     """The layer input as rows of the matrix its weight multiplies: ``(N, in)`` for Linear, the
-    unfolded patches ``(N*positions, in*kh*kw)`` for an ungrouped Conv2d; None when not supported."""
+    unfolded patches ``(N*positions, in*kh*kw)`` for an ungrouped Conv2d; None when not supported.
+
+    ``mask`` (batch, tokens): for a ``(batch, tokens, in)`` input only the rows of real tokens are
+    kept, so padding does not pollute the statistics.
+    """
     if isinstance(layer, nn.Linear):
+        if mask is not None and x.ndim == 3 and tuple(x.shape[:2]) == tuple(mask.shape):
+            return x[mask.to(device=x.device).bool()]
         return x.reshape(-1, x.shape[-1])
     if isinstance(layer, nn.Conv2d) and layer.groups == 1 and isinstance(layer.padding, tuple):
         if layer.padding_mode != "zeros":
@@ -194,9 +210,14 @@ class GramStats:
 
 
 @contextlib.contextmanager
-def capture_inputs(layers: Mapping[str, nn.Module], *, grams: bool = True) -> Iterator[dict[str, GramStats]]:
-    """Hooks that record each layer's input shape and (optionally) accumulate its input Gram matrix."""
+def capture_inputs(layers: Mapping[str, nn.Module], *, grams: bool = True,
+                   mask_ref: dict | None = None) -> Iterator[dict[str, GramStats]]:
+    """Hooks that record each layer's input shape and (optionally) accumulate its input Gram matrix.
+
+    ``mask_ref["mask"]``, when set by the caller for the current batch, selects the real tokens.
+    """
     stats = {name: GramStats() for name in layers}
+    mask_ref = mask_ref if mask_ref is not None else {}
     handles = []
     for name, layer in layers.items():
 
@@ -208,7 +229,7 @@ def capture_inputs(layers: Mapping[str, nn.Module], *, grams: bool = True) -> It
             if st.input_shape is None:
                 st.input_shape = tuple(x.shape)
             if grams:
-                rows = layer_rows(module, x)
+                rows = layer_rows(module, x, mask_ref.get("mask"))
                 if rows is not None:
                     st.add(rows)
 
@@ -223,28 +244,71 @@ def capture_inputs(layers: Mapping[str, nn.Module], *, grams: bool = True) -> It
 def collect_grams(model: nn.Module, layers: Mapping[str, nn.Module], batches: list, *, grams: bool = True,
                   progress: Callable[[int], None] | None = None) -> dict[str, GramStats]:
     """One pass of ``model`` over ``batches`` recording every layer's input shape and Gram matrix."""
-    with torch.no_grad(), capture_inputs(layers, grams=grams) as stats:
+    mask_ref: dict = {}
+    with torch.no_grad(), capture_inputs(layers, grams=grams, mask_ref=mask_ref) as stats:
         for i, batch in enumerate(batches):
+            mask_ref["mask"] = token_mask(batch)
             run_checked(model, batch, i)
             if progress is not None:
                 progress(i + 1)
     return stats
 
 
-def paired_layer_grams(original: nn.Module, original_layer: nn.Module, current: nn.Module, current_layer: nn.Module,
-                       batches: list) -> GramStats:
-    """Gram of ``current_layer``'s inputs in the (partly compressed) ``current`` model, and the cross
-    Gram ``X_current^T X_original`` with the inputs the same layer sees in the ``original`` model.
+def forward_order_and_shared_inputs(model: nn.Module, layers: Mapping[str, nn.Module], batch
+                                    ) -> tuple[list[str], dict[str, str]]:
+    """The order in which ``layers`` are first called on ``batch``, and for each layer the first layer
+    that receives the very same input tensor (e.g. attention's query, key and value projections).
+
+    Input tensors are kept alive during the pass, so equal storage means the same tensor.
+    """
+    order: list[str] = []
+    seen: list[tuple[torch.Tensor, str]] = []
+    leader: dict[str, str] = {}
+    handles = []
+    for name, layer in layers.items():
+
+        def hook(module, args, _name=name):
+            if _name in leader or not args or not isinstance(args[0], torch.Tensor):
+                return
+            x = args[0]
+            order.append(_name)
+            for other, other_name in seen:
+                if other is x or (other.data_ptr() == x.data_ptr() and other.shape == x.shape
+                                  and other.stride() == x.stride()):
+                    leader[_name] = other_name
+                    return
+            seen.append((x, _name))
+            leader[_name] = _name
+
+        handles.append(layer.register_forward_pre_hook(hook))
+    try:
+        with torch.no_grad():
+            call_model(model, batch)
+    finally:
+        for h in handles:
+            h.remove()
+    return order, leader
+
+
+def layer_input_grams(current: nn.Module, current_layer: nn.Module, batches: list, *,
+                      original: nn.Module | None = None, original_layer: nn.Module | None = None) -> GramStats:
+    """Gram of ``current_layer``'s inputs in the (partly compressed) ``current`` model and, when
+    ``original`` is given, the cross Gram ``X_current^T X_original`` with the inputs the same layer
+    sees in the original model.
 
     Each forward stops as soon as the layer has been reached, so the cost is a partial pass.
     """
     st = GramStats()
+    runs = [("cur", current, current_layer)]
+    if original is not None:
+        runs.append(("orig", original, original_layer))
     for batch in batches:
         xs = {}
-        for key, model, layer in (("cur", current, current_layer), ("orig", original, original_layer)):
+        mask = token_mask(batch)
+        for key, model, layer in runs:
 
-            def hook(module, args, _key=key, _xs=xs):
-                _xs[_key] = layer_rows(module, args[0])
+            def hook(module, args, _key=key, _xs=xs, _mask=mask):
+                _xs[_key] = layer_rows(module, args[0], _mask)
                 if st.input_shape is None:
                     st.input_shape = tuple(args[0].shape)
                 raise _StopForward
@@ -257,12 +321,13 @@ def paired_layer_grams(original: nn.Module, original_layer: nn.Module, current: 
                 pass
             finally:
                 handle.remove()
-        if xs.get("cur") is None or xs.get("orig") is None:
+        if xs.get("cur") is None:
             continue
-        Xc, Xo = xs["cur"].detach().double(), xs["orig"].detach().double()
+        Xc = xs["cur"].detach().double()
         st.add(Xc)
-        c = Xc.T @ Xo
-        st.cross = c if st.cross is None else st.cross + c
+        if xs.get("orig") is not None:
+            c = Xc.T @ xs["orig"].detach().double()
+            st.cross = c if st.cross is None else st.cross + c
     return st
 
 
@@ -279,15 +344,20 @@ class WhitenedFit:
     rel_error: float  # predicted relative output error ||X (W - A)^T|| / ||X W^T||
 
 
-def whitening_factor(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """``(L, L_inv)`` with ``L L^T ~ gram`` (float64), robust to a singular gram; None when gram is zero."""
+def whitening_factor(gram: torch.Tensor, ridge: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(L, L_inv)`` with ``L L^T ~ gram + ridge * mean(diag) * I`` (float64); None when gram is zero.
+
+    The ridge is raised tenfold until the Cholesky factorisation succeeds (a singular gram from few
+    samples or dead inputs); a ridge also keeps the fit from trusting directions the calibration
+    data barely visits.
+    """
     G = gram.double()
     n = G.shape[0]
     scale = float(torch.diagonal(G).mean())
     if not math.isfinite(scale) or scale <= 0:
         return None
     eye = torch.eye(n, dtype=G.dtype, device=G.device)
-    for jitter in (1e-8, 1e-6, 1e-4, 1e-2):
+    for jitter in (ridge * 10.0**k for k in range(5)):
         L, info = torch.linalg.cholesky_ex(G + jitter * scale * eye)
         if int(info) == 0:
             L_inv = torch.linalg.solve_triangular(L, eye, upper=False)
@@ -300,9 +370,9 @@ def whitening_factor(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | 
     return Q * root, (Q / root).T
 
 
-def whitened_spectrum(weight_matrix: torch.Tensor, gram: torch.Tensor) -> torch.Tensor | None:
+def whitened_spectrum(weight_matrix: torch.Tensor, gram: torch.Tensor, ridge: float = 1e-6) -> torch.Tensor | None:
     """Singular values of ``W L`` (float64): the output-error spectrum of rank truncation."""
-    factors = whitening_factor(gram)
+    factors = whitening_factor(gram, ridge)
     if factors is None:
         return None
     L, _ = factors
@@ -310,7 +380,7 @@ def whitened_spectrum(weight_matrix: torch.Tensor, gram: torch.Tensor) -> torch.
 
 
 def whitened_lowrank(weight_matrix: torch.Tensor, gram: torch.Tensor, rank: int,
-                     cross: torch.Tensor | None = None) -> WhitenedFit:
+                     cross: torch.Tensor | None = None, ridge: float = 1e-6) -> WhitenedFit:
     """Rank-``rank`` ``A = second @ first`` minimising ``||X W^T - X A^T||`` for ``X^T X = gram``.
 
     With ``cross = X^T X_o`` (inputs ``X_o`` the layer sees in the uncompressed model) the target
@@ -318,7 +388,7 @@ def whitened_lowrank(weight_matrix: torch.Tensor, gram: torch.Tensor, rank: int,
     Falls back to the plain truncated SVD of ``W`` when ``gram`` is zero.
     """
     W = weight_matrix.double()
-    factors = whitening_factor(gram)
+    factors = whitening_factor(gram, ridge)
     if factors is None:
         t = truncated_svd(W, rank)
         total = float((t.full_spectrum.double() ** 2).sum())
@@ -353,7 +423,8 @@ __all__ = [
     "collect_grams",
     "materialize",
     "output_tensor",
-    "paired_layer_grams",
+    "layer_input_grams",
+    "forward_order_and_shared_inputs",
     "relative_tail_errors",
     "run_checked",
     "whitened_lowrank",

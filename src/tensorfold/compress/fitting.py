@@ -34,7 +34,7 @@ def supports_whitening(layer: nn.Module, method: str) -> bool:
 
 
 def build_factored(layer: nn.Module, method: str, rank, stats: GramStats | None = None, *,
-                   correct_upstream: bool = True) -> FactorizedLayer:
+                   correct_upstream: bool = True, ridge: float = 1e-6) -> FactorizedLayer:
     """The factored replacement of ``layer`` by ``method`` at ``rank``.
 
     ``stats``: Gram matrix of the inputs (and optionally the cross Gram with the uncompressed
@@ -52,7 +52,8 @@ def build_factored(layer: nn.Module, method: str, rank, stats: GramStats | None 
     rank = cls.resolve_rank(layer, rank, **opts)
     weight = layer.weight.detach()
     dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
-    fit = whitened_lowrank(weight_matrix(layer), stats.gram, rank, cross=stats.cross if correct_upstream else None)
+    fit = whitened_lowrank(weight_matrix(layer), stats.gram, rank, cross=stats.cross if correct_upstream else None,
+                           ridge=ridge)
     first = fit.first.to(device=weight.device, dtype=dtype)
     second = fit.second.to(device=weight.device, dtype=dtype)
     bias = None if layer.bias is None else layer.bias.detach().to(dtype)

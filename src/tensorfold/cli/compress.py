@@ -1,0 +1,109 @@
+"""``tensorfold compress``: plan, apply and evaluate the compression of a model, write the results.
+
+>>> import typer
+>>> app = typer.Typer()
+>>> register(app)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from tensorfold.errors import InvalidArgumentError
+
+EPILOG = (
+    "Examples:\n\n"
+    "  tensorfold compress --model minilm --budget 0.5 --target params --calib 128 --out runs/minilm-50\n\n"
+    "  tensorfold compress --model mypkg.models:build --weights model.safetensors --calib 0 --budget 0.3 "
+    "--methods svd,tucker --out runs/mine\n\n"
+    "Writes plan.json, weights.safetensors, metrics.json and report.html into --out (all or nothing)."
+)
+
+
+def _split(values: list[str] | None) -> list[str] | None:
+    if not values:
+        return None
+    out = [p.strip() for v in values for p in v.split(",") if p.strip()]
+    return out or None
+
+
+def _floats(text: str | None, option: str) -> tuple[float, ...]:
+    if not text:
+        return ()
+    try:
+        return tuple(float(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        raise InvalidArgumentError(f"{option} takes comma-separated fractions, got {text!r}") from None
+
+
+def compress(
+    model: str = typer.Option("minilm", "--model", "-m", help="Built-in model name or 'module:factory'."),
+    budget: float = typer.Option(0.5, "--budget", "-b", help="Fraction (0, 1] of the target cost to keep."),
+    target: str = typer.Option("params", "--target", help="params, flops or latency."),
+    calib: int = typer.Option(128, "--calib", help="Calibration samples (0: weight-only fitting)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output directory."),
+    methods: str = typer.Option("svd,tucker,cp,tt", "--methods", help="Comma-separated: svd,spatial,tucker,cp,tt."),
+    allocator: str = typer.Option("auto", "--allocator", help="uniform, energy, balanced, knapsack or auto."),
+    include: list[str] = typer.Option(None, "--include", help="Only layers matching this pattern (repeatable)."),
+    exclude: list[str] = typer.Option(None, "--exclude", help="Skip layers matching this pattern (repeatable)."),
+    weights: str = typer.Option(None, "--weights", help="State dict to load (safetensors or torch, loaded safely)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out if it exists."),
+    finetune_epochs: int = typer.Option(0, "--finetune-epochs", help="Fine-tune with distillation for N epochs."),
+    data: str = typer.Option(None, "--data", help="Fine-tuning data: 'builtin' or 'module:function'."),
+    curve: str = typer.Option(None, "--curve", help="Extra budgets for the quality-vs-budget plot, e.g. 0.3,0.7."),
+    seed: int = typer.Option(0, "--seed", help="Seed for calibration sampling and fine-tuning."),
+    no_speed: bool = typer.Option(False, "--no-speed", help="Skip the end-to-end speed measurement."),
+) -> None:
+    """Compress a model to a budget: per-layer plan, factorized weights, metrics and an HTML report."""
+    from tensorfold.cli.common import check_option_choice, check_output_path, stderr_console, stdout_console
+
+    check_option_choice(target, "--target", ("params", "flops", "latency"))
+    check_option_choice(allocator, "--allocator", ("uniform", "energy", "balanced", "knapsack", "auto"))
+    if not 0 < budget <= 1:
+        raise InvalidArgumentError(f"--budget must be a fraction in (0, 1], got {budget}")
+    check_output_path(out, overwrite=overwrite, kind="dir")
+    curve_budgets = _floats(curve, "--curve")
+
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from tensorfold.compress.job import run_job
+
+    console = stdout_console()
+    err = stderr_console()
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                        TimeElapsedColumn(), console=err, transient=True)
+    tasks: dict[str, int] = {}
+
+    def on_progress(stage: str, done: int, total: int) -> None:
+        if stage not in tasks:
+            tasks[stage] = progress.add_task(stage, total=total)
+        progress.update(tasks[stage], completed=done, total=total)
+
+    def log(msg: str) -> None:
+        err.print(msg)
+
+    with progress:
+        result = run_job(
+            model, budget=budget, target=target, calib=calib, out=out, methods=methods, allocator=allocator,
+            include=_split(include), exclude=_split(exclude), overwrite=overwrite, weights=weights,
+            finetune_epochs=finetune_epochs, data=data, seed=seed, curve_budgets=curve_budgets,
+            speed=not no_speed, progress=on_progress, log=log,
+        )
+    plan = result.plan
+    console.print(plan.table())
+    console.print(plan.summary())
+    for name, reason in plan.skipped:
+        console.print(f"skipped {name}: {reason}")
+    quality = result.metrics.get("quality", {})
+    console.print("quality: " + ", ".join(f"{k} {v:.4f}" for k, v in quality.items()))
+    speed = result.metrics.get("speed")
+    if speed:
+        console.print(f"speed (batch 32, {speed['threads']} threads): {speed['seconds_original'] * 1e3:.1f} ms -> "
+                      f"{speed['seconds_compressed'] * 1e3:.1f} ms, {speed['speedup']:.2f}x")
+    console.print(f"wrote {out}/plan.json, weights.safetensors, metrics.json, report.html")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("compress", epilog=EPILOG)(compress)

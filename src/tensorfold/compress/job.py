@@ -1,0 +1,225 @@
+"""One compression job end to end, as ``tensorfold compress`` runs it: resolve the model, plan,
+apply, optionally fine-tune, evaluate quality and speed, and write the output directory
+(``plan.json``, ``weights.safetensors``, ``metrics.json``, ``report.html``) atomically.
+
+>>> from tensorfold.compress.job import run_job
+>>> result = run_job("minilm", budget=0.5, calib=64, out="runs/minilm-50", overwrite=True)  # doctest: +SKIP
+>>> result.metrics["quality"]["mean_cos"] > 0.8                                            # doctest: +SKIP
+True
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from tensorfold.compress.api import DEFAULT_METHODS, Planner, apply
+from tensorfold.compress.calibration import materialize
+from tensorfold.compress.evaluate import count_params, measure_speedup, output_fidelity
+from tensorfold.compress.plan import Plan
+from tensorfold.compress.storage import load_factory, publish_directory, staging_directory, write_compressed
+from tensorfold.errors import FileFormatError, InvalidArgumentError, TensorfoldError
+
+
+@dataclass
+class ModelSource:
+    """A model to compress and what goes with it (calibration, evaluation, example inputs)."""
+
+    name: str
+    model: nn.Module
+    entry: object | None = None  # a tensorfold.zoo.BuiltinModel for built-in models
+    calibration: Callable[[int, int], list] | None = None
+    exclude: tuple[str, ...] = ()
+    output_fn: Callable | None = None
+
+
+@dataclass
+class JobResult:
+    plan: Plan
+    model: nn.Module
+    original: nn.Module
+    metrics: dict
+    out: Path | None
+    curve: list[dict] = field(default_factory=list)
+
+
+def load_weights(model: nn.Module, path: str) -> None:
+    """Load a state dict from a safetensors file or a torch file (``weights_only=True``) into ``model``."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileFormatError(f"{p}: no such weights file")
+    try:
+        if p.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(p))
+        else:
+            state = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch and safetensors raise many types for bad files
+        raise FileFormatError(f"{p}: cannot read weights safely ({type(exc).__name__}: {exc})") from None
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise FileFormatError(f"{p}: expected a state dict, found {type(state).__name__}")
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise FileFormatError(f"{p} does not fit the model: {str(exc).splitlines()[0]}") from None
+
+
+def resolve_model(spec: str, weights: str | None = None) -> ModelSource:
+    """A built-in model name (see ``tensorfold.zoo.names()``) or ``module:factory``."""
+    from tensorfold import zoo
+
+    if spec in zoo.names():
+        entry = zoo.get(spec)
+        model = entry.load()
+        if weights:
+            load_weights(model, weights)
+        return ModelSource(spec, model, entry, entry.calibration, tuple(entry.exclude), entry.output_fn)
+    if ":" not in spec:
+        raise InvalidArgumentError(
+            f"--model {spec!r} is neither a built-in model ({', '.join(zoo.names())}) nor 'module:factory'"
+        )
+    factory = load_factory(spec)
+    model = factory()
+    if not isinstance(model, nn.Module):
+        raise InvalidArgumentError(f"{spec} returned a {type(model).__name__}, not a torch.nn.Module")
+    if weights:
+        load_weights(model, weights)
+    module = __import__(spec.partition(":")[0], fromlist=["_"])
+    calibration = getattr(module, "calibration", None)
+    return ModelSource(spec, model, None, calibration if callable(calibration) else None)
+
+
+def _finetune(source: ModelSource, compressed: nn.Module, original: nn.Module, epochs: int, data: str | None,
+              seed: int) -> nn.Module:
+    try:
+        from tensorfold.compress.finetune import finetune
+    except ImportError:
+        raise TensorfoldError("fine-tuning (tensorfold.finetune) is not available in this installation") from None
+    if data in (None, "builtin"):
+        entry = source.entry
+        if entry is None or getattr(entry, "finetune_data", None) is None:
+            raise InvalidArgumentError(f"--finetune-epochs needs --data module:function for {source.name}")
+        train, val = entry.finetune_data(32, seed)
+    else:
+        loaded = load_factory(data)()
+        train, val = loaded if isinstance(loaded, tuple) and len(loaded) == 2 else (loaded, None)
+    return finetune(compressed, train, teacher=original, epochs=epochs, val_data=val, seed=seed,
+                    distill="features" if source.output_fn is not None else "logits", output_fn=source.output_fn)
+
+
+def evaluate_pair(source: ModelSource, original: nn.Module, compressed: nn.Module, batches: list) -> dict:
+    """Quality metrics: the built-in evaluation, else output fidelity on ``batches``."""
+    if source.entry is not None:
+        return dict(source.entry.evaluate(original, compressed))
+    return output_fidelity(original, compressed, batches, source.output_fn)
+
+
+def run_job(
+    model: str | ModelSource = "minilm",
+    *,
+    budget: float = 0.5,
+    target: str = "params",
+    calib: int = 128,
+    out: str | Path | None = None,
+    methods: Sequence[str] | str = DEFAULT_METHODS,
+    allocator: str = "auto",
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] | None = None,
+    overwrite: bool = False,
+    weights: str | None = None,
+    finetune_epochs: int = 0,
+    data: str | None = None,
+    seed: int = 0,
+    curve_budgets: Sequence[float] = (),
+    speed: bool = True,
+    threads: int = 2,
+    progress: Callable[[str, int, int], None] | None = None,
+    log: Callable[[str], None] = lambda msg: None,
+) -> JobResult:
+    """Compress ``model`` and write the results to ``out`` (nothing is written if anything fails)."""
+    from tensorfold.compress.allocators import check_budget
+
+    check_budget(budget)
+    for b in curve_budgets:
+        check_budget(b)
+    if isinstance(calib, bool) or not isinstance(calib, int) or calib < 0:
+        raise InvalidArgumentError(f"--calib must be a number of samples >= 0, got {calib!r}")
+    if isinstance(finetune_epochs, bool) or not isinstance(finetune_epochs, int) or finetune_epochs < 0:
+        raise InvalidArgumentError(f"--finetune-epochs must be >= 0, got {finetune_epochs!r}")
+    out_path = Path(out) if out is not None else None
+    if out_path is not None and out_path.exists() and not overwrite:
+        raise InvalidArgumentError(f"--out {out_path} already exists; pass --overwrite to replace it")
+    if out_path is not None and out_path.exists() and not out_path.is_dir():
+        raise InvalidArgumentError(f"--out {out_path} is a file; give a directory path")
+
+    t0 = time.perf_counter()
+    source = model if isinstance(model, ModelSource) else resolve_model(model, weights)
+    original = source.model
+    log(f"model {source.name}: {count_params(original):,} parameters")
+    batches = []
+    if calib:
+        if source.calibration is None:
+            raise InvalidArgumentError(
+                f"--calib needs calibration data: {source.name} has none (define calibration(n, seed) beside the "
+                f"factory, or pass --calib 0 for weight-only fitting)"
+            )
+        batches = materialize(source.calibration(calib, seed))
+    excludes = tuple(exclude or ()) + (() if include else source.exclude)
+    planner = Planner(original, budget, target, methods, include, excludes or None, batches or None, allocator,
+                      example_inputs=source.entry.example_inputs(32) if source.entry is not None else None,
+                      output_fn=source.output_fn, model_name=source.name, progress=progress)
+    plan = planner.plan()
+    t_plan = time.perf_counter()
+    compressed = apply(original, plan, batches or None, progress=progress)
+    t_apply = time.perf_counter()
+    if finetune_epochs:
+        compressed = _finetune(source, compressed, original, finetune_epochs, data, seed)
+    elif data is not None:
+        raise InvalidArgumentError("--data is only used with --finetune-epochs N")
+    quality = evaluate_pair(source, original, compressed, batches)
+    metrics = {
+        "model": source.name,
+        "budget": budget,
+        "target": target,
+        "allocator": plan.allocator,
+        "calibration_samples": calib,
+        "params_original": count_params(original),
+        "params_compressed": count_params(compressed),
+        "quality": quality,
+        "plan_totals": plan.totals(),
+        "seconds": {"plan": t_plan - t0, "apply": t_apply - t_plan},
+    }
+    if speed:
+        example = source.entry.example_inputs(32) if source.entry is not None else (batches[0] if batches else None)
+        if example is not None:
+            metrics["speed"] = measure_speedup(original, compressed, example, threads=threads)
+    curve = [{"budget": budget, "fraction": plan.fraction, **quality}]
+    for b in sorted(set(curve_budgets) - {budget}):
+        p_b = planner.plan(b, curve=False)
+        c_b = apply(original, p_b, batches or None)
+        curve.append({"budget": b, "fraction": p_b.fraction, **evaluate_pair(source, original, c_b, batches)})
+    curve.sort(key=lambda r: r["budget"])
+    metrics["quality_curve"] = curve
+    metrics["seconds"]["total"] = time.perf_counter() - t0
+    if out_path is not None:
+        from tensorfold.report import write_report
+
+        tmp = staging_directory(out_path)
+        try:
+            write_compressed(compressed, plan, tmp, {"metrics.json": json.dumps(metrics, indent=1)})
+            write_report(tmp / "report.html", plan, metrics)
+            publish_directory(tmp, out_path, overwrite=overwrite)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+    return JobResult(plan, compressed, original, metrics, out_path, curve)

@@ -1,0 +1,110 @@
+"""A self-contained HTML report of a compression: tables, metrics and plots embedded as base64 PNG.
+
+>>> import torch, tensorfold as tf
+>>> from tensorfold.report import render_report
+>>> model = torch.nn.Sequential(torch.nn.Linear(32, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8))
+>>> html = render_report(tf.plan(model, 0.5, methods=("svd",)), {"quality": {"rel_error": 0.1}})
+>>> html.startswith("<!DOCTYPE html>") and "data:image/png;base64," in html
+True
+"""
+
+from __future__ import annotations
+
+import base64
+import html as html_lib
+import os
+
+from tensorfold.io import write_text_atomic
+from tensorfold.report import plots
+
+STYLE = """
+body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;margin:2em auto;max-width:1100px;color:#222}
+table{border-collapse:collapse;font-size:13px;margin:0.5em 0 1.5em}
+th,td{border:1px solid #ddd;padding:3px 8px;text-align:right}
+th{background:#f3f3f3} td.l,th.l{text-align:left}
+img{max-width:100%;border:1px solid #eee;margin:0.5em 0}
+.kv td:first-child{font-weight:600;text-align:left}
+"""
+
+
+def png_tag(png: bytes, alt: str) -> str:
+    """An ``<img>`` tag holding ``png`` inline (base64), so the page needs no other file."""
+    data = base64.b64encode(png).decode("ascii")
+    return f'<img alt="{html_lib.escape(alt)}" src="data:image/png;base64,{data}">'
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, int):
+        return f"{v:,}"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return html_lib.escape(str(v))
+
+
+def table_html(rows: list[dict], columns: list[str], left: tuple[str, ...] = ()) -> str:
+    head = "".join(f'<th class="{"l" if c in left else ""}">{html_lib.escape(c)}</th>' for c in columns)
+    body = "".join(
+        "<tr>" + "".join(f'<td class="{"l" if c in left else ""}">{_fmt(r.get(c))}</td>' for c in columns) + "</tr>"
+        for r in rows
+    )
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def kv_html(items: dict) -> str:
+    return '<table class="kv">' + "".join(
+        f"<tr><td>{html_lib.escape(str(k))}</td><td>{_fmt(v)}</td></tr>" for k, v in items.items()
+    ) + "</table>"
+
+
+def render_report(plan, metrics: dict | None = None, title: str | None = None) -> str:
+    """The report page for ``plan`` and ``metrics`` (as written to metrics.json by the CLI)."""
+    metrics = metrics or {}
+    rows = plan.rows()
+    parts = [f"<h1>{html_lib.escape(title or 'tensorfold compression report')}</h1>",
+             f"<p>{html_lib.escape(plan.title())}</p>"]
+    parts.append("<h2>Totals</h2>" + kv_html(plan.totals()))
+    if metrics.get("quality"):
+        parts.append("<h2>Quality (original vs compressed)</h2>" + kv_html(metrics["quality"]))
+    if metrics.get("speed"):
+        parts.append("<h2>Measured speed (end to end)</h2>" + kv_html(metrics["speed"]))
+    parts.append("<h2>Per-layer decisions</h2>")
+    parts.append(png_tag(plots.layer_choice_plot(
+        [r["layer"] for r in rows], [r["kept"] for r in rows], [r["method"] for r in rows],
+        [str(r["rank"]) for r in rows]), "per-layer method and rank"))
+    parts.append(table_html(rows, ["layer", "shape", "method", "rank", "params", "kept", "flops", "latency_ms",
+                                   "error", "sensitivity"], left=("layer", "shape", "method")))
+    if plan.spectra:
+        ranks = {lp.name: (lp.rank if lp.method == "svd" else None) for lp in plan.layers}
+        parts.append("<h2>Singular-value spectra</h2>" + png_tag(plots.spectra_plot(plan.spectra, ranks), "spectra"))
+    if plan.curve:
+        xs, ys = zip(*plan.curve)
+        parts.append("<h2>Predicted error vs budget</h2><p>Objective: sum over layers of sensitivity x squared "
+                     "relative layer error, for the same allocator at other budgets.</p>")
+        parts.append(png_tag(plots.line_plot({plan.allocator: (list(xs), [max(y, 1e-12) for y in ys])},
+                                             f"budget (fraction of {plan.target})", "predicted error",
+                                             "Predicted error vs budget", logy=True, mark_x=plan.budget),
+                             "predicted error vs budget"))
+    curve = metrics.get("quality_curve") or []
+    if curve:
+        keys = [k for k in curve[0] if k not in ("budget", "fraction") and isinstance(curve[0][k], (int, float))]
+        shown = [k for k in ("mean_cos", "min_cos", "nn_agreement", "accuracy", "rel_error") if k in keys] or keys[:3]
+        series = {k: ([r["budget"] for r in curve], [r[k] for r in curve]) for k in shown}
+        parts.append("<h2>Quality vs budget</h2>" + png_tag(
+            plots.line_plot(series, f"budget (fraction of {plan.target})", "quality", "Measured quality vs budget",
+                            mark_x=plan.budget), "quality vs budget"))
+        parts.append(table_html(curve, ["budget", "fraction", *shown]))
+    if plan.skipped:
+        parts.append("<h2>Skipped layers</h2>" + table_html(
+            [{"layer": n, "reason": r} for n, r in plan.skipped], ["layer", "reason"], left=("layer", "reason")))
+    body = "\n".join(parts)
+    return (f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>{html_lib.escape(title or 'tensorfold')}"
+            f"</title><style>{STYLE}</style></head><body>\n{body}\n</body></html>\n")
+
+
+def write_report(path: str | os.PathLike, plan, metrics: dict | None = None, title: str | None = None) -> None:
+    """Write :func:`render_report` to ``path`` atomically."""
+    write_text_atomic(path, render_report(plan, metrics, title))
