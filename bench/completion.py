@@ -152,7 +152,7 @@ def run_hals(n, rank, n_iter, repeats, rows):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 return tf.nonnegative_cp(Xd, rank, init=sd, n_iter_max=10 * n_iter, tol=0,
-                                         callback=lambda it, err: 1 - err >= fit_tl)
+                                         callback=lambda it, fit: fit >= fit_tl)
 
         secs, res = best_of(repeats, ours)
         rows.append({"case": f"HALS {n}^3 rank {rank}",

@@ -75,6 +75,15 @@ def test_same_seed_same_result_and_input_untouched():
     assert torch.equal(X, X_before) and torch.equal(mask, mask_before)
 
 
+def test_callback_sees_fit_and_stops():
+    X = tf.testing.random_cp((12, 13, 14), rank=2, seed=0).to_tensor()
+    mask = tf.testing.random_mask(X.shape, 0.4, seed=1)
+    seen = []
+    result = tf.complete(X, mask=mask, rank=2, callback=lambda it, fit: seen.append((it, fit)) or it == 3)
+    assert result.info.n_iter == 3 and [it for it, _ in seen] == [1, 2, 3]
+    assert seen[-1][1] == pytest.approx(result.info.fit_history[-1])
+
+
 def test_float32_and_nan_in_unobserved_cells():
     X = tf.testing.random_cp((20, 22, 24), rank=2, seed=1, dtype=torch.float32).to_tensor()
     mask = tf.testing.random_mask(X.shape, 0.3, seed=2)

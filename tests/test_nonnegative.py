@@ -52,7 +52,7 @@ def test_float32_and_random_init_and_callback_stop():
     X, _ = _nonnegative_problem((10, 11, 12), 2, seed=3)
     seen = []
     result = tf.nonnegative_cp(X.float(), 2, init="random", seed=1,
-                               callback=lambda it, err: seen.append(err) or it == 4)
+                               callback=lambda it, fit: seen.append(fit) or it == 5)
     assert result.dtype == torch.float32 and result.info.n_iter == 5 == len(seen)
     assert all(float(a.min()) >= 0 for a in result.factors)
 

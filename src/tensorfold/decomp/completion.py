@@ -93,7 +93,8 @@ def complete(
     seed:
         Seed or generator for the initialisation.
     callback:
-        ``callback(iteration, observed_relative_error)`` after each sweep; returning True stops.
+        ``callback(iteration, fit)`` after each sweep (iterations counted from 1, ``fit`` = 1 - relative
+        error on the observed entries); returning True stops.
 
     Returns
     -------
@@ -250,12 +251,12 @@ def _cp_als(data, rank, init, n_iter_max, tol, reg, gen, callback, start) -> CPT
             gathered[mode] = factors[mode].index_select(0, rows)
         err = _observed_error(data, _product(gathered).sum(1), data_norm)
         history.append(1.0 - err)
-        stop = callback is not None and bool(callback(it, err))
+        stop = callback is not None and bool(callback(it + 1, 1.0 - err))
         if _settled(err_prev, err, tol, data.dtype) or stop:
             converged = not stop or err < tol
             break
         err_prev = err
-    if not converged:
+    if not converged and not stop:
         warnings.warn(f"complete (CP-ALS) stopped after {n_iter_max} sweeps before meeting tol={tol}",
                       ConvergenceWarning, stacklevel=3)
     weights = torch.ones(rank, dtype=data.dtype, device=data.device)
@@ -322,7 +323,7 @@ def _cp_wopt(data, rank, init, n_iter_max, tol, reg, gen, callback, start) -> CP
     def progress(x):
         err = math.sqrt(2 * loss_and_grad(x)[0])  # relative error on observed cells (unit data norm)
         history.append(1.0 - err)
-        if callback is not None and bool(callback(len(history) - 1, err)):
+        if callback is not None and bool(callback(len(history), 1.0 - err)):
             raise StopIteration
 
     x0 = torch.cat([f.reshape(-1) for f in factors]).double().cpu().numpy()
@@ -418,12 +419,12 @@ def _tucker_als(data, ranks, init, n_iter_max, tol, reg, gen, callback, start) -
         core = _tucker_core(data, factors, ranks, reg)
         err = _observed_error(data, _tucker_values(data, core, factors), data_norm)
         history.append(1.0 - err)
-        stop = callback is not None and bool(callback(it, err))
+        stop = callback is not None and bool(callback(it + 1, 1.0 - err))
         if _settled(err_prev, err, tol, data.dtype) or stop:
             converged = not stop or err < tol
             break
         err_prev = err
-    if not converged:
+    if not converged and not stop:
         warnings.warn(f"complete (Tucker-ALS) stopped after {n_iter_max} sweeps before meeting tol={tol}",
                       ConvergenceWarning, stacklevel=3)
     info = _info("complete-tucker-als", history, converged, start, data, err)

@@ -75,7 +75,8 @@ def nonnegative_cp(
         At most this many HALS sweeps per factor update (each reuses the same MTTKRP); a sweep that
         changes the factor by less than 1% of the first sweep's change ends them early.
     callback:
-        ``callback(iteration, relative_error)`` after each outer iteration; returning True stops.
+        ``callback(iteration, fit)`` after each outer iteration (counted from 1, ``fit`` = 1 - relative
+        error); returning True stops.
 
     Returns
     -------
@@ -105,7 +106,7 @@ def nonnegative_cp(
         factors = _balance(factors)
         err = math.sqrt(max(x_norm_sq - 2 * cross + model_sq, 0.0) / x_norm_sq) if x_norm_sq else 0.0
         history.append(1.0 - err)
-        stop = callback is not None and bool(callback(it, err))
+        stop = callback is not None and bool(callback(it + 1, 1.0 - err))
         if abs(err_prev - err) < tol or stop:
             converged = not stop
             break
@@ -273,7 +274,7 @@ def nonnegative_tucker(
         cross = float((core * projected).sum())
         err = math.sqrt(max(x_norm_sq - 2 * cross + model_sq, 0.0) / x_norm_sq) if x_norm_sq else 0.0
         history.append(1.0 - err)
-        stop = callback is not None and bool(callback(it, err))
+        stop = callback is not None and bool(callback(it + 1, 1.0 - err))
         if abs(err_prev - err) < tol or stop:
             converged = not stop
             break
