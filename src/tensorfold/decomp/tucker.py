@@ -178,13 +178,16 @@ def _leading_subspace(X: torch.Tensor, mode: int, rank: int) -> tuple[torch.Tens
     """
     a, n, b = _views(X.shape, mode)
     if a * b >= n:
-        # Eigenvectors of the small Gram matrix (its SVD, through the one truncation helper).
-        # Squaring the singular values halves the digits: in float32 that costs visible fit, so
-        # tensors that are cheap to copy (every HOOI step) form and decompose their Gram in float64.
+        # Leading eigenvectors of the small Gram matrix. Squaring the singular values halves the
+        # digits: in float32 that costs visible fit, so tensors that are cheap to copy (every HOOI
+        # step) form and decompose their Gram in float64.
         work = X if X.dtype == torch.float64 or X.numel() > _FLOAT64_GRAM_MAX_ENTRIES else X.double()
-        trunc = truncated_svd(_mode_gram(work, mode), rank)
-        tail = float(trunc.full_spectrum[rank:].double().sum())
-        return trunc.U.to(X.dtype), max(tail, 0.0)
+        # The Gram matrix is symmetric PSD: its eigendecomposition is its SVD, 3-4x cheaper than
+        # LAPACK's gesdd, and far less sensitive to a busy machine (gesdd on 200x200 with 2 threads
+        # was measured at 1.3 s instead of 9 ms under CPU oversubscription; eigh stayed ~10 ms).
+        evals, evecs = torch.linalg.eigh(_mode_gram(work, mode))  # ascending order
+        tail = float(evals[: n - rank].clamp_min(0).double().sum())
+        return evecs[:, n - rank :].flip(-1).to(X.dtype), tail
     trunc = truncated_svd(X.movedim(mode, 0).reshape(n, a * b), rank)
     if trunc.U.shape[1] < rank:  # unfolding narrower than the rank: complete the basis
         return _complete_basis(trunc.U, rank), trunc.tail_sq
