@@ -132,3 +132,48 @@ def test_input_never_modified():
     before = dense.weight.detach().clone()
     LowRankLinear.from_dense(dense, 3)
     assert torch.equal(dense.weight, before)
+
+
+# ---- latency helpers (tensorfold.nn.latency) -----------------------------------------------------
+
+
+def test_measure_latency_positive_and_restores_threads():
+    from tensorfold.nn import measure_latency
+
+    before = torch.get_num_threads()
+    seconds = measure_latency(torch.nn.Linear(8, 4), (2, 8), threads=1, repeats=3, warmup=1)
+    assert seconds > 0
+    assert torch.get_num_threads() == before
+    with pytest.raises(InvalidArgumentError):
+        measure_latency(torch.nn.Linear(8, 4), (2, 8), repeats=0)
+
+
+def test_latency_table_predicts_from_entries(tmp_path):
+    import json
+
+    from tensorfold.errors import FileFormatError
+    from tensorfold.nn import LatencyTable
+    from tensorfold.nn.latency import layer_key
+
+    dense = torch.nn.Linear(768, 3072)
+    key = layer_key(dense)
+
+    def entry(rank, seconds, batch=32):
+        flops = LowRankLinear.cost(dense, rank, (batch, 768)).flops
+        return {"kind": "svd", "layer": key, "input_shape": [batch, 768], "rank": rank, "batch": batch,
+                "threads": 2, "seconds": seconds, "dense_seconds": 1.0, "flops": flops}
+
+    path = tmp_path / "table.json"
+    path.write_text(json.dumps({"version": 1, "entries": [entry(64, 0.2), entry(128, 0.4)]}))
+    table = LatencyTable.load(path)
+    assert table.predict("svd", dense, 64, (32, 768)) == pytest.approx(0.2)
+    assert table.predict("svd", dense, 96, (32, 768)) == pytest.approx(0.3)  # linear in FLOPs between ranks
+    assert table.predict("svd", dense, 64, (16, 768)) == pytest.approx(0.1)  # scaled from the nearest batch
+    assert table.predict("dense", dense, None, (32, 768)) == pytest.approx(1.0)
+    assert table.predict("svd", torch.nn.Linear(10, 10), 4, (32, 10)) is None
+    assert table.predict("svd", dense, 64, (32, 768), memory_format="channels_last") is None
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(FileFormatError):
+        LatencyTable.load(bad)
+    assert isinstance(LatencyTable.load().entries, list)  # the shipped table loads

@@ -572,16 +572,31 @@ def _pointwise(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     """A 1x1 convolution (groups=1) as one batched matmul over the spatial positions.
 
     On CPU oneDNN runs a 1x1 conv on NCHW data several times slower than the same GEMM (measured
-    in bench/layers.py); it exports to ONNX as MatMul.
+    in bench/layers.py); it exports to ONNX as MatMul. Channels-last inputs stay channels-last.
     """
     unbatched = x.dim() == dim + 1
     if unbatched:
         x = x.unsqueeze(0)
     batch, channels = x.shape[0], x.shape[1]
     out = weight.shape[0]
-    y = torch.matmul(weight.reshape(out, channels), x.reshape(batch, channels, -1))
-    if bias is not None:
-        y = y + bias.unsqueeze(-1)
+    last = x.movedim(1, -1)
+    if last.is_contiguous() and not x.is_contiguous():
+        # channels-last storage: one GEMM over (positions, channels), and the output stays channels-last
+        rows = last.reshape(-1, channels)
+        w = weight.reshape(out, channels).t()
+        y = rows @ w if bias is None else torch.addmm(bias, rows, w)
+        y = y.reshape([batch] + list(x.shape[2:]) + [out]).movedim(-1, 1)
+        return y.squeeze(0) if unbatched else y
+    # bmm with an expanded (stride-0) weight: measured 2-4x faster than torch.matmul's broadcasting
+    # of a parameter that requires grad, which copies the weight per batch item.
+    cols = x.reshape(batch, channels, -1)
+    if torch.jit.is_tracing():  # ONNX/trace: the plain MatMul (+ Add) graph
+        y = torch.matmul(weight.reshape(out, channels), cols)
+        if bias is not None:
+            y = y + bias.reshape(1, out, 1)
+    else:
+        w = weight.reshape(out, channels).expand(batch, out, channels)
+        y = torch.bmm(w, cols) if bias is None else torch.baddbmm(bias.reshape(1, out, 1), w, cols)
     y = y.reshape([batch, out] + list(x.shape[2:]))
     return y.squeeze(0) if unbatched else y
 

@@ -92,7 +92,8 @@ class LatencyTable:
 
     Each entry: ``kind`` (a planner method name: "svd", "spatial", "tucker", "cp", "tt"), ``layer``
     (see :func:`layer_key`), ``input_shape`` (batch first), ``rank``, ``batch``, ``threads``,
-    ``seconds`` (median), ``dense_seconds`` (the dense layer, measured interleaved), ``flops``.
+    ``memory_format``, ``seconds`` (median), ``dense_seconds`` (the dense layer, measured interleaved),
+    ``flops``.
     """
 
     entries: list[dict]
@@ -114,22 +115,26 @@ class LatencyTable:
         meta = {k: v for k, v in data.items() if k != "entries"}
         return cls(list(data["entries"]), meta)
 
-    def _matching(self, kind: str | None, dense_layer, input_shape: Sequence[int], threads: int) -> list[dict]:
+    def _matching(self, kind: str | None, dense_layer, input_shape: Sequence[int], threads: int,
+                  memory_format: str) -> list[dict]:
         key, spatial = layer_key(dense_layer), list(input_shape)[1:]
         return [e for e in self.entries
                 if (kind is None or e["kind"] == kind) and e["layer"] == key and e["threads"] == threads
-                and list(e["input_shape"])[1:] == spatial]
+                and list(e["input_shape"])[1:] == spatial
+                and e.get("memory_format", "contiguous") == memory_format]
 
-    def predict(self, kind: str, dense_layer, rank, input_shape: Sequence[int], *, threads: int = 2) -> float | None:
+    def predict(self, kind: str, dense_layer, rank, input_shape: Sequence[int], *, threads: int = 2,
+                memory_format: str = "contiguous") -> float | None:
         """Predicted seconds for the layer ``dense_layer`` factored by ``kind`` at ``rank`` (or "dense").
 
         Uses the entries of the same layer shape and input size: the nearest measured batch (scaled
         linearly to the asked batch) and linear interpolation in FLOPs between the measured ranks
         (the nearest rank's seconds per FLOP outside the measured range). ``None`` when the table
-        has no entry for this layer shape.
+        has no entry for this layer shape. ``memory_format`` is "contiguous" (NCHW) or "channels_last".
         """
         batch = int(input_shape[0])
-        candidates = self._matching(None if kind == "dense" else kind, dense_layer, input_shape, threads)
+        candidates = self._matching(None if kind == "dense" else kind, dense_layer, input_shape, threads,
+                                    memory_format)
         if not candidates:
             return None
         best_batch = min({e["batch"] for e in candidates}, key=lambda b: (abs(b - batch), -b))
