@@ -48,7 +48,7 @@ from tensorfold.decomp.sparse import (
     row_products,
     rowwise_gram,
 )
-from tensorfold.errors import ConvergenceWarning, InvalidArgumentError, RankError
+from tensorfold.errors import ConvergenceWarning, InvalidArgumentError
 
 Callback = Callable[[int, float], object]
 
@@ -185,9 +185,11 @@ def _initial_factors(data: COOTensor, ranks: Sequence[int], init: str, gen) -> l
     if init == "svd":
         factors = []
         for mode, r in enumerate(ranks):
-            if r > data.shape[mode]:
-                raise RankError(f"rank {r} exceeds mode {mode} of size {data.shape[mode]} (needed by init='svd')")
-            factors.append(_leading_subspace(data, mode, r, gen))
+            n = data.shape[mode]
+            U = _leading_subspace(data, mode, min(r, n), gen)
+            if r > n:  # a CP rank above the mode size: the extra columns start random
+                U = torch.cat([U, randn(n, r - n, generator=gen, dtype=U.dtype, device=U.device) / math.sqrt(n)], 1)
+            factors.append(U)
         return factors
     return [torch.linalg.qr(randn(n, r, generator=gen, dtype=data.dtype, device=data.device))[0]
             if r <= n else randn(n, r, generator=gen, dtype=data.dtype, device=data.device) / math.sqrt(n)
