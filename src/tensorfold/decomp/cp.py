@@ -45,8 +45,8 @@ _GUARD = {torch.float32: 3e-3, torch.float64: 1e-6}
 # Compression is worth it ("auto") when the core is this much smaller than X and X is not tiny.
 _AUTO_MIN_NUMEL = 50_000
 _AUTO_MAX_CORE_FRACTION = 0.25
-# Row blocks of this many entries bound the temporaries of direct norms and residuals (8 MB in float64).
-_BLOCK_ELEMENTS = 1 << 20
+# Row blocks of this many entries bound the temporaries of direct norms and residuals (2 MB in float64).
+_BLOCK_ELEMENTS = 1 << 18
 # Line search: jump = iteration ** (1 / power); the power grows after this many rejected jumps.
 _LS_MAX_FAIL = 4
 
@@ -145,7 +145,7 @@ def cp(
         core_sq = _norm_sq(core)
         outside_sq = max(total_sq - core_sq, 0.0)
         weights, factors = _initial(core, rank, init, gen, bases=bases)
-        core_als = _ALS(core, core_sq, total_sq, outside_sq)
+        core_als = _ALS(core, core_sq, total_sq, outside_sq, "core")
         weights, factors, core_run = core_als.run(weights, factors, n_iter_max, tol, line_search, report)
         factors = [Q @ A if Q is not None else A for Q, A in zip(bases, factors)]
         weights, factors = _normalize(weights, factors)
@@ -159,7 +159,7 @@ def cp(
         weights, factors = _initial(X, rank, init, gen)
         core_run = None
 
-    full = _ALS(X, total_sq, total_sq, 0.0)
+    full = _ALS(X, total_sq, total_sq, 0.0, "full")
     # The core phase's last fit is already the fit of the expanded model to X, so one full sweep that
     # does not change it shows convergence on the full tensor.
     previous = core_run.history[-1] if core_run else None
@@ -227,12 +227,12 @@ class _ALS:
     compression discarded (0 for the full tensor).
     """
 
-    def __init__(self, T: torch.Tensor, T_sq: float, total_sq: float, outside_sq: float):
+    def __init__(self, T: torch.Tensor, T_sq: float, total_sq: float, outside_sq: float, phase: str):
         self.T = T
         self.T_sq = T_sq
         self.total_sq = total_sq
         self.outside_sq = outside_sq
-        self.phase = "full" if outside_sq == 0.0 and T_sq == total_sq else "core"
+        self.phase = phase
         d = T.ndim
         # Split the modes where the two partial results (prod(block) x R) are smallest together.
         sizes = [math.prod(T.shape[:h]) + math.prod(T.shape[h:]) for h in range(1, d)]
