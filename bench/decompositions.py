@@ -36,11 +36,13 @@ from pathlib import Path
 THREADS = 2
 for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
     os.environ[_var] = str(THREADS)  # inherited by the spawned case processes before they load BLAS
-# OpenMP workers that spin while waiting (libgomp's default) stall torch 5-15x when the 2 cores are shared
-# with other jobs; passive waiting costs nothing on a quiet machine. It applies to every case alike (it
-# only affects OpenMP users: torch, hence tensorfold and TensorLy's pytorch backend). Set it yourself to
+# BLAS worker threads that spin while they wait stall every library 5-15x when the 2 cores are shared with
+# other jobs, and cost nothing to stop on a quiet machine. Both thread pools get the same treatment:
+# OpenMP (torch's MKL: tensorfold, TensorLy's pytorch backend) waits passively, and OpenBLAS (numpy and
+# scipy: TensorLy's numpy backend, pyttb) spins for the shortest time it allows. Set them yourself to
 # override.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -151,6 +153,8 @@ def run_case(case: dict, problems: dict, repeats: int, queue) -> None:  # runs i
             break
     peak = _rss_kb("VmHWM") if exact_peak else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     Y, n_iter = RECONSTRUCT[case["lib"]](result)
+    if n_iter is None:  # peers run exactly n_iter sweeps (tol=0)
+        n_iter = str(case.get("n_iter", "-"))
     queue.put({
         "seconds": min(times),
         "runs": len(times),
@@ -260,7 +264,12 @@ RUN = {"tensorfold": _run_tensorfold, "tensorly": _run_tensorly, "pyttb": _run_p
 
 def _rec_tensorfold(result):
     info = result.info
-    return result.to_tensor().double().numpy(), info.n_iter if info is not None else 0
+    d = info.details if info is not None else {}
+    if "core_iterations" in d:  # compressed CP: sweeps on the small core, then on the full tensor
+        sweeps = f"{d['core_iterations']} on core + {d['full_iterations']} on X"
+    else:
+        sweeps = str(info.n_iter) if info is not None and info.n_iter else "-"
+    return result.to_tensor().double().numpy(), sweeps
 
 
 def _rec_tensorly(result):
@@ -345,12 +354,12 @@ def render(rows: list[dict], ratios: list[dict]) -> str:
         if r["group"] != group:
             group = r["group"]
             lines += ["", f"**{group}** (input {r.get('input_mb', float('nan')):.0f} MB)", "",
-                      "| library | seconds | fit | iterations | extra memory (MB) |", "|---|---|---|---|---|"]
+                      "| library | seconds | fit | sweeps | extra memory (MB) |", "|---|---|---|---|---|"]
         if "error" in r:
             lines.append(f"| {r['label']} | failed: {r['error']} | | | |")
             continue
-        iters = "" if r["iterations"] is None else str(r["iterations"])
-        lines.append(f"| {r['label']} | {r['seconds']:.3f} | {r['fit']:.6f} | {iters} | {r['extra_mb']:.0f} |")
+        cells = [r["label"], f"{r['seconds']:.3f}", f"{r['fit']:.7f}", r["iterations"], f"{r['extra_mb']:.0f}"]
+        lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "| ratio (peer seconds / tensorfold seconds) | value |", "|---|---|"]
     lines += [f"| {q['name']} | {q['value']:.2f}x |" for q in ratios]
     return "\n".join(lines).lstrip()
@@ -387,7 +396,7 @@ def main(argv=None) -> int:
                 proc.kill()
             row = {**{k: v for k, v in case.items() if k != "kwargs"}, **out}
             rows.append(row)
-            status = out.get("error") or f"{out['seconds']:.3f} s, fit {out['fit']:.6f}, +{out['extra_mb']:.0f} MB"
+            status = out.get("error") or f"{out['seconds']:.3f} s, fit {out['fit']:.7f}, +{out['extra_mb']:.0f} MB"
             print(f"  {case['group']} | {case['label']}: {status}", file=sys.stderr, flush=True)
 
     by_key = {r["key"]: r for r in rows if "error" not in r}
@@ -402,9 +411,12 @@ def main(argv=None) -> int:
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}",
         "load_average": os.getloadavg(),
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+        "openblas_thread_timeout": os.environ.get("OPENBLAS_THREAD_TIMEOUT"),
+        "openblas_coretype": os.environ.get("OPENBLAS_CORETYPE"),
     }
-    print(f"\n{meta['date']}, {meta['threads']} threads, OMP_WAIT_POLICY={meta['omp_wait_policy']}, best of up to "
-          f"{repeats}, load average at end {', '.join(f'{x:.1f}' for x in meta['load_average'])}")
+    print(f"\n{meta['date']}, {meta['threads']} threads, OMP_WAIT_POLICY={meta['omp_wait_policy']}, "
+          f"OPENBLAS_THREAD_TIMEOUT={meta['openblas_thread_timeout']}, best of up to {repeats}, "
+          f"load average at end {', '.join(f'{x:.1f}' for x in meta['load_average'])}")
     if args.json:
         Path(args.json).write_text(json.dumps({"meta": meta, "rows": rows, "ratios": ratios}, indent=2,
                                               default=str))
