@@ -63,9 +63,9 @@ def test_svd_only_matches_tensorly():
 )
 def test_als_never_worse_and_beats_tensorly(shape, ranks, dtype):
     X = add_noise(random_tr(shape, ranks, seed=4).to_tensor(), 0.1).to(dtype)
-    tr = tf.tensor_ring(X, ranks, n_iter_max=15, tol=0)
+    tr = tf.tensor_ring(X, ranks, n_iter_max=8, tol=0)
     errors = [1 - f for f in tr.info.fit_history]
-    assert len(errors) == 16  # initial TR-SVD + 15 sweeps
+    assert len(errors) == 9  # initial TR-SVD + 8 sweeps
     slack = 1e-10 if dtype == torch.float64 else 1e-4
     assert all(b <= a + slack for a, b in zip(errors, errors[1:]))
     final = tf.relative_error(X.double(), tr.to(torch.float64))
