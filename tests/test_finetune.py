@@ -186,3 +186,29 @@ def test_bad_arguments(digits):
         finetune(model, inputs, teacher=model, alpha=1.5, progress=False)
     with pytest.raises(ShapeError):
         finetune(model, [(inputs[0], torch.zeros(3, dtype=torch.long))], teacher=None, progress=False)
+
+
+def test_balance_factors_keeps_the_function_and_evens_the_norms():
+    from tensorfold.compress.finetune import balance_factors
+    from tensorfold.nn import SVDConv
+
+    gen = torch.Generator().manual_seed(0)
+    model = nn.Sequential(LowRankLinear(12, 10, rank=3), nn.ReLU())
+    conv = SVDConv(nn.Conv2d(8, 6, 3, padding=1, groups=2), rank=2)
+    with torch.no_grad():
+        model[0].first.weight.copy_(torch.randn(3, 12, generator=gen) * 1e-3)
+        model[0].second.weight.copy_(torch.randn(10, 3, generator=gen) * 1e3)
+        conv.first.weight.copy_(torch.randn(conv.first.weight.shape, generator=gen) * 1e-3)
+        conv.last.weight.copy_(torch.randn(conv.last.weight.shape, generator=gen) * 1e3)
+    x, images = torch.randn(5, 12, generator=gen), torch.randn(2, 8, 5, 5, generator=gen)
+    before, before_conv = model(x), conv(images)
+    assert balance_factors(model) == 1 and balance_factors(conv) == 1
+    torch.testing.assert_close(model(x), before, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(conv(images), before_conv, rtol=1e-4, atol=1e-4)
+    n1 = model[0].first.weight.norm(dim=1)
+    n2 = model[0].second.weight.norm(dim=0)
+    torch.testing.assert_close(n1, n2)
+    c1 = conv.first.weight.flatten(1).norm(dim=1)  # (groups * rank,)
+    w2 = conv.last.weight.reshape(2, 3, 2)  # (groups, out per group, rank)
+    c2 = w2.transpose(1, 2).reshape(4, 3).norm(dim=1)
+    torch.testing.assert_close(c1, c2)

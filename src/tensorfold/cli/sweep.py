@@ -37,6 +37,7 @@ def sweep(
                                    help="Comma-separated: uniform, energy, balanced, knapsack, auto."),
     methods: str = typer.Option("svd,spatial,tucker,cp", "--methods", help="Comma-separated planner methods."),
     finetune_epochs: int = typer.Option(0, "--finetune-epochs", help="Fine-tune every point for N epochs."),
+    finetune_lr: float = typer.Option(1e-3, "--finetune-lr", help="Adam learning rate of the fine-tuning."),
     calib: int = typer.Option(256, "--calib", help="Calibration samples."),
     seed: int = typer.Option(0, "--seed", help="Seed for calibration sampling and fine-tuning."),
     threads: int = typer.Option(2, "--threads", help="CPU threads for the latency measurement."),
@@ -62,7 +63,8 @@ def sweep(
     err = stderr_console()
     result = run_sweep(
         model, budget_values, target=target, allocators=_csv(allocators, "--allocators"),
-        methods=_csv(methods, "--methods"), finetune_epochs=finetune_epochs, calib_samples=calib, seed=seed,
+        methods=_csv(methods, "--methods"), finetune_epochs=finetune_epochs, finetune_lr=finetune_lr,
+        calib_samples=calib, seed=seed,
         latency=not no_latency, threads=threads, batch_size=batch_size, progress=lambda msg: err.print(msg),
     )
     write_sweep(result, out, overwrite=overwrite)

@@ -223,6 +223,7 @@ def finetune(
     loss_fn = loss_fn or task_loss
 
     student = copy.deepcopy(compressed)
+    balance_factors(student)
     for p in student.parameters():
         p.requires_grad_(True)
     params = [p for p in student.parameters() if p.is_floating_point()]
@@ -287,6 +288,42 @@ def finetune(
             features.remove()
     student.eval()
     return student
+
+
+@torch.no_grad()
+def balance_factors(model: nn.Module) -> int:
+    """Give the two factors of every LowRankLinear / SVDConv equal norms per rank component, in place.
+
+    Data-aware fitting can leave one factor tiny and the other huge (the whitening goes to one side).
+    The layer computes the same function either way, but Adam moves every weight by about ``lr``
+    whatever its scale, so a factor with entries around 1e-3 is wiped out by the first steps. Scaling
+    component ``i`` of the first factor by ``c_i`` and of the second by ``1 / c_i`` changes nothing in
+    the outputs (no bias or nonlinearity sits between them). Returns the number of layers balanced.
+    """
+    from tensorfold.nn import LowRankLinear, SVDConv
+
+    count = 0
+    for module in model.modules():
+        if isinstance(module, LowRankLinear):
+            first, second, groups = module.first, module.second, 1
+        elif isinstance(module, SVDConv):
+            first, second, groups = module.first, module.last, module.first.groups
+        else:
+            continue
+        if first.bias is not None or second.weight.shape[1] * groups != first.weight.shape[0]:
+            continue
+        w1, w2 = first.weight, second.weight
+        rank = w2.shape[1]  # components per group
+        n1 = w1.flatten(1).norm(dim=1)  # (groups * rank,)
+        # second factor: rows of group k use its input channels k*rank .. (k+1)*rank-1 as columns 0..rank-1
+        w2g = w2.reshape(groups, w2.shape[0] // groups, rank, -1)
+        n2 = w2g.transpose(1, 2).reshape(groups * rank, -1).norm(dim=1)
+        ok = (n1 > 0) & (n2 > 0)
+        scale = torch.where(ok, (n2 / n1.where(ok, torch.ones_like(n1))).sqrt(), torch.ones_like(n1))
+        w1.mul_(scale.reshape(-1, *([1] * (w1.dim() - 1))))
+        w2g.div_(scale.reshape(groups, 1, rank, 1))
+        count += 1
+    return count
 
 
 class _Objective:

@@ -243,6 +243,9 @@ def save_weights(model: nn.Module, name: str, record: dict, folder: str | os.Pat
     path = Path(folder) / f"{name}.safetensors"
     with atomic_path(path) as tmp:
         save_file(state, str(tmp), metadata={k: str(v) for k, v in record.items()})
+    umask = os.umask(0)
+    os.umask(umask)
+    path.chmod(0o666 & ~umask)  # the temporary file was private
     return path
 
 
