@@ -7,6 +7,7 @@ layers is at most ``budget`` times their dense cost:
 - ``uniform``: the same fraction of each layer's cost (the first listed method that applies);
 - ``energy``: the same spectral energy threshold in each layer (the first method; the classic
   "keep 90% of the energy" rule, with the threshold searched so the budget is met);
+  for both, budget left over by rank granularity is spent on the layers with the largest error;
 - ``balanced``: ALDS-style, minimise the largest sensitivity-normalised layer error over all methods,
   then spend any slack on the worst layers;
 - ``knapsack`` (= ``auto``): a multiple-choice knapsack minimising the total sensitivity-weighted
@@ -209,18 +210,21 @@ def allocate(
     sens = [max(float(m.sensitivity), 0.0) for m in menus]
     mean_s = sum(sens) / len(sens) if sens else 1.0
     root_w = [math.sqrt(s / mean_s) if mean_s > 0 else 1.0 for s in sens]
-    if allocator == "uniform":
-        chosen = _uniform([_primary(m, o, methods) for m, o in zip(menus, per_layer)], target, cap)
-    elif allocator == "energy":
-        chosen = _threshold([_primary(m, o, methods) for m, o in zip(menus, per_layer)], [1.0] * len(menus),
-                            target, cap)
+    if allocator in ("uniform", "energy"):
+        primary = [_primary(m, o, methods) for m, o in zip(menus, per_layer)]
+        ones = [1.0] * len(menus)
+        chosen = _uniform(primary, target, cap) if allocator == "uniform" else _threshold(primary, ones, target, cap)
+        # rank granularity leaves slack on small models: spend it where the error is largest
+        chosen = _fill_slack(primary, ones, chosen, target, cap)
     elif allocator == "balanced":
         chosen = _threshold(per_layer, root_w, target, cap)
         chosen = _fill_slack(per_layer, root_w, chosen, target, cap)
     else:
         chosen = _knapsack(per_layer, sens, target, cap)
         if chosen is None:  # rounding made the smallest choice infeasible: fall back to the balanced search
-            chosen = _fill_slack(per_layer, root_w, _threshold(per_layer, root_w, target, cap), target, cap)
+            chosen = _threshold(per_layer, root_w, target, cap)
+        # costs were rounded up on the grid: spend what that left over (each step lowers the objective)
+        chosen = _fill_slack(per_layer, root_w, chosen, target, cap)
     total = sum(_cost(c, target) for c in chosen)
     if total > cap * (1 + 1e-9):
         raise NotCompressibleError(

@@ -20,6 +20,7 @@ shape, otherwise it is measured on the spot (skeleton layers at a few ranks, int
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -27,7 +28,7 @@ import torch
 from torch import nn
 
 from tensorfold.compress.calibration import GramStats, relative_tail_errors, whitened_spectrum
-from tensorfold.errors import TensorfoldError
+from tensorfold.errors import ConvergenceWarning, TensorfoldError
 from tensorfold.nn import FactorizedLayer, LowRankLinear, dense_flops, dense_params, layer_class_for
 from tensorfold.nn.base import DenseSpec
 
@@ -36,8 +37,10 @@ SVD_GRID = 64
 MEASURED_FRACTIONS = {
     "tucker": (0.03, 0.06, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9),
     "tt": (0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9),
-    "cp": (0.03, 0.06, 0.1, 0.2, 0.3, 0.45, 0.6, 0.8),
+    "cp": (0.05, 0.1, 0.2, 0.35, 0.5, 0.7),
 }
+# CP-ALS sweeps when sizing CP candidates (apply() refits the chosen rank with the layer's default).
+CP_CANDIDATE_SWEEPS = 50
 
 
 @dataclass(frozen=True)
@@ -169,9 +172,11 @@ def _measured_candidates(method, cls, layer, opts, gram):
         if key in seen:
             continue
         seen.add(key)
+        build_opts = dict(opts, n_iter_max=CP_CANDIDATE_SWEEPS) if method == "cp" else opts
         try:
-            with torch.no_grad():
-                built = cls.from_dense(layer, rank, **opts)
+            with torch.no_grad(), warnings.catch_warnings():
+                warnings.simplefilter("ignore", ConvergenceWarning)  # a candidate's error is measured anyway
+                built = cls.from_dense(layer, rank, **build_opts)
                 err, calibrated = _output_error(layer, built.dense_weight(), gram)
         except TensorfoldError:
             continue
