@@ -17,7 +17,8 @@ tensorfold runs ``complete(method="als")`` (ALS on the observed cells, spectral 
 HALS: nonnegative rank-10 CP of a 150^3 nonnegative tensor (rank 10 plus 5% uniform noise). TensorLy's
 ``non_negative_parafac_hals`` runs 100 iterations from a given random start; tensorfold's
 ``nonnegative_cp`` starts from the same factors and stops as soon as its fit reaches TensorLy's final
-fit ("time to equal fit"). Seconds are the best of ``--repeats`` runs.
+fit to 1e-6 ("time to equal fit"; both follow the same HALS trajectory, so exact equality is a matter of
+the last digits of two differently computed errors). Seconds are the best of ``--repeats`` runs.
 """
 
 from __future__ import annotations
@@ -152,7 +153,7 @@ def run_hals(n, rank, n_iter, repeats, rows):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 return tf.nonnegative_cp(Xd, rank, init=sd, n_iter_max=10 * n_iter, tol=0,
-                                         callback=lambda it, fit: fit >= fit_tl)
+                                         callback=lambda it, fit: fit >= fit_tl - 1e-6)
 
         secs, res = best_of(repeats, ours)
         rows.append({"case": f"HALS {n}^3 rank {rank}",

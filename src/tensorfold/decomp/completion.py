@@ -17,8 +17,9 @@ never touches unobserved cells and converges in far fewer sweeps at low observat
 ``method="wopt"`` (CP): CP-WOPT (Acar, Dunlavy, Kolda, Morup 2011): L-BFGS on the weighted least
 squares objective ``0.5 ||W * (X - [[A_1..A_d]])||^2`` with the gradient from sparse MTTKRPs.
 
-Both start from a spectral initialisation: the leading left singular vectors of each sparse unfolding,
-found by a randomized range finder that only multiplies with the observed entries.
+Both start by default from a spectral initialisation: the leading left singular vectors of each
+zero-filled sparse unfolding, found by a randomized range finder that only multiplies with the observed
+entries (``init="random"`` is cheaper but more often ends in a poor local minimum).
 
 >>> import tensorfold as tf
 >>> X = tf.testing.random_cp((20, 20, 20), rank=2, seed=0).to_tensor()
@@ -43,10 +44,10 @@ from tensorfold.decomp.results import CPTensor, FitInfo, TuckerTensor
 from tensorfold.decomp.sparse import (
     _CHUNK_SCALARS,
     COOTensor,
+    RowBlocks,
     as_coo,
     observed,
     row_products,
-    rowwise_gram,
 )
 from tensorfold.errors import ConvergenceWarning, InvalidArgumentError
 
@@ -83,7 +84,9 @@ def complete(
     method:
         ``"als"`` (CP or Tucker) or ``"wopt"`` (CP only, L-BFGS on the masked objective).
     init:
-        ``"svd"`` (spectral: leading singular vectors of the sparse unfoldings) or ``"random"``.
+        ``"svd"`` (spectral: the leading singular vectors of the zero-filled sparse unfoldings; costs a
+        few sparse products, and avoids most bad local minima) or ``"random"`` (orthonormalised
+        Gaussian columns, scaled to the data).
     n_iter_max, tol:
         Sweep limit, and stop when the relative error on the observed entries changes by less than
         ``tol`` between sweeps (or falls below ``tol``).
@@ -238,19 +241,18 @@ def _cp_als(data, rank, init, n_iter_max, tol, reg, gen, callback, start) -> CPT
     factors = _cp_scale(data, _initial_factors(data, [rank] * data.ndim, init, gen))
     data_norm = data.norm() or 1.0
     # Rows of each factor at the observed cells; after a factor update only its own rows change.
-    gathered = [f.index_select(0, data.indices[:, m]) for m, f in enumerate(factors)]
+    gathered = [f[data.indices[:, m]] for m, f in enumerate(factors)]
+    blocks = [RowBlocks(data.indices[:, m], n) for m, n in enumerate(data.shape)]
     history: list[float] = []
     converged = False
     err_prev = math.inf
     for it in range(n_iter_max):
         for mode in range(data.ndim):
-            K = _product(gathered, skip=mode)
-            rows = data.indices[:, mode]
-            G = rowwise_gram(rows, K.__getitem__, data.shape[mode], rank, data.nnz, data.dtype, data.device)
-            rhs = torch.zeros(data.shape[mode], rank, dtype=data.dtype, device=data.device)
-            rhs.index_add_(0, rows, K * data.values[:, None])
+            buffer = blocks[mode].workspace(rank, data.values)
+            _product(gathered, skip=mode, out=buffer[:-1, :rank])
+            G, rhs = blocks[mode].gram_and_rhs_of(buffer)
             factors[mode] = _ridge_solve(G, rhs, reg)
-            gathered[mode] = factors[mode].index_select(0, rows)
+            gathered[mode] = factors[mode][data.indices[:, mode]]
         err = _observed_error(data, _product(gathered).sum(1), data_norm)
         history.append(1.0 - err)
         stop = callback is not None and bool(callback(it + 1, 1.0 - err))
@@ -266,11 +268,17 @@ def _cp_als(data, rank, init, n_iter_max, tol, reg, gen, callback, start) -> CPT
     return CPTensor(weights, tuple(factors), info).normalize()
 
 
-def _product(gathered: list[torch.Tensor], skip: int | None = None) -> torch.Tensor:
-    out = None
-    for m, g in enumerate(gathered):
-        if m != skip:
-            out = g if out is None else out * g
+def _product(gathered: list[torch.Tensor], skip: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Elementwise product of the gathered rows of every mode except ``skip`` (written into ``out`` if given)."""
+    terms = [g for m, g in enumerate(gathered) if m != skip]
+    if out is None:
+        out = terms[0].clone() if len(terms) == 1 else terms[0] * terms[1]
+    elif len(terms) == 1:
+        out.copy_(terms[0])
+    else:
+        torch.mul(terms[0], terms[1], out=out)
+    for g in terms[2:]:
+        out.mul_(g)
     return out
 
 
@@ -397,6 +405,7 @@ def _tucker_values(data: COOTensor, core, factors) -> torch.Tensor:
 def _tucker_als(data, ranks, init, n_iter_max, tol, reg, gen, callback, start) -> TuckerTensor:
     factors = _initial_factors(data, ranks, init, gen)
     core = _tucker_core(data, factors, ranks, reg)
+    blocks = [RowBlocks(data.indices[:, m], n) for m, n in enumerate(data.shape)]
     data_norm = data.norm() or 1.0
     history: list[float] = []
     converged = False
@@ -404,14 +413,8 @@ def _tucker_als(data, ranks, init, n_iter_max, tol, reg, gen, callback, start) -
     err = math.inf
     for it in range(n_iter_max):
         for mode in range(data.ndim):
-            rows = data.indices[:, mode]
-            def features(sl, mode=mode, core=core):
-                return _tucker_features(core, factors, data.indices, mode, sl)
-
-            G = rowwise_gram(rows, features, data.shape[mode], ranks[mode], data.nnz, data.dtype, data.device)
             K = _tucker_features(core, factors, data.indices, mode, slice(None))
-            rhs = torch.zeros(data.shape[mode], ranks[mode], dtype=data.dtype, device=data.device)
-            rhs.index_add_(0, rows, K * data.values[:, None])
+            G, rhs = blocks[mode].gram_and_rhs(K, data.values)
             U = _ridge_solve(G, rhs, reg)
             # Keep factors orthonormal (the core absorbs the triangular part) so the problems stay
             # well conditioned.

@@ -165,20 +165,62 @@ def sparse_mttkrp(coo: COOTensor, factors: Sequence[torch.Tensor], mode: int,
     return out.index_add_(0, coo.indices[:, mode], K * vals[:, None])
 
 
-def rowwise_gram(rows: torch.Tensor, features_fn, n_rows: int, width: int, nnz: int,
-                 dtype: torch.dtype, device) -> torch.Tensor:
-    """``G[i] = sum_{k: rows[k] == i} f_k f_k^T`` for feature rows ``f_k = features_fn(slice)``, chunked.
+class RowBlocks:
+    """The observations of every row of one mode, laid out for batched per-row Gram matrices.
 
-    Returns ``(n_rows, width, width)``; the ``(chunk, width, width)`` temporary is bounded by
-    ``_CHUNK_SCALARS`` scalars.
+    Row ``i``'s least-squares problem needs ``G_i = sum_k f_k f_k^T`` over its observations ``k``.
+    Forming all ``f_k f_k^T`` (nnz x R^2) is memory-bound and slow; instead the rows are grouped in
+    buckets of similar observation counts (counts in ``(2^(b-1), 2^b]``), each bucket's observations are
+    gathered into a zero-padded ``(rows, cap, R)`` block and ``G`` comes from one batched GEMM per
+    bucket. Padding at most doubles the gathered size, whatever the count distribution.
+    Built once per mode from the row index of every observation.
     """
-    G = torch.zeros(n_rows, width * width, dtype=dtype, device=device)
-    step = max(1, _CHUNK_SCALARS // max(width * width, 1))
-    for start in range(0, nnz, step):
-        sl = slice(start, min(start + step, nnz))
-        F = features_fn(sl)
-        G.index_add_(0, rows[sl], (F[:, :, None] * F[:, None, :]).reshape(F.shape[0], -1))
-    return G.reshape(n_rows, width, width)
+
+    def __init__(self, rows: torch.Tensor, n_rows: int):
+        nnz = rows.shape[0]
+        self.n_rows, self.nnz = n_rows, nnz
+        counts = torch.bincount(rows, minlength=n_rows)
+        order = torch.argsort(rows, stable=True)
+        starts = torch.cumsum(counts, 0) - counts
+        observed_rows = counts > 0
+        level = torch.ceil(torch.log2(counts.clamp_min(1).double())).long()
+        self.buckets: list[tuple[torch.Tensor, torch.Tensor]] = []
+        for b in torch.unique(level[observed_rows]).tolist():
+            sel = (observed_rows & (level == b)).nonzero().squeeze(1)
+            cap = int(counts[sel].max())
+            offsets = torch.arange(cap, device=rows.device)
+            positions = (starts[sel][:, None] + offsets[None, :]).clamp_max(nnz - 1)
+            valid = offsets[None, :] < counts[sel][:, None]
+            # index nnz points at the zero row appended to the features: padding adds nothing
+            self.buckets.append((sel, torch.where(valid, order[positions], nnz)))
+
+    def gram_and_rhs(self, features: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-row ``G_i = sum f_k f_k^T`` (n_rows, R, R) and ``b_i = sum y_k f_k`` (n_rows, R)."""
+        R = features.shape[1]
+        buffer = self.workspace(R, values)
+        buffer[:-1, :R] = features
+        return self.gram_and_rhs_of(buffer)
+
+    def workspace(self, width: int, values: torch.Tensor) -> torch.Tensor:
+        """A reusable ``(nnz + 1, width + 1)`` buffer: features go in ``[:-1, :width]``; the last column holds
+        the values and the last row stays zero (the padding target)."""
+        buf = getattr(self, "_buffer", None)
+        if buf is None or buf.shape[1] != width + 1 or buf.dtype != values.dtype or buf.device != values.device:
+            buf = values.new_zeros(self.nnz + 1, width + 1)
+            buf[:-1, width] = values
+            self._buffer = buf
+        return buf
+
+    def gram_and_rhs_of(self, buffer: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        R = buffer.shape[1] - 1
+        G = buffer.new_zeros(self.n_rows, R, R)
+        rhs = buffer.new_zeros(self.n_rows, R)
+        for sel, gather in self.buckets:
+            block = buffer[gather]  # (rows, cap, R + 1)
+            prod = block[..., :R].transpose(1, 2) @ block  # (rows, R, R + 1): [G_i | b_i]
+            G[sel] = prod[..., :R]
+            rhs[sel] = prod[..., R]
+        return G, rhs
 
 
 def split_holdout(coo: COOTensor, fraction: float, *, seed: int = 0) -> tuple[COOTensor, COOTensor]:
