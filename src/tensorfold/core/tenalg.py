@@ -47,8 +47,17 @@ def mode_dot(X: torch.Tensor, M: torch.Tensor, mode: int, *, transpose: bool = F
             f"matrix of shape {tuple(M.shape)} cannot multiply mode {mode} of size {X.shape[mode]}"
             + (" (transposed)" if transpose else "")
         )
-    out = torch.tensordot(X, M, dims=([mode], [inner]))  # new mode is last
-    return out.movedim(-1, mode)
+    # GEMMs on row-major views of X, seen as (before, I_mode, after): no copy of X for any mode
+    # (tensordot would permute X for a middle mode), and a contiguous result.
+    A = M.T if transpose else M  # (J, I_mode)
+    before, n, after = _prod(X.shape[:mode]), X.shape[mode], _prod(X.shape[mode + 1 :])
+    if after == 1:
+        out = X.reshape(before, n) @ A.T
+    elif before == 1:
+        out = A @ X.reshape(n, after)
+    else:
+        out = torch.matmul(A, X.reshape(before, n, after))
+    return out.reshape(*X.shape[:mode], A.shape[0], *X.shape[mode + 1 :])
 
 
 def multi_mode_dot(

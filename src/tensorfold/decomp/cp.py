@@ -34,7 +34,7 @@ import torch
 
 from tensorfold.core.mttkrp import mttkrp, mttkrp_from_partial, partial_mttkrp
 from tensorfold.core.svd import truncated_svd
-from tensorfold.core.tenalg import khatri_rao
+from tensorfold.core.tenalg import khatri_rao, mode_dot
 from tensorfold.core.validate import check_choice, check_positive, check_rank, check_tensor, make_generator, randn
 from tensorfold.decomp.results import CPTensor, FitInfo
 from tensorfold.errors import ConvergenceWarning, InvalidArgumentError, ShapeError
@@ -439,7 +439,7 @@ def _sketch(T, mode, k, gen, n_power) -> torch.Tensor:
     S = mttkrp(T, omegas, mode)
     for _ in range(n_power):
         Q, _ = torch.linalg.qr(S)
-        S = _mode_times_unfolding(T, _mode_project(T, Q, mode), mode)
+        S = _mode_times_unfolding(T, mode_dot(T, Q, mode, transpose=True), mode)
     return S
 
 
@@ -453,7 +453,7 @@ def _compress(X, core_ranks, gen, n_power: int = 1):
         if k >= T.shape[mode]:
             continue
         Q, _ = torch.linalg.qr(_sketch(T, mode, k, gen, n_power))
-        T = _mode_project(T, Q, mode)
+        T = mode_dot(T, Q, mode, transpose=True)
         bases[mode] = Q
     return T, bases
 
@@ -462,18 +462,6 @@ def _split(T, mode):
     a = math.prod(T.shape[:mode])
     b = math.prod(T.shape[mode + 1 :])
     return a, T.shape[mode], b
-
-
-def _mode_project(T, Q, mode) -> torch.Tensor:
-    """``T x_mode Q^T`` for Q of shape ``(T.shape[mode], k)``, by GEMMs on views of T (no copy of T)."""
-    a, n, b = _split(T, mode)
-    k = Q.shape[1]
-    new_shape = (*T.shape[:mode], k, *T.shape[mode + 1 :])
-    if a == 1:
-        return (Q.T @ T.reshape(n, b)).reshape(new_shape)
-    if b == 1:
-        return (T.reshape(a, n) @ Q).reshape(new_shape)
-    return torch.matmul(Q.T, T.reshape(a, n, b)).reshape(new_shape)
 
 
 def _mode_times_unfolding(T, Z, mode) -> torch.Tensor:
