@@ -56,7 +56,7 @@ def test_matrix_and_rank_one():
 @pytest.mark.parametrize("compress", [False, True])
 def test_fit_history_monotone_without_line_search(compress):
     X = add_noise(random_cp((20, 21, 22), 4, seed=7).to_tensor(), 0.1, seed=8)
-    result = cp(X, 4, init="random", n_iter_max=40, tol=0, line_search=False, compress=compress, seed=1)
+    result = cp(X, 4, init="random", n_iter_max=15, tol=0, line_search=False, compress=compress, seed=1)
     assert result.info.details["compressed"] is compress
     fits = np.array(result.info.fit_history)
     assert len(fits) == result.info.n_iter >= 2
@@ -223,3 +223,14 @@ def test_lossy_compression_is_repaired_on_the_full_tensor():
     assert details["refinement_gain"] > 1e-3
     assert details["full_iterations"] > 1
     assert abs(tf.relative_error(X, lossy) - tf.relative_error(X, plain)) < 1e-7
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cuda_matches_cpu(dtype):
+    X = add_noise(random_cp((30, 31, 32), 3, seed=22, dtype=dtype).to_tensor(), 0.01)
+    cpu = cp(X, 3, seed=0, compress=True)
+    gpu = cp(X.cuda(), 3, seed=0, compress=True)
+    assert gpu.device.type == "cuda" and gpu.info.details["device"].startswith("cuda")
+    bound = 1e-5 if dtype == torch.float32 else 1e-9
+    assert abs(tf.relative_error(X, gpu.to("cpu")) - tf.relative_error(X, cpu)) < bound

@@ -141,19 +141,8 @@ def cp(
     }
 
     if use_core:
-        core, bases = _compress(X, core_ranks, gen)
-        core_sq = _norm_sq(core)
-        outside_sq = max(total_sq - core_sq, 0.0)
-        weights, factors = _initial(core, rank, init, gen, bases=bases)
-        core_als = _ALS(core, core_sq, total_sq, outside_sq, "core")
-        weights, factors, core_run = core_als.run(weights, factors, n_iter_max, tol, line_search, report)
-        factors = [Q @ A if Q is not None else A for Q, A in zip(bases, factors)]
-        weights, factors = _normalize(weights, factors)
-        details.update(
-            core_shape=list(core.shape),
-            core_iterations=core_run.n_iter,
-            compression_residual=math.sqrt(outside_sq / total_sq),
-            fit_after_core=core_run.history[-1],
+        weights, factors, core_run = _core_phase(
+            X, rank, init, gen, core_ranks, total_sq, (n_iter_max, tol, line_search, report), details
         )
     else:
         weights, factors = _initial(X, rank, init, gen)
@@ -189,6 +178,24 @@ def cp(
         details=details,
     )
     return CPTensor(weights, tuple(factors), info)
+
+
+def _core_phase(X, rank, init, gen, core_ranks, total_sq, als_options, details):
+    """Compress X, run ALS on the core, return the expanded (weights, factors) and the core run."""
+    core, bases = _compress(X, core_ranks, gen)
+    core_sq = _norm_sq(core)
+    outside_sq = max(total_sq - core_sq, 0.0)
+    weights, factors = _initial(core, rank, init, gen, bases=bases)
+    weights, factors, run = _ALS(core, core_sq, total_sq, outside_sq, "core").run(weights, factors, *als_options)
+    factors = [Q @ A if Q is not None else A for Q, A in zip(bases, factors)]
+    weights, factors = _normalize(weights, factors)
+    details.update(
+        core_shape=list(core.shape),
+        core_iterations=run.n_iter,
+        compression_residual=math.sqrt(outside_sq / total_sq),
+        fit_after_core=run.history[-1],
+    )
+    return weights, factors, run
 
 
 # --------------------------------------------------------------------------------------------------
