@@ -33,13 +33,14 @@ from __future__ import annotations
 
 import math
 import time
-import warnings
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 
 import torch
 
 from tensorfold.core.svd import truncated_svd
 from tensorfold.core.validate import check_choice, check_positive, check_rank, make_generator, randn
+from tensorfold.decomp.iteration import FitTracker
 from tensorfold.decomp.results import CPTensor, FitInfo, TuckerTensor
 from tensorfold.decomp.sparse import (
     _CHUNK_SCALARS,
@@ -49,7 +50,7 @@ from tensorfold.decomp.sparse import (
     observed,
     row_products,
 )
-from tensorfold.errors import ConvergenceWarning, InvalidArgumentError
+from tensorfold.errors import InvalidArgumentError
 
 Callback = Callable[[int, float], object]
 
@@ -226,13 +227,6 @@ def _ridge_solve(G: torch.Tensor, rhs: torch.Tensor, reg: float) -> torch.Tensor
     return torch.linalg.lstsq(G + lam * eye, rhs.unsqueeze(-1)).solution.squeeze(-1)
 
 
-def _settled(err_prev: float, err: float, tol: float, dtype: torch.dtype) -> bool:
-    """Stop when the observed error is below tol, changes by less than tol relative to itself, or changes
-    by less than the dtype's resolution (the relative error cannot be resolved any finer)."""
-    change = abs(err_prev - err)
-    return err < tol or change < tol * err or change < 10 * torch.finfo(dtype).eps
-
-
 def _observed_error(data: COOTensor, model_values: torch.Tensor, data_norm: float) -> float:
     return float(torch.linalg.vector_norm((model_values - data.values).double())) / data_norm
 
@@ -243,28 +237,20 @@ def _cp_als(data, rank, init, n_iter_max, tol, reg, gen, callback, start) -> CPT
     # Rows of each factor at the observed cells; after a factor update only its own rows change.
     gathered = [f[data.indices[:, m]] for m, f in enumerate(factors)]
     blocks = [RowBlocks(data.indices[:, m], n) for m, n in enumerate(data.shape)]
-    history: list[float] = []
-    converged = False
-    err_prev = math.inf
-    for it in range(n_iter_max):
+    tracker = FitTracker("complete (CP-ALS)", n_iter_max=n_iter_max, tol=tol, callback=callback, relative=True,
+                         dtype=data.dtype)
+    for _ in range(n_iter_max):
         for mode in range(data.ndim):
             buffer = blocks[mode].workspace(rank, data.values)
             _product(gathered, skip=mode, out=buffer[:-1, :rank])
             G, rhs = blocks[mode].gram_and_rhs_of(buffer)
             factors[mode] = _ridge_solve(G, rhs, reg)
             gathered[mode] = factors[mode][data.indices[:, mode]]
-        err = _observed_error(data, _product(gathered).sum(1), data_norm)
-        history.append(1.0 - err)
-        stop = callback is not None and bool(callback(it + 1, 1.0 - err))
-        if _settled(err_prev, err, tol, data.dtype) or stop:
-            converged = not stop or err < tol
+        if tracker.update(_observed_error(data, _product(gathered).sum(1), data_norm)):
             break
-        err_prev = err
-    if not converged and not stop:
-        warnings.warn(f"complete (CP-ALS) stopped after {n_iter_max} sweeps before meeting tol={tol}",
-                      ConvergenceWarning, stacklevel=3)
+    tracker.finish()
     weights = torch.ones(rank, dtype=data.dtype, device=data.device)
-    info = _info("complete-cp-als", history, converged, start, data, err)
+    info = _info("complete-cp-als", tracker, start, data)
     return CPTensor(weights, tuple(factors), info).normalize()
 
 
@@ -282,14 +268,14 @@ def _product(gathered: list[torch.Tensor], skip: int | None = None, out: torch.T
     return out
 
 
-def _info(method, history, converged, start, data, err) -> FitInfo:
+def _info(method: str, tracker: FitTracker, start: float, data: COOTensor, **details) -> FitInfo:
     return FitInfo(
         method=method,
-        n_iter=len(history),
-        converged=converged,
-        fit_history=tuple(history),
+        n_iter=len(tracker.history),
+        converged=tracker.converged,
+        fit_history=tuple(tracker.history),
         seconds=time.perf_counter() - start,
-        details={"nnz": data.nnz, "density": data.density, "observed_relative_error": err},
+        details={"nnz": data.nnz, "density": data.density, "observed_relative_error": tracker.error, **details},
     )
 
 
@@ -305,7 +291,7 @@ def _cp_wopt(data, rank, init, n_iter_max, tol, reg, gen, callback, start) -> CP
     factors = [f / data_norm ** (1.0 / data.ndim) for f in factors]
     y = data.values / data_norm
     sizes = [f.numel() for f in factors]
-    history: list[float] = []
+    tracker = FitTracker("complete (CP-WOPT)", n_iter_max=n_iter_max, tol=tol, callback=callback)
 
     def unpack(x: np.ndarray) -> list[torch.Tensor]:
         flat = torch.from_numpy(x).to(dtype=data.dtype, device=data.device)
@@ -330,30 +316,33 @@ def _cp_wopt(data, rank, init, n_iter_max, tol, reg, gen, callback, start) -> CP
             suffix = suffix * gathered[m]
         return loss, torch.cat(grads).double().cpu().numpy()
 
-    def progress(x):
-        err = math.sqrt(2 * loss_and_grad(x)[0])  # relative error on observed cells (unit data norm)
-        history.append(1.0 - err)
-        if callback is not None and bool(callback(len(history), 1.0 - err)):
+    def progress(intermediate_result):  # scipy passes the iterate's objective: no extra evaluation
+        # 0.5 * squared relative error on the observed cells (unit data norm), plus the tiny ridge term
+        tracker.update(math.sqrt(max(2 * float(intermediate_result.fun), 0.0)))
+        if tracker.stopped:
             raise StopIteration
 
     x0 = torch.cat([f.reshape(-1) for f in factors]).double().cpu().numpy()
     eps = float(torch.finfo(data.dtype).eps)
     options = {"maxiter": n_iter_max, "maxcor": 20, "ftol": max(tol, eps) ** 2, "gtol": max(tol, eps) * 1e-2}
-    res = minimize(loss_and_grad, x0, jac=True, method="L-BFGS-B", options=options,
-                   callback=progress if callback is not None else None)
+    res = minimize(loss_and_grad, x0, jac=True, method="L-BFGS-B", options=options, callback=progress)
     factors = unpack(res.x)
     factors[0] = factors[0] * data_norm
     err = _observed_error(data, row_products(factors, data.indices).sum(1), data_norm)
-    if not history or history[-1] != 1.0 - err:
-        history.append(1.0 - err)
-    converged = bool(res.success) or err < tol
-    if not converged and res.nit >= n_iter_max:
-        warnings.warn(f"complete (CP-WOPT) used all {n_iter_max} L-BFGS iterations", ConvergenceWarning,
-                      stacklevel=3)
+    if tracker.history:
+        tracker.history[-1] = 1.0 - err  # the exact value, without the ridge term
+    else:
+        tracker.history.append(1.0 - err)
+    tracker.error = err
+    # L-BFGS-B has its own stopping rules (on the objective and the projected gradient).
+    tracker.converged = bool(res.success) or err < tol
+    if res.nit < n_iter_max:
+        tracker.stopped = tracker.stopped or not tracker.converged  # stopped by the callback or the line search
+    tracker.finish()
     weights = torch.ones(rank, dtype=data.dtype, device=data.device)
-    info = _info("complete-cp-wopt", history, converged, start, data, err)
-    info = FitInfo(info.method, int(res.nit), converged, info.fit_history, info.seconds,
-                   {**info.details, "function_evaluations": int(res.nfev), "solver_message": str(res.message)})
+    info = _info("complete-cp-wopt", tracker, start, data, function_evaluations=int(res.nfev),
+                 solver_message=str(res.message))
+    info = replace(info, n_iter=int(res.nit))
     return CPTensor(weights, tuple(factors), info).normalize()
 
 
@@ -407,11 +396,9 @@ def _tucker_als(data, ranks, init, n_iter_max, tol, reg, gen, callback, start) -
     core = _tucker_core(data, factors, ranks, reg)
     blocks = [RowBlocks(data.indices[:, m], n) for m, n in enumerate(data.shape)]
     data_norm = data.norm() or 1.0
-    history: list[float] = []
-    converged = False
-    err_prev = math.inf
-    err = math.inf
-    for it in range(n_iter_max):
+    tracker = FitTracker("complete (Tucker-ALS)", n_iter_max=n_iter_max, tol=tol, callback=callback,
+                         relative=True, dtype=data.dtype)
+    for _ in range(n_iter_max):
         for mode in range(data.ndim):
             K = _tucker_features(core, factors, data.indices, mode, slice(None))
             G, rhs = blocks[mode].gram_and_rhs(K, data.values)
@@ -422,15 +409,8 @@ def _tucker_als(data, ranks, init, n_iter_max, tol, reg, gen, callback, start) -
             factors[mode] = Q
             core = torch.tensordot(Rt, core, dims=([1], [mode])).movedim(0, mode)
         core = _tucker_core(data, factors, ranks, reg)
-        err = _observed_error(data, _tucker_values(data, core, factors), data_norm)
-        history.append(1.0 - err)
-        stop = callback is not None and bool(callback(it + 1, 1.0 - err))
-        if _settled(err_prev, err, tol, data.dtype) or stop:
-            converged = not stop or err < tol
+        if tracker.update(_observed_error(data, _tucker_values(data, core, factors), data_norm)):
             break
-        err_prev = err
-    if not converged and not stop:
-        warnings.warn(f"complete (Tucker-ALS) stopped after {n_iter_max} sweeps before meeting tol={tol}",
-                      ConvergenceWarning, stacklevel=3)
-    info = _info("complete-tucker-als", history, converged, start, data, err)
+    tracker.finish()
+    info = _info("complete-tucker-als", tracker, start, data)
     return TuckerTensor(core, tuple(factors), info)

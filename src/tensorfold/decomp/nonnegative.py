@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import math
 import time
-import warnings
 from collections.abc import Callable, Sequence
 
 import torch
@@ -38,8 +37,9 @@ from tensorfold.core.validate import (
     check_tensor,
     make_generator,
 )
+from tensorfold.decomp.iteration import FitTracker
 from tensorfold.decomp.results import CPTensor, FitInfo, TuckerTensor
-from tensorfold.errors import ConvergenceWarning, InvalidArgumentError, InvalidTensorError, ShapeError
+from tensorfold.errors import InvalidArgumentError, InvalidTensorError, ShapeError
 
 Callback = Callable[[int, float], object]
 
@@ -92,9 +92,8 @@ def nonnegative_cp(
     start = time.perf_counter()
     factors = _initial_cp(X, rank, init, seed)
     x_norm_sq = float(torch.linalg.vector_norm(X).double() ** 2)
-    history: list[float] = []
-    converged, err_prev = False, math.inf
-    for it in range(n_iter_max):
+    tracker = FitTracker("nonnegative_cp", n_iter_max=n_iter_max, tol=tol, callback=callback)
+    for _ in range(n_iter_max):
         for mode in range(X.ndim):
             V = cp_gram(factors, skip=mode)
             M = mttkrp(X, factors, mode)
@@ -104,18 +103,11 @@ def nonnegative_cp(
         model_sq = float(cp_gram(factors).sum())
         cross = float((M * factors[-1]).sum())
         factors = _balance(factors)
-        err = math.sqrt(max(x_norm_sq - 2 * cross + model_sq, 0.0) / x_norm_sq) if x_norm_sq else 0.0
-        history.append(1.0 - err)
-        stop = callback is not None and bool(callback(it + 1, 1.0 - err))
-        if abs(err_prev - err) < tol or stop:
-            converged = not stop
+        if tracker.update(_relative_error(x_norm_sq, cross, model_sq)):
             break
-        err_prev = err
-    if not converged and callback is None:
-        warnings.warn(f"nonnegative_cp stopped after {n_iter_max} iterations before meeting tol={tol}",
-                      ConvergenceWarning, stacklevel=2)
-    info = FitInfo("nonnegative-cp-hals", len(history), converged, tuple(history), time.perf_counter() - start,
-                   {"n_inner": n_inner})
+    tracker.finish()
+    info = FitInfo("nonnegative-cp-hals", len(tracker.history), tracker.converged, tuple(tracker.history),
+                   time.perf_counter() - start, {"n_inner": n_inner})
     weights = torch.ones(rank, dtype=X.dtype, device=X.device)
     return CPTensor(weights, tuple(factors), info).normalize()
 
@@ -148,6 +140,11 @@ def hals_columns(M: torch.Tensor, V: torch.Tensor, A: torch.Tensor, n_sweeps: in
         elif change <= 1e-2 * first_change:
             break
     return A
+
+
+def _relative_error(x_norm_sq: float, cross: float, model_sq: float) -> float:
+    """``||X - M|| / ||X||`` from ``||X||^2``, ``<X, M>`` and ``||M||^2``."""
+    return math.sqrt(max(x_norm_sq - 2 * cross + model_sq, 0.0) / x_norm_sq) if x_norm_sq else 0.0
 
 
 def _balance(factors: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -251,9 +248,8 @@ def nonnegative_tucker(
     projected = multi_mode_dot(X, factors, transpose=True)
     core = _nonnegative_core(projected, [U.T @ U for U in factors], projected.clamp_min(0), n_steps=core_steps)
     x_norm_sq = float(torch.linalg.vector_norm(X).double() ** 2)
-    history: list[float] = []
-    converged, err_prev = False, math.inf
-    for it in range(n_iter_max):
+    tracker = FitTracker("nonnegative_tucker", n_iter_max=n_iter_max, tol=tol, callback=callback)
+    for _ in range(n_iter_max):
         for mode in range(X.ndim):
             grams = [U.T @ U for U in factors]
             # X_(n) ~ U_n B^T with B = (kron of the other U) G_(n)^T, never formed:
@@ -273,17 +269,10 @@ def nonnegative_tucker(
         core = _nonnegative_core(projected, grams, core, n_steps=core_steps)
         model_sq = float((core * multi_mode_dot(core, grams)).sum())
         cross = float((core * projected).sum())
-        err = math.sqrt(max(x_norm_sq - 2 * cross + model_sq, 0.0) / x_norm_sq) if x_norm_sq else 0.0
-        history.append(1.0 - err)
-        stop = callback is not None and bool(callback(it + 1, 1.0 - err))
-        if abs(err_prev - err) < tol or stop:
-            converged = not stop
+        if tracker.update(_relative_error(x_norm_sq, cross, model_sq)):
             break
-        err_prev = err
-    if not converged and callback is None:
-        warnings.warn(f"nonnegative_tucker stopped after {n_iter_max} iterations before meeting tol={tol}",
-                      ConvergenceWarning, stacklevel=2)
-    info = FitInfo("nonnegative-tucker-hals", len(history), converged, tuple(history),
+    tracker.finish()
+    info = FitInfo("nonnegative-tucker-hals", len(tracker.history), tracker.converged, tuple(tracker.history),
                    time.perf_counter() - start, {"n_inner": n_inner})
     return TuckerTensor(core, tuple(factors), info)
 
