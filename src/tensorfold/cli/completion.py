@@ -55,19 +55,41 @@ def load_observations(input_path: Path, *, mask_path: Path | None, coo: bool, ke
     return observed(X.to(device), mask.to(device), name=str(input_path))
 
 
-def decompose_observed(input_path: Path, *, method: str, rank, mask_path: Path | None, coo: bool, out: Path,
-                       summary_path: Path, key: str | None, dtype: str | None, device: str, seed: int,
-                       max_iter: int | None, tol: float | None, as_json: bool) -> None:
-    """Run :func:`tensorfold.complete` for ``tensorfold decompose --mask/--coo`` and save the result."""
+def decompose_observed(input_path: Path, *, method: str, rank: str | None, mask_path: Path | None, coo: bool,
+                       out: Path, eps: float | None, key: str | None, dtype: str | None, device: str, seed: int,
+                       max_iter: int | None, tol: float | None, overwrite: bool, as_json: bool) -> None:
+    """Run :func:`tensorfold.complete` for ``tensorfold decompose --mask/--coo`` and save the result.
+
+    Every option is checked before anything is read or written.
+    """
     import tensorfold
     from tensorfold import __version__
+    from tensorfold.cli.common import check_output_path, parse_rank
+    from tensorfold.cli.decompose import DEVICES, DTYPES
     from tensorfold.io import write_text_atomic
 
     check_option_choice(method, "--method (with --mask/--coo)", COMPLETION_METHODS)
     if mask_path is not None and coo:
         raise InvalidArgumentError("give either --mask FILE (dense INPUT) or --coo (COO INPUT), not both")
+    if eps is not None:
+        raise InvalidArgumentError("--eps does not apply to completion (--mask/--coo); give --rank")
+    rank = parse_rank(rank)
     if rank is None:
         raise RankError("completion needs --rank")
+    if dtype is not None:
+        check_option_choice(dtype, "--dtype", DTYPES)
+    check_option_choice(device, "--device", DEVICES)
+    if max_iter is not None and max_iter <= 0:
+        raise InvalidArgumentError(f"--max-iter must be a positive integer, got {max_iter}")
+    if tol is not None and not tol >= 0:
+        raise InvalidArgumentError(f"--tol must be >= 0, got {tol}")
+    if out.suffix.lower() == ".json":
+        raise InvalidArgumentError(f"--out {out}: give the result path (e.g. .safetensors); the .json summary "
+                                   "is written beside it")
+    inputs = [input_path] + ([mask_path] if mask_path is not None else [])
+    summary_path = out.with_suffix(".json")
+    check_output_path(out, overwrite=overwrite, inputs=inputs)
+    check_output_path(summary_path, overwrite=overwrite, inputs=inputs)
     model, algorithm = COMPLETION_METHODS[method]
     if model == "cp" and isinstance(rank, tuple):
         raise RankError(f"method {method!r} takes a single --rank, got {','.join(map(str, rank))}")
