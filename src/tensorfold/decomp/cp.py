@@ -37,7 +37,7 @@ from tensorfold.core.svd import truncated_svd
 from tensorfold.core.tenalg import khatri_rao, mode_dot
 from tensorfold.core.validate import check_choice, check_positive, check_rank, check_tensor, make_generator, randn
 from tensorfold.decomp.results import CPTensor, FitInfo
-from tensorfold.errors import ConvergenceWarning, InvalidArgumentError, ShapeError
+from tensorfold.errors import ConvergenceWarning, InvalidArgumentError, InvalidTensorError, ShapeError
 
 # Below this relative error ||X||^2 - 2<X,Y> + ||Y||^2 has lost most of its digits to cancellation, so
 # the residual is formed directly instead (same thresholds as tensorfold.decomp.error).
@@ -102,7 +102,8 @@ def cp(
     True
     """
     start = time.perf_counter()
-    X = check_tensor(X, "X", min_order=2)
+    # NaN/Inf are caught by the norm below (one pass over X serves both).
+    X = check_tensor(X, "X", min_order=2, check_finite=False)
     rank = check_rank(rank, "rank", max_rank=math.prod(X.shape), what=f"a tensor of shape {tuple(X.shape)}")
     if isinstance(n_iter_max, bool) or not isinstance(n_iter_max, int) or n_iter_max < 1:
         raise InvalidArgumentError(f"n_iter_max must be a positive integer, got {n_iter_max!r}")
@@ -121,6 +122,9 @@ def cp(
     X = X.contiguous()  # a no-op for ordinary tensors; ALS relies on row-major views of X
     gen = make_generator(seed)
     total_sq = _norm_sq(X)
+    if not math.isfinite(total_sq):
+        check_tensor(X, "X", check_finite=True)  # raises, naming the NaN/Inf entries
+        raise InvalidTensorError("||X||^2 overflows float64; rescale X")
     if total_sq == 0:
         raise InvalidArgumentError("X is all zeros; it has no CP decomposition to fit")
     if tol > 0:  # tol=0 asks for exactly n_iter_max sweeps per phase
