@@ -234,7 +234,9 @@ def _run_tensorly(p, case):
         R = case["rank"]
         weights = tl.ones(R, **tl.context(p["X"]))
         init = tl.cp_tensor.CPTensor((weights, [tl.copy(f) for f in p["init"]]))
-        return parafac(p["X"], R, n_iter_max=case["n_iter"], init=init, tol=0)
+        tol = case.get("peer_tol", 0)  # 0: exactly n_iter iterations
+        result, errors = parafac(p["X"], R, n_iter_max=case["n_iter"], init=init, tol=tol, return_errors=True)
+        return result, len(errors)
     if algo == "tucker":
         return tucker(p["X"], rank=list(case["rank"]), n_iter_max=case["n_iter"], tol=0)
     if algo == "tt":
@@ -250,8 +252,9 @@ def _run_pyttb(p, case):
     if algo == "cp":
         R = case["rank"]
         init = ttb.ktensor([f.copy() for f in p["init"]], np.ones(R))
-        result, _, _ = ttb.cp_als(p["X"], R, stoptol=0, maxiters=case["n_iter"], init=init, printitn=0)
-        return result
+        stoptol = case.get("peer_tol", 0)
+        result, _, out = ttb.cp_als(p["X"], R, stoptol=stoptol, maxiters=case["n_iter"], init=init, printitn=0)
+        return result, out["iters"] + 1  # pyttb reports the last (0-based) iteration index
     if algo == "tucker":
         result, _, _ = ttb.tucker_als(p["X"], list(case["rank"]), stoptol=0, maxiters=case["n_iter"],
                                       init="nvecs", printitn=0)
@@ -276,6 +279,9 @@ def _rec_tensorly(result):
     import numpy as np
     import tensorly as tl
 
+    if isinstance(result, tuple):  # (CP result, iterations run)
+        Y, _ = _rec_tensorly(result[0])
+        return Y, str(result[1])
     if isinstance(result, tl.cp_tensor.CPTensor):
         Y = tl.cp_to_tensor(result)
     elif isinstance(result, tl.tucker_tensor.TuckerTensor):
@@ -288,6 +294,9 @@ def _rec_tensorly(result):
 def _rec_pyttb(result):
     import numpy as np
 
+    if isinstance(result, tuple):  # (CP result, iterations run)
+        Y, _ = _rec_pyttb(result[0])
+        return Y, str(result[1])
     return np.ascontiguousarray(result.full().data), None
 
 
@@ -320,6 +329,10 @@ def make_cases(problems: dict) -> list[dict]:
         {**cp, "lib": "tensorly", "label": "TensorLy parafac (numpy)", "key": "cp_tl_numpy", "backend": "numpy"},
         {**cp, "lib": "tensorly", "label": "TensorLy parafac (pytorch)", "key": "cp_tl_torch", "backend": "pytorch"},
         {**cp, "lib": "pyttb", "label": "pyttb cp_als", "key": "cp_pyttb"},
+        {**cp, "lib": "tensorly", "label": "TensorLy parafac (numpy), its default tol=1e-8", "key": "cp_tl_own_tol",
+         "backend": "numpy", "peer_tol": 1e-8},
+        {**cp, "lib": "pyttb", "label": "pyttb cp_als, its default stoptol=1e-4", "key": "cp_pyttb_own_tol",
+         "peer_tol": 1e-4},
         {**tk3, "lib": "tensorfold", "label": "tensorfold tucker hooi", "key": "tk3_ours"},
         {**tk3, "lib": "tensorly", "label": "TensorLy tucker (numpy)", "key": "tk3_tl"},
         {**tk3, "lib": "pyttb", "label": "pyttb tucker_als", "key": "tk3_pyttb"},
@@ -337,6 +350,8 @@ RATIOS = [
     ("CP: pyttb / tensorfold", "cp_pyttb", "cp_ours"),
     ("CP: TensorLy numpy / tensorfold float32", "cp_tl_numpy", "cp_ours_f32"),
     ("CP: pyttb / tensorfold float32", "cp_pyttb", "cp_ours_f32"),
+    ("CP: TensorLy numpy at its own tol / tensorfold", "cp_tl_own_tol", "cp_ours"),
+    ("CP: pyttb at its own stoptol / tensorfold", "cp_pyttb_own_tol", "cp_ours"),
     ("CP: TensorLy numpy / tensorfold plain 50 sweeps", "cp_tl_numpy", "cp_ours_plain"),
     ("CP: pyttb / tensorfold plain 50 sweeps", "cp_pyttb", "cp_ours_plain"),
     ("Tucker 3-way: TensorLy / tensorfold", "tk3_tl", "tk3_ours"),
