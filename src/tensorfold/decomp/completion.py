@@ -38,7 +38,9 @@ from dataclasses import replace
 
 import torch
 
+from tensorfold.core.mttkrp import mttkrp
 from tensorfold.core.svd import truncated_svd
+from tensorfold.core.tenalg import khatri_rao
 from tensorfold.core.validate import check_choice, check_positive, check_rank, make_generator, randn
 from tensorfold.decomp.iteration import FitTracker
 from tensorfold.decomp.results import CPTensor, FitInfo, TuckerTensor
@@ -53,6 +55,10 @@ from tensorfold.decomp.sparse import (
 from tensorfold.errors import InvalidArgumentError
 
 Callback = Callable[[int, float], object]
+
+# From this observed fraction on, CP-WOPT on a dense input evaluates the model densely (one GEMM and d
+# MTTKRPs over the full tensor) instead of gathering factor rows per observed cell.
+_DENSE_WOPT_DENSITY = 0.1
 
 
 def complete(
@@ -131,7 +137,14 @@ def complete(
     rank = check_rank(rank)
     if method == "als":
         return _cp_als(data, rank, init, n_iter_max, tol, reg, gen, callback, start)
-    return _cp_wopt(data, rank, init, n_iter_max, tol, reg, gen, callback, start)
+    dense = None
+    if coo is None and data.density >= _DENSE_WOPT_DENSITY:
+        weight = torch.zeros(data.shape, dtype=data.dtype, device=data.device)
+        weight[tuple(data.indices.T)] = 1.0
+        filled = torch.zeros_like(weight)
+        filled[tuple(data.indices.T)] = data.values
+        dense = (filled, weight)
+    return _cp_wopt(data, rank, init, n_iter_max, tol, reg, gen, callback, start, dense)
 
 
 # --- input -----------------------------------------------------------------------------------------
@@ -281,7 +294,7 @@ def _info(method: str, tracker: FitTracker, start: float, data: COOTensor, **det
 
 # --- CP-WOPT: L-BFGS on the masked objective ----------------------------------------------------------
 
-def _cp_wopt(data, rank, init, n_iter_max, tol, reg, gen, callback, start) -> CPTensor:
+def _cp_wopt(data, rank, init, n_iter_max, tol, reg, gen, callback, start, dense=None) -> CPTensor:
     import numpy as np
     from scipy.optimize import minimize
 
@@ -290,6 +303,8 @@ def _cp_wopt(data, rank, init, n_iter_max, tol, reg, gen, callback, start) -> CP
     # Optimise a scaled copy (unit data norm) so the solver's tolerances mean the same for every input.
     factors = [f / data_norm ** (1.0 / data.ndim) for f in factors]
     y = data.values / data_norm
+    if dense is not None:
+        dense = (dense[0] / data_norm, dense[1])
     sizes = [f.numel() for f in factors]
     tracker = FitTracker("complete (CP-WOPT)", n_iter_max=n_iter_max, tol=tol, callback=callback)
 
@@ -297,24 +312,33 @@ def _cp_wopt(data, rank, init, n_iter_max, tol, reg, gen, callback, start) -> CP
         flat = torch.from_numpy(x).to(dtype=data.dtype, device=data.device)
         return [p.reshape(n, rank) for p, n in zip(torch.split(flat, sizes), data.shape)]
 
-    def loss_and_grad(x: np.ndarray):
-        F = unpack(x)
+    def residual_and_grads(F):
+        """Residual on the observed cells (as a vector, or a masked dense tensor) and the data-term gradients."""
+        if dense is not None:
+            # Dense mask with many observations: GEMM-based reconstruction and MTTKRPs beat gathers.
+            X_filled, weight = dense
+            residual = (F[0] @ khatri_rao(F[1:]).T).reshape(data.shape) * weight - X_filled
+            return residual, [mttkrp(residual, F, m) for m in range(data.ndim)]
         gathered = [f.index_select(0, data.indices[:, m]) for m, f in enumerate(F)]
         prefix = [torch.ones_like(gathered[0])]  # prefix[m] = prod of gathered[:m]
         for g in gathered[:-1]:
             prefix.append(prefix[-1] * g)
         residual = (prefix[-1] * gathered[-1]).sum(1) - y
-        loss = 0.5 * float(residual.double() @ residual.double())
         grads, suffix = [None] * data.ndim, torch.ones_like(gathered[0])
         for m in range(data.ndim - 1, -1, -1):
             K = prefix[m] * suffix
-            grad = torch.zeros_like(F[m]).index_add_(0, data.indices[:, m], K * residual[:, None])
-            if reg:
-                grad = grad + reg * F[m]
-                loss += 0.5 * reg * float((F[m] * F[m]).sum())
-            grads[m] = grad.reshape(-1)
+            grads[m] = torch.zeros_like(F[m]).index_add_(0, data.indices[:, m], K * residual[:, None])
             suffix = suffix * gathered[m]
-        return loss, torch.cat(grads).double().cpu().numpy()
+        return residual, grads
+
+    def loss_and_grad(x: np.ndarray):
+        F = unpack(x)
+        residual, grads = residual_and_grads(F)
+        loss = 0.5 * float(torch.linalg.vector_norm(residual).double() ** 2)
+        if reg:
+            grads = [g + reg * f for g, f in zip(grads, F)]
+            loss += 0.5 * reg * sum(float((f * f).sum()) for f in F)
+        return loss, torch.cat([g.reshape(-1) for g in grads]).double().cpu().numpy()
 
     def progress(intermediate_result):  # scipy passes the iterate's objective: no extra evaluation
         # 0.5 * squared relative error on the observed cells (unit data norm), plus the tiny ridge term
