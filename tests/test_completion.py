@@ -33,9 +33,12 @@ def test_recovers_rank3_from_20_percent(rank3, init):
 def test_wopt_recovers_rank3():
     X = tf.testing.random_cp((25, 26, 27), rank=3, seed=2).to_tensor()
     mask = tf.testing.random_mask(X.shape, 0.3, seed=1)
-    result = tf.complete(X, mask=mask, rank=3, method="wopt", init="random", seed=0)
+    result = tf.complete(X, mask=mask, rank=3, method="wopt", init="random", seed=0)  # dense evaluation
     assert tf.relative_error(X, result) < 1e-3
     assert result.info.method == "complete-cp-wopt" and result.info.converged
+    sparse = tf.complete(coo=COOTensor.from_dense(X, mask), rank=3, method="wopt", init="random", seed=0)
+    assert tf.relative_error(X, sparse) < 1e-3  # the gather path (COO input is never densified)
+    assert len(sparse.info.fit_history) == sparse.info.n_iter
 
 
 def test_als_fit_history_and_held_out_error(rank3):
