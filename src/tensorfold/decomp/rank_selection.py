@@ -217,13 +217,21 @@ def core_consistency(X, cp_result: CPTensor) -> float:
     factors = list(cp_result.factors)
     factors[0] = factors[0] * cp_result.weights
     R = cp_result.rank
-    pinvs = [torch.linalg.lstsq(A, torch.eye(A.shape[0], dtype=A.dtype, device=A.device)).solution
-             if A.shape[0] >= R else torch.linalg.pinv(A) for A in factors]
+    pinvs = [_pseudo_inverse(A) for A in factors]
     G = multi_mode_dot(X, pinvs)
     T = torch.zeros_like(G)
     idx = torch.arange(R, device=G.device)
     T[(idx,) * X.ndim] = 1.0
     return float(100.0 * (1.0 - float(((G - T) ** 2).sum()) / R))
+
+
+def _pseudo_inverse(A: torch.Tensor) -> torch.Tensor:
+    """``A^+`` (R x I) from the small normal equations; falls back to the SVD-based pinv when they are singular."""
+    gram = A.T @ A
+    L, info = torch.linalg.cholesky_ex(gram)
+    if int(info) == 0:
+        return torch.cholesky_solve(A.T, L)
+    return torch.linalg.pinv(A)
 
 
 # --- select_rank ------------------------------------------------------------------------------------
