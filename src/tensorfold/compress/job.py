@@ -113,15 +113,26 @@ def _finetune(source: ModelSource, compressed: nn.Module, original: nn.Module, e
     else:
         loaded = load_factory(data)()
         train, val = loaded if isinstance(loaded, tuple) and len(loaded) == 2 else (loaded, None)
+    # embeddings (an output_fn picks them) are matched by cosine, logits by the default KL
+    extra = {"distill_loss": "cosine"} if source.output_fn is not None else {}
     return finetune(compressed, train, teacher=original, epochs=epochs, val_data=val, seed=seed,
-                    distill="features" if source.output_fn is not None else "logits", output_fn=source.output_fn)
+                    distill="logits", output_fn=source.output_fn, **extra)
 
 
 def evaluate_pair(source: ModelSource, original: nn.Module, compressed: nn.Module, batches: list) -> dict:
-    """Quality metrics: the built-in evaluation, else output fidelity on ``batches``."""
+    """Quality metrics: the built-in evaluation, else output fidelity on ``batches`` (if any)."""
     if source.entry is not None:
         return dict(source.entry.evaluate(original, compressed))
+    if not batches:
+        return {}
     return output_fidelity(original, compressed, batches, source.output_fn)
+
+
+def evaluation_batches(source: ModelSource, calib: int, seed: int) -> list:
+    """Held-out batches for a user model: its calibration function with another seed."""
+    if source.entry is not None or source.calibration is None:
+        return []
+    return materialize(source.calibration(max(min(calib, 256), 32), seed + 1))
 
 
 def run_job(
@@ -186,7 +197,8 @@ def run_job(
         compressed = _finetune(source, compressed, original, finetune_epochs, data, seed)
     elif data is not None:
         raise InvalidArgumentError("--data is only used with --finetune-epochs N")
-    quality = evaluate_pair(source, original, compressed, batches)
+    eval_batches = evaluation_batches(source, calib, seed)
+    quality = evaluate_pair(source, original, compressed, eval_batches)
     metrics = {
         "model": source.name,
         "budget": budget,
@@ -200,14 +212,15 @@ def run_job(
         "seconds": {"plan": t_plan - t0, "apply": t_apply - t_plan},
     }
     if speed:
-        example = source.entry.example_inputs(32) if source.entry is not None else (batches[0] if batches else None)
+        example = (source.entry.example_inputs(32) if source.entry is not None
+                   else (eval_batches[0] if eval_batches else None))
         if example is not None:
             metrics["speed"] = measure_speedup(original, compressed, example, threads=threads)
     curve = [{"budget": budget, "fraction": plan.fraction, **quality}]
     for b in sorted(set(curve_budgets) - {budget}):
         p_b = planner.plan(b, curve=False)
         c_b = apply(original, p_b, batches or None)
-        curve.append({"budget": b, "fraction": p_b.fraction, **evaluate_pair(source, original, c_b, batches)})
+        curve.append({"budget": b, "fraction": p_b.fraction, **evaluate_pair(source, original, c_b, eval_batches)})
     curve.sort(key=lambda r: r["budget"])
     metrics["quality_curve"] = curve
     metrics["seconds"]["total"] = time.perf_counter() - t0

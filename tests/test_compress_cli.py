@@ -1,0 +1,110 @@
+"""``tensorfold compress`` end to end on a user model factory, and its bad-input errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from tensorfold.cli.main import app
+
+FACTORY = '''
+import torch
+from torch import nn
+
+
+def build():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(24, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 6))
+
+
+def calibration(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(n, 24, generator=g)]
+
+
+def finetune_data():
+    g = torch.Generator().manual_seed(5)
+    return [torch.randn(32, 24, generator=g) for _ in range(4)], [torch.randn(32, 24, generator=g)]
+'''
+
+
+@pytest.fixture()
+def factory(tmp_path, monkeypatch):
+    (tmp_path / "tf_cli_models.py").write_text(FACTORY)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield "tf_cli_models:build"
+
+
+def run(*args):
+    return CliRunner().invoke(app, list(args))
+
+
+def test_compress_writes_everything(tmp_path, factory):
+    out = tmp_path / "run"
+    weights = tmp_path / "w.pt"
+    import importlib
+
+    model = importlib.import_module("tf_cli_models").build()
+    torch.save(model.state_dict(), weights)
+    r = run("compress", "--model", factory, "--weights", str(weights), "--budget", "0.4", "--calib", "64",
+            "--methods", "svd", "--out", str(out), "--curve", "0.7", "--no-speed")
+    assert r.exit_code == 0, r.output
+    assert sorted(f.name for f in out.iterdir()) == ["metrics.json", "plan.json", "report.html",
+                                                     "weights.safetensors"]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["plan_totals"]["params_fraction"] <= 0.4
+    assert [c["budget"] for c in metrics["quality_curve"]] == [0.4, 0.7]
+    assert metrics["quality_curve"][0]["rel_error"] >= metrics["quality_curve"][1]["rel_error"]
+    assert "total" in r.output and "quality" in r.output
+    import tensorfold as tf
+
+    again = tf.load_compressed(out)  # rebuilt from the factory named in the plan
+    x = torch.randn(5, 24)
+    assert again(x).shape == (5, 6)
+    # existing directory: refused without --overwrite, left as it was
+    before = (out / "plan.json").read_text()
+    r = run("compress", "--model", factory, "--budget", "0.3", "--calib", "0", "--methods", "svd", "--out", str(out))
+    assert r.exit_code == 2 and "exists" in r.output
+    assert (out / "plan.json").read_text() == before
+    r = run("compress", "--model", factory, "--budget", "0.3", "--calib", "0", "--methods", "svd", "--out", str(out),
+            "--overwrite", "--no-speed")
+    assert r.exit_code == 0, r.output
+    assert json.loads((out / "plan.json").read_text())["budget"] == 0.3
+
+
+def test_finetune_option_runs_distillation(tmp_path, factory):
+    out = tmp_path / "run"
+    r = run("compress", "--model", factory, "--budget", "0.3", "--calib", "64", "--methods", "svd", "--out", str(out),
+            "--finetune-epochs", "2", "--data", "tf_cli_models:finetune_data", "--no-speed")
+    assert r.exit_code == 0, r.output
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["quality"]["rel_error"] < 1.0
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--budget", "0"], "budget"),
+        (["--budget", "1.5"], "budget"),
+        (["--methods", "svd,magic"], "unknown method"),
+        (["--include", "encoder.*"], "match no"),
+        (["--allocator", "greedy"], "allocator"),
+        (["--target", "speed"], "target"),
+        (["--model", "nosuchmodel"], "neither a built-in"),
+        (["--model", "tf_cli_models:missing"], "no attribute"),
+        (["--weights", "nofile.pt"], "no such weights file"),
+        (["--data", "builtin"], "--finetune-epochs"),
+        (["--finetune-epochs", "1"], "data"),
+    ],
+)
+def test_bad_input_is_one_clear_line_and_writes_nothing(tmp_path, factory, args, message):
+    out = tmp_path / "run"
+    base = ["compress", "--model", factory, "--calib", "32", "--methods", "svd", "--out", str(out), "--no-speed"]
+    r = run(*base, *args)
+    assert r.exit_code == 2, r.output
+    assert message in r.output
+    assert not out.exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["tf_cli_models.py"]
