@@ -35,7 +35,13 @@ def main() -> None:
     ap.add_argument("--calib", type=int, default=128)
     ap.add_argument("--budgets", default="0.5,0.3")
     ap.add_argument("--fit-threads", type=int, default=1)
+    ap.add_argument("--speed-only", action="store_true",
+                    help="only the end-to-end speed of the planned structures (best of --repeats, interleaved)")
+    ap.add_argument("--repeats", type=int, default=10)
     args = ap.parse_args()
+    if args.speed_only:
+        speed_only(args)
+        return
     torch.set_num_threads(args.fit_threads)
     entry = zoo.get("minilm")
     model = entry.load()
@@ -79,6 +85,30 @@ def main() -> None:
     for r in rows:
         print(f"| {r['budget']:.0%} ({r['fraction']:.3f}) | {r['name']} | {r['mean_cos']:.3f} | {r['min_cos']:.3f} | "
               f"{r['nn_agreement']:.3f} | {r['group_recall']:.3f} | {r['speedup']:.2f}x |")
+
+
+def speed_only(args) -> None:
+    """Speed depends only on the layer structure (ranks), not on the fitted values: build each plan's
+    structure with weight-space fitting and time it against the dense encoder."""
+    torch.set_num_threads(args.fit_threads)
+    entry = zoo.get("minilm")
+    model = entry.load()
+    calib = entry.calibration(args.calib, seed=0)
+    example = entry.example_inputs(32)
+    weight_planner = Planner(model, 0.5, methods=("svd",), exclude=entry.exclude, output_fn=entry.output_fn)
+    print("| budget | plan | Linear FLOPs kept | speedup best-of | speedup median |")
+    print("|---|---|---|---|---|")
+    for budget in [float(b) for b in args.budgets.split(",")]:
+        cal_planner = Planner(model, budget, methods=("svd",), exclude=entry.exclude, calib=calib,
+                              output_fn=entry.output_fn, example_inputs=example)
+        for name, planner, allocator in (("uniform SVD", weight_planner, "uniform"),
+                                         ("ours knapsack, calibrated", cal_planner, "knapsack")):
+            p = planner.plan(budget, allocator, curve=False)
+            small = tf.apply(model, p)
+            s = measure_speedup(model, small, example, threads=2, repeats=args.repeats)
+            flops = f"{p.flops / p.dense_flops:.3f}" if p.flops is not None else "-"
+            print(f"| {budget:.0%} | {name} | {flops} | {s['speedup']:.2f}x | {s['speedup_median']:.2f}x |",
+                  flush=True)
 
 
 if __name__ == "__main__":
