@@ -118,6 +118,8 @@ class _FactorizedConv(FactorizedLayer):
         # plain attributes read by forward (TorchScript compiles bools and ints, not the spec)
         self._dim = spec.dim
         self._matmul_first = self._matmul_last = spec.groups == 1  # 1x1 convs run as matmuls
+        # inner convs of Conv2d chains run channels-last (oneDNN's fast layout on CPU)
+        self._channels_last = spec.dim == 2
         if isinstance(self, SVDConv) and self.scheme == "spatial":
             self._matmul_last = False
         return spec
@@ -280,10 +282,16 @@ class SVDConv(_FactorizedConv):
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        was_cl = _is_channels_last(x)
+        if self._channels_last and not was_cl and x.dim() == 4:
+            # oneDNN reorders NCHW input internally anyway; doing it here lets the conv write
+            # channels-last and the GEMM below read it directly (no reorder of the output).
+            x = x.contiguous(memory_format=torch.channels_last)
         y = self.first(x)
         if self._matmul_last:
-            return _pointwise(y, self.last.weight, self.last.bias, self._dim)
-        return self.last(y)
+            return _pointwise(y, self.last.weight, self.last.bias, self._dim, was_cl)
+        y = self.last(y)
+        return y if was_cl else y.contiguous()
 
     def dense_weight(self) -> torch.Tensor:
         g, r, s = self.spec.groups, self.rank, self.spec
@@ -412,14 +420,12 @@ class TuckerConv(_FactorizedConv):
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._matmul_first:
-            x = _pointwise(x, self.first.weight, None, self._dim)
-        else:
-            x = self.first(x)
+        if not self._matmul_first:
+            return self.last(self.core(self.first(x)))
+        was_cl = _is_channels_last(x)
+        x = _pointwise(x, self.first.weight, None, self._dim, self._channels_last)
         x = self.core(x)
-        if self._matmul_first:
-            return _pointwise(x, self.last.weight, self.last.bias, self._dim)
-        return self.last(x)
+        return _pointwise(x, self.last.weight, self.last.bias, self._dim, was_cl)
 
     def dense_weight(self) -> torch.Tensor:
         g = self.spec.groups
@@ -547,15 +553,16 @@ class CPConv(_FactorizedConv):
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._matmul_first:
-            x = _pointwise(x, self.first.weight, None, self._dim)
-        else:
+        if not self._matmul_first:
             x = self.first(x)
+            for conv in self.spatial:
+                x = conv(x)
+            return self.last(x)
+        was_cl = _is_channels_last(x)
+        x = _pointwise(x, self.first.weight, None, self._dim, self._channels_last)
         for conv in self.spatial:
             x = conv(x)
-        if self._matmul_first:
-            return _pointwise(x, self.last.weight, self.last.bias, self._dim)
-        return self.last(x)
+        return _pointwise(x, self.last.weight, self.last.bias, self._dim, was_cl)
 
     def dense_weight(self) -> torch.Tensor:
         g, r, d = self.spec.groups, self.rank, self.spec.dim
@@ -568,37 +575,48 @@ class CPConv(_FactorizedConv):
         return W.reshape(self.spec.weight_shape)
 
 
-def _pointwise(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dim: int) -> torch.Tensor:
-    """A 1x1 convolution (groups=1) as one batched matmul over the spatial positions.
+def _pointwise(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dim: int,
+               channels_last_out: bool) -> torch.Tensor:
+    """A 1x1 convolution (groups=1) as one batched GEMM over the spatial positions.
 
     On CPU oneDNN runs a 1x1 conv on NCHW data several times slower than the same GEMM (measured
-    in bench/layers.py); it exports to ONNX as MatMul. Channels-last inputs stay channels-last.
+    in bench/layers.py). The GEMM reads NCHW or channels-last input and writes either layout at no
+    extra cost (BLAS takes transposed operands), so a factored chain can run its inner convs
+    channels-last (oneDNN's fast path) without any layout copy. Exports to ONNX as MatMul.
     """
     unbatched = x.dim() == dim + 1
     if unbatched:
         x = x.unsqueeze(0)
     batch, channels = x.shape[0], x.shape[1]
     out = weight.shape[0]
-    last = x.movedim(1, -1)
-    if last.is_contiguous() and not x.is_contiguous():
-        # channels-last storage: one GEMM over (positions, channels), and the output stays channels-last
-        rows = last.reshape(-1, channels)
-        w = weight.reshape(out, channels).t()
-        y = rows @ w if bias is None else torch.addmm(bias, rows, w)
-        y = y.reshape([batch] + list(x.shape[2:]) + [out]).movedim(-1, 1)
-        return y.squeeze(0) if unbatched else y
-    # bmm with an expanded (stride-0) weight: measured 2-4x faster than torch.matmul's broadcasting
-    # of a parameter that requires grad, which copies the weight per batch item.
-    cols = x.reshape(batch, channels, -1)
+    spatial = list(x.shape[2:])
+    w = weight.reshape(out, channels)
+    rows = x.movedim(1, -1)
+    if rows.is_contiguous() and not x.is_contiguous():
+        xt = rows.reshape(batch, -1, channels)  # (B, P, C), channels-last storage
+    else:
+        xt = x.reshape(batch, channels, -1).transpose(1, 2)  # (B, P, C) view of NCHW storage
     if torch.jit.is_tracing():  # ONNX/trace: the plain MatMul (+ Add) graph
-        y = torch.matmul(weight.reshape(out, channels), cols)
+        y = torch.matmul(w, xt.transpose(1, 2))
         if bias is not None:
             y = y + bias.reshape(1, out, 1)
+        y = y.reshape([batch, out] + spatial)
+    elif channels_last_out:
+        wt = w.t().expand(batch, channels, out)
+        y = torch.bmm(xt, wt) if bias is None else torch.baddbmm(bias.reshape(1, 1, out), xt, wt)
+        y = y.reshape([batch] + spatial + [out]).movedim(-1, 1)
     else:
-        w = weight.reshape(out, channels).expand(batch, out, channels)
-        y = torch.bmm(w, cols) if bias is None else torch.baddbmm(bias.reshape(1, out, 1), w, cols)
-    y = y.reshape([batch, out] + list(x.shape[2:]))
+        # bmm with an expanded (stride-0) weight: measured 2-4x faster than torch.matmul's broadcasting
+        # of a parameter that requires grad.
+        we = w.expand(batch, out, channels)
+        xc = xt.transpose(1, 2)
+        y = torch.bmm(we, xc) if bias is None else torch.baddbmm(bias.reshape(1, out, 1), we, xc)
+        y = y.reshape([batch, out] + spatial)
     return y.squeeze(0) if unbatched else y
+
+
+def _is_channels_last(x: torch.Tensor) -> bool:
+    return x.dim() >= 3 and x.movedim(1, -1).is_contiguous() and not x.is_contiguous()
 
 
 def _fill(target: torch.Tensor, value: torch.Tensor, name: str) -> None:
