@@ -447,7 +447,10 @@ def _sketch(T, mode, k, gen, n_power) -> torch.Tensor:
     """``(unfold(T) unfold(T)^T)^q unfold(T) Omega`` with a Khatri-Rao-structured Gaussian Omega."""
     omegas = [None if m == mode else randn(s, k, generator=gen, dtype=T.dtype, device=T.device)
               for m, s in enumerate(T.shape)]
-    S = mttkrp(T, omegas, mode)
+    if mode in (0, T.ndim - 1):
+        S = partial_mttkrp(T, omegas, [mode])  # one GEMM with the Khatri-Rao product, on T as stored
+    else:
+        S = mttkrp(T, omegas, mode)
     for _ in range(n_power):
         Q, _ = torch.linalg.qr(S)
         S = _mode_times_unfolding(T, mode_dot(T, Q, mode, transpose=True), mode)
