@@ -13,8 +13,11 @@ shape, otherwise it is measured on the spot (skeleton layers at a few ranks, int
 >>> import torch
 >>> from tensorfold.compress.candidates import layer_menu
 >>> menu = layer_menu("fc", torch.nn.Linear(32, 16), ("svd",), input_shape=(4, 32))
->>> [c.rank for c in menu.options][:4], menu.options[-1].error == 0.0 or menu.options[-1].error > 0
-([1, 2, 3, 4], True)
+>>> [(c.method, c.rank) for c in menu.options][:3]
+[('dense', None), ('svd', 1), ('svd', 2)]
+>>> errors = [c.error for c in menu.options[1:]]
+>>> errors == sorted(errors, reverse=True)  # error falls as the rank grows
+True
 """
 
 from __future__ import annotations
