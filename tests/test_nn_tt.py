@@ -1,13 +1,14 @@
 """TTLinear (MPO): dims, exactness at full rank, both sweep orders, counts, training, bad options."""
 
 import io
+import math
 
 import pytest
 import torch
 
 from tensorfold.errors import InvalidArgumentError, NotCompressibleError, RankError, ShapeError
 from tensorfold.nn import LayerCost, TTLinear, dense_params, layer_class_for
-from tensorfold.nn.tt_linear import balanced_factors
+from tensorfold.nn.tt_linear import balanced_factors, contraction_plan
 
 
 def _linear(i, o, bias=True, dtype=torch.float32, seed=0):
@@ -58,10 +59,30 @@ def test_counts_for_768x3072():
     assert (layer.in_dims, layer.out_dims) == ((8, 8, 12), (12, 16, 16))
     # cores 1*12*8*16 + 16*16*8*16 + 16*16*12*1, plus the bias
     assert layer.n_params == 1536 + 32768 + 3072 + 3072 == 40448
-    # per row: left-to-right 18432 r^2 + 46080 r, right-to-left 16384 r^2 + 36864 r (cheaper, chosen)
-    assert layer.reverse
-    assert layer.flops((32, 768)) == 32 * (16384 * 256 + 36864 * 16) == 153092096
-    assert TTLinear.cost(dense, 16, (32, 768)) == LayerCost(params=40448, flops=153092096)
+    # Plain sweeps cost per row 18432 r^2 + 46080 r (left to right) or 16384 r^2 + 36864 r (right to
+    # left): 4784128 at r=16. Merging cores 1-2 first (once per call: 96*16*128*16 multiply-adds) and
+    # sweeping the two cores (in 64|12, out 192|16) left to right costs 64*192*16*12 + 16*12*16*192
+    # per row, which is cheaper for 32 rows:
+    assert contraction_plan(layer.in_dims, layer.out_dims, layer.rank)[:2] == ([(0, 2), (2, 3)], False)
+    assert layer.flops((32, 768)) == 32 * (64 * 192 * 16 * 12 + 16 * 12 * 16 * 192) + 96 * 16 * 128 * 16
+    assert layer.flops((32, 768)) == 97517568 < 32 * 4784128
+    assert TTLinear.cost(dense, 16, (32, 768)) == LayerCost(params=40448, flops=97517568)
+
+
+def test_every_plan_computes_the_same_map():
+    dense = _linear(96, 64, dtype=torch.float64)
+    layer = TTLinear.from_dense(dense, 6)
+    x = torch.randn(5, 96, dtype=torch.float64)
+    expected = x @ layer.dense_weight().T + layer.bias
+    d = len(layer.in_dims)
+    for mask in range(1, 2 ** (d - 1)):
+        bounds = [0, *[k + 1 for k in range(d - 1) if mask >> k & 1], d]
+        layer._group_starts, layer._group_stops = bounds[:-1], bounds[1:]
+        layer._in_list = [math.prod(layer.in_dims[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
+        layer._out_list = [math.prod(layer.out_dims[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
+        for reverse in (False, True):
+            layer.reverse = reverse
+            assert (layer(x) - expected).abs().max() < 1e-12
 
 
 def test_error_non_increasing_and_fraction():

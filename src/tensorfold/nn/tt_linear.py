@@ -5,7 +5,8 @@ The weight ``W (out, in)`` with ``out = m_1 ... m_d`` and ``in = n_1 ... n_d`` i
 with ``W[i, j] = G_1[:, i_1, j_1, :] G_2[:, i_2, j_2, :] ... G_d[:, i_d, j_d, :]``. ``from_dense``
 finds the cores by TT-SVD of the weight with the ``(i_k, j_k)`` pairs grouped together (exact at full
 ranks). The forward contracts the input with one core at a time (one matmul each), sweeping left to
-right or right to left, whichever needs fewer multiply-adds for these dims and ranks.
+right or right to left; when cheaper it first merges adjacent cores into a bigger one (never all of
+them: that would be the dense weight). :func:`contraction_plan` picks the cheapest of these plans.
 
 >>> import torch
 >>> from tensorfold.nn import TTLinear
@@ -104,6 +105,62 @@ def _sweep_costs(in_dims, out_dims, ranks) -> tuple[int, int]:
     return l2r, r2l
 
 
+PLAN_ROWS = 32  # input rows the contraction plan is optimised for (merging cores is paid once per call)
+
+
+def _merge_cost(in_dims, out_dims, full_ranks, a: int, b: int) -> int:
+    """Multiply-adds of merging cores ``a..b-1`` left to right into one core."""
+    cost, size = 0, out_dims[a] * in_dims[a]
+    for k in range(a + 1, b):
+        cost += full_ranks[a] * size * full_ranks[k] * out_dims[k] * in_dims[k] * full_ranks[k + 1]
+        size *= out_dims[k] * in_dims[k]
+    return cost
+
+
+def contraction_plan(in_dims, out_dims, ranks, rows: int = PLAN_ROWS):
+    """The cheapest way to apply the MPO to ``rows`` input rows without rebuilding the dense weight.
+
+    Adjacent cores may first be merged into one bigger core (paid once per call), then the merged
+    chain is swept left to right or right to left. Every split of the chain into at least two
+    consecutive groups is tried. Returns ``(groups, reverse, cost)`` with groups as (start, stop).
+    """
+    d = len(in_dims)
+    full = (1, *ranks, 1)
+    best = None
+    for mask in range(1, 2 ** (d - 1)):  # cut positions; mask 0 (one group) would be the dense weight
+        cuts = [k + 1 for k in range(d - 1) if mask >> k & 1]
+        bounds = [0, *cuts, d]
+        groups = list(zip(bounds[:-1], bounds[1:]))
+        g_in = [math.prod(in_dims[a:b]) for a, b in groups]
+        g_out = [math.prod(out_dims[a:b]) for a, b in groups]
+        g_ranks = [full[b] for _, b in groups[:-1]]
+        merge = sum(_merge_cost(in_dims, out_dims, full, a, b) for a, b in groups)
+        l2r, r2l = _sweep_costs(g_in, g_out, g_ranks)
+        for reverse, sweep in ((False, l2r), (True, r2l)):
+            cost = rows * sweep + merge
+            if best is None or cost < best[2]:
+                best = (groups, reverse, cost)
+    return best
+
+
+def _plan_flops(in_dims, out_dims, ranks, rows: int) -> int:
+    """Multiply-adds of the plan chosen for PLAN_ROWS, applied to ``rows`` rows."""
+    groups, reverse, _ = contraction_plan(in_dims, out_dims, ranks)
+    full = (1, *ranks, 1)
+    g_in = [math.prod(in_dims[a:b]) for a, b in groups]
+    g_out = [math.prod(out_dims[a:b]) for a, b in groups]
+    sweep = _sweep_costs(g_in, g_out, [full[b] for _, b in groups[:-1]])[1 if reverse else 0]
+    return rows * sweep + sum(_merge_cost(in_dims, out_dims, full, a, b) for a, b in groups)
+
+
+def _merge_pair(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """Cores ``(r0, m1, n1, r1)`` and ``(r1, m2, n2, r2)`` -> one core ``(r0, m1*m2, n1*n2, r2)``."""
+    r0, m1, n1, r1 = A.shape[0], A.shape[1], A.shape[2], A.shape[3]
+    m2, n2, r2 = B.shape[1], B.shape[2], B.shape[3]
+    T = (A.reshape(r0 * m1 * n1, r1) @ B.reshape(r1, m2 * n2 * r2)).reshape(r0, m1, n1, m2, n2, r2)
+    return T.permute(0, 1, 3, 2, 4, 5).reshape(r0, m1 * m2, n1 * n2, r2)
+
+
 class TTLinear(FactorizedLayer):
     """Linear layer whose weight is a tensor train (MPO) of ``len(in_dims)`` cores.
 
@@ -138,11 +195,13 @@ class TTLinear(FactorizedLayer):
             # Variance chosen so the product of the d cores has nn.Linear's default scale.
             nn.init.normal_(core, std=(1.0 / (n * core.shape[0])) ** 0.5)
         self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype)) if bias else None
-        l2r, r2l = _sweep_costs(self.in_dims, self.out_dims, self.rank)
-        self.reverse = r2l < l2r
-        # plain attributes for the forward (TorchScript compiles ints and lists of ints)
+        groups, self.reverse, _ = contraction_plan(self.in_dims, self.out_dims, self.rank)
+        # plain attributes for the forward (TorchScript compiles ints, bools and lists of ints)
         self.in_features, self.out_features = spec.in_features, spec.out_features
-        self._in_list, self._out_list = list(self.in_dims), list(self.out_dims)
+        self._group_starts = [a for a, _ in groups]
+        self._group_stops = [b for _, b in groups]
+        self._in_list = [math.prod(self.in_dims[a:b]) for a, b in groups]
+        self._out_list = [math.prod(self.out_dims[a:b]) for a, b in groups]
 
     def _layer_opts(self) -> dict:
         return {"in_dims": self.in_dims, "out_dims": self.out_dims}
@@ -189,7 +248,7 @@ class TTLinear(FactorizedLayer):
     def _flops_at(cls, spec: DenseSpec, rank, input_shape, *, in_dims=None, out_dims=None, n_cores: int = 3,
                   **opts) -> int:
         batch, _ = spec.split_input_shape(input_shape)
-        return batch * min(_sweep_costs(*_tt_geometry(spec, in_dims, out_dims, n_cores), rank))
+        return _plan_flops(*_tt_geometry(spec, in_dims, out_dims, n_cores), rank, batch)
 
     # ---- construction -----------------------------------------------------------------------------
 
@@ -230,17 +289,26 @@ class TTLinear(FactorizedLayer):
         lead = list(x.shape[:-1])
         Z = x.reshape(-1, n_in)
         B = Z.shape[0]
-        d = len(self.in_dims)
+        cores: list[torch.Tensor] = []
+        for core in self.cores:
+            cores.append(core)
+        merged: list[torch.Tensor] = []
+        for a, b in zip(self._group_starts, self._group_stops):  # the plan's merged cores
+            G = cores[a]
+            for k in range(a + 1, b):
+                G = _merge_pair(G, cores[k])
+            merged.append(G)
+        d = len(merged)
         mats: list[torch.Tensor] = []
         if self.reverse:  # the right-to-left sweep is the left-to-right sweep of the mirrored chain
             Z = Z.reshape([B] + self._in_list).permute([0] + list(range(d, 0, -1))).reshape(B, n_in)
             in_dims, out_dims = self._in_list[::-1], self._out_list[::-1]
-            for core in self.cores:
-                mats.insert(0, core.permute(3, 2, 1, 0))  # (r_k, n, m, r_{k-1})
+            for G in merged:
+                mats.insert(0, G.permute(3, 2, 1, 0))  # (r_k, n, m, r_{k-1})
         else:
             in_dims, out_dims = self._in_list, self._out_list
-            for core in self.cores:
-                mats.append(core.permute(0, 2, 1, 3))  # (r_{k-1}, n, m, r_k)
+            for G in merged:
+                mats.append(G.permute(0, 2, 1, 3))  # (r_{k-1}, n, m, r_k)
         M, rest = 1, n_in
         for k in range(d):
             mat, n, m = mats[k], in_dims[k], out_dims[k]
