@@ -47,9 +47,10 @@ def layer_choice_plot(names: Sequence[str], kept: Sequence[float], methods: Sequ
     ax.set_ylabel("fraction of layer params kept")
     ax.set_ylim(0, 1.15)
     ax.set_title("Per-layer method and rank")
-    for m in dict.fromkeys(methods):
-        ax.bar([], [], color=METHOD_COLOURS.get(m, "#ff7f0e"), label=m)
-    ax.legend(fontsize=8, loc="upper right")
+    from matplotlib.patches import Patch
+
+    handles = [Patch(color=METHOD_COLOURS.get(m, "#ff7f0e"), label=m) for m in dict.fromkeys(methods)]
+    ax.legend(handles=handles, fontsize=8, loc="upper right")
     return _png(fig)
 
 
