@@ -187,8 +187,9 @@ def _leading_subspace(data: COOTensor, mode: int, k: int, gen: torch.Generator, 
     Omega = randn(n_cols, width, generator=gen, dtype=data.dtype, device=data.device)
     Q, _ = torch.linalg.qr(torch.sparse.mm(Y, Omega))
     for _ in range(n_power):
-        Z, _ = torch.linalg.qr(torch.sparse.mm(Yt, Q))
-        Q, _ = torch.linalg.qr(torch.sparse.mm(Y, Z))
+        # Only the short side (I_n x width) is re-orthonormalised: a QR of the tall (<= nnz x width)
+        # intermediate costs more than all the sparse products, and a start needs no more accuracy.
+        Q, _ = torch.linalg.qr(torch.sparse.mm(Y, torch.sparse.mm(Yt, Q)))
     B = torch.sparse.mm(Yt, Q).T  # (width, n_cols) = Q^T Y
     trunc = truncated_svd(B, min(k, width))
     U = Q @ trunc.U
