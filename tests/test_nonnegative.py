@@ -89,3 +89,16 @@ def test_bad_inputs():
     X_before = X.clone()
     tf.nonnegative_cp(X, 2, n_iter_max=2, tol=0)
     assert torch.equal(X, X_before)
+
+
+@pytest.mark.parametrize("order", [3, 4])
+def test_partial_mttkrp_equals_mttkrp(order):
+    from tensorfold.decomp.nonnegative import _partial_mttkrp
+
+    shape = (4, 5, 6, 7)[:order]
+    X = torch.randn(*shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    factors = [torch.randn(n, 3, generator=torch.Generator().manual_seed(i), dtype=torch.float64)
+               for i, n in enumerate(shape)]
+    T = (X.reshape(-1, shape[-1]) @ factors[-1]).reshape(*shape[:-1], 3)
+    for mode in range(order - 1):
+        assert torch.allclose(_partial_mttkrp(T, factors, mode), tf.mttkrp(X, factors, mode), atol=1e-12)

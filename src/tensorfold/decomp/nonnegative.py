@@ -93,10 +93,14 @@ def nonnegative_cp(
     factors = _initial_cp(X, rank, init, seed)
     x_norm_sq = float(torch.linalg.vector_norm(X).double() ** 2)
     tracker = FitTracker("nonnegative_cp", n_iter_max=n_iter_max, tol=tol, callback=callback)
+    last = X.ndim - 1
     for _ in range(n_iter_max):
+        # One pass over X serves every mode but the last: T = X x_last A_last, (I_0, ..., I_{d-2}, R); the
+        # MTTKRPs of modes 0..d-2 are then small contractions of T (the last factor has not changed).
+        T = (X.reshape(-1, X.shape[-1]) @ factors[last]).reshape(*X.shape[:-1], rank)
         for mode in range(X.ndim):
             V = cp_gram(factors, skip=mode)
-            M = mttkrp(X, factors, mode)
+            M = _partial_mttkrp(T, factors, mode) if mode < last else mttkrp(X, factors, mode)
             factors[mode] = hals_columns(M, V, factors[mode], n_inner)
         # <X, model> = <M, A_last> from the last MTTKRP (computed with the other factors as they are now,
         # so before the rebalancing below).
@@ -110,6 +114,14 @@ def nonnegative_cp(
                    time.perf_counter() - start, {"n_inner": n_inner})
     weights = torch.ones(rank, dtype=X.dtype, device=X.device)
     return CPTensor(weights, tuple(factors), info).normalize()
+
+
+def _partial_mttkrp(T: torch.Tensor, factors: Sequence[torch.Tensor], mode: int) -> torch.Tensor:
+    """MTTKRP of mode ``mode`` from ``T = X x_last A_last`` (modes 0..d-2 plus a rank axis)."""
+    for m in range(T.ndim - 2, -1, -1):  # contract from the back so earlier mode indices stay valid
+        if m != mode:
+            T = torch.einsum("...jr,jr->...r", T.movedim(m, -2), factors[m])
+    return T
 
 
 def hals_columns(M: torch.Tensor, V: torch.Tensor, A: torch.Tensor, n_sweeps: int) -> torch.Tensor:
