@@ -18,6 +18,15 @@ from tensorfold.nn import FactorizedLayer
 from tensorfold.zoo.vision import VisionTask, accuracy
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One intra-op thread: on a shared 2-core CI machine two threads thrash (10x slower under load)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 @pytest.fixture(scope="module")
 def digits_sweep():
     return sweep("digits-cnn", budgets=(0.3, 0.7), allocators=("uniform", "knapsack"), methods=("svd",),

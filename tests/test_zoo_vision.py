@@ -12,6 +12,15 @@ from tensorfold.zoo.vision_data import SHAPE_CLASSES, generate_shapes, load_spli
 from tensorfold.zoo.vision_models import digits_cnn, resnet20
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One intra-op thread: on a shared 2-core CI machine two threads thrash (10x slower under load)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 def test_digits_splits_are_deterministic_disjoint_and_complete():
     a = vision.load_split("digits", 0)
     sizes = (len(a.train), len(a.val), len(a.test))
