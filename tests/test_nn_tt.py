@@ -1,14 +1,13 @@
 """TTLinear (MPO): dims, exactness at full rank, both sweep orders, counts, training, bad options."""
 
 import io
-import math
 
 import pytest
 import torch
 
 from tensorfold.errors import InvalidArgumentError, NotCompressibleError, RankError, ShapeError
 from tensorfold.nn import LayerCost, TTLinear, dense_params, layer_class_for
-from tensorfold.nn.tt_linear import balanced_factors, contraction_plan
+from tensorfold.nn.tt_linear import balanced_factors, candidate_plans, contraction_plan
 
 
 def _linear(i, o, bias=True, dtype=torch.float32, seed=0):
@@ -37,8 +36,9 @@ def test_full_rank_equals_dense(shape, opts):
     x = torch.randn(2, 3, shape[0])
     assert (layer(x) - dense(x)).abs().max() <= 1e-5
     assert (layer.to_dense().weight - dense.weight).abs().max() <= 1e-5
-    layer.reverse = not layer.reverse  # the other sweep order computes the same map
-    assert (layer(x) - dense(x)).abs().max() <= 1e-5
+    for plan in range(len(candidate_plans(layer.in_dims, layer.out_dims, layer.rank))):
+        layer.force_plan = plan  # every contraction plan computes the same map
+        assert (layer(x) - dense(x)).abs().max() <= 1e-5
 
 
 def test_forward_never_builds_the_dense_weight(monkeypatch):
@@ -60,29 +60,24 @@ def test_counts_for_768x3072():
     # cores 1*12*8*16 + 16*16*8*16 + 16*16*12*1, plus the bias
     assert layer.n_params == 1536 + 32768 + 3072 + 3072 == 40448
     # Plain sweeps cost per row 18432 r^2 + 46080 r (left to right) or 16384 r^2 + 36864 r (right to
-    # left): 4784128 at r=16. Merging cores 1-2 first (once per call: 96*16*128*16 multiply-adds) and
-    # sweeping the two cores (in 64|12, out 192|16) left to right costs 64*192*16*12 + 16*12*16*192
-    # per row, which is cheaper for 32 rows:
+    # left): 4784128 at r=16, the cheapest for one row. Merging cores 1-2 first (once per call:
+    # 96*16*128*16 multiply-adds) and sweeping the two cores (in 64|12, out 192|16) left to right
+    # costs 64*192*16*12 + 16*12*16*192 per row, which is cheaper for 32 rows:
+    assert layer.flops((1, 768)) == 4784128
     assert contraction_plan(layer.in_dims, layer.out_dims, layer.rank)[:2] == ([(0, 2), (2, 3)], False)
     assert layer.flops((32, 768)) == 32 * (64 * 192 * 16 * 12 + 16 * 12 * 16 * 192) + 96 * 16 * 128 * 16
     assert layer.flops((32, 768)) == 97517568 < 32 * 4784128
     assert TTLinear.cost(dense, 16, (32, 768)) == LayerCost(params=40448, flops=97517568)
 
 
-def test_every_plan_computes_the_same_map():
-    dense = _linear(96, 64, dtype=torch.float64)
-    layer = TTLinear.from_dense(dense, 6)
-    x = torch.randn(5, 96, dtype=torch.float64)
-    expected = x @ layer.dense_weight().T + layer.bias
-    d = len(layer.in_dims)
-    for mask in range(1, 2 ** (d - 1)):
-        bounds = [0, *[k + 1 for k in range(d - 1) if mask >> k & 1], d]
-        layer._group_starts, layer._group_stops = bounds[:-1], bounds[1:]
-        layer._in_list = [math.prod(layer.in_dims[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
-        layer._out_list = [math.prod(layer.out_dims[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
-        for reverse in (False, True):
-            layer.reverse = reverse
-            assert (layer(x) - expected).abs().max() < 1e-12
+def test_plan_follows_the_number_of_rows():
+    layer = TTLinear(768, 3072, 16)
+    plans = candidate_plans(layer.in_dims, layer.out_dims, layer.rank)
+    assert len(plans) == 6 and all(len(groups) >= 2 for groups, *_ in plans)  # never the dense weight
+    one, many = contraction_plan(layer.in_dims, layer.out_dims, layer.rank, 1), contraction_plan(
+        layer.in_dims, layer.out_dims, layer.rank, 32)
+    assert len(one[0]) == 3 and many[0] == [(0, 2), (2, 3)]  # merging pays off only for many rows
+    assert layer.flops((1, 768)) == one[2] and layer.flops((32, 768)) == many[2]
 
 
 def test_error_non_increasing_and_fraction():

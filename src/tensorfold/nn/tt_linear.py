@@ -5,8 +5,8 @@ The weight ``W (out, in)`` with ``out = m_1 ... m_d`` and ``in = n_1 ... n_d`` i
 with ``W[i, j] = G_1[:, i_1, j_1, :] G_2[:, i_2, j_2, :] ... G_d[:, i_d, j_d, :]``. ``from_dense``
 finds the cores by TT-SVD of the weight with the ``(i_k, j_k)`` pairs grouped together (exact at full
 ranks). The forward contracts the input with one core at a time (one matmul each), sweeping left to
-right or right to left; when cheaper it first merges adjacent cores into a bigger one (never all of
-them: that would be the dense weight). :func:`contraction_plan` picks the cheapest of these plans.
+right or right to left; when cheaper for the number of input rows it first merges adjacent cores into
+a bigger one (never all of them: that would be the dense weight). :func:`candidate_plans` lists them.
 
 >>> import torch
 >>> from tensorfold.nn import TTLinear
@@ -105,7 +105,7 @@ def _sweep_costs(in_dims, out_dims, ranks) -> tuple[int, int]:
     return l2r, r2l
 
 
-PLAN_ROWS = 32  # input rows the contraction plan is optimised for (merging cores is paid once per call)
+PLAN_ROWS = 32  # default row count for contraction_plan
 
 
 def _merge_cost(in_dims, out_dims, full_ranks, a: int, b: int) -> int:
@@ -117,40 +117,36 @@ def _merge_cost(in_dims, out_dims, full_ranks, a: int, b: int) -> int:
     return cost
 
 
-def contraction_plan(in_dims, out_dims, ranks, rows: int = PLAN_ROWS):
-    """The cheapest way to apply the MPO to ``rows`` input rows without rebuilding the dense weight.
+def candidate_plans(in_dims, out_dims, ranks) -> list[tuple[list[tuple[int, int]], bool, int, int]]:
+    """Every way to apply the MPO without rebuilding the dense weight: ``(groups, reverse, sweep, merge)``.
 
-    Adjacent cores may first be merged into one bigger core (paid once per call), then the merged
-    chain is swept left to right or right to left. Every split of the chain into at least two
-    consecutive groups is tried. Returns ``(groups, reverse, cost)`` with groups as (start, stop).
+    Adjacent cores may first be merged into one bigger core (``merge`` multiply-adds, paid once per
+    call), then the merged chain is swept left to right or right to left (``sweep`` multiply-adds per
+    input row). Every split of the chain into at least two consecutive groups is listed.
     """
     d = len(in_dims)
     full = (1, *ranks, 1)
-    best = None
+    plans = []
     for mask in range(1, 2 ** (d - 1)):  # cut positions; mask 0 (one group) would be the dense weight
-        cuts = [k + 1 for k in range(d - 1) if mask >> k & 1]
-        bounds = [0, *cuts, d]
+        bounds = [0, *[k + 1 for k in range(d - 1) if mask >> k & 1], d]
         groups = list(zip(bounds[:-1], bounds[1:]))
         g_in = [math.prod(in_dims[a:b]) for a, b in groups]
         g_out = [math.prod(out_dims[a:b]) for a, b in groups]
-        g_ranks = [full[b] for _, b in groups[:-1]]
         merge = sum(_merge_cost(in_dims, out_dims, full, a, b) for a, b in groups)
-        l2r, r2l = _sweep_costs(g_in, g_out, g_ranks)
-        for reverse, sweep in ((False, l2r), (True, r2l)):
-            cost = rows * sweep + merge
-            if best is None or cost < best[2]:
-                best = (groups, reverse, cost)
-    return best
+        l2r, r2l = _sweep_costs(g_in, g_out, [full[b] for _, b in groups[:-1]])
+        plans.append((groups, False, l2r, merge))
+        plans.append((groups, True, r2l, merge))
+    return plans
+
+
+def contraction_plan(in_dims, out_dims, ranks, rows: int = PLAN_ROWS):
+    """The cheapest plan of :func:`candidate_plans` for ``rows`` input rows: ``(groups, reverse, cost)``."""
+    groups, reverse, sweep, merge = min(candidate_plans(in_dims, out_dims, ranks), key=lambda p: rows * p[2] + p[3])
+    return groups, reverse, rows * sweep + merge
 
 
 def _plan_flops(in_dims, out_dims, ranks, rows: int) -> int:
-    """Multiply-adds of the plan chosen for PLAN_ROWS, applied to ``rows`` rows."""
-    groups, reverse, _ = contraction_plan(in_dims, out_dims, ranks)
-    full = (1, *ranks, 1)
-    g_in = [math.prod(in_dims[a:b]) for a, b in groups]
-    g_out = [math.prod(out_dims[a:b]) for a, b in groups]
-    sweep = _sweep_costs(g_in, g_out, [full[b] for _, b in groups[:-1]])[1 if reverse else 0]
-    return rows * sweep + sum(_merge_cost(in_dims, out_dims, full, a, b) for a, b in groups)
+    return contraction_plan(in_dims, out_dims, ranks, rows)[2]
 
 
 def _merge_pair(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
@@ -195,13 +191,18 @@ class TTLinear(FactorizedLayer):
             # Variance chosen so the product of the d cores has nn.Linear's default scale.
             nn.init.normal_(core, std=(1.0 / (n * core.shape[0])) ** 0.5)
         self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype)) if bias else None
-        groups, self.reverse, _ = contraction_plan(self.in_dims, self.out_dims, self.rank)
-        # plain attributes for the forward (TorchScript compiles ints, bools and lists of ints)
+        # The forward picks the cheapest plan for the actual number of rows (merging cores pays off
+        # only for many rows). Plain attributes: TorchScript compiles ints, bools and lists of them.
         self.in_features, self.out_features = spec.in_features, spec.out_features
-        self._group_starts = [a for a, _ in groups]
-        self._group_stops = [b for _, b in groups]
-        self._in_list = [math.prod(self.in_dims[a:b]) for a, b in groups]
-        self._out_list = [math.prod(self.out_dims[a:b]) for a, b in groups]
+        plans = candidate_plans(self.in_dims, self.out_dims, self.rank)
+        self._plan_starts = [[a for a, _ in groups] for groups, _, _, _ in plans]
+        self._plan_stops = [[b for _, b in groups] for groups, _, _, _ in plans]
+        self._plan_reverse = [reverse for _, reverse, _, _ in plans]
+        self._plan_sweep = [sweep for _, _, sweep, _ in plans]
+        self._plan_merge = [merge for _, _, _, merge in plans]
+        self._plan_in = [[math.prod(self.in_dims[a:b]) for a, b in groups] for groups, _, _, _ in plans]
+        self._plan_out = [[math.prod(self.out_dims[a:b]) for a, b in groups] for groups, _, _, _ in plans]
+        self.force_plan = -1  # >= 0 pins a plan (tests); -1 chooses per call
 
     def _layer_opts(self) -> dict:
         return {"in_dims": self.in_dims, "out_dims": self.out_dims}
@@ -289,24 +290,31 @@ class TTLinear(FactorizedLayer):
         lead = list(x.shape[:-1])
         Z = x.reshape(-1, n_in)
         B = Z.shape[0]
+        plan = self.force_plan
+        if plan < 0:
+            plan = 0
+            for i in range(len(self._plan_sweep)):
+                if B * self._plan_sweep[i] + self._plan_merge[i] < B * self._plan_sweep[plan] + self._plan_merge[plan]:
+                    plan = i
         cores: list[torch.Tensor] = []
         for core in self.cores:
             cores.append(core)
         merged: list[torch.Tensor] = []
-        for a, b in zip(self._group_starts, self._group_stops):  # the plan's merged cores
+        for a, b in zip(self._plan_starts[plan], self._plan_stops[plan]):  # the plan's merged cores
             G = cores[a]
             for k in range(a + 1, b):
                 G = _merge_pair(G, cores[k])
             merged.append(G)
         d = len(merged)
+        reverse = self._plan_reverse[plan]
         mats: list[torch.Tensor] = []
-        if self.reverse:  # the right-to-left sweep is the left-to-right sweep of the mirrored chain
-            Z = Z.reshape([B] + self._in_list).permute([0] + list(range(d, 0, -1))).reshape(B, n_in)
-            in_dims, out_dims = self._in_list[::-1], self._out_list[::-1]
+        if reverse:  # the right-to-left sweep is the left-to-right sweep of the mirrored chain
+            Z = Z.reshape([B] + self._plan_in[plan]).permute([0] + list(range(d, 0, -1))).reshape(B, n_in)
+            in_dims, out_dims = self._plan_in[plan][::-1], self._plan_out[plan][::-1]
             for G in merged:
                 mats.insert(0, G.permute(3, 2, 1, 0))  # (r_k, n, m, r_{k-1})
         else:
-            in_dims, out_dims = self._in_list, self._out_list
+            in_dims, out_dims = self._plan_in[plan], self._plan_out[plan]
             for G in merged:
                 mats.append(G.permute(0, 2, 1, 3))  # (r_{k-1}, n, m, r_k)
         M, rest = 1, n_in
@@ -319,7 +327,7 @@ class TTLinear(FactorizedLayer):
             Z = Z @ mat.reshape(r * n, m * r2)
             Z = Z.reshape(B, M, rest, m * r2).transpose(2, 3)
             M = M * m
-        if self.reverse:
+        if reverse:
             Z = Z.reshape([B] + out_dims).permute([0] + list(range(d, 0, -1)))
         out = Z.reshape(lead + [n_out])
         if self.bias is not None:
