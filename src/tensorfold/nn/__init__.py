@@ -65,8 +65,9 @@ def __getattr__(name: str):
 def layer_class_for(method: str, layer: nn.Module) -> tuple[type[FactorizedLayer], dict] | None:
     """The factorized layer class and options for a planner ``method`` on ``layer``.
 
-    Returns ``None`` when the method does not apply (wrong layer type, a 1x1 kernel for the
-    kernel-splitting methods, a layer the class refuses such as Conv1d for the spatial scheme).
+    Returns ``None`` when the method does not apply: a layer type the method does not cover (e.g.
+    "tt" on a conv, "tucker" on a Linear, anything on an LSTM) or a layer the class refuses (the
+    spatial scheme on a Conv1d/Conv3d or on a kernel with a side of 1).
     """
     if method not in METHODS:
         raise InvalidArgumentError(f"method must be one of {', '.join(map(repr, METHODS))}; got {method!r}")
