@@ -37,7 +37,7 @@ def sweep(
                                    help="Comma-separated: uniform, energy, balanced, knapsack, auto."),
     methods: str = typer.Option("svd,spatial,tucker,cp", "--methods", help="Comma-separated planner methods."),
     finetune_epochs: int = typer.Option(0, "--finetune-epochs", help="Fine-tune every point for N epochs."),
-    finetune_lr: float = typer.Option(1e-3, "--finetune-lr", help="Adam learning rate of the fine-tuning."),
+    finetune_lr: float = typer.Option(None, "--finetune-lr", help="Adam learning rate (default: the model's)."),
     calib: int = typer.Option(256, "--calib", help="Calibration samples."),
     seed: int = typer.Option(0, "--seed", help="Seed for calibration sampling and fine-tuning."),
     threads: int = typer.Option(2, "--threads", help="CPU threads for the latency measurement."),

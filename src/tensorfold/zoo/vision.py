@@ -45,6 +45,7 @@ class Recipe:
     optimizer: str  # "adam" or "sgd" (momentum 0.9, nesterov)
     weight_decay: float
     label_smoothing: float = 0.0
+    finetune_lr: float = 1e-3  # Adam learning rate that suits a short fine-tune of a compressed copy
 
 
 @dataclass(frozen=True)
@@ -63,7 +64,7 @@ SPECS = {
         "conv16-conv32-pool-fc64-fc10 CNN on scikit-learn's 8x8 digits (1,797 images)",
         "digits",
         digits_cnn,
-        Recipe(epochs=30, lr=3e-3, batch_size=32, optimizer="adam", weight_decay=0.0),
+        Recipe(epochs=30, lr=3e-3, batch_size=32, optimizer="adam", weight_decay=0.0, finetune_lr=3e-3),
         torch.float32,
     ),
     "resnet20-shapes": VisionSpec(
@@ -71,7 +72,7 @@ SPECS = {
         "CIFAR ResNet-20 (0.27 M params) on 32x32 procedural shapes/textures (10 classes)",
         "shapes",
         resnet20,
-        Recipe(epochs=15, lr=0.1, batch_size=128, optimizer="sgd", weight_decay=5e-4, label_smoothing=0.0),
+        Recipe(epochs=15, lr=0.1, batch_size=128, optimizer="sgd", weight_decay=5e-4, finetune_lr=1e-4),
         torch.float16,
     ),
 }
@@ -165,6 +166,7 @@ def builtin(name: str):
         evaluate=task.evaluate,
         example_inputs=task.example_inputs,
         finetune_data=task.finetune_data,
+        extra={"finetune_lr": task.spec.recipe.finetune_lr, "metric": "accuracy"},
     )
 
 
