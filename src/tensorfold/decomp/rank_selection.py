@@ -21,7 +21,7 @@ everywhere and repeatedly raise the rank with the best energy gain per unit of s
 
 >>> import tensorfold as tf
 >>> X = tf.testing.random_tucker((20, 20, 20), (3, 4, 5), seed=0).to_tensor()
->>> tf.tucker_core_shape(X, budget=400).ranks
+>>> tf.tucker_core_shape(X, budget=400).ranks  # exact multilinear rank (3, 4, 5): no larger core
 (3, 4, 5)
 """
 
@@ -62,13 +62,22 @@ class CoreShape:
 
 
 def mode_spectra(X) -> list[torch.Tensor]:
-    """Squared singular values of every unfolding, descending, in float64 (from the ``I_n x I_n`` Grams)."""
+    """Squared singular values of every unfolding, descending, in float64 on the CPU.
+
+    From the SVD (through :func:`tensorfold.core.svd.truncated_svd`) rather than the Gram matrix, so
+    small values keep their digits and error targets down to ~1e-14 can be met exactly.
+    """
+    from tensorfold.core.svd import truncated_svd
+    from tensorfold.core.tenalg import unfold
+
     X = check_tensor(X, "X", min_order=2)
     out = []
     for n in range(X.ndim):
-        others = [m for m in range(X.ndim) if m != n]
-        gram = torch.tensordot(X, X, dims=(others, others)).double()
-        out.append(torch.linalg.eigvalsh(gram).flip(0).clamp_min(0).cpu())
+        M = unfold(X, n)
+        S = truncated_svd(M, min(M.shape)).S.double().cpu()
+        full = torch.zeros(X.shape[n], dtype=torch.float64)
+        full[: S.shape[0]] = S**2
+        out.append(full)
     return out
 
 
@@ -148,9 +157,27 @@ def _knapsack(cumulative, shape, budget) -> tuple[int, ...]:
     n_last = shape[-1]
     r_last = np.minimum((budget - L) // (P + n_last), n_last)
     ok = r_last >= 1
-    total = E[ok] + cumulative[-1][r_last[ok]]
-    best = int(np.argmax(total))
-    return (*(int(c) for c in choices[ok][best]), int(r_last[ok][best]))
+    P, L, E, choices, r_last = P[ok], L[ok], E[ok], choices[ok], r_last[ok]
+    total = E + cumulative[-1][r_last]
+    # Among choices within rounding of the best energy, the smallest (exactly low-rank data has many ties
+    # that differ only by energies at the level of rounding errors).
+    near_best = total >= total.max() - _energy_resolution(cumulative)
+    # For the smallest size, the last mode needs only the rank where its energy stops growing.
+    r_min = np.array([_smallest_rank_with(cumulative[-1], cumulative[-1][r]) for r in r_last])
+    size = P * r_min + L + n_last * r_min
+    best = int(np.flatnonzero(near_best)[np.argmin(size[near_best])])
+    return (*(int(c) for c in choices[best]), int(r_min[best]))
+
+
+def _energy_resolution(cumulative) -> float:
+    """Energy differences below this are rounding noise (relative 1e-12 of the total)."""
+    return 1e-12 * max(float(c[-1]) for c in cumulative)
+
+
+def _smallest_rank_with(cum: np.ndarray, energy: float) -> int:
+    """Smallest rank whose cumulative energy is within rounding of ``energy``."""
+    tol = 1e-12 * float(cum[-1])
+    return max(int(np.argmax(cum >= energy - tol)), 1)
 
 
 def _prune(P, L, E, choices):
@@ -172,6 +199,7 @@ def _prune(P, L, E, choices):
 
 
 def _greedy(cumulative, shape, budget) -> tuple[int, ...]:
+    resolution = _energy_resolution(cumulative)
     ranks = [1] * len(shape)
     size = core_size(ranks, shape)
     while True:
@@ -184,7 +212,10 @@ def _greedy(cumulative, shape, budget) -> tuple[int, ...]:
             new_size = core_size(trial, shape)
             if new_size > budget:
                 continue
-            ratio = (c[ranks[n] + 1] - c[ranks[n]]) / (new_size - size)
+            gain = c[ranks[n] + 1] - c[ranks[n]]
+            if gain <= resolution:
+                continue  # nothing left to capture in this mode (rounding noise)
+            ratio = gain / (new_size - size)
             if ratio > best_ratio:
                 best, best_ratio, best_size = n, ratio, new_size
         if best is None:
