@@ -110,6 +110,11 @@ def test_select_rank_tt_and_tucker_meet_eps():
         tf.select_rank(X, "tucker")
     with pytest.raises(InvalidArgumentError):
         tf.select_rank(X, "tt")
+    tt_budget = tf.select_rank(X, "tt", budget=400)
+    assert tt_budget.n_params <= 400
+    assert tt_budget.n_params > tf.tensor_train(X, max_rank=1).n_params  # it used the budget
+    with pytest.raises(RankError, match="too small"):
+        tf.select_rank(X, "tt", budget=10)
     with pytest.raises(InvalidArgumentError):
         tf.select_rank(X, "tt", eps=1.5)
     with pytest.raises(InvalidArgumentError):

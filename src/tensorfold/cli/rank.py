@@ -30,6 +30,8 @@ Examples:
 
   tensorfold rank data.npy --method tt --eps 0.01
 
+  tensorfold rank data.npy --method tt --budget 20000
+
   tensorfold rank data.npy --method cp --max-rank 8 --plot cp_curve.png --json
 
 Tucker with --budget picks the core shape maximising the captured HOSVD energy with core + factors <= budget
@@ -43,7 +45,7 @@ def rank(
     input_path: Path = typer.Argument(..., metavar="INPUT", help="Tensor file: .npy, .npz, .pt/.pth or .safetensors."),
     method: str = typer.Option("tucker", "--method", "-m", help="tucker, tt or cp."),
     eps: float | None = typer.Option(None, "--eps", help="Relative error target (tucker, tt; with cp: fit >= 1-eps)."),
-    budget: int | None = typer.Option(None, "--budget", help="Parameter budget for the Tucker core + factors."),
+    budget: int | None = typer.Option(None, "--budget", help="Parameter budget (tucker: core+factors; tt: cores)."),
     max_rank: int = typer.Option(8, "--max-rank", help="Largest CP rank tried."),
     min_consistency: float = typer.Option(80.0, "--min-consistency", help="CORCONDIA threshold in percent (cp)."),
     key: str | None = typer.Option(None, "--key", "-k", help="Array name inside .npz/.pt/.safetensors files."),
@@ -62,14 +64,12 @@ def rank(
     if dtype is not None:
         check_option_choice(dtype, "--dtype", DTYPES)
     check_option_choice(device, "--device", DEVICES)
-    if method == "tt" and budget is not None:
-        raise InvalidArgumentError("--budget applies to --method tucker; TT ranks are chosen by --eps")
     if method == "cp" and budget is not None:
         raise InvalidArgumentError("--budget applies to --method tucker; CP ranks are chosen by --max-rank/--eps")
     if method == "tucker" and (eps is None) == (budget is None):
         raise InvalidArgumentError("--method tucker needs exactly one of --eps or --budget")
-    if method == "tt" and eps is None:
-        raise InvalidArgumentError("--method tt needs --eps (a relative error target)")
+    if method == "tt" and (eps is None) == (budget is None):
+        raise InvalidArgumentError("--method tt needs exactly one of --eps or --budget")
     if max_rank <= 0:
         raise InvalidArgumentError(f"--max-rank must be positive, got {max_rank}")
     for path in (out, plot):

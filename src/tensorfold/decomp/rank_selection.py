@@ -280,7 +280,8 @@ def select_rank(
 ) -> Decomposition:
     """Choose ranks for ``X`` and return the decomposition at the chosen ranks.
 
-    ``method="tt"``: TT-SVD with the error target ``eps`` (``||X - TT|| <= eps ||X||`` guaranteed).
+    ``method="tt"``: TT-SVD with the error target ``eps`` (``||X - TT|| <= eps ||X||`` guaranteed), or
+    with ``budget`` the smallest error target (found by bisection) whose tensor train fits in it.
     ``method="tucker"``: with ``eps``, the smallest per-mode ranks whose discarded HOSVD energy is at
     most ``eps^2 ||X||^2 / d`` per mode (so the HOSVD bound guarantees ``eps``); with ``budget``, the core
     shape of :func:`tucker_core_shape` (knapsack). Then HOOI at those ranks.
@@ -305,13 +306,7 @@ def select_rank(
     if budget is not None:
         budget = check_rank(budget, "budget")
     if method == "tt":
-        if eps is None:
-            raise InvalidArgumentError("select_rank(method='tt') needs eps (a relative error target)")
-        from tensorfold.decomp.tt import tensor_train
-
-        tt = tensor_train(X, eps=eps)
-        selection = {"method": "tt", "eps": eps, "ranks": list(tt.rank)}
-        return _with_selection(tt, selection)
+        return _select_tt(X, eps, budget)
     if method == "tucker":
         return _select_tucker(X, eps, budget, seed)
     return _select_cp(X, eps, max_rank, min_consistency, n_iter_max, seed)
@@ -320,6 +315,35 @@ def select_rank(
 def _with_selection(result: Decomposition, selection: dict) -> Decomposition:
     info = result.info or FitInfo("select-rank")
     return replace(result, info=replace(info, details={**info.details, "selection": selection}))
+
+
+def _select_tt(X, eps, budget):
+    """TT-SVD at the error target, or at the smallest error target (bisection on log eps) that fits the budget."""
+    from tensorfold.decomp.tt import tensor_train
+
+    if (eps is None) == (budget is None):
+        raise InvalidArgumentError("select_rank(method='tt') needs exactly one of eps or budget")
+    if eps is not None:
+        tt = tensor_train(X, eps=eps)
+        return _with_selection(tt, {"method": "tt", "eps": eps, "ranks": list(tt.rank)})
+    smallest = tensor_train(X, max_rank=1)
+    if smallest.n_params > budget:
+        raise RankError(f"budget={budget} is too small: a rank-1 tensor train of shape {tuple(X.shape)} needs "
+                        f"{smallest.n_params} parameters")
+    lo, hi, best = math.log(1e-12), math.log(0.999), smallest
+    for _ in range(40):  # the parameter count falls as eps grows; stop when the bracket is within 1%
+        mid = (lo + hi) / 2
+        tt = tensor_train(X, eps=math.exp(mid))
+        if tt.n_params <= budget:
+            hi, best = mid, tt
+        else:
+            lo = mid
+        if hi - lo < 0.01:
+            break
+    reached = best.info.details.get("error_bound") if best.info is not None else None
+    selection = {"method": "tt", "budget": budget, "eps": math.exp(hi) if best is not smallest else None,
+                 "ranks": list(best.rank), "n_params": best.n_params, "error_bound": reached}
+    return _with_selection(best, selection)
 
 
 def _select_tucker(X, eps, budget, seed):
