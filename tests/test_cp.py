@@ -13,6 +13,15 @@ from tensorfold.errors import ConvergenceWarning, InvalidArgumentError, InvalidT
 from tensorfold.testing import add_noise, random_cp
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """These problems are tiny: one thread avoids OpenMP wake-up stalls on a shared 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _svd_init(X: torch.Tensor, rank: int) -> CPTensor:
     """Leading left singular vectors of every unfolding: the init every library gets in the peer tests."""
     factors = [torch.linalg.svd(tf.unfold(X, n), full_matrices=False)[0][:, :rank] for n in range(X.ndim)]
