@@ -16,8 +16,12 @@ def _symmetric(n, rank, order, seed, dtype=torch.float64):
 
 
 def _component_error(A_true, A_found):
-    """Largest 1 - |cos| between each true component and its best match (sign/permutation free)."""
-    return float((1 - (A_true.T @ A_found).abs().max(1).values).max())
+    """Largest ``min_s ||a_i - s b_match(i)||`` (s = +-1) over the true unit components: sign/permutation free."""
+    cos = A_true.T @ A_found
+    match = cos.abs().argmax(1)
+    signs = torch.sign(cos[torch.arange(A_true.shape[1]), match])
+    assert match.unique().numel() == A_true.shape[1]  # a permutation, not several matches to one component
+    return float(torch.linalg.vector_norm(A_true - A_found[:, match] * signs, dim=0).max())
 
 
 @pytest.mark.parametrize("order", [3, 4])
