@@ -486,4 +486,10 @@ def _mode_times_unfolding(T, Z, mode) -> torch.Tensor:
         return T.reshape(n, b) @ Z.reshape(k, b).T
     if b == 1:
         return T.reshape(a, n).T @ Z.reshape(a, k)
-    return torch.matmul(T.reshape(a, n, b), Z.reshape(a, k, b).mT).sum(0)
+    # Batched GEMMs over blocks of the leading index bound the (block, n, k) temporaries.
+    T3, Z3 = T.reshape(a, n, b), Z.reshape(a, k, b)
+    step = max(1, _BLOCK_ELEMENTS // (n * k))
+    out = torch.zeros(n, k, dtype=T.dtype, device=T.device)
+    for i in range(0, a, step):
+        out += torch.matmul(T3[i : i + step], Z3[i : i + step].mT).sum(0)
+    return out
