@@ -38,6 +38,7 @@ def main() -> None:
     ap.add_argument("--speed-only", action="store_true",
                     help="only the end-to-end speed of the planned structures (best of --repeats, interleaved)")
     ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--speed-threads", default="2", help="comma-separated thread counts for --speed-only")
     args = ap.parse_args()
     if args.speed_only:
         speed_only(args)
@@ -95,9 +96,12 @@ def speed_only(args) -> None:
     model = entry.load()
     calib = entry.calibration(args.calib, seed=0)
     example = entry.example_inputs(32)
-    weight_planner = Planner(model, 0.5, methods=("svd",), exclude=entry.exclude, output_fn=entry.output_fn)
-    print("| budget | plan | Linear FLOPs kept | speedup best-of | speedup median |")
-    print("|---|---|---|---|---|")
+    weight_planner = Planner(model, 0.5, methods=("svd",), exclude=entry.exclude, output_fn=entry.output_fn,
+                             example_inputs=example)
+    threads = [int(t) for t in args.speed_threads.split(",")]
+    print("| budget | plan | Linear FLOPs kept | " + " | ".join(
+        f"speedup {t} thr best-of | median" for t in threads) + " |")
+    print("|---|---|---|" + "---|---|" * len(threads))
     for budget in [float(b) for b in args.budgets.split(",")]:
         cal_planner = Planner(model, budget, methods=("svd",), exclude=entry.exclude, calib=calib,
                               output_fn=entry.output_fn, example_inputs=example)
@@ -105,10 +109,12 @@ def speed_only(args) -> None:
                                          ("ours knapsack, calibrated", cal_planner, "knapsack")):
             p = planner.plan(budget, allocator, curve=False)
             small = tf.apply(model, p)
-            s = measure_speedup(model, small, example, threads=2, repeats=args.repeats)
+            cells = []
+            for t in threads:
+                s = measure_speedup(model, small, example, threads=t, repeats=args.repeats)
+                cells.append(f"{s['speedup']:.2f}x | {s['speedup_median']:.2f}x")
             flops = f"{p.flops / p.dense_flops:.3f}" if p.flops is not None else "-"
-            print(f"| {budget:.0%} | {name} | {flops} | {s['speedup']:.2f}x | {s['speedup_median']:.2f}x |",
-                  flush=True)
+            print(f"| {budget:.0%} | {name} | {flops} | " + " | ".join(cells) + " |", flush=True)
 
 
 if __name__ == "__main__":
