@@ -132,7 +132,7 @@ def test_tucker_error_non_increasing_and_hooi_no_worse():
 def test_cp_error_decreases_with_rank():
     dense = torch.nn.Conv2d(4, 5, 3, dtype=torch.float64)
     W = dense.weight.detach()
-    errs = [float((CPConv.from_dense(dense, r, n_iter_max=60).dense_weight().detach() - W).norm()) for r in (1, 4, 12)]
+    errs = [float((CPConv.from_dense(dense, r, n_iter_max=15).dense_weight().detach() - W).norm()) for r in (1, 4, 12)]
     assert errs[0] > errs[1] > errs[2]
 
 
@@ -192,11 +192,13 @@ def test_fraction_of_params():
     assert SVDConv.resolve_rank(conv, 0.3) == 31  # 0.3 * 73728 // (576 + 128)
 
 
+@pytest.mark.filterwarnings("ignore::tensorfold.errors.ConvergenceWarning")
 def test_gradients_flow_and_state_dict_round_trip():
     dense = _conv(GRID[7])
     x = _input(dense)
     for cls, opts in _methods(dense) + [(CPConv, {})]:
-        layer = cls.from_dense(dense, 2, **opts)
+        fit = {"n_iter_max": 20} if cls is CPConv else {}
+        layer = cls.from_dense(dense, 2, **opts, **fit)
         layer(x).pow(2).sum().backward()
         for name, p in layer.named_parameters():
             assert p.grad is not None and p.grad.abs().sum() > 0, (cls.__name__, name)
