@@ -22,7 +22,7 @@ demo: $(VENV)/.installed-runtime
 	$(BIN)/python -m tensorfold.demo
 
 test: $(VENV)/.installed-dev
-	$(BIN)/python -m pytest -q
+	OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m pytest -q
 
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check src tests bench
