@@ -167,13 +167,14 @@ def test_skipped_layers_have_reasons():
 
 
 def test_cp_candidates_on_a_conv():
-    model = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1))
-    p = tf.plan(model, 0.3, methods=("cp",), input_shape=(1, 8, 8, 8), curve=False)
+    model = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1))
+    p = tf.plan(model, 0.3, methods=("cp",), input_shape=(1, 4, 8, 8), curve=False)
     assert p.fraction <= 0.3
     assert {lp.method for lp in p.layers} <= {"cp", "dense"} and any(lp.method == "cp" for lp in p.layers)
     small = tf.apply(model, p)
-    x = torch.randn(2, 8, 8, 8)
-    rel = float((small(x) - model(x)).norm() / model(x).norm())
+    x = torch.randn(2, 4, 8, 8)
+    with torch.no_grad():
+        rel = float((small(x) - model(x)).norm() / model(x).norm())
     assert rel < 1.0
 
 
