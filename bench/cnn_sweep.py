@@ -87,14 +87,17 @@ def run_one(task: VisionTask, original, calib, inputs, target, budget, method, s
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| model | budget | method | kept | drop before FT | drop after FT | speedup |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| model | budget | method | kept | drop before FT | drop after FT (seeds) | speedup | layers by method |",
+             "|---|---|---|---|---|---|---|---|"]
     order = {m: i for i, m in enumerate(BASELINES)}
     configs = {(t, b): i for i, (t, b) in enumerate(CONFIGS)}
     for r in sorted(rows, key=lambda r: (r["model"], configs.get((r["target"], r["budget"]), 99), order[r["method"]])):
         speed = f"{r['speedup']:.2f}x" if r.get("speedup") else "-"
+        used = " ".join(f"{m}:{n}" for m, n in sorted(r["methods_used"].items()))
+        seeds = len(r["drop_after_seeds"])
         lines.append(f"| {r['model']} | {r['budget']:.0%} {r['target']} | {r['method']} | {r['fraction']:.3f} | "
-                     f"{r['drop_before'] * 100:+.1f} pt | {r['drop_after'] * 100:+.1f} pt | {speed} |")
+                     f"{r['drop_before'] * 100:+.1f} pt | {r['drop_after'] * 100:+.1f} pt ({seeds}) | "
+                     f"{speed} | {used} |")
     return "\n".join(lines)
 
 
@@ -147,5 +150,14 @@ def main() -> None:
     print(table(rows))
 
 
+def print_table(*paths: str) -> None:
+    """Print the table of one or more results files: ``python bench/cnn_sweep.py --table a.json b.json``."""
+    rows = [r for p in paths for r in json.loads(Path(p).read_text()).values()]
+    print(table(rows))
+
+
 if __name__ == "__main__":
-    main()
+    if len(sys.argv) > 1 and sys.argv[1] == "--table":
+        print_table(*sys.argv[2:])
+    else:
+        main()
