@@ -56,9 +56,11 @@ from tensorfold.errors import InvalidArgumentError
 
 Callback = Callable[[int, float], object]
 
-# From this observed fraction on, CP-WOPT on a dense input evaluates the model densely (one GEMM and d
-# MTTKRPs over the full tensor) instead of gathering factor rows per observed cell.
+# From this observed fraction (and this many observations) on, CP-WOPT on a dense input evaluates the
+# model densely (one GEMM and d MTTKRPs over the full tensor) instead of gathering factor rows per
+# observed cell; on small problems the gathers are cheaper.
 _DENSE_WOPT_DENSITY = 0.1
+_DENSE_WOPT_MIN_NNZ = 50_000
 
 
 def complete(
@@ -138,7 +140,7 @@ def complete(
     if method == "als":
         return _cp_als(data, rank, init, n_iter_max, tol, reg, gen, callback, start)
     dense = None
-    if coo is None and data.density >= _DENSE_WOPT_DENSITY:
+    if coo is None and data.density >= _DENSE_WOPT_DENSITY and data.nnz >= _DENSE_WOPT_MIN_NNZ:
         weight = torch.zeros(data.shape, dtype=data.dtype, device=data.device)
         weight[tuple(data.indices.T)] = 1.0
         filled = torch.zeros_like(weight)
