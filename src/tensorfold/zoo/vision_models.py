@@ -5,7 +5,7 @@ device and then initialised from a private, seeded generator (or loaded from wei
 
 >>> model = resnet20(seed=0)
 >>> sum(p.numel() for p in model.parameters())
-272474
+269722
 """
 
 from __future__ import annotations
