@@ -25,6 +25,20 @@ from tensorfold.io import write_text_atomic
 PLAN_VERSION = 1
 
 
+def _common_prefix(names: list[str]) -> str:
+    """The longest dotted prefix (ending in '.') shared by every name; '' for one name or none."""
+    if len(names) < 2:
+        return ""
+    parts = [n.split(".") for n in names]
+    common = []
+    for items in zip(*parts):
+        if len(set(items)) != 1:
+            break
+        common.append(items[0])
+    common = common[: min(len(p) for p in parts) - 1]
+    return ".".join(common) + "." if common else ""
+
+
 def _rank_from_json(rank):
     return tuple(rank) if isinstance(rank, list) else rank
 
@@ -238,15 +252,21 @@ class Plan:
         return out
 
     def table(self):
-        """A ``rich.table.Table`` of the per-layer decisions with a totals row."""
+        """A ``rich.table.Table`` of the per-layer decisions with a totals row.
+
+        Layer names lose the prefix they all share (e.g. ``0.model.encoder.``), shown in the title.
+        """
         from rich.table import Table
 
-        t = Table(title=self.title(), title_justify="left")
+        prefix = _common_prefix([lp.name for lp in self.layers])
+        title = self.title() + (f"\nlayer names below start with {prefix!r}" if prefix else "")
+        t = Table(title=title, title_justify="left")
         for col in ("layer", "shape", "method", "rank", "params", "kept", "FLOPs", "latency ms", "pred. error"):
             t.add_column(col, justify="left" if col in ("layer", "shape", "method") else "right")
         for r in self.rows():
             t.add_row(
-                r["layer"], r["shape"], r["method"], str(r["rank"]), f"{r['params']:,}", f"{r['kept']:.2f}",
+                r["layer"][len(prefix):], r["shape"], r["method"], str(r["rank"]), f"{r['params']:,}",
+                f"{r['kept']:.2f}",
                 "-" if r["flops"] is None else f"{r['flops']:,}",
                 "-" if r["latency_ms"] is None else f"{r['latency_ms']:.3f}", f"{r['error']:.3f}",
             )
