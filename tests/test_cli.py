@@ -194,7 +194,10 @@ ERROR_CASES = {
     "missing rank": ("cube", ["-m", "cp"], "method 'cp' needs --rank"),
     "per-mode rank for cp": ("cube", ["-m", "cp", "-r", "2,2,2"], "takes a single --rank"),
     "wrong rank count": ("cube", ["-m", "tucker", "-r", "2,2"], "2 entries but the tensor has 3 modes"),
-    "wrong method": ("cube", ["-m", "pca", "-r", "2"], "--method must be one of cp, tucker, tt, tr, svd; got 'pca'"),
+    "wrong method": (
+        "cube", ["-m", "pca", "-r", "2"],
+        "--method must be one of cp, tucker, tt, tr, svd, ncp, ntucker, symcp; got 'pca'",
+    ),
     "eps for cp": ("cube", ["-m", "cp", "-r", "2", "--eps", "0.1"], "--eps applies to tt, tr, svd, not to 'cp'"),
     "eps out of range": ("cube", ["-m", "tt", "--eps", "1.5"], "--eps must be a relative error in (0, 1)"),
     "max-iter for tt": ("cube", ["-m", "tt", "-r", "2", "--max-iter", "5"], "apply to iterative methods"),

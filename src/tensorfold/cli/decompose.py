@@ -6,7 +6,7 @@ method to the CLI is one ``register_method(Method(...))`` call with a function
 ``FitOptions.extra``.
 
 >>> sorted(METHODS)
-['cp', 'svd', 'tr', 'tt', 'tucker']
+['cp', 'ncp', 'ntucker', 'svd', 'symcp', 'tr', 'tt', 'tucker']
 """
 
 from __future__ import annotations
@@ -83,6 +83,7 @@ class Method:
     uses_eps: bool = False  # --eps is an error target that may replace --rank
     min_order: int = 2
     max_order: int | None = None
+    rank_optional: bool = False  # the method can find the rank itself (symcp)
 
 
 METHODS: dict[str, Method] = {}
@@ -146,9 +147,39 @@ register_method(
 )
 
 
+def _fit_ncp(X, options: FitOptions):
+    import tensorfold
+
+    return tensorfold.nonnegative_cp(X, _single_rank(options, "ncp"), **options.iteration_kwargs())
+
+
+def _fit_ntucker(X, options: FitOptions):
+    import tensorfold
+
+    return tensorfold.nonnegative_tucker(X, options.rank, **options.iteration_kwargs())
+
+
+def _fit_symcp(X, options: FitOptions):
+    import tensorfold
+
+    return tensorfold.symmetric_cp(X, _single_rank(options, "symcp"), seed=options.seed)
+
+
+register_method(Method("ncp", "nonnegative CP by HALS (input >= 0)", _fit_ncp, iterative=True))
+register_method(
+    Method("ntucker", "nonnegative Tucker by HALS (input >= 0)", _fit_ntucker, iterative=True, per_mode_rank=True)
+)
+register_method(
+    Method(
+        "symcp", "symmetric CP by the subspace power method (order 3 or 4; finds the rank without --rank)",
+        _fit_symcp, min_order=3, max_order=4, rank_optional=True,
+    )
+)
+
+
 def _check_method_options(method: Method, options: FitOptions) -> None:
     """Refuse options the method does not take, before loading or fitting anything."""
-    if options.rank is None and not (method.uses_eps and options.eps is not None):
+    if options.rank is None and not method.rank_optional and not (method.uses_eps and options.eps is not None):
         needs = "--rank or --eps" if method.uses_eps else "--rank"
         raise RankError(f"method {method.name!r} needs {needs}")
     if isinstance(options.rank, tuple) and not method.per_mode_rank:
@@ -248,6 +279,10 @@ Examples:
 
   tensorfold decompose weights.safetensors --key layer1.weight --method svd --rank 64 --out w.safetensors
 
+  tensorfold decompose ratings.npy --mask observed.npy --method cp --rank 8 --out cp8.safetensors
+
+  tensorfold decompose cells.npz --coo --method cp-wopt --rank 8 --out cp8.safetensors
+
 Writes OUT (safetensors, readable with tensorfold.load) and OUT with suffix .json (the summary).
 """
 
@@ -256,7 +291,10 @@ def decompose(
     input_path: Path = typer.Argument(
         ..., metavar="INPUT", help="Tensor file: .npy, .npz, .pt/.pth (safe load) or .safetensors."
     ),
-    method: str = typer.Option(..., "--method", "-m", help="Decomposition: cp, tucker, tt, tr or svd."),
+    method: str = typer.Option(
+        ..., "--method", "-m",
+        help="Decomposition: cp, tucker, tt, tr, svd, ncp, ntucker or symcp (with --mask/--coo: cp, cp-wopt, tucker).",
+    ),
     rank: str | None = typer.Option(
         None, "--rank", "-r", help="Rank: an integer, or a comma list of per-mode ranks (tucker, tt, tr)."
     ),
@@ -272,6 +310,14 @@ def decompose(
     tol: float | None = typer.Option(None, "--tol", help="Stopping tolerance on the change of fit (cp, tucker, tr)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT and its .json if they exist."),
     as_json: bool = typer.Option(False, "--json", help="Print the JSON summary instead of the table."),
+    mask: Path | None = typer.Option(
+        None, "--mask", help="File marking the observed cells of INPUT (bool or 0/1): fit only those "
+        "(completion; --method cp, cp-wopt or tucker)."
+    ),
+    coo: bool = typer.Option(
+        False, "--coo", help="INPUT holds observed cells as arrays indices (nnz, d), values, shape: completion "
+        "without densifying (--method cp, cp-wopt or tucker)."
+    ),
 ) -> None:
     """Decompose a tensor stored in a file and save the result.
 
@@ -283,6 +329,13 @@ def decompose(
     from tensorfold.io import load_array, write_text_atomic
 
     started = time.perf_counter()
+    if mask is not None or coo:  # completion: only the observed cells are fitted (tensorfold.cli.completion)
+        from tensorfold.cli.completion import decompose_observed
+
+        return decompose_observed(
+            input_path, method=method, rank=rank, mask_path=mask, coo=coo, out=out, eps=eps, key=key, dtype=dtype,
+            device=device, seed=seed, max_iter=max_iter, tol=tol, overwrite=overwrite, as_json=as_json,
+        )
     check_option_choice(method, "--method", METHODS)
     options = FitOptions(rank=parse_rank(rank), eps=eps, seed=seed, max_iter=max_iter, tol=tol)
     _check_method_options(METHODS[method], options)
