@@ -71,7 +71,7 @@ def test_budget_met_on_minilm_weight_only(model, entry):
 
 def test_calibrated_compression_of_minilm_beats_weight_only(model, entry, tmp_path):
     calib = entry.calibration(16, seed=0, batch_size=8)
-    include = ["*layer.0.*"]
+    include = ["*layer.0.*", "*layer.1.*"]
     kwargs = dict(methods=("svd",), include=include, output_fn=entry.output_fn, curve=False)
     weight_small, pw = tf.compress(model, 0.3, allocator="uniform", **kwargs)
     small, p = tf.compress(model, 0.3, calib=calib, **kwargs)
@@ -81,7 +81,8 @@ def test_calibrated_compression_of_minilm_beats_weight_only(model, entry, tmp_pa
     assert not any(isinstance(m, tf.nn.FactorizedLayer) for m in model.modules())
     quality_w = minilm.evaluate(model, weight_small, max_groups=6)
     quality = minilm.evaluate(model, small, max_groups=6)
-    assert quality["mean_cos"] > quality_w["mean_cos"] + 0.05, (quality, quality_w)
+    # output-aware fitting with measured sensitivities loses clearly less than uniform weight SVD
+    assert 1 - quality["mean_cos"] < 0.8 * (1 - quality_w["mean_cos"]), (quality, quality_w)
     # save/load rebuilds the base model from the zoo and gives the same embeddings
     p.model_name = "minilm"
     tf.save_compressed(small, p, tmp_path / "m")
