@@ -22,13 +22,7 @@ shapes = st.lists(st.integers(1, 4), min_size=2, max_size=5).map(tuple)
 seeds = st.integers(0, 2**31 - 1)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These problems are tiny: one thread avoids OpenMP wake-up stalls on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _randn(*shape, seed):

@@ -12,14 +12,7 @@ from tensorfold.decomp.results import CPTensor, load
 from tensorfold.errors import ConvergenceWarning, InvalidArgumentError, InvalidTensorError, RankError, ShapeError
 from tensorfold.testing import add_noise, random_cp
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These problems are tiny: one thread avoids OpenMP wake-up stalls on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _svd_init(X: torch.Tensor, rank: int) -> CPTensor:

@@ -17,14 +17,7 @@ from tensorfold.errors import InvalidArgumentError
 from tensorfold.nn import FactorizedLayer
 from tensorfold.zoo.vision import VisionTask, accuracy
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: on a shared 2-core CI machine two threads thrash (10x slower under load)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -11,14 +11,7 @@ from tensorfold.zoo import vision
 from tensorfold.zoo.vision_data import SHAPE_CLASSES, generate_shapes, load_split
 from tensorfold.zoo.vision_models import digits_cnn, resnet20
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: on a shared 2-core CI machine two threads thrash (10x slower under load)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_digits_splits_are_deterministic_disjoint_and_complete():
