@@ -214,3 +214,33 @@ def test_balance_factors_keeps_the_function_and_evens_the_norms():
     w2 = conv.last.weight.reshape(2, 3, 2)  # (groups, out per group, rank)
     c2 = w2.transpose(1, 2).reshape(4, 3).norm(dim=1)
     torch.testing.assert_close(c1, c2)
+
+
+def test_a_forward_that_takes_the_whole_dict_gets_it_whole():
+    """SentenceTransformer.forward(features) takes the tokenized dict as one argument and adds keys to it."""
+
+    class WholeDict(nn.Module):
+        def __init__(self, width):
+            super().__init__()
+            self.proj = nn.Linear(6, width)
+            self.head = nn.Linear(width, 3)
+
+        def forward(self, features):
+            features["sentence_embedding"] = self.head(torch.relu(self.proj(features["input"])))
+            return features
+
+    gen = torch.Generator().manual_seed(2)
+    teacher, student = WholeDict(32), WholeDict(4)
+    batches = [{"input": torch.randn(16, 6, generator=gen)} for _ in range(4)]
+
+    def loss(m):
+        with torch.no_grad():
+            return sum(
+                float(distillation_loss(m(dict(b))["sentence_embedding"], teacher(dict(b))["sentence_embedding"],
+                                        kind="mse"))
+                for b in batches
+            )
+
+    tuned = finetune(student, batches, teacher=teacher, epochs=30, lr=1e-2, distill_loss="mse", progress=False)
+    assert loss(tuned) < 0.5 * loss(student)
+    assert all(set(b) == {"input"} for b in batches)  # the caller's batches are not modified

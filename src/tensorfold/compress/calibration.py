@@ -78,7 +78,7 @@ def _model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def _takes_dict(model: nn.Module, batch: Mapping) -> bool:
+def takes_dict(model: nn.Module, batch: Mapping) -> bool:
     """True when ``forward`` wants the dict as one positional argument (its required first
     parameter is not one of the dict's keys), as ``SentenceTransformer.forward(input)`` does."""
     try:
@@ -101,7 +101,7 @@ def call_model(model: nn.Module, batch):
     """Run ``model`` on one calibration/example batch (see the module docs for the batch kinds)."""
     x = _to_device(batch_input(batch), _model_device(model))
     if isinstance(x, Mapping):
-        return model(dict(x)) if _takes_dict(model, x) else model(**x)
+        return model(dict(x)) if takes_dict(model, x) else model(**x)
     return model(x)
 
 

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tensorfold.compress.calibration import output_tensor, takes_dict
 from tensorfold.core.validate import check_choice, check_positive, make_generator
 from tensorfold.errors import InvalidArgumentError, ShapeError
 
@@ -59,6 +60,10 @@ class Batch:
         return Batch(_move(self.args, device), _move(self.kwargs, device), _move(self.targets, device))
 
     def __call__(self, model: nn.Module):
+        if not self.args and self.kwargs and takes_dict(model, self.kwargs):
+            # SentenceTransformer-style forward(features): the dict goes in whole, as a fresh copy
+            # because such models add their outputs to it.
+            return model(dict(self.kwargs))
         return model(*self.args, **self.kwargs)
 
 
@@ -81,19 +86,8 @@ def split_batch(item) -> Batch:
 
 
 def default_output(outputs) -> torch.Tensor:
-    """The tensor to train on: the output itself, ``.logits``/``["logits"]``, a ``sentence_embedding``,
-    or the first tensor of a tuple."""
-    if isinstance(outputs, torch.Tensor):
-        return outputs
-    for key in ("logits", "sentence_embedding", "last_hidden_state"):
-        value = outputs.get(key) if isinstance(outputs, Mapping) else getattr(outputs, key, None)
-        if isinstance(value, torch.Tensor):
-            return value
-    if isinstance(outputs, (tuple, list)) and outputs and isinstance(outputs[0], torch.Tensor):
-        return outputs[0]
-    raise InvalidArgumentError(
-        f"cannot find a tensor in the model output of type {type(outputs).__name__}; pass output_fn"
-    )
+    """The tensor to train on (see :func:`tensorfold.compress.calibration.output_tensor`)."""
+    return output_tensor(outputs)
 
 
 def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, *, temperature: float = 2.0,

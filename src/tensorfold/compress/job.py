@@ -115,6 +115,8 @@ def _finetune(source: ModelSource, compressed: nn.Module, original: nn.Module, e
         train, val = loaded if isinstance(loaded, tuple) and len(loaded) == 2 else (loaded, None)
     # embeddings (an output_fn picks them) are matched by cosine, logits by the default KL
     extra = {"distill_loss": "cosine"} if source.output_fn is not None else {}
+    if source.entry is not None and "finetune_lr" in source.entry.extra:
+        extra["lr"] = source.entry.extra["finetune_lr"]
     return finetune(compressed, train, teacher=original, epochs=epochs, val_data=val, seed=seed,
                     distill="logits", output_fn=source.output_fn, **extra)
 
