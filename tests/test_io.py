@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import pickle
 
 import numpy as np
@@ -157,3 +158,27 @@ def test_write_text_atomic(tmp_path):
     write_text_atomic(target, '{"a": 2}\n')
     assert target.read_text() == '{"a": 2}\n'
     assert [p.name for p in tmp_path.iterdir()] == ["summary.json"]
+
+
+def test_atomic_directory_publishes_whole_or_nothing(tmp_path):
+    from tensorfold.errors import InvalidArgumentError
+    from tensorfold.io import atomic_directory
+
+    target = tmp_path / "run"
+    with atomic_directory(target) as tmp:
+        (tmp / "a.txt").write_text("first")
+        assert not target.exists()
+    assert (target / "a.txt").read_text() == "first"
+    umask = os.umask(0)
+    os.umask(umask)
+    assert target.stat().st_mode & 0o777 == 0o777 & ~umask  # the usual mode, not mkdtemp's private 0700
+    with pytest.raises(InvalidArgumentError, match="already exists"), atomic_directory(target):
+        pass
+    with pytest.raises(RuntimeError), atomic_directory(target, overwrite=True) as tmp:
+        (tmp / "b.txt").write_text("half")
+        raise RuntimeError("interrupted")
+    assert sorted(p.name for p in target.iterdir()) == ["a.txt"]  # the old directory is untouched
+    with atomic_directory(target, overwrite=True) as tmp:
+        (tmp / "b.txt").write_text("second")
+    assert sorted(p.name for p in target.iterdir()) == ["b.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no temporary leftovers

@@ -11,7 +11,6 @@ True
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -24,8 +23,9 @@ from tensorfold.compress.api import DEFAULT_METHODS, Planner, apply
 from tensorfold.compress.calibration import materialize
 from tensorfold.compress.evaluate import count_params, measure_speedup, output_fidelity
 from tensorfold.compress.plan import Plan
-from tensorfold.compress.storage import load_factory, publish_directory, staging_directory, write_compressed
+from tensorfold.compress.storage import load_factory, write_compressed
 from tensorfold.errors import FileFormatError, InvalidArgumentError, TensorfoldError
+from tensorfold.io import atomic_directory
 
 
 @dataclass
@@ -229,12 +229,7 @@ def run_job(
     if out_path is not None:
         from tensorfold.report import write_report
 
-        tmp = staging_directory(out_path)
-        try:
+        with atomic_directory(out_path, overwrite=overwrite) as tmp:
             write_compressed(compressed, plan, tmp, {"metrics.json": json.dumps(metrics, indent=1)})
             write_report(tmp / "report.html", plan, metrics)
-            publish_directory(tmp, out_path, overwrite=overwrite)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
     return JobResult(plan, compressed, original, metrics, out_path, curve)

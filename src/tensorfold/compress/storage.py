@@ -23,8 +23,6 @@ from __future__ import annotations
 import importlib
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -34,6 +32,7 @@ from tensorfold.compress.candidates import build_skeleton
 from tensorfold.compress.plan import Plan
 from tensorfold.compress.walk import set_submodule
 from tensorfold.errors import FileFormatError, InvalidArgumentError, TensorfoldError
+from tensorfold.io import atomic_directory
 from tensorfold.nn import layer_class_for
 from tensorfold.nn.base import DenseSpec
 
@@ -56,40 +55,12 @@ def write_compressed(model: nn.Module, plan: Plan, directory: Path, extra_files:
         (directory / name).write_text(text)
 
 
-def publish_directory(tmp: Path, target: Path, *, overwrite: bool) -> None:
-    """Move the finished ``tmp`` directory to ``target`` in one rename (replacing it when allowed)."""
-    if target.exists():
-        if not overwrite:
-            raise InvalidArgumentError(f"{target} already exists; pass overwrite=True (--overwrite) to replace it")
-        trash = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
-        os.replace(target, trash / "old")
-        os.replace(tmp, target)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.replace(tmp, target)
-
-
-def staging_directory(target: str | os.PathLike) -> Path:
-    """A fresh temporary directory beside ``target`` (same filesystem, so the final rename is atomic)."""
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp.", dir=target.parent))
-
-
 def save_compressed(model: nn.Module, plan: Plan, directory: str | os.PathLike, *, overwrite: bool = False) -> None:
     """Write ``plan.json`` and ``weights.safetensors`` for ``model`` into ``directory`` (atomically)."""
     if not isinstance(plan, Plan):
         raise InvalidArgumentError(f"plan must be a tensorfold Plan, got {type(plan).__name__}")
-    target = Path(directory)
-    if target.exists() and not overwrite:
-        raise InvalidArgumentError(f"{target} already exists; pass overwrite=True to replace it")
-    tmp = staging_directory(target)
-    try:
+    with atomic_directory(directory, overwrite=overwrite) as tmp:
         write_compressed(model, plan, tmp)
-        publish_directory(tmp, target, overwrite=overwrite)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _base_from_source(source: str | None) -> nn.Module:

@@ -16,14 +16,11 @@ new directory, atomically (a temporary directory renamed into place).
 from __future__ import annotations
 
 import base64
-import contextlib
 import html
 import json
 import math
 import os
-import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -36,6 +33,7 @@ from tensorfold.compress.allocators import ALLOCATORS, TARGETS, check_budget
 from tensorfold.compress.api import apply, eval_mode, plan
 from tensorfold.compress.finetune import finetune
 from tensorfold.errors import InvalidArgumentError, TensorfoldError
+from tensorfold.io import atomic_directory
 
 CONV_METHODS = ("svd", "spatial", "tucker", "cp")
 FILES = ("sweep.json", "accuracy_vs_size.png", "accuracy_vs_latency.png", "index.html")
@@ -318,30 +316,11 @@ def write_sweep(result: SweepResult, out: str | os.PathLike, *, overwrite: bool 
     """Write the sweep's files into the new directory ``out`` (atomically); refuses an existing one
     unless ``overwrite``."""
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise InvalidArgumentError(f"{out} exists; pass overwrite=True (--overwrite) to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the result should look like any new directory
-    try:
+    with atomic_directory(out, overwrite=overwrite) as tmp:
         (tmp / "sweep.json").write_text(json.dumps(result.to_dict(), indent=1, allow_nan=False))
         images = {}
         for name, x in (("accuracy_vs_size.png", "size"), ("accuracy_vs_latency.png", "latency")):
             plot_sweep(result, x, tmp / name)
             images[name] = (tmp / name).read_bytes()
         (tmp / "index.html").write_text(render_html(result, images))
-        if out.exists():
-            old = out.with_name(f".{out.name}.old")
-            with contextlib.suppress(FileNotFoundError):
-                shutil.rmtree(old)
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return out
