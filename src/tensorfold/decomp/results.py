@@ -298,17 +298,15 @@ def _check_chain(cores, ring: bool, what: str):
         raise ShapeError(f"{what}: boundary ranks must be 1")
 
 
-@dataclass(frozen=True, eq=False, repr=False)
-class TTTensor(Decomposition):
-    """Tensor train: cores of shape ``(r_{k-1}, n_k, r_k)`` with ``r_0 = r_d = 1``."""
+class _CoreChain(Decomposition):
+    """What tensor trains and tensor rings share: a chain of 3-way cores ``(r_prev, n_k, r_next)``."""
 
     cores: tuple[torch.Tensor, ...]
-    info: FitInfo | None = None
-    kind: ClassVar[str] = "tt"
+    _is_ring: ClassVar[bool]
 
     def __post_init__(self):
         object.__setattr__(self, "cores", tuple(self.cores))
-        _check_chain(self.cores, ring=False, what="TT")
+        _check_chain(self.cores, ring=self._is_ring, what=self.kind.upper())
 
     @property
     def shape(self):
@@ -316,8 +314,25 @@ class TTTensor(Decomposition):
 
     @property
     def rank(self) -> tuple[int, ...]:
-        """All bond ranks including the boundary ones: ``(1, r_1, ..., r_{d-1}, 1)``."""
-        return (1,) + tuple(int(c.shape[2]) for c in self.cores)
+        """All bond ranks ``(r_0, r_1, ..., r_d)``: boundary 1s for a train, ``r_0 = r_d`` for a ring."""
+        return (int(self.cores[0].shape[0]),) + tuple(int(c.shape[2]) for c in self.cores)
+
+    def tensors(self):
+        return {f"core{i}": c for i, c in enumerate(self.cores)}
+
+    @classmethod
+    def from_tensors(cls, tensors, info=None):
+        return cls(tuple(_indexed(tensors, "core")), info)
+
+
+@dataclass(frozen=True, eq=False, repr=False)
+class TTTensor(_CoreChain):
+    """Tensor train: cores of shape ``(r_{k-1}, n_k, r_k)`` with ``r_0 = r_d = 1``."""
+
+    cores: tuple[torch.Tensor, ...]
+    info: FitInfo | None = None
+    kind: ClassVar[str] = "tt"
+    _is_ring: ClassVar[bool] = False
 
     def to_tensor(self):
         out = self.cores[0].reshape(self.cores[0].shape[1], -1)
@@ -329,34 +344,15 @@ class TTTensor(Decomposition):
     def norm(self):
         return tt_norm(self.cores)
 
-    def tensors(self):
-        return {f"core{i}": c for i, c in enumerate(self.cores)}
-
-    @classmethod
-    def from_tensors(cls, tensors, info=None):
-        return cls(tuple(_indexed(tensors, "core")), info)
-
 
 @dataclass(frozen=True, eq=False, repr=False)
-class TRTensor(Decomposition):
+class TRTensor(_CoreChain):
     """Tensor ring: ``X[i_1..i_d] = trace(G_1[:, i_1, :] ... G_d[:, i_d, :])``."""
 
     cores: tuple[torch.Tensor, ...]
     info: FitInfo | None = None
     kind: ClassVar[str] = "tr"
-
-    def __post_init__(self):
-        object.__setattr__(self, "cores", tuple(self.cores))
-        _check_chain(self.cores, ring=True, what="TR")
-
-    @property
-    def shape(self):
-        return tuple(int(c.shape[1]) for c in self.cores)
-
-    @property
-    def rank(self) -> tuple[int, ...]:
-        """Bond ranks ``(r_0, r_1, ..., r_d)`` with ``r_0 = r_d``."""
-        return (int(self.cores[0].shape[0]),) + tuple(int(c.shape[2]) for c in self.cores)
+    _is_ring: ClassVar[bool] = True
 
     def to_tensor(self):
         r0 = self.cores[0].shape[0]
@@ -369,13 +365,6 @@ class TRTensor(Decomposition):
 
     def norm(self):
         return tr_norm(self.cores)
-
-    def tensors(self):
-        return {f"core{i}": c for i, c in enumerate(self.cores)}
-
-    @classmethod
-    def from_tensors(cls, tensors, info=None):
-        return cls(tuple(_indexed(tensors, "core")), info)
 
 
 @dataclass(frozen=True, eq=False, repr=False)
