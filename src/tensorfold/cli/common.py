@@ -217,3 +217,43 @@ def fit_progress(description: str, total: int | None = None) -> Iterator[Callabl
             progress.update(task, completed=int(iteration), fit=fit_text)
 
         yield callback
+
+
+def publish_result(
+    result,
+    summary: dict[str, Any],
+    *,
+    out: Path,
+    summary_path: Path,
+    started: float,
+    as_json: bool,
+    title: str,
+    first_rows: Sequence[tuple[str, Any]],
+) -> None:
+    """Save a decomposition and its JSON summary (each atomically), then print the summary.
+
+    ``first_rows`` (method, input, rank, error) head the table; the size, iteration and timing rows
+    that every decomposition shares follow.
+    """
+    import json
+    import time
+
+    from tensorfold.io import write_text_atomic
+
+    result.save(out)
+    summary["total_seconds"] = time.perf_counter() - started
+    write_text_atomic(summary_path, json.dumps(summary, indent=2) + "\n")
+    if as_json:
+        typer.echo(json.dumps(summary, indent=2))
+        return
+    rows = [
+        *first_rows,
+        ("parameters", summary["n_params"]),
+        ("compression", f"{summary['compression_ratio']:.3g}x"),
+        ("iterations", summary["iterations"]),
+        ("converged", summary["converged"]),
+        ("seconds", summary["seconds"]),
+        ("dtype / device", f"{summary['dtype']} / {summary['device']}"),
+        ("saved", f"{out} (summary: {summary_path})"),
+    ]
+    print_key_value_table(title, rows, console=stdout_console())

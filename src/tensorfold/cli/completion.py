@@ -8,13 +8,10 @@ observed entries (the others are unknown).
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
-import typer
-
-from tensorfold.cli.common import check_option_choice, fit_progress, print_key_value_table, stdout_console
+from tensorfold.cli.common import check_option_choice, fit_progress, publish_result
 from tensorfold.errors import FileFormatError, InvalidArgumentError, InvalidTensorError, RankError
 
 # --method under --mask/--coo -> (model, algorithm) of tensorfold.complete
@@ -66,7 +63,6 @@ def decompose_observed(input_path: Path, *, method: str, rank: str | None, mask_
     from tensorfold import __version__
     from tensorfold.cli.common import check_output_path, parse_rank
     from tensorfold.cli.decompose import DEVICES, DTYPES
-    from tensorfold.io import write_text_atomic
 
     check_option_choice(method, "--method (with --mask/--coo)", COMPLETION_METHODS)
     if mask_path is not None and coo:
@@ -124,23 +120,13 @@ def decompose_observed(input_path: Path, *, method: str, rank: str | None, mask_
         "output": str(out),
         "tensorfold_version": __version__,
     }
-    result.save(out)
-    summary["total_seconds"] = time.perf_counter() - started
-    write_text_atomic(summary_path, json.dumps(summary, indent=2) + "\n")
-    if as_json:
-        typer.echo(json.dumps(summary, indent=2))
-        return
-    rows = [
-        ("method", summary["method"]),
-        ("input", f"{input_path} {tuple(data.shape)}, {data.nnz:,} observed ({data.density:.3g})"),
-        ("rank", summary["rank"]),
-        ("relative error (observed)", summary["observed_relative_error"]),
-        ("parameters", summary["n_params"]),
-        ("compression", f"{summary['compression_ratio']:.3g}x"),
-        ("iterations", summary["iterations"]),
-        ("converged", summary["converged"]),
-        ("seconds", summary["seconds"]),
-        ("dtype / device", f"{summary['dtype']} / {summary['device']}"),
-        ("saved", f"{out} (summary: {summary_path})"),
-    ]
-    print_key_value_table("tensorfold decompose: completion", rows, console=stdout_console())
+    publish_result(
+        result, summary, out=out, summary_path=summary_path, started=started, as_json=as_json,
+        title="tensorfold decompose: completion",
+        first_rows=[
+            ("method", summary["method"]),
+            ("input", f"{input_path} {tuple(data.shape)}, {data.nnz:,} observed ({data.density:.3g})"),
+            ("rank", summary["rank"]),
+            ("relative error (observed)", summary["observed_relative_error"]),
+        ],
+    )

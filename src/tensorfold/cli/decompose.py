@@ -26,7 +26,7 @@ from tensorfold.cli.common import (
     fit_progress,
     parse_rank,
     print_key_value_table,
-    stdout_console,
+    publish_result,
 )
 from tensorfold.errors import InvalidArgumentError, InvalidTensorError, RankError
 
@@ -326,7 +326,7 @@ def decompose(
     The input file is only read, never modified.
     """
     from tensorfold import __version__
-    from tensorfold.io import load_array, write_text_atomic
+    from tensorfold.io import load_array
 
     started = time.perf_counter()
     if mask is not None or coo:  # completion: only the observed cells are fitted (tensorfold.cli.completion)
@@ -377,27 +377,16 @@ def decompose(
         "output": str(out),
         "tensorfold_version": __version__,
     }
-    result.save(out)
-    summary["total_seconds"] = time.perf_counter() - started
-    write_text_atomic(summary_path, json.dumps(summary, indent=2) + "\n")
-
-    if as_json:
-        typer.echo(json.dumps(summary, indent=2))
-        return
-    rows = [
-        ("method", method),
-        ("input", f"{source} {tuple(summary['input']['shape'])} {summary['input']['dtype']}"),
-        ("rank", summary["rank"]),
-        ("relative error", summary["relative_error"]),
-        ("parameters", summary["n_params"]),
-        ("compression", f"{summary['compression_ratio']:.3g}x"),
-        ("iterations", summary["iterations"]),
-        ("converged", summary["converged"]),
-        ("seconds", summary["seconds"]),
-        ("dtype / device", f"{summary['dtype']} / {summary['device']}"),
-        ("saved", f"{out} (summary: {summary_path})"),
-    ]
-    print_key_value_table(f"tensorfold decompose: {method}", rows, console=stdout_console())
+    publish_result(
+        result, summary, out=out, summary_path=summary_path, started=started, as_json=as_json,
+        title=f"tensorfold decompose: {method}",
+        first_rows=[
+            ("method", method),
+            ("input", f"{source} {tuple(summary['input']['shape'])} {summary['input']['dtype']}"),
+            ("rank", summary["rank"]),
+            ("relative error", summary["relative_error"]),
+        ],
+    )
 
 
 INFO_EPILOG = """\
