@@ -51,7 +51,9 @@ class FitTracker:
         return self.converged or self.stopped
 
     def finish(self, stacklevel: int = 3) -> None:
-        """Warn when the iteration limit ended the run (not the tolerance, not the callback)."""
-        if not self.converged and not self.stopped:
+        """Warn when the iteration limit ended the run (not the tolerance, not the callback).
+
+        ``tol=0`` asks for exactly ``n_iter_max`` iterations (as in ``cp``), so it does not warn."""
+        if not self.converged and not self.stopped and self.tol > 0:
             warnings.warn(f"{self.name} stopped after {self.n_iter_max} iterations before meeting tol={self.tol}",
                           ConvergenceWarning, stacklevel=stacklevel + 1)
