@@ -37,12 +37,13 @@ THREADS = 2
 for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
     os.environ[_var] = str(THREADS)  # inherited by the spawned case processes before they load BLAS
 # BLAS worker threads that spin while they wait stall every library 5-15x when the 2 cores are shared with
-# other jobs, and cost nothing to stop on a quiet machine. Both thread pools get the same treatment:
-# OpenMP (torch's MKL: tensorfold, TensorLy's pytorch backend) waits passively, and OpenBLAS (numpy and
-# scipy: TensorLy's numpy backend, pyttb) spins for the shortest time it allows. Set them yourself to
-# override.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
+# other jobs; --shared-machine makes both pools wait passively: OpenMP (torch's MKL: tensorfold, TensorLy's
+# pytorch backend) and OpenBLAS (numpy and scipy: TensorLy's numpy backend, pyttb). On a quiet machine
+# leave them alone: passive OpenMP waiting makes MKL's small eigensolvers several times slower (a 200x200
+# eigh took 13 ms instead of 1.6 ms). Read here, before torch or numpy load their thread pools.
+if "--shared-machine" in sys.argv:
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -383,6 +384,8 @@ def render(rows: list[dict], ratios: list[dict]) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smaller tensors, one repeat")
+    parser.add_argument("--shared-machine", action="store_true",
+                        help="thread pools wait passively (use when other jobs share the cores)")
     parser.add_argument("--json", metavar="OUT", help="save the table (and the ratios) as JSON")
     parser.add_argument("--repeats", type=int, default=None, help="runs per case, best time kept (default 3)")
     parser.add_argument("--only", default=None, help="comma-separated case keys to run (e.g. cp_ours,cp_pyttb)")
