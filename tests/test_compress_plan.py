@@ -266,3 +266,15 @@ def test_unreachable_budget_is_a_clear_error():
     model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8))
     with pytest.raises(NotCompressibleError, match="cannot be met"):
         tf.plan(model, 0.05, methods=("svd",))
+
+
+def test_no_slower_guard_with_a_flops_target():
+    model = nn.Sequential(nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 256))
+    p = tf.plan(model, 0.6, target="flops", methods=("svd",), input_shape=(32, 256), curve=False, no_slower=True)
+    assert p.fraction <= 0.6
+    for lp in p.layers:
+        assert lp.latency is not None and lp.dense_latency is not None
+        if lp.factored:
+            assert lp.latency < lp.dense_latency
+    with pytest.raises(tf.InvalidArgumentError, match="input shapes"):
+        tf.plan(model, 0.6, methods=("svd",), curve=False, no_slower=True)

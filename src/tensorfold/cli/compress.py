@@ -56,6 +56,8 @@ def compress(
     seed: int = typer.Option(0, "--seed", help="Seed for calibration sampling and fine-tuning."),
     no_speed: bool = typer.Option(False, "--no-speed", help="Skip the end-to-end speed measurement."),
     speed_threads: int = typer.Option(2, "--speed-threads", help="CPU threads for the speed measurement."),
+    no_slower: bool = typer.Option(False, "--no-slower",
+                                   help="Never pick a factorisation predicted slower than its dense layer."),
 ) -> None:
     """Compress a model to a budget: per-layer plan, factorized weights, metrics and an HTML report."""
     from tensorfold.cli.common import check_option_choice, check_output_path, stderr_console, stdout_console
@@ -94,7 +96,7 @@ def compress(
             model, budget=budget, target=target, calib=calib, out=out, methods=methods, allocator=allocator,
             include=_split(include), exclude=_split(exclude), overwrite=overwrite, weights=weights,
             finetune_epochs=finetune_epochs, data=data, seed=seed, curve_budgets=curve_budgets,
-            speed=not no_speed, threads=speed_threads, progress=on_progress, log=log,
+            speed=not no_speed, threads=speed_threads, progress=on_progress, log=log, no_slower=no_slower,
         )
     plan = result.plan
     console.print(plan.table())

@@ -59,12 +59,13 @@ def _cost(c: Candidate, target: str) -> float:
     return float(value)
 
 
-def usable_options(menu: LayerMenu, target: str) -> list[Candidate]:
-    """The menu's options for ``target``; for latency, factorisations predicted slower than dense are dropped."""
-    if target != "latency":
+def usable_options(menu: LayerMenu, target: str, *, no_slower: bool = False) -> list[Candidate]:
+    """The menu's options for ``target``. For the latency target, or with ``no_slower`` whatever the
+    target, factorisations predicted slower than the dense layer are dropped."""
+    if target != "latency" and not no_slower:
         return list(menu.options)
-    dense_t = _cost(menu.dense, target)
-    return [menu.dense] + [c for c in menu.options[1:] if _cost(c, target) < dense_t]
+    dense_t = _cost(menu.dense, "latency")
+    return [menu.dense] + [c for c in menu.options[1:] if _cost(c, "latency") < dense_t]
 
 
 def objective(menus: Sequence[LayerMenu], choices: Sequence[Candidate]) -> float:
@@ -190,14 +191,16 @@ def allocate(
     target: str = "params",
     allocator: str = "auto",
     methods: Sequence[str] | None = None,
+    no_slower: bool = False,
 ) -> Allocation:
-    """Choose one candidate per menu under ``budget`` (fraction of the menus' dense cost)."""
+    """Choose one candidate per menu under ``budget`` (fraction of the menus' dense cost); with
+    ``no_slower`` no factorisation predicted slower than its dense layer is chosen."""
     if allocator not in ALLOCATORS:
         raise InvalidArgumentError(f"allocator must be one of {', '.join(ALLOCATORS)}; got {allocator!r}")
     if target not in TARGETS:
         raise InvalidArgumentError(f"target must be one of {', '.join(TARGETS)}; got {target!r}")
     check_budget(budget)
-    per_layer = [usable_options(m, target) for m in menus]
+    per_layer = [usable_options(m, target, no_slower=no_slower) for m in menus]
     dense_total = sum(_cost(m.dense, target) for m in menus)
     cap = budget * dense_total
     smallest = sum(min(_cost(c, target) for c in opts) for opts in per_layer)

@@ -126,6 +126,7 @@ class Planner:
         sensitivity: bool = True,
         model_name: str | None = None,
         progress: Progress | None = None,
+        no_slower: bool = False,
     ):
         check_budget(budget)
         if target not in TARGETS:
@@ -153,7 +154,10 @@ class Planner:
             else:
                 shapes = _input_shapes(model, layers, [], example_inputs, input_shape)
             unused = [n for n, s in shapes.items() if s is None and (batches or example_inputs is not None)]
-            latency = LatencyModel() if target == "latency" else None
+            self.no_slower = bool(no_slower)
+            if self.no_slower and all(s is None for s in shapes.values()):
+                raise InvalidArgumentError("no_slower needs the layers' input shapes: pass calib or example_inputs")
+            latency = LatencyModel() if (target == "latency" or self.no_slower) else None
             menus = []
             for i, (name, layer) in enumerate(layers.items()):
                 if name in unused:
@@ -185,13 +189,13 @@ class Planner:
         budget = self.budget if budget is None else check_budget(budget)
         allocator = allocator or self.allocator
         menus, target, methods = self.menus, self.target, self.methods
-        alloc = allocate(menus, budget, target=target, allocator=allocator, methods=methods)
+        alloc = allocate(menus, budget, target=target, allocator=allocator, methods=methods, no_slower=self.no_slower)
         curve_points = []
         if curve:
             for b in sorted(set(CURVE_BUDGETS) | {float(budget)}):
                 try:
                     curve_points.append((b, allocate(menus, b, target=target, allocator=allocator,
-                                                     methods=methods).objective))
+                                                     methods=methods, no_slower=self.no_slower).objective))
                 except NotCompressibleError:
                     continue
         layer_plans = []
@@ -229,6 +233,7 @@ def plan(
     model_name: str | None = None,
     curve: bool = True,
     progress: Progress | None = None,
+    no_slower: bool = False,
 ) -> Plan:
     """Plan the compression of ``model`` to ``budget`` of the ``target`` cost of its Linear/Conv layers.
 
@@ -244,12 +249,14 @@ def plan(
         inputs); errors become output errors and each layer's sensitivity is measured.
     allocator: "uniform", "energy", "balanced", "knapsack" or "auto" (= knapsack).
     output_fn: picks the output tensor from the model's output (default: see ``output_tensor``).
+    no_slower: with any target, never choose a factorisation predicted (shipped latency table, else
+        measured on the spot) slower than its dense layer; needs the layers' input shapes.
 
     Returns a :class:`~tensorfold.compress.plan.Plan`.
     """
     planner = Planner(model, budget, target, methods, include, exclude, calib, allocator, input_shape,
                       example_inputs, output_fn=output_fn, sensitivity=sensitivity, model_name=model_name,
-                      progress=progress)
+                      progress=progress, no_slower=no_slower)
     return planner.plan(curve=curve)
 
 

@@ -158,6 +158,7 @@ def run_job(
     threads: int = 2,
     progress: Callable[[str, int, int], None] | None = None,
     log: Callable[[str], None] = lambda msg: None,
+    no_slower: bool = False,
 ) -> JobResult:
     """Compress ``model`` and write the results to ``out`` (nothing is written if anything fails)."""
     from tensorfold.compress.allocators import check_budget
@@ -190,7 +191,7 @@ def run_job(
     excludes = tuple(exclude or ()) + (() if include else source.exclude)
     planner = Planner(original, budget, target, methods, include, excludes or None, batches or None, allocator,
                       example_inputs=source.entry.example_inputs(32) if source.entry is not None else None,
-                      output_fn=source.output_fn, model_name=source.name, progress=progress)
+                      output_fn=source.output_fn, model_name=source.name, progress=progress, no_slower=no_slower)
     plan = planner.plan()
     t_plan = time.perf_counter()
     compressed = apply(original, plan, batches or None, progress=progress)
