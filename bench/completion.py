@@ -26,13 +26,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 import warnings
 
 THREADS = 2
 for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
     os.environ[_var] = str(THREADS)
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see bench/decompositions.py
+if "--shared-machine" in sys.argv:  # passive thread-pool waiting when other jobs share the cores
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # (see bench/decompositions.py)
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -171,6 +173,7 @@ def print_rows(rows):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--shared-machine", action="store_true", help="thread pools wait passively")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--json")
     parser.add_argument("--skip-hals", action="store_true")
