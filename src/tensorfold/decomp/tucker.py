@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from tensorfold.core.svd import truncated_svd
+from tensorfold.core.tenalg import mode_dot
 from tensorfold.core.validate import (
     check_callback,
     check_choice,
@@ -133,23 +134,10 @@ def _views(shape: Sequence[int], mode: int) -> tuple[int, int, int]:
     return math.prod(shape[:mode]), int(shape[mode]), math.prod(shape[mode + 1 :])
 
 
-def _project(X: torch.Tensor, U: torch.Tensor, mode: int) -> torch.Tensor:
-    """``X x_mode U^T`` for ``U`` of shape ``(I_mode, r)``: one GEMM, no copy of X."""
-    a, n, b = _views(X.shape, mode)
-    r = U.shape[1]
-    if b == 1:
-        out = X.reshape(a, n) @ U
-    elif a == 1:
-        out = U.T @ X.reshape(n, b)
-    else:
-        out = torch.matmul(U.T, X.reshape(a, n, b))
-    return out.reshape(*X.shape[:mode], r, *X.shape[mode + 1 :])
-
-
 def _project_all(X: torch.Tensor, factors, modes, ranks) -> torch.Tensor:
     """Project X on the factors of ``modes``, shrinking the tensor fastest first."""
     for m in sorted(modes, key=lambda m: (ranks[m] / X.shape[m], m)):
-        X = _project(X, factors[m], m)
+        X = mode_dot(X, factors[m], m, transpose=True)
     return X
 
 
@@ -223,7 +211,7 @@ def _sthosvd(X, ranks):
     order = sorted(range(X.ndim), key=lambda m: (ranks[m] / X.shape[m], 0 < m < X.ndim - 1, m))
     for m in order:
         factors[m], tails[m] = _leading_subspace(core, m, ranks[m])
-        core = _project(core, factors[m], m)
+        core = mode_dot(core, factors[m], m, transpose=True)
     return core, factors, tails
 
 
@@ -237,7 +225,7 @@ def _hooi_sweep(T: torch.Tensor, modes: list[int], factors: list[torch.Tensor], 
     if len(modes) == 1:
         m = modes[0]
         factors[m], _ = _leading_subspace(T, m, ranks[m])
-        return _project(T, factors[m], m)
+        return mode_dot(T, factors[m], m, transpose=True)
     half = len(modes) // 2
     left, right = modes[:half], modes[half:]
     _hooi_sweep(_project_all(T, factors, right, ranks), left, factors, ranks)
