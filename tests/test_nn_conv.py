@@ -44,7 +44,7 @@ def _input(conv, dtype=torch.float32, batch=2, size=11):
 
 
 def _methods(conv):
-    out = [(SVDConv, {"scheme": "channel"}), (TuckerConv, {})]
+    out = [(SVDConv, {"scheme": "channel"}), (SVDConv, {"scheme": "input"}), (TuckerConv, {})]
     if conv.weight.ndim == 4 and min(conv.kernel_size) > 1:
         out.append((SVDConv, {"scheme": "spatial"}))
     return out
@@ -95,13 +95,15 @@ def test_cp_from_dense_recovers_a_cp_kernel():
     assert (layer(x) - dense(x)).abs().max() < 1e-5
 
 
-@pytest.mark.parametrize("scheme", ["channel", "spatial"])
+@pytest.mark.parametrize("scheme", ["channel", "input", "spatial"])
 def test_svd_error_is_eckart_young_tail(scheme):
     dense = torch.nn.Conv2d(6, 8, 3, groups=2, dtype=torch.float64)
     W = dense.weight.detach()
     blocks = W.chunk(2)
     if scheme == "channel":
         mats = [B.reshape(4, -1) for B in blocks]
+    elif scheme == "input":
+        mats = [B.permute(0, 2, 3, 1).reshape(4 * 9, 3) for B in blocks]
     else:
         mats = [B.permute(1, 2, 0, 3).reshape(3 * 3, 4 * 3) for B in blocks]
     spectra = [torch.linalg.svdvals(M) for M in mats]
@@ -166,6 +168,8 @@ def test_resnet18_factored_counts():
     assert SVDConv.cost(conv, 16, shape) == LayerCost(params=16 * 576 + 64 * 16, flops=32112640)
     # spatial SVD r=24: 3136 * 24*64*3 twice
     assert SVDConv.cost(conv, 24, shape, scheme="spatial") == LayerCost(params=24 * 64 * 3 * 2, flops=28901376)
+    # input SVD r=16: 3136 * (64*16 + 16*64*9)
+    assert SVDConv.cost(conv, 16, shape, scheme="input") == LayerCost(params=64 * 16 + 64 * 16 * 9, flops=32112640)
     # Tucker (16, 16): 3136 * (64*16 + 16*16*9 + 16*64)
     assert TuckerConv.cost(conv, (16, 16), shape) == LayerCost(params=4352, flops=13647872)
     # CP r=32: 3136 * (64*32 + 32*3 + 32*3 + 32*64)
@@ -179,6 +183,9 @@ def test_resnet18_factored_counts():
     assert SVDConv.cost(strided, 32, shape, scheme="spatial").flops == 9633792
     built = SVDConv(strided, 32, scheme="spatial")
     assert built.flops(shape) == 9633792 and built.n_params == 32 * 128 * 3 + 256 * 32 * 3
+    # input SVD r=32: the 1x1 runs at the 28x28 input, the 3x3 at the 14x14 output
+    assert SVDConv.cost(strided, 32, shape, scheme="input").flops == 784 * 128 * 32 + 196 * 32 * 256 * 9
+    assert SVDConv(strided, 32, scheme="input").n_params == 128 * 32 + 256 * 32 * 9
 
 
 def test_fraction_of_params():
@@ -234,6 +241,7 @@ def test_layer_class_for_convs():
     conv = torch.nn.Conv2d(8, 8, 3)
     assert layer_class_for("svd", conv) == (SVDConv, {"scheme": "channel"})
     assert layer_class_for("spatial", conv) == (SVDConv, {"scheme": "spatial"})
+    assert layer_class_for("svd-input", conv) == (SVDConv, {"scheme": "input"})
     assert layer_class_for("tucker", conv) == (TuckerConv, {})
     assert layer_class_for("cp", conv) == (CPConv, {})
     assert layer_class_for("tt", conv) is None

@@ -35,6 +35,7 @@ def _cases():
         ("svd", SVDConv.from_dense(conv, 5), x2, {"Conv", "MatMul", "Add"}),  # 1x1 convs run as MatMul
         ("svd-groups", SVDConv.from_dense(grouped, 3), x2, {"Conv"}),
         ("spatial", SVDConv.from_dense(conv, 5, scheme="spatial"), x2, {"Conv"}),
+        ("svd-input", SVDConv.from_dense(conv, 5, scheme="input"), x2, {"Conv", "MatMul"}),
         ("tucker", TuckerConv.from_dense(conv, (4, 6)), x2, {"Conv", "MatMul", "Add"}),
         ("tucker-1d", TuckerConv.from_dense(conv1d, (3, 4)), x1, {"Conv", "MatMul", "Add"}),
         ("cp", CPConv.from_dense(grouped, 4, n_iter_max=20), x2, {"Conv"}),

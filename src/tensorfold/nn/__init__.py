@@ -48,6 +48,7 @@ _LAZY = {
 METHODS: dict[str, dict[str, tuple[str, dict]]] = {
     "svd": {"linear": ("LowRankLinear", {}), "conv": ("SVDConv", {"scheme": "channel"})},
     "spatial": {"conv": ("SVDConv", {"scheme": "spatial"})},
+    "svd-input": {"conv": ("SVDConv", {"scheme": "input"})},
     "tucker": {"conv": ("TuckerConv", {})},
     "cp": {"conv": ("CPConv", {})},
     "tt": {"linear": ("TTLinear", {})},

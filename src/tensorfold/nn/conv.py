@@ -44,6 +44,7 @@ from tensorfold.nn.base import (
 )
 
 _CONVS = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+SVD_SCHEMES = ("channel", "input", "spatial")
 
 
 def _make_conv(spec: DenseSpec, in_ch: int, out_ch: int, kernel, *, groups: int, bias: bool, spatial: bool,
@@ -120,8 +121,9 @@ class _FactorizedConv(FactorizedLayer):
         self._matmul_first = self._matmul_last = spec.groups == 1  # 1x1 convs run as matmuls
         # inner convs of Conv2d chains run channels-last (oneDNN's fast layout on CPU)
         self._channels_last = spec.dim == 2
-        if isinstance(self, SVDConv) and self.scheme == "spatial":
-            self._matmul_last = False
+        if isinstance(self, SVDConv):
+            self._matmul_first = self._matmul_first and self.scheme == "input"
+            self._matmul_last = self._matmul_last and self.scheme == "channel"
         return spec
 
     def bias_tensor(self) -> torch.Tensor | None:
@@ -146,7 +148,7 @@ class _FactorizedConv(FactorizedLayer):
 
 
 # ------------------------------------------------------------------------------------------------
-# SVD: channel (kxk conv into r channels, then 1x1) and spatial (kx1 into r, then 1xk)
+# SVD: channel (kxk conv into r channels, then 1x1), input (1x1 into r, then kxk) and spatial (kx1, then 1xk)
 # ------------------------------------------------------------------------------------------------
 
 
@@ -156,7 +158,11 @@ class SVDConv(_FactorizedConv):
     ``scheme="channel"``: a conv with the dense kernel into ``groups * rank`` channels, then a 1x1
     conv (the SVD of the ``(out, in*k)`` matricisation). ``scheme="spatial"`` (Conv2d): a ``kh x 1``
     conv into ``groups * rank`` channels, then a ``1 x kw`` conv (the SVD of the ``(in*kh, out*kw)``
-    matricisation, Jaderberg et al. 2014). Both are the best approximation of their rank (Eckart-Young).
+    matricisation, Jaderberg et al. 2014). ``scheme="input"``: a 1x1 conv into ``groups * rank``
+    channels, then a conv with the dense kernel (the SVD of the ``(out*k, in)`` matricisation; Tucker-2
+    with the output rank full). It moves fewer bytes than ``"channel"`` when the input has many channels
+    and the output is large (a GEMM reads the input once, the spatial conv runs on ``rank`` channels).
+    Each is the best approximation of its rank for its matricisation (Eckart-Young).
 
     >>> import torch
     >>> dense = torch.nn.Conv2d(8, 8, 3, padding=1)
@@ -168,7 +174,7 @@ class SVDConv(_FactorizedConv):
 
     def __init__(self, layer, rank, *, scheme: str = "channel", device=None, dtype=None):
         super().__init__()
-        self.scheme = check_choice(scheme, "scheme", ("channel", "spatial"))
+        self.scheme = check_choice(scheme, "scheme", SVD_SCHEMES)
         self.spec = spec = self._init_spec(layer)
         self.rank = r = self._validate_rank(spec, rank, scheme=scheme)
         g, kw = spec.groups, dict(device=device, dtype=dtype)
@@ -176,6 +182,10 @@ class SVDConv(_FactorizedConv):
             self.first = _make_conv(spec, spec.in_features, g * r, spec.kernel_size, groups=g, bias=False,
                                     spatial=True, **kw)
             self.last = _make_conv(spec, g * r, spec.out_features, None, groups=g, bias=spec.bias, spatial=False, **kw)
+        elif scheme == "input":
+            self.first = _make_conv(spec, spec.in_features, g * r, None, groups=g, bias=False, spatial=False, **kw)
+            self.last = _make_conv(spec, g * r, spec.out_features, spec.kernel_size, groups=g, bias=spec.bias,
+                                   spatial=True, **kw)
         else:
             self.first = _make_conv(spec, spec.in_features, g * r, _axis_kernel(spec, 0), groups=g, bias=False,
                                     spatial=True, axis=0, **kw)
@@ -188,7 +198,7 @@ class SVDConv(_FactorizedConv):
     @classmethod
     def _check_spec(cls, spec: DenseSpec, *, scheme: str = "channel", **opts) -> None:
         super()._check_spec(spec)
-        check_choice(scheme, "scheme", ("channel", "spatial"))
+        check_choice(scheme, "scheme", SVD_SCHEMES)
         if scheme == "spatial" and (spec.dim != 2 or min(spec.kernel_size) < 2):
             raise NotCompressibleError(
                 f"the spatial SVD scheme splits a kh x kw Conv2d kernel into kh x 1 and 1 x kw; "
@@ -200,6 +210,8 @@ class SVDConv(_FactorizedConv):
         ig, og = spec.in_features // spec.groups, spec.out_features // spec.groups
         if scheme == "channel":
             return og, ig * math.prod(spec.kernel_size)
+        if scheme == "input":
+            return og * math.prod(spec.kernel_size), ig
         kh, kw = spec.kernel_size
         return ig * kh, og * kw
 
@@ -225,6 +237,8 @@ class SVDConv(_FactorizedConv):
         g, bias = spec.groups, (spec.out_features if spec.bias else 0)
         if scheme == "channel":
             return g * rank * (spec.in_features // g) * math.prod(spec.kernel_size) + spec.out_features * rank + bias
+        if scheme == "input":
+            return rank * spec.in_features + spec.out_features * rank * math.prod(spec.kernel_size) + bias
         kh, kw = spec.kernel_size
         return rank * spec.in_features * kh + spec.out_features * rank * kw + bias
 
@@ -236,6 +250,9 @@ class SVDConv(_FactorizedConv):
             n_out = batch * math.prod(out)
             return conv_macs(spec.in_features, mid, g, spec.kernel_size, n_out) + conv_macs(
                 mid, spec.out_features, g, (1,), n_out)
+        if scheme == "input":
+            return conv_macs(spec.in_features, mid, g, (1,), batch * math.prod(spatial)) + conv_macs(
+                mid, spec.out_features, g, spec.kernel_size, batch * math.prod(out))
         after_h = _axis_output(spec, spatial, 0)
         return conv_macs(spec.in_features, mid, g, _axis_kernel(spec, 0), batch * math.prod(after_h)) + conv_macs(
             mid, spec.out_features, g, _axis_kernel(spec, 1), batch * math.prod(out))
@@ -254,6 +271,11 @@ class SVDConv(_FactorizedConv):
                 left, right, _ = svd_factors(Wg.reshape(og, -1), r, method=svd_method, seed=seed)
                 firsts.append(right.reshape(r, ig, *k))
                 seconds.append(left.reshape(og, r, *([1] * spec.dim)))
+            elif scheme == "input":
+                M = Wg.movedim(1, -1).reshape(-1, ig)  # rows (o, *k), columns c
+                left, right, _ = svd_factors(M, r, method=svd_method, seed=seed)
+                firsts.append(right.reshape(r, ig, *([1] * spec.dim)))
+                seconds.append(left.reshape(og, *k, r).movedim(-1, 1))
             else:
                 kh, kw = k
                 M = Wg.permute(1, 2, 0, 3).reshape(ig * kh, og * kw)  # rows (c, h), columns (o, w)
@@ -268,7 +290,8 @@ class SVDConv(_FactorizedConv):
         """The layer with the given factor weights, for data-aware fitting.
 
         ``scheme="channel"``: ``first_weight`` ``(groups*r, in/groups, *k)``, ``second_weight``
-        ``(out, r, 1, ...)``; ``scheme="spatial"``: ``(groups*r, in/groups, kh, 1)`` and ``(out, r, 1, kw)``.
+        ``(out, r, 1, ...)``; ``scheme="input"``: ``(groups*r, in/groups, 1, ...)`` and ``(out, r, *k)``;
+        ``scheme="spatial"``: ``(groups*r, in/groups, kh, 1)`` and ``(out, r, 1, kw)``.
         ``bias`` must be given exactly when ``conv`` has one.
         """
         spec = cls.check_layer(conv, scheme=scheme)
@@ -283,6 +306,10 @@ class SVDConv(_FactorizedConv):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         was_cl = _is_channels_last(x)
+        if self._matmul_first:
+            # The GEMM writes the r-channel middle in the caller's layout, so the spatial conv reads
+            # and writes that layout and no full-size activation is ever reordered.
+            return self.last(_pointwise(x, self.first.weight, None, self._dim, was_cl))
         if self._channels_last and not was_cl and x.dim() == 4:
             # oneDNN reorders NCHW input internally anyway; doing it here lets the conv write
             # channels-last and the GEMM below read it directly (no reorder of the output).
@@ -298,9 +325,11 @@ class SVDConv(_FactorizedConv):
         firsts, seconds = self.first.weight.chunk(g), self.last.weight.chunk(g)
         blocks = []
         for f, sec in zip(firsts, seconds):
-            sec = sec.reshape(sec.shape[0], r, -1)  # (og, r, 1 or kw)
+            sec = sec.reshape(sec.shape[0], r, -1)  # (og, r, 1 or kw or k)
             if self.scheme == "channel":
                 blocks.append((sec[:, :, 0] @ f.reshape(r, -1)).reshape(-1, *f.shape[1:]))
+            elif self.scheme == "input":  # W[o, c, *k] = sum_r second[o, r, *k] first[r, c]
+                blocks.append(torch.einsum("ork,rc->ock", sec, f.reshape(r, -1)).reshape(-1, f.shape[1], *s.kernel_size))
             else:  # W[o, c, h, w] = sum_r first[r, c, h] second[o, r, w]
                 blocks.append(torch.einsum("rch,orw->ochw", f[..., 0], sec))
         return torch.cat(blocks).reshape(s.weight_shape)
