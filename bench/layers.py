@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from tensorfold.io import write_text_atomic
-from tensorfold.nn import CPConv, LowRankLinear, SVDConv, TTLinear, TuckerConv, dense_flops
+from tensorfold.nn import CPConv, LowRankLinear, SVDConv, TTLinear, TuckerConv, dense_flops, steady_allocator
 from tensorfold.nn.latency import TABLE_VERSION, layer_key, rank_key
 
 THREADS = 2
@@ -39,7 +39,8 @@ TABLE = Path(__file__).resolve().parents[1] / "src" / "tensorfold" / "data" / "l
 
 # ours: planner method name -> (class, options); tltorch: the same-named factorization
 OURS_LINEAR = {"svd": (LowRankLinear, {}), "tt": (TTLinear, {})}
-OURS_CONV = {"svd": (SVDConv, {"scheme": "channel"}), "spatial": (SVDConv, {"scheme": "spatial"}),
+OURS_CONV = {"svd": (SVDConv, {"scheme": "channel"}), "svd-input": (SVDConv, {"scheme": "input"}),
+             "spatial": (SVDConv, {"scheme": "spatial"}),
              "tucker": (TuckerConv, {}), "cp": (CPConv, {"n_iter_max": 10})}
 # blocktt is their TT-matrix (MPO). Their CP Linear is left out: at these fractions its CP rank is in the
 # thousands over a 6-way tensorized weight and ALS ran out of 22 GB (0.5) or past 5 minutes (0.1).
@@ -217,7 +218,9 @@ def main() -> None:
     if args.memory:
         run_memory()
         return
-    print(f"torch {torch.__version__}, {THREADS} threads, {platform.processor() or platform.machine()}")
+    steady = steady_allocator()
+    print(f"torch {torch.__version__}, {THREADS} threads, {platform.processor() or platform.machine()}, "
+          f"steady allocator: {steady}")
     entries = run_latency(args.quick)
     summarize(entries)
     if not args.no_write:

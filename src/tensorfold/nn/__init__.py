@@ -29,6 +29,7 @@ __all__ = [
     "dense_params",
     "dense_flops",
     "measure_latency",
+    "steady_allocator",
     "LatencyTable",
     "METHODS",
     "layer_class_for",
@@ -41,6 +42,7 @@ _LAZY = {
     "CPConv": "tensorfold.nn.conv",
     "TTLinear": "tensorfold.nn.tt_linear",
     "measure_latency": "tensorfold.nn.latency",
+    "steady_allocator": "tensorfold.nn.latency",
     "LatencyTable": "tensorfold.nn.latency",
 }
 

@@ -329,7 +329,8 @@ class SVDConv(_FactorizedConv):
             if self.scheme == "channel":
                 blocks.append((sec[:, :, 0] @ f.reshape(r, -1)).reshape(-1, *f.shape[1:]))
             elif self.scheme == "input":  # W[o, c, *k] = sum_r second[o, r, *k] first[r, c]
-                blocks.append(torch.einsum("ork,rc->ock", sec, f.reshape(r, -1)).reshape(-1, f.shape[1], *s.kernel_size))
+                W = torch.einsum("ork,rc->ock", sec, f.reshape(r, -1))
+                blocks.append(W.reshape(-1, f.shape[1], *s.kernel_size))
             else:  # W[o, c, h, w] = sum_r first[r, c, h] second[o, r, w]
                 blocks.append(torch.einsum("rch,orw->ochw", f[..., 0], sec))
         return torch.cat(blocks).reshape(s.weight_shape)
