@@ -163,7 +163,7 @@ def test_bad_inputs(rank3):
     with pytest.raises(RankError):
         tf.complete(X, mask=mask, rank=0)
     with pytest.raises(InvalidArgumentError, match="method"):
-        tf.complete(X, mask=mask, rank=3, method="em")
+        tf.complete(X, mask=mask, rank=3, method="bogus")
     with pytest.raises(InvalidArgumentError, match="tucker"):
         tf.complete(X, mask=mask, rank=3, model="tucker", method="wopt")
     bad = X.clone()

@@ -7,12 +7,24 @@ and a tensor with 10^11 cells but 10^5 observations is never densified.
 
 Methods
 -------
+``method="auto"`` (the default) picks ``"em"`` for a CP model of a dense input (``X`` with ``mask``)
+observed at ``_EM_MIN_DENSITY`` (15%) of its cells or more with at least ``_EM_MIN_NNZ`` (10,000)
+observations, and ``"als"`` otherwise (COO input, Tucker, sparse or small problems): see :func:`complete`.
+
 ``method="als"`` (CP or Tucker): exact alternating least squares on the observed entries. For CP, each
 row ``a_i`` of factor ``n`` solves its own small ridge problem ``(sum_k k_k k_k^T + lam I) a_i =
 sum_k y_k k_k`` over the observations ``k`` in that row (``k_k`` the Hadamard product of the other
 factors' rows); the per-row Gram matrices come from one ``index_add`` and are solved in one batched
 call. Unlike imputation (EM) schemes, which refit the full tensor with the missing cells filled in, this
 never touches unobserved cells and converges in far fewer sweeps at low observation ratios.
+
+``method="em"`` (CP, dense input): expectation-maximisation by imputation. The unobserved cells are
+filled with the current model and one dense ALS sweep of the engine (:class:`tensorfold.decomp.cp._ALS`,
+two GEMMs over the tensor through the dimension tree) refits all factors; each fill-and-sweep lowers
+the error on the observed cells (the filled objective majorises it). Bro-style extrapolation of the
+factors, scored by the observed error, cuts the number of sweeps 2-4x. A sweep costs a few
+full-tensor passes (``O(prod(shape) R)``), independent of the observation count, so it wins when many
+cells are observed; with few observations imputation converges slowly and per-row ALS wins.
 
 ``method="wopt"`` (CP): CP-WOPT (Acar, Dunlavy, Kolda, Morup 2011): L-BFGS on the weighted least
 squares objective ``0.5 ||W * (X - [[A_1..A_d]])||^2`` with the gradient from sparse MTTKRPs.
@@ -41,7 +53,16 @@ import torch
 from tensorfold.core.mttkrp import mttkrp
 from tensorfold.core.svd import truncated_svd
 from tensorfold.core.tenalg import khatri_rao
-from tensorfold.core.validate import check_choice, check_positive, check_rank, make_generator, randn
+from tensorfold.core.validate import (
+    as_tensor,
+    check_choice,
+    check_positive,
+    check_rank,
+    check_tensor,
+    make_generator,
+    randn,
+)
+from tensorfold.decomp.cp import _ALS, _LS_MAX_FAIL, _absorbed, _leading_vectors, _normalize
 from tensorfold.decomp.iteration import FitTracker
 from tensorfold.decomp.results import CPTensor, FitInfo, TuckerTensor
 from tensorfold.decomp.sparse import (
@@ -61,6 +82,14 @@ Callback = Callable[[int, float], object]
 # observed cell; on small problems the gathers are cheaper.
 _DENSE_WOPT_DENSITY = 0.1
 _DENSE_WOPT_MIN_NNZ = 50_000
+# method="auto" takes the imputation (EM) path for a dense input from this observed fraction and this
+# many observations on. Measured (2 threads, float64, 1% noise; seconds ALS / EM): 100^3 rank 5 at 10%
+# 0.15 / 0.19, 15% 4.1 (446 slow sweeps; 0.21 without noise) / 0.15, 20% 0.29 / 0.11, 50% 0.66 / 0.08; rank 10 at
+# 10% 0.20 / 0.22, 15% 0.29 / 0.15; 60^3 rank 5 at 10% 0.050 / 0.074, 20% 0.064 / 0.037; 40^3 rank 3 at
+# 30% 0.027 / 0.011. EM needs more sweeps as the observed fraction falls (~45 at 10%, ~15 at 50%) while
+# each costs prod(shape) R, against nnz R^2 for a per-row ALS sweep: the crossover sits near 10-13%.
+_EM_MIN_DENSITY = 0.15
+_EM_MIN_NNZ = 10_000
 
 
 def complete(
@@ -69,7 +98,7 @@ def complete(
     mask=None,
     coo=None,
     rank,
-    method: str = "als",
+    method: str = "auto",
     model: str = "cp",
     init: str = "svd",
     n_iter_max: int = 500,
@@ -91,7 +120,11 @@ def complete(
     rank:
         CP rank (int), or Tucker ranks (int or one per mode) with ``model="tucker"``.
     method:
-        ``"als"`` (CP or Tucker) or ``"wopt"`` (CP only, L-BFGS on the masked objective).
+        ``"auto"`` (default), ``"als"`` (CP or Tucker: per-row least squares on the observed cells),
+        ``"em"`` (CP, dense ``X`` with ``mask`` only: impute the missing cells with the model, one dense
+        ALS sweep, repeat) or ``"wopt"`` (CP only, L-BFGS on the masked objective). ``"auto"`` chooses
+        ``"em"`` for CP on a dense input with at least 15% of the cells and 10,000 cells observed, and
+        ``"als"`` otherwise; ``info.method`` says which ran.
     init:
         ``"svd"`` (spectral: the leading singular vectors of the zero-filled sparse unfoldings; costs a
         few sparse products, and avoids most bad local minima) or ``"random"`` (orthonormalised
@@ -101,7 +134,8 @@ def complete(
         ``tol`` between sweeps (or falls below ``tol``).
     reg:
         Ridge weight, relative to the mean diagonal of the per-row Gram matrices; keeps rows with few
-        observations well posed. Default ``1e-12`` (float64) or ``1e-6`` (float32).
+        observations well posed. Default ``1e-12`` (float64) or ``1e-6`` (float32). Not used by
+        ``"em"``, whose least-squares problems are over the full (filled) tensor.
     seed:
         Seed or generator for the initialisation.
     callback:
@@ -118,7 +152,7 @@ def complete(
     >>> tf.complete(coo=(idx, torch.tensor([1.0, 2.0, 3.0]), (5, 5, 5)), rank=1).rank
     1
     """
-    check_choice(method, "method", ("als", "wopt"))
+    check_choice(method, "method", ("auto", "als", "em", "wopt"))
     check_choice(model, "model", ("cp", "tucker"))
     check_choice(init, "init", ("svd", "random"))
     n_iter_max = check_rank(n_iter_max, "n_iter_max")
@@ -129,6 +163,12 @@ def complete(
     reg = check_positive(reg, "reg", allow_zero=True)
     gen = make_generator(seed)
     start = time.perf_counter()
+    if method == "em" and coo is not None:
+        raise InvalidArgumentError("method='em' needs a dense X with a mask (COO input is never densified); "
+                                   "use method='als' or 'wopt'")
+    if method == "auto":
+        dense_em = coo is None and model == "cp" and data.density >= _EM_MIN_DENSITY and data.nnz >= _EM_MIN_NNZ
+        method = "em" if dense_em else "als"
     if model == "tucker":
         if method != "als":
             raise InvalidArgumentError("model='tucker' supports method='als' only")
@@ -139,6 +179,8 @@ def complete(
     rank = check_rank(rank)
     if method == "als":
         return _cp_als(data, rank, init, n_iter_max, tol, reg, gen, callback, start)
+    if method == "em":
+        return _cp_em(_Imputation(X, mask, data), rank, init, n_iter_max, tol, gen, callback, start)
     dense = None
     if coo is None and data.density >= _DENSE_WOPT_DENSITY and data.nnz >= _DENSE_WOPT_MIN_NNZ:
         weight = torch.zeros(data.shape, dtype=data.dtype, device=data.device)
@@ -293,6 +335,90 @@ def _info(method: str, tracker: FitTracker, start: float, data: COOTensor, **det
         seconds=time.perf_counter() - start,
         details={"nnz": data.nnz, "density": data.density, "observed_relative_error": tracker.error, **details},
     )
+
+
+# --- CP by imputation (EM) with dense ALS sweeps ----------------------------------------------------
+
+class _Imputation:
+    """A dense input prepared for EM: the zero-filled data, the 0/1 weights, and two model/residual buffers.
+
+    :meth:`evaluate` writes the model ``[[w; factors]]`` and the masked residual ``W * (X - model)`` into
+    one of the two buffer pairs (the current iterate and a line-search candidate alternate between them,
+    so a run allocates no full-size tensor per sweep) and returns the relative error on the observed cells.
+    """
+
+    def __init__(self, X, mask, data: COOTensor):
+        X = check_tensor(X, "X", min_order=2, check_finite=False)  # already validated by observed()
+        observed_cells = as_tensor(mask, "mask").to(X.device) != 0
+        self.shape = tuple(X.shape)
+        self.dtype, self.device = X.dtype, X.device
+        self.weight = observed_cells.to(X.dtype)
+        # where(), not X * weight: the unobserved cells may hold NaN.
+        self.data = torch.where(observed_cells, X, torch.zeros((), dtype=X.dtype, device=X.device)).contiguous()
+        self.norm = data.norm() or 1.0
+        self.coo = data
+        self.models = [torch.empty(self.shape, dtype=X.dtype, device=X.device) for _ in range(2)]
+        self.residuals = [torch.empty_like(m) for m in self.models]
+
+    def evaluate(self, weights, factors, slot: int) -> float:
+        model, residual = self.models[slot], self.residuals[slot]
+        # Row-major unfolding of mode 0 against the Khatri-Rao product of the rest: one GEMM.
+        torch.matmul(factors[0] * weights, khatri_rao(factors[1:]).T, out=model.view(self.shape[0], -1))
+        torch.sub(self.data, model, out=residual).mul_(self.weight)
+        return float(torch.linalg.vector_norm(residual).double()) / self.norm
+
+    def filled(self, slot: int) -> torch.Tensor:
+        """The data with the unobserved cells imputed by the model of ``slot`` (overwrites that model)."""
+        return self.models[slot].add_(self.residuals[slot])
+
+
+def _cp_em(imp: _Imputation, rank, init, n_iter_max, tol, gen, callback, start) -> CPTensor:
+    if init == "svd":
+        # The leading subspaces of the zero-filled tensor (the spectral start of the sparse path), found
+        # by the engine's dense range finder: a few GEMMs instead of sparse products over every cell.
+        factors = [_leading_vectors(imp.data, mode, rank, gen) for mode in range(len(imp.shape))]
+    else:
+        factors = _initial_factors(imp.coo, [rank] * len(imp.shape), init, gen)
+    weights, factors = _normalize(None, factors)
+    imp.evaluate(weights, factors, 0)
+    # Least-squares scale of the start on the observed cells: sum(W X M) / sum(W M^2), from the buffers.
+    model, residual = imp.models[0], imp.residuals[0]
+    masked_model = imp.data - residual  # W * M
+    denom = float(torch.linalg.vector_norm(masked_model).double() ** 2)
+    if denom > 0:
+        weights = weights * (float((masked_model * imp.data).sum()) / denom)
+    del masked_model, model, residual
+    slot = 0
+    imp.evaluate(weights, factors, slot)
+    grams = [A.T @ A for A in factors]
+    tracker = FitTracker("complete (CP-EM)", n_iter_max=n_iter_max, tol=tol, callback=callback, relative=True,
+                         dtype=imp.dtype)
+    power, fails, accepted = 2.0, 0, 0
+    for it in range(1, n_iter_max + 1):
+        begin = _absorbed(weights, factors)
+        # E-step and M-step: impute, then one dense ALS sweep (dimension tree, two GEMMs over the tensor).
+        filled = imp.filled(slot)
+        weights, _ = _ALS(filled, 1.0, 1.0, 0.0, "em").sweep(weights, factors, grams)
+        err = imp.evaluate(weights, factors, slot)
+        if it > 1:
+            # Extrapolate along the sweep's step (as cp's line search); the candidate's model and
+            # residual land in the other buffers and become the next imputation if it is kept.
+            jump = it ** (1.0 / power)
+            w_c, f_c = _normalize(None, [b + jump * (e - b) for b, e in zip(begin, _absorbed(weights, factors))])
+            err_c = imp.evaluate(w_c, f_c, 1 - slot)
+            if err_c < err:
+                weights, factors, err, slot = w_c, f_c, err_c, 1 - slot
+                grams = [A.T @ A for A in factors]
+                accepted, fails = accepted + 1, 0
+            else:
+                fails += 1
+                if fails >= _LS_MAX_FAIL:
+                    power, fails = power + 1.0, 0
+        if tracker.update(err):
+            break
+    tracker.finish()
+    info = _info("complete-cp-em", tracker, start, imp.coo, accepted_jumps=accepted)
+    return CPTensor(weights, tuple(factors), info).normalize()
 
 
 # --- CP-WOPT: L-BFGS on the masked objective ----------------------------------------------------------
