@@ -118,8 +118,8 @@ class _FactorizedConv(FactorizedLayer):
         type(self)._check_spec(spec, **self._layer_opts())
         # plain attributes read by forward (TorchScript compiles bools and ints, not the spec)
         self._dim = spec.dim
-        self._matmul_first = self._matmul_last = spec.groups == 1  # 1x1 convs run as matmuls
-        # inner convs of Conv2d chains run channels-last (oneDNN's fast layout on CPU)
+        self._matmul_first = self._matmul_last = spec.groups == 1  # 1x1 convs of Conv1d/3d run as matmuls
+        # Conv2d chains run every stage as a channels-last oneDNN conv (see _channels_last_chain)
         self._channels_last = spec.dim == 2
         if isinstance(self, SVDConv):
             self._matmul_first = self._matmul_first and self.scheme == "input"
@@ -305,6 +305,8 @@ class SVDConv(_FactorizedConv):
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._channels_last and not (torch.jit.is_scripting() or torch.jit.is_tracing()):
+            return _channels_last_chain(x, [self.first, self.last])
         was_cl = _is_channels_last(x)
         if self._matmul_first:
             # The GEMM writes the r-channel middle in the caller's layout, so the spatial conv reads
@@ -450,6 +452,8 @@ class TuckerConv(_FactorizedConv):
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._channels_last and not (torch.jit.is_scripting() or torch.jit.is_tracing()):
+            return _channels_last_chain(x, [self.first, self.core, self.last])
         if not self._matmul_first:
             return self.last(self.core(self.first(x)))
         was_cl = _is_channels_last(x)
@@ -583,6 +587,8 @@ class CPConv(_FactorizedConv):
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._channels_last and not (torch.jit.is_scripting() or torch.jit.is_tracing()):
+            return _channels_last_chain(x, [self.first, *self.spatial, self.last])
         if not self._matmul_first:
             x = self.first(x)
             for conv in self.spatial:
@@ -642,6 +648,29 @@ def _pointwise(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
         xc = xt.transpose(1, 2)
         y = torch.bmm(we, xc) if bias is None else torch.baddbmm(bias.reshape(1, out, 1), we, xc)
         y = y.reshape([batch, out] + spatial)
+    return y.squeeze(0) if unbatched else y
+
+
+def _channels_last_chain(x: torch.Tensor, stages: list[nn.Module]) -> torch.Tensor:
+    """Run Conv2d ``stages`` one after the other as channels-last oneDNN convolutions.
+
+    Measured on CPU (bench/layers.py, AMD EPYC, 2 threads): a 1x1 stage as a oneDNN conv on
+    channels-last data runs 2-3x faster than the same GEMM through torch.mm/bmm (1.3 vs 2.6 ms for
+    64->28 channels on (32, 64, 56, 56)), and oneDNN's spatial and depthwise convs are fastest in that
+    layout too. The first stage's weight is passed channels-last, which makes oneDNN write a
+    channels-last output whatever the input's layout (it reorders NCHW input on the fly); a caller
+    that passed NCHW gets NCHW back.
+    """
+    unbatched = x.dim() == 3
+    if unbatched:
+        x = x.unsqueeze(0)
+    was_cl = _is_channels_last(x)
+    first = stages[0]
+    y = first._conv_forward(x, first.weight.contiguous(memory_format=torch.channels_last), first.bias)
+    for conv in stages[1:]:
+        y = conv(y)
+    if not was_cl:
+        y = y.contiguous()
     return y.squeeze(0) if unbatched else y
 
 
