@@ -58,6 +58,9 @@ def compress(
     speed_threads: int = typer.Option(2, "--speed-threads", help="CPU threads for the speed measurement."),
     no_slower: bool = typer.Option(False, "--no-slower",
                                    help="Never pick a factorisation predicted slower than its dense layer."),
+    speedup: float = typer.Option(None, "--speedup",
+                                  help="Also reach this whole-model speedup (e.g. 1.3), measured while planning "
+                                       "(knapsack allocator)."),
 ) -> None:
     """Compress a model to a budget: per-layer plan, factorized weights, metrics and an HTML report."""
     from tensorfold.cli.common import check_option_choice, check_output_path, stderr_console, stdout_console
@@ -97,6 +100,7 @@ def compress(
             include=_split(include), exclude=_split(exclude), overwrite=overwrite, weights=weights,
             finetune_epochs=finetune_epochs, data=data, seed=seed, curve_budgets=curve_budgets,
             speed=not no_speed, threads=speed_threads, progress=on_progress, log=log, no_slower=no_slower,
+            speedup=speedup,
         )
     plan = result.plan
     console.print(plan.table())

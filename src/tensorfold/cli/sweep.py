@@ -43,6 +43,8 @@ def sweep(
     threads: int = typer.Option(2, "--threads", help="CPU threads for the latency measurement."),
     batch_size: int = typer.Option(32, "--batch-size", help="Batch size of the latency measurement."),
     no_latency: bool = typer.Option(False, "--no-latency", help="Skip the latency measurement."),
+    speedup: float = typer.Option(None, "--speedup",
+                                  help="Knapsack plans must also reach this measured whole-model speedup, e.g. 1.3."),
     out: Path = typer.Option(..., "--out", "-o", help="Output directory."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out if it exists."),
 ) -> None:
@@ -66,6 +68,7 @@ def sweep(
         methods=_csv(methods, "--methods"), finetune_epochs=finetune_epochs, finetune_lr=finetune_lr,
         calib_samples=calib, seed=seed,
         latency=not no_latency, threads=threads, batch_size=batch_size, progress=lambda msg: err.print(msg),
+        speedup=speedup,
     )
     write_sweep(result, out, overwrite=overwrite)
     console = stdout_console()

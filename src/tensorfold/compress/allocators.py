@@ -12,7 +12,10 @@ layers is at most ``budget`` times their dense cost:
   then spend any slack on the worst layers;
 - ``knapsack`` (= ``auto``): a multiple-choice knapsack minimising the total sensitivity-weighted
   squared error ``sum_i s_i e_i^2`` (dynamic programming over a fine cost grid, costs rounded up so
-  the result is always feasible).
+  the result is always feasible). With ``latency_cap`` it also keeps the summed predicted latency
+  of the chosen layers under that fraction of the dense layers' (a second constraint, handled by
+  pricing latency in the objective and searching the price), so a FLOP budget becomes a real speedup
+  on hardware where fewer FLOPs are not always faster.
 
 >>> from tensorfold.compress.candidates import Candidate, LayerMenu
 >>> opts = [Candidate("dense", None, 100, None, None, 0.0), Candidate("svd", 1, 30, None, None, 0.5),
@@ -133,20 +136,25 @@ def _threshold(per_layer, weights, target, cap):
     return _bisect(pick, 0.0, top + 1e-12, cap, increasing=False)[0]
 
 
-def _fill_slack(per_layer, weights, chosen, target, cap):
-    """Greedy: upgrade the layer with the largest weighted error while the budget allows."""
+def _fill_slack(per_layer, weights, chosen, target, cap, lat_cap: float | None = None):
+    """Greedy: upgrade the layer with the largest weighted error while the budget (and the latency
+    cap, when given) allows."""
     chosen = list(chosen)
     total = sum(_cost(c, target) for c in chosen)
+    lat = sum(_cost(c, "latency") for c in chosen) if lat_cap is not None else 0.0
     while True:
         order = sorted(range(len(chosen)), key=lambda i: -weights[i] * chosen[i].error)
         upgraded = False
         for i in order:
             cur = chosen[i]
             better = [c for c in per_layer[i] if c.error < cur.error
-                      and total - _cost(cur, target) + _cost(c, target) <= cap]
+                      and total - _cost(cur, target) + _cost(c, target) <= cap
+                      and (lat_cap is None or lat - _cost(cur, "latency") + _cost(c, "latency") <= lat_cap)]
             if better:
                 new = min(better, key=lambda c: (_cost(c, target), c.error))
                 total += _cost(new, target) - _cost(cur, target)
+                if lat_cap is not None:
+                    lat += _cost(new, "latency") - _cost(cur, "latency")
                 chosen[i] = new
                 upgraded = True
                 break
@@ -154,34 +162,91 @@ def _fill_slack(per_layer, weights, chosen, target, cap):
             return chosen
 
 
-def _knapsack(per_layer, sens, target, cap):
-    """Multiple-choice knapsack by dynamic programming over DP_UNITS cost units (costs rounded up)."""
-    unit = cap / DP_UNITS
-    dp = np.zeros(DP_UNITS + 1)
+def _knapsack(per_layer, values, target, cap, units: int = DP_UNITS):
+    """Multiple-choice knapsack minimising the summed ``values`` (one list per layer, aligned with its
+    options) by dynamic programming over ``units`` cost units (costs rounded up, so always feasible)."""
+    unit = cap / units
+    dp = np.zeros(units + 1)
     back = []
-    for opts, s in zip(per_layer, sens):
-        new = np.full(DP_UNITS + 1, np.inf)
-        arg = np.full(DP_UNITS + 1, -1, dtype=np.int32)
-        for j, c in enumerate(opts):
+    for opts, vals in zip(per_layer, values):
+        new = np.full(units + 1, np.inf)
+        arg = np.full(units + 1, -1, dtype=np.int32)
+        for j, (c, v) in enumerate(zip(opts, vals)):
             w = int(math.ceil(_cost(c, target) / unit - 1e-9)) if unit > 0 else 0
-            if w > DP_UNITS:
+            if w > units:
                 continue
-            cand = np.full(DP_UNITS + 1, np.inf)
-            cand[w:] = dp[: DP_UNITS + 1 - w] + s * c.error**2
+            cand = np.full(units + 1, np.inf)
+            cand[w:] = dp[: units + 1 - w] + v
             better = cand < new - 1e-15
             new[better] = cand[better]
             arg[better] = j
         dp = new
         back.append(arg)
-    if not np.isfinite(dp[DP_UNITS]):
+    if not np.isfinite(dp[units]):
         return None
-    chosen, c_units = [], DP_UNITS
+    chosen, c_units = [], units
     for opts, arg in zip(reversed(per_layer), reversed(back)):
         j = int(arg[c_units])
         c = opts[j]
         chosen.append(c)
         c_units -= int(math.ceil(_cost(c, target) / unit - 1e-9)) if unit > 0 else 0
     return chosen[::-1]
+
+
+def _errors(per_layer, sens):
+    return [[s * c.error**2 for c in opts] for opts, s in zip(per_layer, sens)]
+
+
+def _knapsack_latency(per_layer, sens, target, cap, lat_cap, dense_lat):
+    """The knapsack under ``cap`` on ``target`` *and* ``lat_cap`` on the summed predicted latency.
+
+    Lagrangian relaxation: minimise ``sum_i s_i e_i^2 + lam * t_i / T`` (``T`` the dense latency)
+    under the ``target`` cap alone; ``lam`` is bisected (log scale) to the smallest price whose
+    choice meets the latency cap. ``None`` when even the fastest choice within ``cap`` is too slow.
+    """
+    errors = _errors(per_layer, sens)
+    scale = max(sum(max(v) for v in errors), 1e-12)  # the objective's range: prices beyond it change nothing
+
+    def solve(lam, units=DP_UNITS):
+        values = [[v + lam * _cost(c, "latency") / dense_lat for c, v in zip(opts, vals)]
+                  for opts, vals in zip(per_layer, errors)]
+        return _knapsack(per_layer, values, target, cap, units)
+
+    def latency(chosen):
+        return sum(_cost(c, "latency") for c in chosen)
+
+    plain = solve(0.0)
+    if plain is not None and latency(plain) <= lat_cap:
+        return plain
+    # the fastest choice: latency first, the error only breaks ties
+    fastest = _knapsack(per_layer, [[_cost(c, "latency") / dense_lat + 1e-9 * v / scale for c, v in zip(opts, vals)]
+                                    for opts, vals in zip(per_layer, errors)], target, cap)
+    if fastest is None or latency(fastest) > lat_cap:
+        return None
+    lo, hi, best = math.log(scale * 1e-6), math.log(scale * 1e6), fastest
+    for _ in range(30):  # a coarse grid while searching the price, the full one for the answer
+        mid = (lo + hi) / 2
+        chosen = solve(math.exp(mid), DP_UNITS // 5)
+        if chosen is not None and latency(chosen) <= lat_cap:
+            hi, best = mid, chosen
+        else:
+            lo = mid
+    chosen = solve(math.exp(hi))
+    if chosen is not None and latency(chosen) <= lat_cap:
+        best = chosen
+    return best
+
+
+def fastest_latency(menus: Sequence[LayerMenu], budget: float, target: str = "params", *,
+                    no_slower: bool = False) -> float:
+    """The smallest summed predicted latency of the menus' choices within ``budget`` of ``target``, as a
+    fraction of the dense latency (what ``latency_cap`` can ask for at most)."""
+    per_layer = [usable_options(m, target, no_slower=no_slower) for m in menus]
+    dense_lat = sum(_cost(m.dense, "latency") for m in menus)
+    cap = budget * sum(_cost(m.dense, target) for m in menus)
+    values = [[_cost(c, "latency") for c in opts] for opts in per_layer]
+    chosen = _knapsack(per_layer, values, target, cap)
+    return math.inf if chosen is None else sum(_cost(c, "latency") for c in chosen) / dense_lat
 
 
 def allocate(
@@ -192,14 +257,22 @@ def allocate(
     allocator: str = "auto",
     methods: Sequence[str] | None = None,
     no_slower: bool = False,
+    latency_cap: float | None = None,
 ) -> Allocation:
     """Choose one candidate per menu under ``budget`` (fraction of the menus' dense cost); with
-    ``no_slower`` no factorisation predicted slower than its dense layer is chosen."""
+    ``no_slower`` no factorisation predicted slower than its dense layer is chosen; with
+    ``latency_cap`` (knapsack only) the summed predicted latency is also at most that fraction of
+    the dense layers' (see :func:`fastest_latency` for the smallest reachable)."""
     if allocator not in ALLOCATORS:
         raise InvalidArgumentError(f"allocator must be one of {', '.join(ALLOCATORS)}; got {allocator!r}")
     if target not in TARGETS:
         raise InvalidArgumentError(f"target must be one of {', '.join(TARGETS)}; got {target!r}")
     check_budget(budget)
+    if latency_cap is not None:
+        if isinstance(latency_cap, bool) or not isinstance(latency_cap, (int, float)) or not latency_cap > 0:
+            raise InvalidArgumentError(f"latency_cap must be a positive fraction, got {latency_cap!r}")
+        if allocator not in ("knapsack", "auto"):
+            raise InvalidArgumentError(f"latency_cap needs allocator='knapsack' (or 'auto'), got {allocator!r}")
     per_layer = [usable_options(m, target, no_slower=no_slower) for m in menus]
     dense_total = sum(_cost(m.dense, target) for m in menus)
     cap = budget * dense_total
@@ -222,8 +295,19 @@ def allocate(
     elif allocator == "balanced":
         chosen = _threshold(per_layer, root_w, target, cap)
         chosen = _fill_slack(per_layer, root_w, chosen, target, cap)
+    elif latency_cap is not None:
+        dense_lat = sum(_cost(m.dense, "latency") for m in menus)
+        chosen = _knapsack_latency(per_layer, sens, target, cap, latency_cap * dense_lat, dense_lat)
+        if chosen is None:
+            best = fastest_latency(menus, budget, target, no_slower=no_slower)
+            raise NotCompressibleError(
+                f"a predicted latency of {latency_cap:.3f} of the dense layers cannot be met within budget {budget:g} "
+                f"of the {target}: the fastest choice is predicted at {best:.3f} (lower the budget, allow more "
+                f"methods, or ask for less speed)"
+            )
+        chosen = _fill_slack(per_layer, root_w, chosen, target, cap, latency_cap * dense_lat)
     else:
-        chosen = _knapsack(per_layer, sens, target, cap)
+        chosen = _knapsack(per_layer, _errors(per_layer, sens), target, cap)
         if chosen is None:  # rounding made the smallest choice infeasible: fall back to the balanced search
             chosen = _threshold(per_layer, root_w, target, cap)
         # costs were rounded up on the grid: spend what that left over (each step lowers the objective)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import warnings
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
@@ -40,6 +41,7 @@ from tensorfold.compress.candidates import LatencyModel, layer_menu
 from tensorfold.compress.fitting import build_factored, supports_whitening
 from tensorfold.compress.plan import LayerPlan, Plan
 from tensorfold.compress.sensitivity import measure_sensitivities
+from tensorfold.compress.speed import SpeedCheck
 from tensorfold.compress.walk import check_methods, find_layers, set_submodule
 from tensorfold.core.validate import make_generator, randn
 from tensorfold.errors import InvalidArgumentError, NotCompressibleError, ShapeError
@@ -48,6 +50,7 @@ from tensorfold.nn.base import DenseSpec
 DEFAULT_METHODS = ("svd", "tucker", "cp", "tt")
 CURVE_BUDGETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 SENSITIVITY_SAMPLES = 64
+SPEED_ROUNDS = 6  # allocate-and-time rounds for plan(..., speedup=)
 
 Progress = Callable[[str, int, int], None]
 
@@ -98,6 +101,14 @@ def _input_shapes(model, layers, batches, example_inputs, input_shape) -> dict[s
     return {name: st.input_shape for name, st in stats.items()}
 
 
+def _check_speedup(speedup) -> float | None:
+    if speedup is None:
+        return None
+    if isinstance(speedup, bool) or not isinstance(speedup, (int, float)) or not 0 < speedup < 100:
+        raise InvalidArgumentError(f"speedup must be a number > 0 (e.g. 1.3), got {speedup!r}")
+    return float(speedup)
+
+
 class Planner:
     """The expensive half of :func:`plan` (layer discovery, calibration statistics, candidate menus,
     sensitivities), kept so that plans for several budgets or allocators cost one allocation each.
@@ -127,8 +138,10 @@ class Planner:
         model_name: str | None = None,
         progress: Progress | None = None,
         no_slower: bool = False,
+        speedup: float | None = None,
     ):
         check_budget(budget)
+        self.speedup = _check_speedup(speedup)
         if target not in TARGETS:
             raise InvalidArgumentError(f"target must be one of {', '.join(TARGETS)}; got {target!r}")
         if allocator not in ALLOCATORS:
@@ -155,9 +168,15 @@ class Planner:
                 shapes = _input_shapes(model, layers, [], example_inputs, input_shape)
             unused = [n for n, s in shapes.items() if s is None and (batches or example_inputs is not None)]
             self.no_slower = bool(no_slower)
-            if self.no_slower and all(s is None for s in shapes.values()):
-                raise InvalidArgumentError("no_slower needs the layers' input shapes: pass calib or example_inputs")
-            latency = LatencyModel() if (target == "latency" or self.no_slower) else None
+            for flag, wanted in (("no_slower", self.no_slower), ("speedup", self.speedup is not None)):
+                if wanted and all(s is None for s in shapes.values()):
+                    raise InvalidArgumentError(f"{flag} needs the layers' input shapes: pass calib or example_inputs")
+            needs_latency = target == "latency" or self.no_slower or self.speedup is not None
+            latency = LatencyModel() if needs_latency else None
+            # timed on the input the layers' shapes come from
+            speed_sample = (example_inputs if example_inputs is not None else batches[0] if batches else
+                            randn(*tuple(int(s) for s in input_shape or ()), generator=make_generator(0),
+                                  dtype=next(model.parameters()).dtype) if self.speedup is not None else None)
             menus = []
             for i, (name, layer) in enumerate(layers.items()):
                 if name in unused:
@@ -182,6 +201,8 @@ class Planner:
                                                progress=lambda d, t: report("sensitivity", d, t))
                 for m, s in zip(menus, values):
                     m.sensitivity = s
+            self.speed = (SpeedCheck(model, menus, speed_sample, threads=latency.threads)
+                          if self.speedup is not None else None)
         self.menus = menus
 
     def plan(self, budget: float | None = None, allocator: str | None = None, *, curve: bool = True) -> Plan:
@@ -189,15 +210,25 @@ class Planner:
         budget = self.budget if budget is None else check_budget(budget)
         allocator = allocator or self.allocator
         menus, target, methods = self.menus, self.target, self.methods
-        alloc = allocate(menus, budget, target=target, allocator=allocator, methods=methods, no_slower=self.no_slower)
+        lat_cap = measured = None
+        if self.speedup is None:
+            alloc = allocate(menus, budget, target=target, allocator=allocator, methods=methods,
+                             no_slower=self.no_slower)
+        else:
+            alloc, lat_cap, measured = self._fast_allocation(budget, allocator)
         curve_points = []
         if curve:
             for b in sorted(set(CURVE_BUDGETS) | {float(budget)}):
                 try:
                     curve_points.append((b, allocate(menus, b, target=target, allocator=allocator,
-                                                     methods=methods, no_slower=self.no_slower).objective))
+                                                     methods=methods, no_slower=self.no_slower,
+                                                     latency_cap=lat_cap).objective))
                 except NotCompressibleError:
                     continue
+        return self._plan_of(alloc, budget, allocator, curve_points, lat_cap, measured)
+
+    def _plan_of(self, alloc, budget, allocator, curve_points=(), lat_cap=None, measured=None) -> Plan:
+        menus = self.menus
         layer_plans = []
         for menu, choice in zip(menus, alloc.choices):
             layer_plans.append(LayerPlan(
@@ -208,12 +239,52 @@ class Planner:
                 sensitivity=menu.sensitivity, input_shape=menu.input_shape,
             ))
         return Plan(
-            layers=layer_plans, skipped=list(self.skipped), budget=float(budget), target=target,
-            allocator="knapsack" if allocator == "auto" else allocator, methods=methods,
+            layers=layer_plans, skipped=list(self.skipped), budget=float(budget), target=self.target,
+            allocator="knapsack" if allocator == "auto" else allocator, methods=self.methods,
             calibrated=self.calibrated, model_params=self.model_params, model_name=self.model_name,
-            include=self.include, exclude=self.exclude, objective=alloc.objective, curve=curve_points,
+            include=self.include, exclude=self.exclude, objective=alloc.objective, curve=list(curve_points),
             spectra={m.name: m.spectrum for m in menus if m.spectrum is not None},
+            speedup=self.speedup, latency_cap=lat_cap,
+            model_latency=self.speed.dense_total if self.speed is not None else None, measured_speedup=measured,
         )
+
+    def _fast_allocation(self, budget: float, allocator: str):
+        """The allocation under ``budget`` whose whole-model speedup, measured, reaches ``self.speedup``.
+
+        Each round allocates with the latency cap that the asked speedup means for the covered layers,
+        times the plan's structure inside the model (correcting the predicted latencies of the chosen
+        layer kinds by what it measures) and stops once the measured speedup is reached. A round that
+        chooses the same as the previous one and still falls short tightens the cap by the shortfall.
+        Returns ``(allocation, cap, measured speedup)``; the fastest one measured, with a warning, when
+        no round reaches the goal.
+        """
+        menus, speed = self.menus, self.speed
+        target_cap = speed.cap(menus, self.speedup)
+        if target_cap <= 0:
+            raise NotCompressibleError(
+                f"a {self.speedup:g}x speedup is out of reach: the model's time outside the covered layers alone "
+                f"is {speed.rest * 1e3:.2f} ms of {speed.dense_total * 1e3:.2f} ms"
+            )
+        tighten, best, previous = 1.0, None, None
+        for _ in range(SPEED_ROUNDS):
+            cap = speed.cap(menus, self.speedup) * tighten
+            alloc = allocate(menus, budget, target=self.target, allocator=allocator, methods=self.methods,
+                             no_slower=self.no_slower, latency_cap=cap)
+            measured = speed.check(menus, self._plan_of(alloc, budget, allocator))
+            if best is None or measured > best[2]:
+                best = (alloc, cap, measured)
+            if measured >= self.speedup:
+                return alloc, cap, measured
+            keys = [(c.method, c.rank) for c in alloc.choices]
+            if keys == previous:
+                tighten *= measured / self.speedup
+            previous = keys
+        warnings.warn(
+            f"plan: the asked {self.speedup:g}x speedup was not reached in {SPEED_ROUNDS} measured rounds; the "
+            f"fastest plan found measured {best[2]:.2f}x (machine load makes timings noisy; lower the budget or "
+            f"ask for less speed)", stacklevel=3,
+        )
+        return best
 
 
 def plan(
@@ -234,6 +305,7 @@ def plan(
     curve: bool = True,
     progress: Progress | None = None,
     no_slower: bool = False,
+    speedup: float | None = None,
 ) -> Plan:
     """Plan the compression of ``model`` to ``budget`` of the ``target`` cost of its Linear/Conv layers.
 
@@ -251,12 +323,17 @@ def plan(
     output_fn: picks the output tensor from the model's output (default: see ``output_tensor``).
     no_slower: with any target, never choose a factorisation predicted (shipped latency table, else
         measured on the spot) slower than its dense layer; needs the layers' input shapes.
+    speedup: with any target, also keep the predicted latency of the whole model at most its
+        measured dense latency divided by ``speedup`` (e.g. 1.3): the dense model is timed on the
+        example/calibration input, the layers' latencies are predicted as for ``no_slower`` and the
+        knapsack meets both caps (``allocator`` "knapsack"/"auto" only). The plan records the
+        ``latency_cap`` this means for the covered layers and its ``predicted_speedup``.
 
     Returns a :class:`~tensorfold.compress.plan.Plan`.
     """
     planner = Planner(model, budget, target, methods, include, exclude, calib, allocator, input_shape,
                       example_inputs, output_fn=output_fn, sensitivity=sensitivity, model_name=model_name,
-                      progress=progress, no_slower=no_slower)
+                      progress=progress, no_slower=no_slower, speedup=speedup)
     return planner.plan(curve=curve)
 
 

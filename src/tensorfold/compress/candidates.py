@@ -95,6 +95,8 @@ def _group_matrices(weight: torch.Tensor, spec: DenseSpec, scheme: str) -> list[
         og, ig, *k = Wg.shape
         if scheme == "channel":
             mats.append(Wg.reshape(og, -1))
+        elif scheme == "input":  # (in, out * k): a 1x1 conv into the rank, then the full kernel
+            mats.append(Wg.movedim(1, 0).reshape(ig, -1))
         else:
             kh, kw = k
             mats.append(Wg.permute(1, 2, 0, 3).reshape(ig * kh, og * kw))
@@ -187,13 +189,25 @@ def _measured_candidates(method, cls, layer, opts, gram):
     return out
 
 
-class LatencyModel:
-    """Predicted seconds of a dense or factored layer: the shipped table, else measured on the spot."""
+# Measuring a candidate costs about ``warmup + repeats`` calls of it. While that stays under this many
+# seconds per layer shape and method, every candidate rank is measured; beyond it six ranks are and
+# the rest are interpolated in FLOPs. Small convs are far from linear in FLOPs (ResNet-20's 16-channel
+# 3x3 conv at batch 32: Tucker-2 at ranks (9, 9) ran 2.0x slower than dense, at (12, 12) 1.1x), and
+# interpolating between six probes hid that.
+PROBE_SECONDS = 1.5
 
-    def __init__(self, threads: int = 2, repeats: int = 10):
+
+class LatencyModel:
+    """Predicted seconds of a dense or factored layer: the shipped table, else measured on the spot.
+
+    Measurements are cached by layer shape, input shape, method and rank, so the repeated blocks of a
+    network (ResNet-20 has 19 convs of 5 shapes) are measured once.
+    """
+
+    def __init__(self, threads: int = 2, repeats: int = 10, probe_seconds: float = PROBE_SECONDS):
         from tensorfold.nn import LatencyTable
 
-        self.threads, self.repeats = threads, repeats
+        self.threads, self.repeats, self.probe_seconds = threads, repeats, probe_seconds
         try:
             self.table = LatencyTable.load()
         except TensorfoldError:
@@ -205,35 +219,47 @@ class LatencyModel:
 
         return measure_latency(module, input_shape, threads=self.threads, repeats=self.repeats, warmup=2)
 
+    @staticmethod
+    def _key(layer: nn.Module, input_shape, method: str, rank) -> tuple:
+        from tensorfold.nn.latency import layer_key
+
+        rank = tuple(rank) if isinstance(rank, (list, tuple)) else rank
+        return (repr(sorted(layer_key(layer).items())), tuple(input_shape), str(layer.weight.dtype), method, rank)
+
     def dense(self, name: str, layer: nn.Module, input_shape) -> float:
         if self.table is not None:
             t = self.table.predict("dense", layer, None, input_shape, threads=self.threads)
             if t is not None:
                 return t
-        key = (name, "dense")
+        key = self._key(layer, input_shape, "dense", None)
         if key not in self._cache:
             self._cache[key] = self._measure(layer, input_shape)
         return self._cache[key]
 
     def factored(self, name: str, method: str, cls, layer, opts, ranks: Sequence, input_shape) -> list[float]:
-        """Seconds for each rank: table entries where present, else measured at <= 6 ranks and
-        interpolated linearly in FLOPs."""
+        """Seconds for each rank: table entries where present, else measured (every rank while that
+        takes under ``probe_seconds``, else six ranks, the others interpolated linearly in FLOPs)."""
         out: list[float | None] = []
         for r in ranks:
             t = self.table.predict(method, layer, r, input_shape, threads=self.threads) if self.table else None
+            if t is None:
+                t = self._cache.get(self._key(layer, input_shape, method, r))
             out.append(t)
         missing = [i for i, t in enumerate(out) if t is None]
         if not missing:
             return out  # type: ignore[return-value]
         flops = [cls.cost(layer, ranks[i], input_shape, **opts).flops for i in range(len(ranks))]
-        n_probe = min(6, len(missing))
+        per_probe = self.dense(name, layer, input_shape) * (self.repeats + 2)
+        n_probe = min(len(missing), max(6, int(self.probe_seconds / max(per_probe, 1e-9))))
         probe_idx = sorted({missing[round(j * (len(missing) - 1) / max(n_probe - 1, 1))] for j in range(n_probe)})
-        probes = []
         for i in probe_idx:
             skeleton = build_skeleton(cls, DenseSpec.of(layer), ranks[i], opts, dtype=layer.weight.dtype)
-            probes.append((flops[i], self._measure(skeleton, input_shape)))
-        probes.sort()
+            out[i] = self._cache[self._key(layer, input_shape, method, ranks[i])] = self._measure(skeleton,
+                                                                                                  input_shape)
+        probes = sorted((flops[i], out[i]) for i in range(len(ranks)) if out[i] is not None)
         for i in missing:
+            if out[i] is not None:
+                continue
             f = flops[i]
             below = [p for p in probes if p[0] <= f]
             above = [p for p in probes if p[0] > f]

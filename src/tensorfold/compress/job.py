@@ -159,6 +159,7 @@ def run_job(
     progress: Callable[[str, int, int], None] | None = None,
     log: Callable[[str], None] = lambda msg: None,
     no_slower: bool = False,
+    speedup: float | None = None,
 ) -> JobResult:
     """Compress ``model`` and write the results to ``out`` (nothing is written if anything fails)."""
     from tensorfold.compress.allocators import check_budget
@@ -191,7 +192,8 @@ def run_job(
     excludes = tuple(exclude or ()) + (() if include else source.exclude)
     planner = Planner(original, budget, target, methods, include, excludes or None, batches or None, allocator,
                       example_inputs=source.entry.example_inputs(32) if source.entry is not None else None,
-                      output_fn=source.output_fn, model_name=source.name, progress=progress, no_slower=no_slower)
+                      output_fn=source.output_fn, model_name=source.name, progress=progress, no_slower=no_slower,
+                      speedup=speedup)
     plan = planner.plan()
     t_plan = time.perf_counter()
     compressed = apply(original, plan, batches or None, progress=progress)

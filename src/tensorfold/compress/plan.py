@@ -93,6 +93,10 @@ class Plan:
     objective: float = 0.0
     curve: list[tuple[float, float]] = field(default_factory=list)  # (budget, predicted objective)
     spectra: dict[str, list[float]] = field(default_factory=dict)
+    speedup: float | None = None  # the whole-model speedup asked for (plan(..., speedup=))
+    latency_cap: float | None = None  # the covered layers' predicted latency cap it meant (fraction of dense)
+    model_latency: float | None = None  # the dense model's measured seconds per batch
+    measured_speedup: float | None = None  # whole-model speedup of the plan's structure, timed while planning
 
     # ---- totals ---------------------------------------------------------------------------------
 
@@ -143,6 +147,15 @@ class Plan:
         """Whole-model parameter fraction after compression (embeddings, norms etc. included)."""
         return self.model_params_after / self.model_params if self.model_params else 1.0
 
+    @property
+    def predicted_speedup(self) -> float | None:
+        """Dense / compressed whole-model latency predicted from the measured dense model and the layers'
+        predicted latencies (``None`` unless the dense model was timed, i.e. with ``speedup``)."""
+        if self.model_latency is None or self.latency is None or self.dense_latency is None:
+            return None
+        rest = max(self.model_latency - self.dense_latency, 0.0)
+        return self.model_latency / (rest + self.latency)
+
     def totals(self) -> dict:
         def ratio(a, b):
             return None if a is None or not b else a / b
@@ -167,6 +180,11 @@ class Plan:
             "model_params_after": self.model_params_after,
             "model_fraction": self.model_fraction,
             "predicted_objective": self.objective,
+            "speedup": self.speedup,
+            "latency_cap": self.latency_cap,
+            "model_latency": self.model_latency,
+            "predicted_speedup": self.predicted_speedup,
+            "measured_speedup": self.measured_speedup,
         }
 
     # ---- serialisation ----------------------------------------------------------------------------
@@ -209,6 +227,10 @@ class Plan:
                 objective=float(d.get("objective", 0.0)),
                 curve=[tuple(p) for p in d.get("curve", [])],
                 spectra=dict(d.get("spectra", {})),
+                speedup=d.get("speedup"),
+                latency_cap=d.get("latency_cap"),
+                model_latency=d.get("model_latency"),
+                measured_speedup=d.get("measured_speedup"),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise FileFormatError(f"malformed plan: {type(exc).__name__}: {exc}") from None
@@ -297,6 +319,10 @@ class Plan:
             lines.append(f"FLOPs: {self.flops:,} of {self.dense_flops:,} ({self.flops / self.dense_flops:.3f})")
         if self.latency is not None and self.dense_latency:
             lines.append(f"predicted latency of the covered layers: {self.latency / self.dense_latency:.3f} of dense")
+        if self.speedup is not None and self.model_latency is not None:
+            lines.append(f"whole-model speedup asked {self.speedup:g}x: measured {self.measured_speedup:.2f}x while "
+                         f"planning (dense model {self.model_latency * 1e3:.2f} ms), predicted "
+                         f"{self.predicted_speedup:.2f}x")
         return "\n".join(lines)
 
     def __str__(self) -> str:

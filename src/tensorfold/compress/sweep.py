@@ -153,13 +153,16 @@ def sweep(
     threads: int = 2,
     batch_size: int = 32,
     progress: bool | Callable[[str], None] = True,
+    speedup: float | None = None,
 ) -> SweepResult:
     """Compress the built-in ``model`` at every budget with every allocator; see the module docstring.
 
     A point that fails (e.g. a budget no allocator can reach) is kept with its ``error`` and left out
     of the curves. ``finetune_epochs > 0`` needs the model's ``finetune_data``; ``finetune_lr``
     defaults to the model's ``extra["finetune_lr"]`` (else 1e-3): a trained ResNet with batch norm
-    wants 1e-4, where 1e-3 makes a 47-step fine-tune worse than none.
+    wants 1e-4, where 1e-3 makes a 47-step fine-tune worse than none. ``speedup`` (e.g. 1.3) asks the
+    knapsack allocator's plans for that measured whole-model speedup too (``plan(..., speedup=)``); the
+    other allocators ignore it.
     """
     entry = resolve_builtin(model)
     budgets = _check_budgets(budgets)
@@ -190,7 +193,8 @@ def sweep(
             start = time.perf_counter()
             try:
                 p = plan(original, budget, target=target, methods=methods, allocator=allocator, calib=calib,
-                         example_inputs=inputs, curve=False, model_name=entry.name)
+                         example_inputs=inputs, curve=False, model_name=entry.name,
+                         speedup=speedup if allocator in ("knapsack", "auto") else None)
                 small = apply(original, p, calib)
             except TensorfoldError as exc:
                 result.points.append(SweepPoint(allocator, budget, None, None, 0, None, {},
