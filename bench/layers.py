@@ -10,6 +10,7 @@ Writes src/tensorfold/data/latency_table.json (read by tensorfold.nn.LatencyTabl
 
     .venv/bin/python bench/layers.py              # full run (a few minutes on 2 idle cores)
     .venv/bin/python bench/layers.py --quick      # fewer repeats
+    .venv/bin/python bench/layers.py --only Linear   # one shape (no table written)
     .venv/bin/python bench/layers.py --memory     # peak extra memory of converting big kernels
 """
 
@@ -81,16 +82,27 @@ def build_candidates(dense):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for frac in FRACTIONS:
-            for kind, (cls, opts) in ours.items():
-                layer = cls.from_dense(dense, frac, **opts).eval()
-                out[f"{kind}@{frac}"] = (layer, kind, layer.rank, frac)
+            peers = {}
             for fact in theirs:
                 try:
-                    layer = tltorch_layer(dense, frac, fact).eval()
-                    out[f"tltorch-{fact}@{frac}"] = (layer, f"tltorch-{fact}", frac, frac)
+                    peers[fact] = tltorch_layer(dense, frac, fact).eval()
                 except Exception as exc:  # report, don't hide: a peer layer that cannot be built is a finding
                     print(f"  (tltorch {fact} at {frac}: {type(exc).__name__}: {exc})")
+            for kind, (cls, opts) in ours.items():
+                target = frac
+                if kind == "tt" and "blocktt" in peers:
+                    # tltorch's blocktt rounds rank=frac to far fewer parameters (807k vs our 1.18M at 0.5):
+                    # compare TT at exactly its parameter count instead.
+                    target = _n_params(peers["blocktt"]) / _n_params(dense)
+                layer = cls.from_dense(dense, target, **opts).eval()
+                out[f"{kind}@{frac}"] = (layer, kind, layer.rank, frac)
+            for fact, layer in peers.items():
+                out[f"tltorch-{fact}@{frac}"] = (layer, f"tltorch-{fact}", frac, frac)
     return out
+
+
+def _n_params(module) -> int:
+    return sum(p.numel() for p in module.parameters())
 
 
 def time_interleaved(modules: dict, x: torch.Tensor, repeats: int, warmup: int) -> dict:
@@ -106,10 +118,12 @@ def time_interleaved(modules: dict, x: torch.Tensor, repeats: int, warmup: int) 
     return {name: statistics.median(v) for name, v in times.items()}
 
 
-def run_latency(quick: bool) -> list[dict]:
+def run_latency(quick: bool, only: str | None = None) -> list[dict]:
     torch.set_num_threads(THREADS)
     entries = []
     for label, dense, input_shape in shapes():
+        if only and only not in label:
+            continue
         dense.eval()
         candidates = build_candidates(dense)
         formats = ["contiguous"] if isinstance(dense, torch.nn.Linear) else ["contiguous", "channels_last"]
@@ -170,6 +184,11 @@ def summarize(entries: list[dict]) -> None:
         print(f"  {label:22s} b={batch:<3d} {fmt:13s} {frac:<4}: best ours ({best_ours['kind']}) / best tltorch "
               f"({best_theirs['kind']}) = {best_ours['seconds'] / best_theirs['seconds']:.2f}; "
               f"same method: {', '.join(pairs) or '-'}")
+        if "tt" in theirs:  # TT vs blocktt at equal parameter counts: both counts and times
+            tt, bt = next(o for o in ours if o["kind"] == "tt"), theirs["tt"]
+            flag = "ok " if tt["seconds"] <= bt["seconds"] else "MISS"
+            print(f"    {flag} tt {tt['n_params']} params {tt['seconds'] * 1e3:.3f} ms vs tltorch-blocktt "
+                  f"{bt['n_params']} params {bt['seconds'] * 1e3:.3f} ms: {tt['seconds'] / bt['seconds']:.2f}x")
 
 
 # ---- memory: converting big kernels -----------------------------------------------------------------
@@ -214,6 +233,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer repeats")
     parser.add_argument("--memory", action="store_true", help="measure conversion memory instead of latency")
     parser.add_argument("--no-write", action="store_true", help="do not rewrite the shipped latency table")
+    parser.add_argument("--only", metavar="TEXT", help="only the shapes whose label contains TEXT (implies --no-write)")
     args = parser.parse_args()
     if args.memory:
         run_memory()
@@ -221,9 +241,9 @@ def main() -> None:
     steady = steady_allocator()
     print(f"torch {torch.__version__}, {THREADS} threads, {platform.processor() or platform.machine()}, "
           f"steady allocator: {steady}")
-    entries = run_latency(args.quick)
+    entries = run_latency(args.quick, args.only)
     summarize(entries)
-    if not args.no_write:
+    if not args.no_write and not args.only:
         table = {"version": TABLE_VERSION, "threads": THREADS, "torch": torch.__version__,
                  "machine": platform.machine(), "written_by": "bench/layers.py",
                  "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024,
