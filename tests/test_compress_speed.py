@@ -132,7 +132,7 @@ def fake_layer_times(model, names, sample, *, threads=2, repeats=20, warmup=3):
     hooks = [model.get_submodule(n).register_forward_hook(lambda m, i, o, n=n: shapes.__setitem__(n, i[0].shape))
              for n in names]
     convs = [(n, m) for n, m in model.named_modules()
-             if isinstance(m, (nn.Conv2d, FactorizedLayer)) and "." not in n]
+             if isinstance(m, (nn.Conv2d, nn.Linear, FactorizedLayer)) and "." not in n]
     seen = {}
     hooks += [m.register_forward_hook(lambda m, i, o, n=n: seen.__setitem__(n, i[0].shape)) for n, m in convs]
     with torch.no_grad():
@@ -212,3 +212,32 @@ def test_svd_input_errors_are_those_of_the_built_layer():
     for o in menu.options[1:]:
         built = SVDConv.from_dense(conv, o.rank, scheme="input")
         assert o.error == pytest.approx(float((built.dense_weight().detach() - W).norm() / W.norm()), rel=1e-4)
+
+
+def test_cli_speedup_option(tmp_path, monkeypatch):
+    import json
+
+    from typer.testing import CliRunner
+
+    from tensorfold.cli.main import app
+
+    monkeypatch.setattr(speed_module, "layer_times", fake_layer_times)
+    monkeypatch.setattr(LatencyModel, "_measure", fake_measure)
+    (tmp_path / "tf_speed_models.py").write_text(
+        "import torch\nfrom torch import nn\n\n"
+        "def build():\n    torch.manual_seed(0)\n"
+        "    return nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 8))\n\n"
+        "def calibration(n, seed):\n    return [torch.randn(n, 64, generator=torch.Generator().manual_seed(seed))]\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    out = tmp_path / "run"
+    r = CliRunner().invoke(app, ["compress", "--model", "tf_speed_models:build", "--budget", "0.6", "--target",
+                                 "flops", "--calib", "32", "--methods", "svd", "--speedup", "1.4", "--no-speed",
+                                 "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    totals = json.loads((out / "plan.json").read_text())["totals"]
+    assert totals["speedup"] == 1.4 and totals["measured_speedup"] >= 1.4 and totals["flops_fraction"] <= 0.6
+    assert "speedup asked 1.4x" in r.output
+    r = CliRunner().invoke(app, ["compress", "--model", "tf_speed_models:build", "--calib", "32", "--methods", "svd",
+                                 "--speedup", "-2", "--no-speed", "--out", str(tmp_path / "bad")])
+    assert r.exit_code != 0 and "speedup" in r.output and not (tmp_path / "bad").exists()
