@@ -106,3 +106,22 @@ def test_em_bad_inputs():
         tf.complete(X, mask=mask, rank=2, model="tucker", method="em")
     with pytest.raises(InvalidArgumentError, match="method"):
         tf.complete(X, mask=mask, rank=2, method="imputation")
+
+
+def test_sparse_order4_single_start_stalls_and_more_starts_recover():
+    """A known hard case: from one start ALS ends in a local minimum with a huge "spike" component; the
+    observed error exposes it, and the best of 5 starts (chosen by that error) recovers the tensor."""
+    X = tf.testing.random_cp((10, 10, 10, 10), rank=3, seed=0).to_tensor()
+    mask = tf.testing.random_mask(X.shape, 0.2, seed=100)  # ~2,000 observations for 120 parameters
+    with pytest.warns(ConvergenceWarning):
+        single = tf.complete(X, mask=mask, rank=3, seed=0)
+    assert single.info.details["observed_relative_error"] > 0.1 and tf.relative_error(X, single) > 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConvergenceWarning)  # the failed starts' warnings are not re-issued
+        best = tf.complete(X, mask=mask, rank=3, seed=0, n_starts=5)
+    errors = best.info.details["start_errors"]
+    assert len(errors) == 5 and errors[0] == pytest.approx(single.info.details["observed_relative_error"])
+    assert best.info.details["observed_relative_error"] == min(errors) < 1e-8
+    assert tf.relative_error(X, best) < 1e-6
+    with pytest.raises(tf.errors.RankError, match="n_starts"):
+        tf.complete(X, mask=mask, rank=3, n_starts=0)

