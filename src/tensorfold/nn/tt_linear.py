@@ -95,10 +95,10 @@ def skewed_geometry(in_features: int, out_features: int, n_cores: int) -> tuple[
     """``(in_dims, out_dims)`` of the skewed MPO: its last bond splits the weight almost into rows and columns.
 
     Core ``d-1`` holds nearly all of the input indices and core ``d`` nearly all of the output indices;
-    every other dim is a smallest prime factor. On trained weights (MiniLM's Linear layers, see
-    docs/layers.md) this approximated better than the balanced geometry at equal parameters (output
-    error 0.81-1.05x of it, 0.86-0.97x on average) and its contraction costs about the dense layer's
-    multiply-adds where the balanced one costs 2-25x more. (768, 3072, 3) -> ((2, 192, 2), (2, 2, 768)).
+    every other dim is a smallest prime factor. On 12 trained Linear layers of MiniLM at 1/2, 1/4 and
+    1/10 of the parameters (bench/tt_geometry.py, docs/layers.md) its output error was 0.76-0.99x the
+    balanced geometry's (0.86-0.94x on average) and its cheapest contraction 0.24-1.3x the dense
+    multiply-adds at 32 rows where the balanced one needs 2.1-5.6x. (768, 3072, 3) -> ((2, 192, 2), (2, 2, 768)).
     """
     s, t = skewed_factors(in_features, n_cores), skewed_factors(out_features, n_cores)
     return (*s[:-2], s[-1], s[-2]), t
