@@ -119,6 +119,7 @@ class SpeedCheck:
         names = [m.name for m in menus]
         self.dense_total, per = layer_times(model, names, sample, threads=threads, repeats=repeats)
         self.rest = max(self.dense_total - sum(per.values()), 0.0)
+        self._corrected: set[tuple] = set()  # (layer shape, input shape, method) whose latencies were corrected
         # the dense candidates take their in-model times; factored ones keep the isolated prediction
         # until a check measures their kind inside the model
         for m in menus:
@@ -132,7 +133,10 @@ class SpeedCheck:
     def check(self, menus, plan: Plan, *, rounds: int = 3) -> float:
         """Measured whole-model speedup of ``plan``'s structure (dense and compressed alternately, the
         best of ``rounds`` medians each); corrects the predicted latency of every menu option of the
-        same layer shape and method as a factored layer of the plan by the ratio measured for it."""
+        same layer shape and method as a factored layer of the plan by the ratio measured for it, and
+        the options of kinds never measured yet by the median ratio of this check (isolated timings
+        are optimistic for every kind; correcting only the chosen ones made the next round switch to
+        the uncorrected kinds, round after round)."""
         names = [lp.name for lp in plan.layers]
         skeleton = skeleton_model(self.model, plan)
         best_dense = best_small = float("inf")
@@ -149,9 +153,13 @@ class SpeedCheck:
             if lp.factored and lp.latency:
                 key = (*_shape_key(by_name[lp.name]), lp.method)
                 ratios.setdefault(key, []).append(min(in_model[lp.name]) / lp.latency)
+        factors = {key: statistics.median(v) for key, v in ratios.items()}
+        default = statistics.median([r for v in ratios.values() for r in v]) if ratios else None
         for m in menus:
             for i, c in enumerate(m.options):
-                factor = ratios.get((*_shape_key(m), c.method))
+                key = (*_shape_key(m), c.method)
+                factor = factors.get(key, default if key not in self._corrected else None)
                 if i > 0 and factor is not None and c.latency is not None:
-                    m.options[i] = replace(c, latency=c.latency * statistics.median(factor))
+                    m.options[i] = replace(c, latency=c.latency * factor)
+        self._corrected |= {(*_shape_key(m), c.method) for m in menus for c in m.options[1:]} if ratios else set()
         return best_dense / best_small
