@@ -45,6 +45,10 @@ def test_skewed_geometry_is_the_default():
     assert TTLinear.max_rank(torch.nn.Linear(768, 3072)) == (4, 1536)
     # explicit dims win over the rule
     assert TTLinear(768, 3072, 8, in_dims=(4, 12, 16), out_dims=(16, 12, 16)).in_dims == (4, 12, 16)
+    # a plan saves the resolved dims, so a later change of default cannot change a saved layer
+    dense = torch.nn.Linear(768, 3072)
+    assert TTLinear.pinned_options(dense) == {"in_dims": (2, 192, 2), "out_dims": (2, 2, 768)}
+    assert TTLinear.pinned_options(dense, geometry="balanced", n_cores=2) == {"in_dims": (24, 32), "out_dims": (48, 64)}
 
 
 @pytest.mark.parametrize("shape,opts", [

@@ -308,6 +308,7 @@ def layer_menu(
         if found is None:
             continue
         cls, opts = found
+        opts = cls.pinned_options(layer, **opts)
         menu.opts[method] = opts
         if _svd_like(cls):
             errors, spectrum, calibrated = _svd_errors(layer, spec, opts, gram)

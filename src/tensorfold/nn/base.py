@@ -271,6 +271,16 @@ class FactorizedLayer(nn.Module):
         """Options this instance was built with that change its cost (e.g. SVDConv's scheme)."""
         return {}
 
+    @classmethod
+    def pinned_options(cls, layer, **opts) -> dict:
+        """``opts`` with every default that shapes the layer made explicit, for saving in a plan.
+
+        A plan saved with these options rebuilds the same layer structure even if a default changes
+        later (TTLinear's automatic in/out dims, for instance).
+        """
+        cls.check_layer(layer, **opts)
+        return dict(opts)
+
     # ---- shared logic ---------------------------------------------------------------------------
 
     @classmethod

@@ -259,6 +259,12 @@ class TTLinear(FactorizedLayer):
     def _layer_opts(self) -> dict:
         return {"in_dims": self.in_dims, "out_dims": self.out_dims}
 
+    @classmethod
+    def pinned_options(cls, layer, **opts) -> dict:
+        in_dims, out_dims = _tt_geometry(cls.check_layer(layer, **opts), **opts)
+        rest = {k: v for k, v in opts.items() if k not in ("in_dims", "out_dims", "n_cores", "geometry")}
+        return {**rest, "in_dims": in_dims, "out_dims": out_dims}
+
     # ---- rank and cost ----------------------------------------------------------------------------
 
     @classmethod
