@@ -41,6 +41,22 @@ def test_decompose_with_mask_completes(tmp_path, masked):
     assert json.loads(out.with_suffix(".json").read_text())["rank"] == 2
 
 
+@pytest.mark.parametrize("method,algorithm", [("cp", "complete-cp-em"), ("cp-als", "complete-cp-als"),
+                                              ("cp-em", "complete-cp-em")])
+def test_decompose_with_mask_uses_imputation_when_dense_enough(tmp_path, method, algorithm):
+    X = tf.testing.random_cp((30, 30, 30), rank=3, seed=2).to_tensor()  # 27000 cells, 40% observed: EM
+    mask = tf.testing.random_mask(X.shape, 0.4, seed=3)
+    np.save(tmp_path / "x.npy", torch.where(mask, X, torch.full_like(X, float("nan"))).numpy())
+    np.save(tmp_path / "mask.npy", mask.numpy())
+    out = tmp_path / "cp.safetensors"
+    res = invoke("decompose", tmp_path / "x.npy", "--mask", tmp_path / "mask.npy", "--method", method, "--rank", 3,
+                 "--out", out, "--json")
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.output)
+    assert summary["algorithm"] == algorithm
+    assert tf.relative_error(X, tf.load(out)) < 1e-5
+
+
 def test_decompose_coo_input(tmp_path, masked):
     X, mask = masked
     idx = mask.nonzero()

@@ -14,13 +14,16 @@ from pathlib import Path
 from tensorfold.cli.common import check_option_choice, fit_progress, publish_result
 from tensorfold.errors import FileFormatError, InvalidArgumentError, InvalidTensorError, RankError
 
-# --method under --mask/--coo -> (model, algorithm) of tensorfold.complete
-COMPLETION_METHODS = {"cp": ("cp", "als"), "cp-wopt": ("cp", "wopt"), "tucker": ("tucker", "als")}
+# --method under --mask/--coo -> (model, algorithm) of tensorfold.complete; "cp" lets complete() choose
+# between imputation (EM) and ALS on the observed cells (EM needs the dense --mask form)
+COMPLETION_METHODS = {"cp": ("cp", "auto"), "cp-als": ("cp", "als"), "cp-em": ("cp", "em"),
+                      "cp-wopt": ("cp", "wopt"), "tucker": ("tucker", "als")}
 
 
 def load_observations(input_path: Path, *, mask_path: Path | None, coo: bool, key: str | None,
                       dtype: str | None, device: str):
-    """The observed entries as a validated COOTensor on ``device``."""
+    """The observed entries as a validated COOTensor on ``device``, and ``(X, mask)`` for a --mask input
+    (else None)."""
     import torch
 
     from tensorfold.decomp.sparse import as_coo, observed
@@ -46,10 +49,10 @@ def load_observations(input_path: Path, *, mask_path: Path | None, coo: bool, ke
         except FileFormatError as exc:
             raise FileFormatError(f"{exc} (a --coo file holds arrays 'indices', 'values' and 'shape')") from None
         data = as_coo((indices, cast(values, f"{input_path}[values]"), shape.reshape(-1).tolist()), "the COO input")
-        return type(data)(data.indices.to(device), data.values.to(device), data.shape)
-    X = cast(load_array(input_path, key), str(input_path))
-    mask = load_array(mask_path)
-    return observed(X.to(device), mask.to(device), name=str(input_path))
+        return type(data)(data.indices.to(device), data.values.to(device), data.shape), None
+    X = cast(load_array(input_path, key), str(input_path)).to(device)
+    mask = load_array(mask_path).to(device)
+    return observed(X, mask, name=str(input_path)), (X, mask)
 
 
 def decompose_observed(input_path: Path, *, method: str, rank: str | None, mask_path: Path | None, coo: bool,
@@ -90,18 +93,20 @@ def decompose_observed(input_path: Path, *, method: str, rank: str | None, mask_
     if model == "cp" and isinstance(rank, tuple):
         raise RankError(f"method {method!r} takes a single --rank, got {','.join(map(str, rank))}")
     started = time.perf_counter()
-    data = load_observations(input_path, mask_path=mask_path, coo=coo, key=key, dtype=dtype, device=device)
+    data, dense = load_observations(input_path, mask_path=mask_path, coo=coo, key=key, dtype=dtype, device=device)
     kwargs = {"seed": seed}
     if max_iter is not None:
         kwargs["n_iter_max"] = max_iter
     if tol is not None:
         kwargs["tol"] = tol
     with fit_progress(f"complete {method} rank {rank}", total=max_iter) as callback:
-        result = tensorfold.complete(coo=data, rank=rank, model=model, method=algorithm, callback=callback,
+        observations = {"X": dense[0], "mask": dense[1]} if dense is not None else {"coo": data}
+        result = tensorfold.complete(**observations, rank=rank, model=model, method=algorithm, callback=callback,
                                      **kwargs)
     info = result.info
     summary = {
         "method": f"complete ({method})",
+        "algorithm": info.method,
         "requested_rank": list(rank) if isinstance(rank, tuple) else rank,
         "rank": list(result.rank) if isinstance(result.rank, tuple) else result.rank,
         "observed": data.nnz,

@@ -293,7 +293,8 @@ def decompose(
     ),
     method: str = typer.Option(
         ..., "--method", "-m",
-        help="Decomposition: cp, tucker, tt, tr, svd, ncp, ntucker or symcp (with --mask/--coo: cp, cp-wopt, tucker).",
+        help="Decomposition: cp, tucker, tt, tr, svd, ncp, ntucker or symcp "
+             "(with --mask/--coo: cp, cp-als, cp-em, cp-wopt, tucker).",
     ),
     rank: str | None = typer.Option(
         None, "--rank", "-r", help="Rank: an integer, or a comma list of per-mode ranks (tucker, tt, tr)."
@@ -312,7 +313,7 @@ def decompose(
     as_json: bool = typer.Option(False, "--json", help="Print the JSON summary instead of the table."),
     mask: Path | None = typer.Option(
         None, "--mask", help="File marking the observed cells of INPUT (bool or 0/1): fit only those "
-        "(completion; --method cp, cp-wopt or tucker)."
+        "(completion; --method cp, cp-als, cp-em, cp-wopt or tucker)."
     ),
     coo: bool = typer.Option(
         False, "--coo", help="INPUT holds observed cells as arrays indices (nnz, d), values, shape: completion "
