@@ -268,8 +268,17 @@ class Planner:
         tighten, best, previous = 1.0, None, None
         for _ in range(SPEED_ROUNDS):
             cap = speed.cap(menus, self.speedup) * tighten
-            alloc = allocate(menus, budget, target=self.target, allocator=allocator, methods=self.methods,
-                             no_slower=self.no_slower, latency_cap=cap)
+            try:
+                alloc = allocate(menus, budget, target=self.target, allocator=allocator, methods=self.methods,
+                                 no_slower=self.no_slower, latency_cap=cap)
+            except NotCompressibleError as exc:
+                if best is None:
+                    raise
+                raise NotCompressibleError(
+                    f"a {self.speedup:g}x speedup is out of reach within budget {budget:g} of the {self.target}: "
+                    f"with the latencies measured inside the model, {exc}; the plans tried measured at most "
+                    f"{best[2]:.2f}x"
+                ) from None
             measured = speed.check(menus, self._plan_of(alloc, budget, allocator))
             if best is None or measured > best[2]:
                 best = (alloc, cap, measured)
