@@ -68,15 +68,19 @@ def test_coo_and_mask_inputs_agree():
         assert torch.allclose(a.to_tensor(), other.to_tensor(), atol=1e-10)
 
 
-def test_same_seed_same_result_and_input_untouched():
+@pytest.mark.parametrize("method", ["als", "em"])
+def test_same_seed_same_result_and_input_untouched(method):
     X = tf.testing.random_cp((15, 16, 17), rank=3, seed=0).to_tensor()
-    mask = tf.testing.random_mask(X.shape, 0.3, seed=1)
+    mask = tf.testing.random_mask(X.shape, 0.4, seed=1)
     X_before, mask_before = X.clone(), mask.clone()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
-        a = tf.complete(X, mask=mask, rank=3, seed=7, n_iter_max=3, tol=0)
-        b = tf.complete(X, mask=mask, rank=3, seed=7, n_iter_max=3, tol=0)
-    assert all(torch.equal(f, g) for f, g in zip(a.factors, b.factors))
+        a, b = (tf.complete(X, mask=mask, rank=3, method=method, seed=7, n_iter_max=4, tol=0) for _ in range(2))
+        c, d = (tf.complete(X, mask=mask, rank=3, method=method, init="random", seed=s, n_iter_max=4, tol=0)
+                for s in (7, 8))
+    assert all(torch.equal(f, g) for f, g in zip(a.factors, b.factors)) and torch.equal(a.weights, b.weights)
+    assert not torch.allclose(c.to_tensor(), d.to_tensor())
+    assert a.info.n_iter == 4
     assert torch.equal(X, X_before) and torch.equal(mask, mask_before)
 
 

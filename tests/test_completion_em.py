@@ -55,22 +55,6 @@ def test_em_order4_and_nan_in_unobserved_cells_and_numpy_inputs():
     assert tf.relative_error(X, result) < 1e-8
 
 
-def test_em_is_deterministic_and_leaves_inputs_untouched():
-    X = tf.testing.random_cp((15, 16, 17), rank=3, seed=0).to_tensor()
-    mask = tf.testing.random_mask(X.shape, 0.4, seed=1)
-    X_before, mask_before = X.clone(), mask.clone()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConvergenceWarning)
-        a = tf.complete(X, mask=mask, rank=3, method="em", seed=7, n_iter_max=4, tol=0)
-        b = tf.complete(X, mask=mask, rank=3, method="em", seed=7, n_iter_max=4, tol=0)
-        c = tf.complete(X, mask=mask, rank=3, method="em", init="random", seed=7, n_iter_max=4, tol=0)
-        d = tf.complete(X, mask=mask, rank=3, method="em", init="random", seed=8, n_iter_max=4, tol=0)
-    assert all(torch.equal(f, g) for f, g in zip(a.factors, b.factors)) and torch.equal(a.weights, b.weights)
-    assert not torch.allclose(c.to_tensor(), d.to_tensor())
-    assert a.info.n_iter == 4
-    assert torch.equal(X, X_before) and torch.equal(mask, mask_before)
-
-
 def test_em_callback_stops_and_warns_at_the_limit():
     X = tf.testing.random_cp((12, 13, 14), rank=2, seed=0).to_tensor()
     mask = tf.testing.random_mask(X.shape, 0.5, seed=1)
