@@ -11,6 +11,7 @@ the same calibration batches (so the differences come from the allocation and th
   ours      knapsack allocator over the full menu: SVD channel, SVD spatial, Tucker-2, CP
   ours-fast the same, also asked for a 1.2x measured whole-model speedup (plan(..., speedup=1.2)):
             the plan is timed inside the model while planning and tightened until it is reached
+  ours-no-slower  the same with no_slower=True (no factorisation predicted slower than its dense layer)
 
 The drop before fine-tuning is deterministic; the drop after fine-tuning is the mean over
 ``--seeds`` fine-tuning seeds (distillation from the original, Adam). Speedup = dense latency /
@@ -50,6 +51,7 @@ BASELINES = {  # name: (allocator, methods, extra plan() arguments)
     "mixed-td": ("knapsack", ("svd", "cp"), {}),
     "ours": ("knapsack", ("svd", "spatial", "tucker", "cp"), {}),
     "ours-fast": ("knapsack", ("svd", "spatial", "tucker", "cp"), {"speedup": 1.2}),
+    "ours-no-slower": ("knapsack", ("svd", "spatial", "tucker", "cp"), {"no_slower": True}),
 }
 DEFAULT_METHODS = ("uniform", "energy", "alds", "mixed-td", "ours")
 CONFIGS = (("params", 0.5), ("params", 0.3), ("params", 0.2), ("flops", 0.5))
