@@ -9,6 +9,7 @@ from torch import nn
 import tensorfold as tf
 from tensorfold.compress.calibration import (
     call_model,
+    channel_gram,
     collect_grams,
     layer_rows,
     output_tensor,
@@ -140,3 +141,30 @@ def test_output_tensor_needs_something_to_compare():
         output_tensor({"text": "no tensor"})
     assert output_tensor((torch.ones(2), 3)).shape == (2,)
     assert output_tensor({"x": 1}, output_fn=lambda o: torch.zeros(3)).shape == (3,)
+
+
+def test_channel_gram_reduces_the_patch_gram():
+    x = torch.randn(3, 5, 7, 7, dtype=torch.float64)
+    pointwise = nn.Conv2d(5, 4, 1, dtype=torch.float64)
+    rows = layer_rows(pointwise, x)
+    torch.testing.assert_close(channel_gram(rows.T @ rows, 5), rows.T @ rows)  # one kernel position: itself
+    conv = nn.Conv2d(5, 4, 3, padding=1, dtype=torch.float64)
+    patches = layer_rows(conv, x)
+    G = channel_gram(patches.T @ patches, 5)
+    # each channel block of the 9 kernel positions summed: same trace, and symmetric positive definite
+    assert float(torch.trace(G)) == pytest.approx(float(torch.trace(patches.T @ patches)), rel=1e-12)
+    assert float(torch.linalg.eigvalsh(G).min()) > 0
+
+
+def test_svd_input_calibrated_fit_beats_weight_fit_and_is_exact_at_full_rank():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(6, 8, 3, padding=1)
+    mix = torch.randn(6, 6) * torch.tensor([10.0, 5.0, 1.0, 0.3, 0.1, 0.05])  # strongly uneven channels
+    x = torch.einsum("dc,bchw->bdhw", mix, torch.randn(16, 6, 10, 10))
+    stats = collect_grams(nn.Sequential(conv), {"0": conv}, [x])["0"]
+    weight_only = build_factored(conv, "svd-input", 2)
+    calibrated = build_factored(conv, "svd-input", 2, stats)
+    assert calibrated.scheme == "input" and calibrated.rank == 2
+    assert out_err(conv, calibrated, x) < 0.5 * out_err(conv, weight_only, x)
+    full = build_factored(conv, "svd-input", 6, stats)
+    assert out_err(conv, full, x) < 1e-4

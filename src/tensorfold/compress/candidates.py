@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from tensorfold.compress.calibration import GramStats, relative_tail_errors, whitened_spectrum
+from tensorfold.compress.calibration import GramStats, channel_gram, relative_tail_errors, whitened_spectrum
 from tensorfold.errors import ConvergenceWarning, TensorfoldError
 from tensorfold.nn import FactorizedLayer, LowRankLinear, dense_flops, dense_params, layer_class_for
 from tensorfold.nn.base import DenseSpec
@@ -109,11 +109,20 @@ def weight_matrix(layer: nn.Module) -> torch.Tensor:
     return w.reshape(w.shape[0], -1)
 
 
+def input_matrix(layer: nn.Module) -> torch.Tensor:
+    """A conv weight as ``(out*k, in)``: the matrix the ``svd-input`` scheme truncates (rows (o, *k))."""
+    w = layer.weight.detach()
+    return w.movedim(1, -1).reshape(-1, w.shape[1])
+
+
 def _svd_errors(layer: nn.Module, spec: DenseSpec, opts: dict, gram: GramStats | None):
     """Relative error at every rank 0..R (tensor) and the spectrum used; calibrated when possible."""
     scheme = opts.get("scheme", "channel")
-    if gram is not None and gram.gram is not None and spec.groups == 1 and scheme == "channel":
-        s = whitened_spectrum(weight_matrix(layer), gram.gram)
+    if gram is not None and gram.gram is not None and spec.groups == 1 and scheme in ("channel", "input"):
+        if scheme == "channel":
+            s = whitened_spectrum(weight_matrix(layer), gram.gram)
+        else:
+            s = whitened_spectrum(input_matrix(layer), channel_gram(gram.gram, spec.in_features))
         if s is not None:
             return relative_tail_errors(s), s, True
     mats = _group_matrices(layer.weight.detach().double(), spec, scheme)

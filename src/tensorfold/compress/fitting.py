@@ -1,7 +1,7 @@
 """Building the factored layer for one decision: data-aware when input statistics are known.
 
-SVD-type layers (``LowRankLinear``; ``SVDConv`` channel scheme on an ungrouped Conv2d) are fitted
-to their outputs by activation-whitened truncated SVD when a Gram matrix of their inputs is given
+SVD-type layers (``LowRankLinear``; ``SVDConv`` channel and input schemes on an ungrouped Conv2d) are
+fitted to their outputs by activation-whitened truncated SVD when a Gram matrix of their inputs is given
 (see :mod:`tensorfold.compress.calibration`); every other case uses the layer class's own
 ``from_dense`` (weight-space fitting: truncated SVD, HOSVD, CP-ALS, TT-SVD).
 
@@ -18,18 +18,18 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from tensorfold.compress.calibration import GramStats, whitened_lowrank
-from tensorfold.compress.candidates import weight_matrix
+from tensorfold.compress.calibration import GramStats, channel_gram, whitened_lowrank
+from tensorfold.compress.candidates import input_matrix, weight_matrix
 from tensorfold.errors import NotCompressibleError
 from tensorfold.nn import FactorizedLayer, LowRankLinear, layer_class_for
 
 
 def supports_whitening(layer: nn.Module, method: str) -> bool:
     """True when ``method`` on ``layer`` can be fitted to its outputs by whitened SVD."""
-    if method != "svd":
+    if method not in ("svd", "svd-input"):
         return False
     if isinstance(layer, nn.Linear):
-        return True
+        return method == "svd"
     return isinstance(layer, nn.Conv2d) and layer.groups == 1 and isinstance(layer.padding, tuple)
 
 
@@ -52,13 +52,22 @@ def build_factored(layer: nn.Module, method: str, rank, stats: GramStats | None 
     rank = cls.resolve_rank(layer, rank, **opts)
     weight = layer.weight.detach()
     dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
-    fit = whitened_lowrank(weight_matrix(layer), stats.gram, rank, cross=stats.cross if correct_upstream else None,
-                           ridge=ridge)
+    cross = stats.cross if correct_upstream else None
+    if method == "svd-input":  # the channels are projected first: fit against the channel statistics
+        n_in = layer.in_channels
+        cross = None if cross is None else channel_gram(cross, n_in)
+        fit = whitened_lowrank(input_matrix(layer), channel_gram(stats.gram, n_in), rank, cross=cross, ridge=ridge)
+    else:
+        fit = whitened_lowrank(weight_matrix(layer), stats.gram, rank, cross=cross, ridge=ridge)
     first = fit.first.to(device=weight.device, dtype=dtype)
     second = fit.second.to(device=weight.device, dtype=dtype)
     bias = None if layer.bias is None else layer.bias.detach().to(dtype)
     if isinstance(layer, nn.Linear):
         built = LowRankLinear.from_factors(first, second, bias)
+    elif method == "svd-input":
+        k = tuple(layer.kernel_size)
+        built = cls.from_factors(layer, first.reshape(rank, layer.in_channels, *([1] * len(k))),
+                                 second.reshape(layer.out_channels, *k, rank).movedim(-1, 1), bias, **opts)
     else:
         k = tuple(layer.kernel_size)
         built = cls.from_factors(layer, first.reshape(rank, layer.in_channels, *k),
