@@ -47,7 +47,7 @@ from tensorfold.core.validate import make_generator, randn
 from tensorfold.errors import InvalidArgumentError, NotCompressibleError, ShapeError
 from tensorfold.nn.base import DenseSpec
 
-DEFAULT_METHODS = ("svd", "tucker", "cp", "tt")
+DEFAULT_METHODS = ("svd", "svd-input", "spatial", "tucker", "cp", "tt")  # each applies where it can
 CURVE_BUDGETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 SENSITIVITY_SAMPLES = 64
 SPEED_ROUNDS = 6  # allocate-and-time rounds for plan(..., speedup=)
@@ -324,7 +324,8 @@ def plan(
     target: "params", "flops" or "latency" (FLOPs and latency need an input: ``calib``,
         ``example_inputs`` or ``input_shape``; latency comes from the shipped table or is measured,
         and a factorisation predicted slower than its dense layer is never chosen).
-    methods: planner methods among "svd", "spatial", "tucker", "cp", "tt" (those that apply per layer).
+    methods: planner methods among "svd", "svd-input", "spatial", "tucker", "cp", "tt" (those that apply per
+        layer).
     include, exclude: shell-style patterns on layer names (an include pattern matching nothing is an error).
     calib: iterable of input batches (tensors, tuples with the input first, or dicts of keyword
         inputs); errors become output errors and each layer's sensitivity is measured.

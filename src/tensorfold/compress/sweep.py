@@ -35,7 +35,7 @@ from tensorfold.compress.finetune import finetune
 from tensorfold.errors import InvalidArgumentError, TensorfoldError
 from tensorfold.io import atomic_directory
 
-CONV_METHODS = ("svd", "spatial", "tucker", "cp")
+CONV_METHODS = ("svd", "svd-input", "spatial", "tucker", "cp")
 FILES = ("sweep.json", "accuracy_vs_size.png", "accuracy_vs_latency.png", "index.html")
 
 
