@@ -282,3 +282,18 @@ def test_bad_options_raise():
         dense_flops(conv, (1, 7, 10, 10))
     with pytest.raises(ShapeError, match="too small"):
         dense_flops(conv, (1, 8, 2, 2))
+
+
+@pytest.mark.parametrize("size", [10, 40])  # below and above the size where NCHW input leaves the oneDNN chain
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_both_forward_paths_are_exact_keep_the_layout_and_train(size, channels_last):
+    conv = torch.nn.Conv2d(8, 12, 3, padding=1, stride=2, dtype=torch.float64)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    for cls, opts in _methods(conv):
+        layer = cls.from_dense(conv, cls.max_rank(conv, **opts), **opts)
+        x = torch.randn(3, 8, size, size, dtype=torch.float64).contiguous(memory_format=fmt).requires_grad_()
+        y = layer(x)
+        assert (y - conv(x)).abs().max() < 1e-10, (cls.__name__, opts)
+        assert y.is_contiguous(memory_format=fmt)
+        y.square().sum().backward()
+        assert x.grad is not None and all(p.grad is not None for p in layer.parameters())
