@@ -34,6 +34,7 @@ from tensorfold.compress.calibration import GramStats, channel_gram, relative_ta
 from tensorfold.errors import ConvergenceWarning, TensorfoldError
 from tensorfold.nn import FactorizedLayer, LowRankLinear, dense_flops, dense_params, layer_class_for
 from tensorfold.nn.base import DenseSpec
+from tensorfold.nn.conv import input_matrix
 
 # Ranks tried per method: every rank for SVD-type methods up to this many, then an even grid.
 SVD_GRID = 64
@@ -95,8 +96,8 @@ def _group_matrices(weight: torch.Tensor, spec: DenseSpec, scheme: str) -> list[
         og, ig, *k = Wg.shape
         if scheme == "channel":
             mats.append(Wg.reshape(og, -1))
-        elif scheme == "input":  # (in, out * k): a 1x1 conv into the rank, then the full kernel
-            mats.append(Wg.movedim(1, 0).reshape(ig, -1))
+        elif scheme == "input":  # a 1x1 conv into the rank, then the full kernel
+            mats.append(input_matrix(Wg))
         else:
             kh, kw = k
             mats.append(Wg.permute(1, 2, 0, 3).reshape(ig * kh, og * kw))
@@ -109,12 +110,6 @@ def weight_matrix(layer: nn.Module) -> torch.Tensor:
     return w.reshape(w.shape[0], -1)
 
 
-def input_matrix(layer: nn.Module) -> torch.Tensor:
-    """A conv weight as ``(out*k, in)``: the matrix the ``svd-input`` scheme truncates (rows (o, *k))."""
-    w = layer.weight.detach()
-    return w.movedim(1, -1).reshape(-1, w.shape[1])
-
-
 def _svd_errors(layer: nn.Module, spec: DenseSpec, opts: dict, gram: GramStats | None):
     """Relative error at every rank 0..R (tensor) and the spectrum used; calibrated when possible."""
     scheme = opts.get("scheme", "channel")
@@ -122,7 +117,7 @@ def _svd_errors(layer: nn.Module, spec: DenseSpec, opts: dict, gram: GramStats |
         if scheme == "channel":
             s = whitened_spectrum(weight_matrix(layer), gram.gram)
         else:
-            s = whitened_spectrum(input_matrix(layer), channel_gram(gram.gram, spec.in_features))
+            s = whitened_spectrum(input_matrix(layer.weight.detach()), channel_gram(gram.gram, spec.in_features))
         if s is not None:
             return relative_tail_errors(s), s, True
     mats = _group_matrices(layer.weight.detach().double(), spec, scheme)

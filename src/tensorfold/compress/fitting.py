@@ -19,9 +19,10 @@ import torch
 from torch import nn
 
 from tensorfold.compress.calibration import GramStats, channel_gram, whitened_lowrank
-from tensorfold.compress.candidates import input_matrix, weight_matrix
+from tensorfold.compress.candidates import weight_matrix
 from tensorfold.errors import NotCompressibleError
 from tensorfold.nn import FactorizedLayer, LowRankLinear, layer_class_for
+from tensorfold.nn.conv import input_matrix, input_scheme_weights
 
 
 def supports_whitening(layer: nn.Module, method: str) -> bool:
@@ -56,7 +57,8 @@ def build_factored(layer: nn.Module, method: str, rank, stats: GramStats | None 
     if method == "svd-input":  # the channels are projected first: fit against the channel statistics
         n_in = layer.in_channels
         cross = None if cross is None else channel_gram(cross, n_in)
-        fit = whitened_lowrank(input_matrix(layer), channel_gram(stats.gram, n_in), rank, cross=cross, ridge=ridge)
+        fit = whitened_lowrank(input_matrix(layer.weight.detach()), channel_gram(stats.gram, n_in), rank, cross=cross,
+                               ridge=ridge)
     else:
         fit = whitened_lowrank(weight_matrix(layer), stats.gram, rank, cross=cross, ridge=ridge)
     first = fit.first.to(device=weight.device, dtype=dtype)
@@ -65,9 +67,7 @@ def build_factored(layer: nn.Module, method: str, rank, stats: GramStats | None 
     if isinstance(layer, nn.Linear):
         built = LowRankLinear.from_factors(first, second, bias)
     elif method == "svd-input":
-        k = tuple(layer.kernel_size)
-        built = cls.from_factors(layer, first.reshape(rank, layer.in_channels, *([1] * len(k))),
-                                 second.reshape(layer.out_channels, *k, rank).movedim(-1, 1), bias, **opts)
+        built = cls.from_factors(layer, *input_scheme_weights(second, first, layer.kernel_size), bias, **opts)
     else:
         k = tuple(layer.kernel_size)
         built = cls.from_factors(layer, first.reshape(rank, layer.in_channels, *k),

@@ -84,6 +84,18 @@ def _axis_output(spec: DenseSpec, spatial: Sequence[int], axis: int) -> tuple[in
     return conv_output_size(spatial, _axis_kernel(spec, axis), stride, padding, dilation)
 
 
+def input_matrix(weight: torch.Tensor) -> torch.Tensor:
+    """A conv kernel ``(out, in, *k)`` as the ``(out*k, in)`` matrix the ``input`` SVD scheme truncates."""
+    return weight.movedim(1, -1).reshape(-1, weight.shape[1])
+
+
+def input_scheme_weights(left: torch.Tensor, right: torch.Tensor, kernel_size) -> tuple[torch.Tensor, torch.Tensor]:
+    """``input_matrix(W) ~ left @ right`` as the two conv weights: 1x1 ``(r, in, 1..)``, kxk ``(out, r, *k)``."""
+    r, k = right.shape[0], tuple(kernel_size)
+    first = right.reshape(r, right.shape[1], *([1] * len(k)))
+    return first, left.reshape(-1, *k, r).movedim(-1, 1)
+
+
 def _groups_of(weight: torch.Tensor, groups: int) -> list[torch.Tensor]:
     """The per-group blocks ``(out/groups, in/groups, *k)`` of a conv weight."""
     return list(weight.chunk(groups, dim=0))
@@ -272,10 +284,10 @@ class SVDConv(_FactorizedConv):
                 firsts.append(right.reshape(r, ig, *k))
                 seconds.append(left.reshape(og, r, *([1] * spec.dim)))
             elif scheme == "input":
-                M = Wg.movedim(1, -1).reshape(-1, ig)  # rows (o, *k), columns c
-                left, right, _ = svd_factors(M, r, method=svd_method, seed=seed)
-                firsts.append(right.reshape(r, ig, *([1] * spec.dim)))
-                seconds.append(left.reshape(og, *k, r).movedim(-1, 1))
+                left, right, _ = svd_factors(input_matrix(Wg), r, method=svd_method, seed=seed)
+                first, second = input_scheme_weights(left, right, k)
+                firsts.append(first)
+                seconds.append(second)
             else:
                 kh, kw = k
                 M = Wg.permute(1, 2, 0, 3).reshape(ig * kh, og * kw)  # rows (c, h), columns (o, w)
