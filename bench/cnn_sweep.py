@@ -39,9 +39,9 @@ from pathlib import Path
 
 import torch
 
-from tensorfold.compress.api import apply, plan
-from tensorfold.compress.finetune import finetune
-from tensorfold.compress.sweep import paired_latency
+from tensorfold.compression.api import apply, plan
+from tensorfold.compression.finetune import finetune
+from tensorfold.compression.sweep import paired_latency
 from tensorfold.nn import steady_allocator
 from tensorfold.zoo.vision import VisionTask
 

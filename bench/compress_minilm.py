@@ -26,8 +26,8 @@ import torch
 
 import tensorfold as tf
 from tensorfold import zoo
-from tensorfold.compress.api import Planner
-from tensorfold.compress.evaluate import measure_speedup
+from tensorfold.compression.api import Planner
+from tensorfold.compression.evaluate import measure_speedup
 
 
 def main() -> None:

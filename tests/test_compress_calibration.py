@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import tensorfold as tf
-from tensorfold.compress.calibration import (
+from tensorfold.compression.calibration import (
     call_model,
     channel_gram,
     collect_grams,
@@ -16,7 +16,7 @@ from tensorfold.compress.calibration import (
     whitened_lowrank,
     whitening_factor,
 )
-from tensorfold.compress.fitting import build_factored
+from tensorfold.compression.fitting import build_factored
 from tensorfold.errors import InvalidArgumentError
 
 
@@ -38,7 +38,7 @@ def test_calibrated_fit_beats_weight_fit_on_the_outputs(dtype):
     torch.manual_seed(0)
     layer = nn.Linear(64, 48).to(dtype)
     X = correlated_inputs(512, 64, dtype=dtype)
-    from tensorfold.compress.calibration import GramStats
+    from tensorfold.compression.calibration import GramStats
 
     stats = GramStats()
     stats.add(X)

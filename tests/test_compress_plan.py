@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 import tensorfold as tf
-from tensorfold.compress.allocators import allocate
-from tensorfold.compress.api import Planner
+from tensorfold.compression.allocators import allocate
+from tensorfold.compression.api import Planner
 from tensorfold.errors import InvalidArgumentError, NotCompressibleError, ShapeError
 from tensorfold.nn import FactorizedLayer
 
@@ -114,7 +114,7 @@ def test_balanced_minimises_the_worst_weighted_error():
 def test_knapsack_matches_brute_force_on_a_tiny_menu():
     from itertools import product
 
-    from tensorfold.compress.candidates import Candidate, LayerMenu
+    from tensorfold.compression.candidates import Candidate, LayerMenu
 
     g = torch.Generator().manual_seed(0)
     menus = []

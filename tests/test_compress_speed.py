@@ -10,11 +10,11 @@ import torch
 from torch import nn
 
 import tensorfold as tf
-from tensorfold.compress import api as api_module
-from tensorfold.compress import speed as speed_module
-from tensorfold.compress.allocators import allocate, fastest_latency
-from tensorfold.compress.candidates import Candidate, LatencyModel, LayerMenu, layer_menu
-from tensorfold.compress.speed import skeleton_model
+from tensorfold.compression import api as api_module
+from tensorfold.compression import speed as speed_module
+from tensorfold.compression.allocators import allocate, fastest_latency
+from tensorfold.compression.candidates import Candidate, LatencyModel, LayerMenu, layer_menu
+from tensorfold.compression.speed import skeleton_model
 from tensorfold.errors import InvalidArgumentError, NotCompressibleError
 from tensorfold.nn import FactorizedLayer, dense_flops
 

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import tensorfold as tf
-from tensorfold.compress.storage import PLAN_FILE, WEIGHTS_FILE
+from tensorfold.compression.storage import PLAN_FILE, WEIGHTS_FILE
 from tensorfold.errors import FileFormatError, InvalidArgumentError
 
 
@@ -46,7 +46,7 @@ def test_factory_source_is_rebuilt(tmp_path, monkeypatch):
         "def build():\n    torch.manual_seed(0)\n"
         "    return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    from tensorfold.compress.storage import load_factory
+    from tensorfold.compression.storage import load_factory
 
     model = load_factory("tf_store_models:build")()
     small, p = tf.compress(model, 0.5, methods=("svd",))

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from tensorfold.compress.finetune import (
+from tensorfold.compression.finetune import (
     FinetuneHistory,
     distillation_loss,
     feature_layer_names,
@@ -191,7 +191,7 @@ def test_bad_arguments(digits):
 
 
 def test_balance_factors_keeps_the_function_and_evens_the_norms():
-    from tensorfold.compress.finetune import balance_factors
+    from tensorfold.compression.finetune import balance_factors
     from tensorfold.nn import SVDConv
 
     gen = torch.Generator().manual_seed(0)

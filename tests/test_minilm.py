@@ -7,7 +7,7 @@ import torch
 
 import tensorfold as tf
 from tensorfold import zoo
-from tensorfold.compress.storage import PLAN_FILE
+from tensorfold.compression.storage import PLAN_FILE
 from tensorfold.errors import InvalidArgumentError
 from tensorfold.zoo import minilm
 
@@ -58,7 +58,7 @@ def test_identity_metrics(model):
 
 
 def test_budget_met_on_minilm_weight_only(model, entry):
-    from tensorfold.compress.api import Planner
+    from tensorfold.compression.api import Planner
 
     planner = Planner(model, 0.5, methods=("svd",), exclude=entry.exclude)
     p = planner.plan(0.5, "knapsack", curve=False)

@@ -10,9 +10,9 @@ from torch import nn
 from typer.testing import CliRunner
 
 import tensorfold as tf
-from tensorfold.compress.api import compress
-from tensorfold.compress.iterative import budget_schedule, densify, iterative_compress
-from tensorfold.compress.sweep import FILES, sweep, write_sweep
+from tensorfold.compression.api import compress
+from tensorfold.compression.iterative import budget_schedule, densify, iterative_compress
+from tensorfold.compression.sweep import FILES, sweep, write_sweep
 from tensorfold.errors import InvalidArgumentError
 from tensorfold.nn import FactorizedLayer
 from tensorfold.zoo.vision import VisionTask, accuracy

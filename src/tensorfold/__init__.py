@@ -60,15 +60,15 @@ _LAZY = {
     "tucker_core_shape": "tensorfold.decomp.rank_selection",
     "core_consistency": "tensorfold.decomp.rank_selection",
     # compression of networks
-    "plan": "tensorfold.compress.api",
-    "apply": "tensorfold.compress.api",
-    "compress": "tensorfold.compress.api",
-    "Plan": "tensorfold.compress.plan",
-    "save_compressed": "tensorfold.compress.storage",
-    "load_compressed": "tensorfold.compress.storage",
-    "finetune": "tensorfold.compress.finetune",
+    "plan": "tensorfold.compression.api",
+    "apply": "tensorfold.compression.api",
+    "compress": "tensorfold.compression.api",
+    "Plan": "tensorfold.compression.plan",
+    "save_compressed": "tensorfold.compression.storage",
+    "load_compressed": "tensorfold.compression.storage",
+    "finetune": "tensorfold.compression.finetune",
 }
-_SUBMODULES = {"core", "decomp", "nn", "compress", "testing", "io", "report"}
+_SUBMODULES = {"core", "decomp", "nn", "compression", "testing", "io", "report"}
 
 __all__ = sorted(
     [*_LAZY, "FileFormatError", "InvalidArgumentError", "InvalidTensorError", "NotCompressibleError",

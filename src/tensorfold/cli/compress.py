@@ -78,7 +78,7 @@ def compress(
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from tensorfold.compress.job import run_job
+    from tensorfold.compression.job import run_job
 
     # a pipe or a log file gets a wide table instead of one folded into 80 columns
     console = stdout_console() if sys.stdout.isatty() else Console(highlight=False, width=150)

@@ -60,8 +60,8 @@ def sweep(
         raise InvalidArgumentError("--finetune-epochs must be >= 0 and --threads, --batch-size, --calib >= 1")
     check_output_path(out, overwrite=overwrite, kind="dir")
 
-    from tensorfold.compress.sweep import sweep as run_sweep
-    from tensorfold.compress.sweep import write_sweep
+    from tensorfold.compression.sweep import sweep as run_sweep
+    from tensorfold.compression.sweep import write_sweep
 
     err = stderr_console()
     result = run_sweep(

@@ -4,7 +4,7 @@ A :class:`BuiltinModel` bundles what ``tensorfold compress --model NAME`` needs:
 model, calibration batches (kept apart from the evaluation data), a quality evaluation comparing an
 original with a compressed model, example inputs for speed measurements and, optionally, data for
 fine-tuning. Entries live in their own modules and are imported on first use, so listing the names
-imports nothing heavy. This package is a leaf: it never imports ``tensorfold.compress`` or ``tensorfold.nn``.
+imports nothing heavy. This package is a leaf: it never imports ``tensorfold.compression`` or ``tensorfold.nn``.
 
 >>> from tensorfold import zoo
 >>> "minilm" in zoo.names()

@@ -17,10 +17,10 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from tensorfold.compress.calibration import GramStats, call_model, output_tensor
-from tensorfold.compress.candidates import Candidate, LayerMenu
-from tensorfold.compress.fitting import build_factored
-from tensorfold.compress.walk import set_submodule
+from tensorfold.compression.calibration import GramStats, call_model, output_tensor
+from tensorfold.compression.candidates import Candidate, LayerMenu
+from tensorfold.compression.fitting import build_factored
+from tensorfold.compression.walk import set_submodule
 
 SENSITIVITY_FLOOR = 1e-6
 

@@ -2,7 +2,7 @@
 apply, optionally fine-tune, evaluate quality and speed, and write the output directory
 (``plan.json``, ``weights.safetensors``, ``metrics.json``, ``report.html``) atomically.
 
->>> from tensorfold.compress.job import run_job
+>>> from tensorfold.compression.job import run_job
 >>> result = run_job("minilm", budget=0.5, calib=64, out="runs/minilm-50", overwrite=True)  # doctest: +SKIP
 >>> result.metrics["quality"]["mean_cos"] > 0.8                                            # doctest: +SKIP
 True
@@ -19,11 +19,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from tensorfold.compress.api import DEFAULT_METHODS, Planner, apply
-from tensorfold.compress.calibration import materialize
-from tensorfold.compress.evaluate import count_params, measure_speedup, output_fidelity
-from tensorfold.compress.plan import Plan
-from tensorfold.compress.storage import load_factory, write_compressed
+from tensorfold.compression.api import DEFAULT_METHODS, Planner, apply
+from tensorfold.compression.calibration import materialize
+from tensorfold.compression.evaluate import count_params, measure_speedup, output_fidelity
+from tensorfold.compression.plan import Plan
+from tensorfold.compression.storage import load_factory, write_compressed
 from tensorfold.errors import FileFormatError, InvalidArgumentError, TensorfoldError
 from tensorfold.io import atomic_directory
 
@@ -102,7 +102,7 @@ def resolve_model(spec: str, weights: str | None = None) -> ModelSource:
 def _finetune(source: ModelSource, compressed: nn.Module, original: nn.Module, epochs: int, data: str | None,
               seed: int) -> nn.Module:
     try:
-        from tensorfold.compress.finetune import finetune
+        from tensorfold.compression.finetune import finetune
     except ImportError:
         raise TensorfoldError("fine-tuning (tensorfold.finetune) is not available in this installation") from None
     if data in (None, "builtin"):
@@ -162,7 +162,7 @@ def run_job(
     speedup: float | None = None,
 ) -> JobResult:
     """Compress ``model`` and write the results to ``out`` (nothing is written if anything fails)."""
-    from tensorfold.compress.allocators import check_budget
+    from tensorfold.compression.allocators import check_budget
 
     check_budget(budget)
     for b in curve_budgets:

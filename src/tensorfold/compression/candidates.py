@@ -11,7 +11,7 @@ Latency comes from the shipped :class:`tensorfold.nn.LatencyTable` when it holds
 shape, otherwise it is measured on the spot (skeleton layers at a few ranks, interpolated in FLOPs).
 
 >>> import torch
->>> from tensorfold.compress.candidates import layer_menu
+>>> from tensorfold.compression.candidates import layer_menu
 >>> menu = layer_menu("fc", torch.nn.Linear(32, 16), ("svd",), input_shape=(4, 32))
 >>> [(c.method, c.rank) for c in menu.options][:3]
 [('dense', None), ('svd', 1), ('svd', 2)]
@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from tensorfold.compress.calibration import GramStats, channel_gram, relative_tail_errors, whitened_spectrum
+from tensorfold.compression.calibration import GramStats, channel_gram, relative_tail_errors, whitened_spectrum
 from tensorfold.errors import ConvergenceWarning, TensorfoldError
 from tensorfold.nn import FactorizedLayer, LowRankLinear, dense_flops, dense_params, layer_class_for
 from tensorfold.nn.base import DenseSpec
@@ -149,7 +149,7 @@ def _svd_ranks(cls, layer, opts, dense_p: int) -> list[int]:
 
 
 def _shape_for_params(layer: nn.Module) -> tuple[int, ...]:
-    from tensorfold.compress.walk import _probe_shape
+    from tensorfold.compression.walk import _probe_shape
 
     return _probe_shape(layer)
 

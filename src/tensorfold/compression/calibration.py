@@ -12,7 +12,7 @@ when even that fails the eigen-decomposition with clipped eigenvalues is used; a
 to the plain weight SVD. Nothing here crashes on a singular Gram matrix.
 
 >>> import torch
->>> from tensorfold.compress.calibration import whitened_lowrank
+>>> from tensorfold.compression.calibration import whitened_lowrank
 >>> W = torch.randn(8, 6, dtype=torch.float64)
 >>> X = torch.randn(100, 6, dtype=torch.float64)
 >>> fit = whitened_lowrank(W, X.T @ X, 6)      # full rank: exact

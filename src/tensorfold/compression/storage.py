@@ -28,9 +28,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from tensorfold.compress.candidates import build_skeleton
-from tensorfold.compress.plan import Plan
-from tensorfold.compress.walk import set_submodule
+from tensorfold.compression.candidates import build_skeleton
+from tensorfold.compression.plan import Plan
+from tensorfold.compression.walk import set_submodule
 from tensorfold.errors import FileFormatError, InvalidArgumentError, TensorfoldError
 from tensorfold.io import atomic_directory
 from tensorfold.nn import layer_class_for

@@ -1,7 +1,7 @@
 """Measuring what a compression cost: output fidelity on batches and end-to-end CPU speed.
 
 >>> import torch, tensorfold as tf
->>> from tensorfold.compress.evaluate import output_fidelity
+>>> from tensorfold.compression.evaluate import output_fidelity
 >>> model = torch.nn.Sequential(torch.nn.Linear(32, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8))
 >>> x = [torch.randn(16, 32)]
 >>> output_fidelity(model, model, x)["rel_error"]
@@ -17,8 +17,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from tensorfold.compress.api import eval_mode
-from tensorfold.compress.calibration import call_model, materialize, output_tensor
+from tensorfold.compression.api import eval_mode
+from tensorfold.compression.calibration import call_model, materialize, output_tensor
 
 
 @torch.no_grad()

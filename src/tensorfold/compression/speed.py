@@ -30,8 +30,8 @@ from dataclasses import replace
 import torch
 from torch import nn
 
-from tensorfold.compress.calibration import call_model
-from tensorfold.compress.plan import Plan
+from tensorfold.compression.calibration import call_model
+from tensorfold.compression.plan import Plan
 
 
 def skeleton_model(model: nn.Module, plan: Plan, *, seed: int = 0) -> nn.Module:
@@ -39,8 +39,8 @@ def skeleton_model(model: nn.Module, plan: Plan, *, seed: int = 0) -> nn.Module:
 
     The weights are drawn (not left uninitialised) so that timings never meet NaNs or denormals.
     """
-    from tensorfold.compress.candidates import build_skeleton
-    from tensorfold.compress.walk import set_submodule
+    from tensorfold.compression.candidates import build_skeleton
+    from tensorfold.compression.walk import set_submodule
     from tensorfold.nn import layer_class_for
     from tensorfold.nn.base import DenseSpec
 
@@ -66,7 +66,7 @@ def layer_times(model: nn.Module, names: Sequence[str], sample, *, threads: int 
     """Median seconds of a whole forward of ``model`` on ``sample`` and of each named layer inside it
     (forward hooks; a layer called several times per forward counts its summed time). Eval mode,
     inference mode, ``threads`` intra-op threads (restored afterwards)."""
-    from tensorfold.compress.api import eval_mode
+    from tensorfold.compression.api import eval_mode
 
     started: dict[str, float] = {}
     spent: dict[str, float] = {}

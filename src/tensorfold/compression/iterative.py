@@ -9,7 +9,7 @@ with distillation from the original model. Folding back is exact: the re-plan at
 starts from the fine-tuned low-rank weights.
 
 >>> import torch, tensorfold as tf
->>> from tensorfold.compress.iterative import iterative_compress
+>>> from tensorfold.compression.iterative import iterative_compress
 >>> g = torch.Generator().manual_seed(0)
 >>> model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
 >>> data = [torch.randn(32, 16, generator=g) for _ in range(4)]
@@ -26,11 +26,11 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from tensorfold.compress.allocators import check_budget
-from tensorfold.compress.api import DEFAULT_METHODS, apply, plan
-from tensorfold.compress.finetune import finetune
-from tensorfold.compress.plan import Plan
-from tensorfold.compress.walk import set_submodule
+from tensorfold.compression.allocators import check_budget
+from tensorfold.compression.api import DEFAULT_METHODS, apply, plan
+from tensorfold.compression.finetune import finetune
+from tensorfold.compression.plan import Plan
+from tensorfold.compression.walk import set_submodule
 from tensorfold.errors import InvalidArgumentError
 from tensorfold.nn import FactorizedLayer
 

@@ -2,11 +2,11 @@
 
 SVD-type layers (``LowRankLinear``; ``SVDConv`` channel and input schemes on an ungrouped Conv2d) are
 fitted to their outputs by activation-whitened truncated SVD when a Gram matrix of their inputs is given
-(see :mod:`tensorfold.compress.calibration`); every other case uses the layer class's own
+(see :mod:`tensorfold.compression.calibration`); every other case uses the layer class's own
 ``from_dense`` (weight-space fitting: truncated SVD, HOSVD, CP-ALS, TT-SVD).
 
 >>> import torch
->>> from tensorfold.compress.fitting import build_factored
+>>> from tensorfold.compression.fitting import build_factored
 >>> layer = torch.nn.Linear(16, 8)
 >>> built = build_factored(layer, "svd", 8)
 >>> bool(torch.allclose(built(torch.ones(2, 16)), layer(torch.ones(2, 16)), atol=1e-5))
@@ -18,8 +18,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from tensorfold.compress.calibration import GramStats, channel_gram, whitened_lowrank
-from tensorfold.compress.candidates import weight_matrix
+from tensorfold.compression.calibration import GramStats, channel_gram, whitened_lowrank
+from tensorfold.compression.candidates import weight_matrix
 from tensorfold.errors import NotCompressibleError
 from tensorfold.nn import FactorizedLayer, LowRankLinear, layer_class_for
 from tensorfold.nn.conv import input_matrix, input_scheme_weights

@@ -7,7 +7,7 @@ dense model. :func:`write_sweep` writes ``sweep.json`` (every number), ``accurac
 ``accuracy_vs_latency.png`` (one line per allocator) and a self-contained ``index.html`` into a
 new directory, atomically (a temporary directory renamed into place).
 
->>> from tensorfold.compress.sweep import sweep, write_sweep
+>>> from tensorfold.compression.sweep import sweep, write_sweep
 >>> result = sweep("digits-cnn", budgets=(0.5, 0.3), allocators=("uniform", "knapsack"),
 ...                methods=("svd",), latency=False, progress=False)  # doctest: +SKIP
 >>> write_sweep(result, "runs/digits-sweep")  # doctest: +SKIP
@@ -29,9 +29,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from tensorfold.compress.allocators import ALLOCATORS, TARGETS, check_budget
-from tensorfold.compress.api import apply, eval_mode, plan
-from tensorfold.compress.finetune import finetune
+from tensorfold.compression.allocators import ALLOCATORS, TARGETS, check_budget
+from tensorfold.compression.api import apply, eval_mode, plan
+from tensorfold.compression.finetune import finetune
 from tensorfold.errors import InvalidArgumentError, TensorfoldError
 from tensorfold.io import atomic_directory
 

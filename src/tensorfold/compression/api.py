@@ -27,8 +27,8 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from tensorfold.compress.allocators import ALLOCATORS, TARGETS, allocate, check_budget
-from tensorfold.compress.calibration import (
+from tensorfold.compression.allocators import ALLOCATORS, TARGETS, allocate, check_budget
+from tensorfold.compression.calibration import (
     GramStats,
     call_model,
     collect_grams,
@@ -37,12 +37,12 @@ from tensorfold.compress.calibration import (
     materialize,
     run_checked,
 )
-from tensorfold.compress.candidates import LatencyModel, layer_menu
-from tensorfold.compress.fitting import build_factored, supports_whitening
-from tensorfold.compress.plan import LayerPlan, Plan
-from tensorfold.compress.sensitivity import measure_sensitivities
-from tensorfold.compress.speed import SpeedCheck
-from tensorfold.compress.walk import check_methods, find_layers, set_submodule
+from tensorfold.compression.candidates import LatencyModel, layer_menu
+from tensorfold.compression.fitting import build_factored, supports_whitening
+from tensorfold.compression.plan import LayerPlan, Plan
+from tensorfold.compression.sensitivity import measure_sensitivities
+from tensorfold.compression.speed import SpeedCheck
+from tensorfold.compression.walk import check_methods, find_layers, set_submodule
 from tensorfold.core.validate import make_generator, randn
 from tensorfold.errors import InvalidArgumentError, NotCompressibleError, ShapeError
 from tensorfold.nn.base import DenseSpec
@@ -74,7 +74,7 @@ def eval_mode(*models: nn.Module):
 
 
 def _count_samples(batch) -> int:
-    from tensorfold.compress.calibration import batch_input
+    from tensorfold.compression.calibration import batch_input
 
     x = batch_input(batch)
     if isinstance(x, torch.Tensor):
@@ -339,7 +339,7 @@ def plan(
         knapsack meets both caps (``allocator`` "knapsack"/"auto" only). The plan records the
         ``latency_cap`` this means for the covered layers and its ``predicted_speedup``.
 
-    Returns a :class:`~tensorfold.compress.plan.Plan`.
+    Returns a :class:`~tensorfold.compression.plan.Plan`.
     """
     planner = Planner(model, budget, target, methods, include, exclude, calib, allocator, input_shape,
                       example_inputs, output_fn=output_fn, sensitivity=sensitivity, model_name=model_name,
@@ -439,7 +439,7 @@ def compress(
 
 def model_outputs(model: nn.Module, batches, output_fn=None) -> list[torch.Tensor]:
     """The output tensors of ``model`` on ``batches`` (eval mode, no gradients)."""
-    from tensorfold.compress.calibration import output_tensor
+    from tensorfold.compression.calibration import output_tensor
 
     with eval_mode(model), torch.no_grad():
         return [output_tensor(call_model(model, b), output_fn) for b in materialize(batches)]

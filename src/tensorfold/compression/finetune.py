@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tensorfold.compress.calibration import output_tensor, takes_dict
+from tensorfold.compression.calibration import output_tensor, takes_dict
 from tensorfold.core.validate import check_choice, check_positive, make_generator
 from tensorfold.errors import InvalidArgumentError, ShapeError
 
@@ -86,7 +86,7 @@ def split_batch(item) -> Batch:
 
 
 def default_output(outputs) -> torch.Tensor:
-    """The tensor to train on (see :func:`tensorfold.compress.calibration.output_tensor`)."""
+    """The tensor to train on (see :func:`tensorfold.compression.calibration.output_tensor`)."""
     return output_tensor(outputs)
 
 

@@ -1,6 +1,6 @@
 """Allocating one global budget over every layer and method.
 
-Each allocator picks one candidate per :class:`~tensorfold.compress.candidates.LayerMenu` (the dense
+Each allocator picks one candidate per :class:`~tensorfold.compression.candidates.LayerMenu` (the dense
 layer is always a candidate) so that the summed cost (params, FLOPs or latency) of the covered
 layers is at most ``budget`` times their dense cost:
 
@@ -17,7 +17,7 @@ layers is at most ``budget`` times their dense cost:
   pricing latency in the objective and searching the price), so a FLOP budget becomes a real speedup
   on hardware where fewer FLOPs are not always faster.
 
->>> from tensorfold.compress.candidates import Candidate, LayerMenu
+>>> from tensorfold.compression.candidates import Candidate, LayerMenu
 >>> opts = [Candidate("dense", None, 100, None, None, 0.0), Candidate("svd", 1, 30, None, None, 0.5),
 ...         Candidate("svd", 2, 60, None, None, 0.1)]
 >>> menus = [LayerMenu("a", None, "", None, list(opts)), LayerMenu("b", None, "", None, list(opts))]
@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tensorfold.compress.candidates import Candidate, LayerMenu
+from tensorfold.compression.candidates import Candidate, LayerMenu
 from tensorfold.errors import InvalidArgumentError, NotCompressibleError
 
 ALLOCATORS = ("uniform", "energy", "balanced", "knapsack", "auto")
