@@ -58,10 +58,13 @@ def build_problems(workdir: Path, quick: bool) -> dict:
     from tensorfold.testing import add_noise, random_cp, random_tt
 
     n3 = 100 if quick else 200
+    n150 = 60 if quick else 150
     shape4 = (50, 50, 50, 20) if quick else (100, 100, 100, 40)
     tt_shape = (10,) * 6 if quick else (10,) * 7
     problems = {
         "cube": {"shape": (n3,) * 3, "make": lambda: add_noise(random_cp((n3,) * 3, 10, seed=0).to_tensor(), 0.01)},
+        "c150": {"shape": (n150,) * 3,
+                 "make": lambda: add_noise(random_cp((n150,) * 3, 10, seed=3).to_tensor(), 0.01)},
         "four": {"shape": shape4, "make": lambda: add_noise(random_cp(shape4, 10, seed=1).to_tensor(), 0.01)},
         "tt": {"shape": tt_shape, "make": lambda: add_noise(random_tt(tt_shape, [5] * 6 if not quick else [5] * 5,
                                                                       seed=2).to_tensor(), 0.01)},
@@ -316,6 +319,9 @@ def make_cases(problems: dict) -> list[dict]:
     cp = {"algo": "cp", "problem": "cube", "rank": 10, "n_iter": 50, "group": f"CP-ALS rank 10, {cube}"}
     tk3 = {"algo": "tucker", "problem": "cube", "rank": (20, 20, 20), "n_iter": 10,
            "group": f"Tucker HOOI (20,20,20), 10 sweeps, {cube}"}
+    c150 = "x".join(map(str, problems["c150"]["shape"]))
+    tk150 = {"algo": "tucker", "problem": "c150", "rank": (10, 10, 10), "n_iter": 10,
+             "group": f"Tucker HOOI (10,10,10), 10 sweeps, {c150}"}
     tk4 = {"algo": "tucker", "problem": "four", "rank": (10, 10, 10, 10), "n_iter": 5,
            "group": f"Tucker HOOI ranks 10, 5 sweeps, {four}"}
     ttc = {"algo": "tt", "problem": "tt", "rank": 5, "group": f"TT-SVD max rank 5, {tt}"}
@@ -337,6 +343,9 @@ def make_cases(problems: dict) -> list[dict]:
         {**tk3, "lib": "tensorfold", "label": "tensorfold tucker hooi", "key": "tk3_ours"},
         {**tk3, "lib": "tensorly", "label": "TensorLy tucker (numpy)", "key": "tk3_tl"},
         {**tk3, "lib": "pyttb", "label": "pyttb tucker_als", "key": "tk3_pyttb"},
+        {**tk150, "lib": "tensorfold", "label": "tensorfold tucker hooi", "key": "tk150_ours"},
+        {**tk150, "lib": "tensorly", "label": "TensorLy tucker (numpy)", "key": "tk150_tl"},
+        {**tk150, "lib": "pyttb", "label": "pyttb tucker_als", "key": "tk150_pyttb"},
         {**tk4, "lib": "tensorfold", "label": "tensorfold tucker hooi", "key": "tk4_ours"},
         {**tk4, "lib": "tensorly", "label": "TensorLy tucker (numpy)", "key": "tk4_tl"},
         {**tk4, "lib": "pyttb", "label": "pyttb tucker_als", "key": "tk4_pyttb"},
@@ -357,6 +366,8 @@ RATIOS = [
     ("CP: pyttb / tensorfold plain 50 sweeps", "cp_pyttb", "cp_ours_plain"),
     ("Tucker 3-way: TensorLy / tensorfold", "tk3_tl", "tk3_ours"),
     ("Tucker 3-way: pyttb / tensorfold", "tk3_pyttb", "tk3_ours"),
+    ("Tucker 150^3 ranks 10: TensorLy / tensorfold", "tk150_tl", "tk150_ours"),
+    ("Tucker 150^3 ranks 10: pyttb / tensorfold", "tk150_pyttb", "tk150_ours"),
     ("Tucker 4-way: TensorLy / tensorfold", "tk4_tl", "tk4_ours"),
     ("Tucker 4-way: pyttb / tensorfold", "tk4_pyttb", "tk4_ours"),
     ("TT-SVD: TensorLy / tensorfold", "tt_tl", "tt_ours"),
