@@ -67,8 +67,11 @@ _LAZY = {
     "save_compressed": "tensorfold.compression.storage",
     "load_compressed": "tensorfold.compression.storage",
     "finetune": "tensorfold.compression.finetune",
+    # tensorized adapters
+    "adapt": "tensorfold.adapters.model",
+    "AdapterConfig": "tensorfold.adapters.config",
 }
-_SUBMODULES = {"core", "decomp", "nn", "compression", "testing", "io", "report"}
+_SUBMODULES = {"core", "decomp", "nn", "compression", "adapters", "testing", "io", "report"}
 
 __all__ = sorted(
     [*_LAZY, "FileFormatError", "InvalidArgumentError", "InvalidTensorError", "NotCompressibleError",
