@@ -9,7 +9,7 @@ This package sits beside ``tensorfold.compress``: it uses ``nn``, ``decomp`` and
 >>> model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 4))
 >>> adapted = tf.adapt(model, tf.AdapterConfig(method="tucker", rank=3, exclude_modules=("2",)))
 >>> tf.adapters.trainable_parameters(adapted)[0]
-129
+801
 """
 
 from tensorfold.adapters.config import METHODS, AdapterConfig

@@ -186,7 +186,8 @@ def _check_targets(value) -> str | tuple[str, ...]:
             try:
                 re.compile(value)
             except re.error as exc:
-                raise InvalidArgumentError(f"target_modules {value!r} is not a valid regular expression: {exc}") from None
+                raise InvalidArgumentError(
+                    f"target_modules {value!r} is not a valid regular expression: {exc}") from None
         return value
     items = _names(value, "target_modules")
     if not items:

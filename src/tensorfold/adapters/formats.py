@@ -61,6 +61,11 @@ def layer_modes(weight_shape: Sequence[int], n_cores: int) -> list[Mode]:
     return kept or modes[:1]
 
 
+def n_cores_for(method: str, weight_shape: Sequence[int], n_cores: int) -> int:
+    """Out/in splits of a weight: ``n_cores`` for a Linear under a tensor method; LoRA and convs keep 1."""
+    return n_cores if len(weight_shape) == 2 and method != "lora" else 1
+
+
 def sites(modes: Sequence[Mode], weight_ndim: int) -> list[list[Mode]]:
     """The cores of a chain (TT, TR): a Linear pairs ``(o_k, i_k)`` in one core (the MPO); a conv has one
     mode per core, in the order out, in, kernel."""

@@ -20,7 +20,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tensorfold.adapters.formats import Factor, equation, factor_layout, layer_modes, sites, zero_factor
+from tensorfold.adapters.formats import (
+    Factor,
+    equation,
+    factor_layout,
+    layer_modes,
+    n_cores_for,
+    sites,
+    zero_factor,
+)
 from tensorfold.errors import InvalidArgumentError, NotCompressibleError, RankError
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -103,7 +111,7 @@ class AdapterLayer(nn.Module):
         self.forward_mode = forward
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.weight_shape = shape
-        self.modes = layer_modes(shape, n_cores if len(shape) == 2 else 1)
+        self.modes = layer_modes(shape, n_cores_for(method, shape, n_cores))
         self.layout = factor_layout(method, self.modes, rank, len(shape))
         self.merged = False
         ref = self._reference_tensor()
@@ -247,7 +255,8 @@ class AdapterLayer(nn.Module):
         if self.kind == "conv":
             factored = self._conv_chain_cost(rows)
         else:
-            factored = opt_einsum.contract_path(self._apply_eq, (rows, *self._in_sizes()), *shapes, shapes=True)[1].opt_cost
+            x_shape = (rows, *self._in_sizes())
+            factored = opt_einsum.contract_path(self._apply_eq, x_shape, *shapes, shapes=True)[1].opt_cost
         mult = 3 if training else 1
         costs = {}
         if can_factor:

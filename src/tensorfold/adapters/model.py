@@ -4,7 +4,7 @@
 >>> model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10))
 >>> adapted = tf.adapt(model, tf.AdapterConfig(method="tt", rank=4, target_modules=["0"]))
 >>> trainable_parameters(adapted)
-(368, 3146)
+(352, 3114)
 >>> x = torch.randn(3, 32)
 >>> bool(torch.equal(adapted(x), model(x)))
 True
@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from tensorfold.adapters.config import AdapterConfig
-from tensorfold.adapters.formats import factor_layout, layer_modes
+from tensorfold.adapters.formats import factor_layout, layer_modes, n_cores_for
 from tensorfold.adapters.layer import AdapterLayer, SharedFactors, _kind, shared_factor_tensors, weight_shape
 from tensorfold.errors import FileFormatError, InvalidArgumentError, NotCompressibleError
 
@@ -130,7 +130,7 @@ def adapt(model: nn.Module, config: AdapterConfig | None = None, *, dry_run: boo
 
 
 def _cores(config: AdapterConfig, shape) -> int:
-    return config.n_cores if len(shape) == 2 else 1
+    return n_cores_for(config.method, shape, config.n_cores)
 
 
 def candidates(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -173,7 +173,8 @@ def select_targets(model: nn.Module, config: AdapterConfig) -> list[str]:
     listing = _listing(cands)
     target = config.target_modules
     if target in ("all-linear", "all-conv", "all"):
-        wanted = {"all-linear": ("linear", "factorized"), "all-conv": ("conv",), "all": ("linear", "factorized", "conv")}
+        wanted = {"all-linear": ("linear", "factorized"), "all-conv": ("conv",),
+                  "all": ("linear", "factorized", "conv")}
         chosen = [n for n, _ in cands if kinds[n] in wanted[target]]
     elif isinstance(target, str):
         pattern = re.compile(target)
@@ -278,7 +279,8 @@ def trainable_parameters(model: nn.Module) -> tuple[int, int]:
 
 def print_trainable_parameters(model: nn.Module) -> None:
     trainable, total = trainable_parameters(model)
-    print(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / max(1, total):.4f}")
+    share = 100 * trainable / max(1, total)
+    print(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {share:.4f}")
 
 
 def merge(model: nn.Module) -> nn.Module:

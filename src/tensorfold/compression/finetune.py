@@ -169,7 +169,8 @@ def finetune(
 
     Parameters
     ----------
-    compressed: the model to train (not modified).
+    compressed: the model to train (not modified). Every parameter is trained, unless some are frozen and
+        others not (an adapted model from :func:`tensorfold.adapt`): then only the trainable ones.
     data: re-iterable batches, each ``(inputs, targets)`` or inputs alone; inputs are a tensor or a dict
         of keyword arguments. Inputs alone need a ``teacher`` (pure distillation). A list of batches is
         visited in a new seeded order each epoch; a loader is used as it iterates.
@@ -217,10 +218,14 @@ def finetune(
     loss_fn = loss_fn or task_loss
 
     student = copy.deepcopy(compressed)
-    balance_factors(student)
-    for p in student.parameters():
-        p.requires_grad_(True)
-    params = [p for p in student.parameters() if p.is_floating_point()]
+    flags = [p.requires_grad for p in student.parameters()]
+    if all(flags) or not any(flags):
+        balance_factors(student)
+        for p in student.parameters():
+            p.requires_grad_(True)
+    # else a partly frozen model (e.g. from tensorfold.adapt: frozen base, trainable adapters) trains
+    # only what it left trainable.
+    params = [p for p in student.parameters() if p.is_floating_point() and p.requires_grad]
     if not params:
         raise InvalidArgumentError("the compressed model has no trainable floating-point parameters")
     device = params[0].device
