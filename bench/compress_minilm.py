@@ -27,6 +27,7 @@ import torch
 import tensorfold as tf
 from tensorfold import zoo
 from tensorfold.compression.api import Planner
+from tensorfold.compression.config import CompressConfig
 from tensorfold.compression.evaluate import measure_speedup
 
 
@@ -49,12 +50,13 @@ def main() -> None:
     calib = entry.calibration(args.calib, seed=0)
     example = entry.example_inputs(32)
     rows = []
-    weight_planner = Planner(model, 0.5, methods=("svd",), exclude=entry.exclude, output_fn=entry.output_fn)
+    weight_planner = Planner(model, CompressConfig(0.5, methods=("svd",), exclude=entry.exclude),
+                             output_fn=entry.output_fn)
     print(f"MiniLM: {sum(p.numel() for p in model.parameters()):,} params; calibration {args.calib} sentences; "
           f"evaluation {len(entry.evaluate.__globals__['eval_sentences']())} sentences", flush=True)
     for budget in [float(b) for b in args.budgets.split(",")]:
         t0 = time.perf_counter()
-        cal_planner = Planner(model, budget, methods=("svd",), exclude=entry.exclude, calib=calib,
+        cal_planner = Planner(model, CompressConfig(budget, methods=("svd",), exclude=entry.exclude), calib=calib,
                               output_fn=entry.output_fn)
         t_planner = time.perf_counter() - t0
         configs = [
@@ -96,14 +98,14 @@ def speed_only(args) -> None:
     model = entry.load()
     calib = entry.calibration(args.calib, seed=0)
     example = entry.example_inputs(32)
-    weight_planner = Planner(model, 0.5, methods=("svd",), exclude=entry.exclude, output_fn=entry.output_fn,
-                             example_inputs=example)
+    weight_planner = Planner(model, CompressConfig(0.5, methods=("svd",), exclude=entry.exclude),
+                             output_fn=entry.output_fn, example_inputs=example)
     threads = [int(t) for t in args.speed_threads.split(",")]
     print("| budget | plan | Linear FLOPs kept | " + " | ".join(
         f"speedup {t} thr best-of | median" for t in threads) + " |")
     print("|---|---|---|" + "---|---|" * len(threads))
     for budget in [float(b) for b in args.budgets.split(",")]:
-        cal_planner = Planner(model, budget, methods=("svd",), exclude=entry.exclude, calib=calib,
+        cal_planner = Planner(model, CompressConfig(budget, methods=("svd",), exclude=entry.exclude), calib=calib,
                               output_fn=entry.output_fn, example_inputs=example)
         for name, planner, allocator in (("uniform SVD", weight_planner, "uniform"),
                                          ("ours knapsack, calibrated", cal_planner, "knapsack")):

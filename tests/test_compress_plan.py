@@ -91,7 +91,7 @@ def test_input_model_is_never_modified():
 def test_allocator_objectives_are_ordered():
     model = mlp(3)
     calib = batches((32, 48), seed=5)
-    planner = Planner(model, 0.4, methods=("svd",), calib=calib)
+    planner = Planner(model, tf.CompressConfig(0.4, methods=("svd",)), calib=calib)
     objective = {a: planner.plan(0.4, a, curve=False).objective for a in ("uniform", "energy", "balanced", "knapsack")}
     # the knapsack minimises exactly this objective (up to its cost grid): it cannot be beaten
     assert objective["knapsack"] <= objective["uniform"] + 1e-12
@@ -103,7 +103,7 @@ def test_allocator_objectives_are_ordered():
 
 def test_balanced_minimises_the_worst_weighted_error():
     model = mlp(4)
-    planner = Planner(model, 0.4, methods=("svd",))
+    planner = Planner(model, tf.CompressConfig(0.4, methods=("svd",)))
     worst = {}
     for a in ("uniform", "balanced"):
         p = planner.plan(0.4, a, curve=False)

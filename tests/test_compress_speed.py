@@ -167,7 +167,7 @@ def test_speedup_plan_is_checked_and_corrected_inside_the_model(monkeypatch):
     monkeypatch.setattr(speed_module.SpeedCheck, "check", lambda self, *a, **k: checks.append(check(self, *a, **k))
                         or checks[-1])
     model, x = speed_model(), torch.randn(4, 16, 8, 8)
-    planner = api_module.Planner(model, 0.6, "flops", ("svd",), example_inputs=x, speedup=1.5)
+    planner = api_module.Planner(model, tf.CompressConfig(0.6, "flops", ("svd",), speedup=1.5), example_inputs=x)
     total_dense = planner.speed.dense_total
     dense_flops_total = sum(m.dense.flops for m in planner.menus)
     assert total_dense == pytest.approx(REST + dense_flops_total * SECONDS_PER_FLOP)
@@ -185,7 +185,7 @@ def test_speedup_plan_is_checked_and_corrected_inside_the_model(monkeypatch):
     assert p.latency_cap == pytest.approx((total_dense / 1.5 - REST) / (dense_flops_total * SECONDS_PER_FLOP))
     assert tf.Plan.from_json(p.to_json()) == p
     # isolated predictions alone would have been optimistic: without the correction the plan misses
-    plain = tf.plan(model, 0.6, "flops", ("svd",), example_inputs=x, curve=False)
+    plain = tf.plan(model, 0.6, target="flops", methods=("svd",), example_inputs=x, curve=False)
     slow = REST + sum(lp.flops * SECONDS_PER_FLOP * (IN_MODEL_SLOWDOWN if lp.factored else 1.0) for lp in plain.layers)
     assert total_dense / slow < 1.5
 
@@ -195,9 +195,9 @@ def test_speedup_out_of_reach_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(LatencyModel, "_measure", fake_measure)
     model, x = speed_model(), torch.randn(4, 16, 8, 8)
     with pytest.raises(NotCompressibleError):
-        tf.plan(model, 0.6, "flops", ("svd",), example_inputs=x, curve=False, speedup=20.0)
+        tf.plan(model, 0.6, target="flops", methods=("svd",), example_inputs=x, curve=False, speedup=20.0)
     with pytest.raises(InvalidArgumentError, match="speedup"):
-        tf.plan(model, 0.6, "flops", ("svd",), example_inputs=x, curve=False, speedup=-1.0)
+        tf.plan(model, 0.6, target="flops", methods=("svd",), example_inputs=x, curve=False, speedup=-1.0)
     with pytest.raises(InvalidArgumentError, match="input shapes"):
         tf.plan(model, 0.6, methods=("svd",), curve=False, speedup=1.3)
 

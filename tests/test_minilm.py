@@ -60,7 +60,7 @@ def test_identity_metrics(model):
 def test_budget_met_on_minilm_weight_only(model, entry):
     from tensorfold.compression.api import Planner
 
-    planner = Planner(model, 0.5, methods=("svd",), exclude=entry.exclude)
+    planner = Planner(model, tf.CompressConfig(0.5, methods=("svd",), exclude=entry.exclude))
     p = planner.plan(0.5, "knapsack", curve=False)
     assert len(p.layers) == 36 and dict(p.skipped)["0.model.pooler.dense"] == "excluded by pattern"
     assert 0.98 * 0.5 <= p.fraction <= 0.5

@@ -64,6 +64,8 @@ _LAZY = {
     "apply": "tensorfold.compression.api",
     "compress": "tensorfold.compression.api",
     "Plan": "tensorfold.compression.plan",
+    "CompressConfig": "tensorfold.compression.config",
+    "FinetuneConfig": "tensorfold.compression.config",
     "save_compressed": "tensorfold.compression.storage",
     "load_compressed": "tensorfold.compression.storage",
     "finetune": "tensorfold.compression.finetune",

@@ -64,14 +64,20 @@ def compress(
                                        "(knapsack allocator)."),
 ) -> None:
     """Compress a model to a budget: per-layer plan, factorized weights, metrics and an HTML report."""
-    from tensorfold.cli.common import check_option_choice, check_output_path, stderr_console, stdout_console
+    from tensorfold.cli.common import check_output_path, stderr_console, stdout_console
+    from tensorfold.compression.config import CompressConfig, FinetuneConfig
+    from tensorfold.compression.job import JobOptions
 
-    check_option_choice(target, "--target", ("params", "flops", "latency"))
-    check_option_choice(allocator, "--allocator", ("uniform", "energy", "balanced", "knapsack", "auto"))
-    if not 0 < budget <= 1:
-        raise InvalidArgumentError(f"--budget must be a fraction in (0, 1], got {budget}")
+    # the options become one config each, validated once there
+    config = CompressConfig(budget=budget, target=target, methods=methods, allocator=allocator,
+                            include=_split(include), exclude=_split(exclude), no_slower=no_slower, speedup=speedup,
+                            calib_samples=calib, seed=seed)
+    tune = FinetuneConfig(epochs=finetune_epochs, seed=seed) if finetune_epochs else None
+    if finetune_epochs < 0:
+        raise InvalidArgumentError(f"--finetune-epochs must be >= 0, got {finetune_epochs}")
     check_output_path(out, overwrite=overwrite, kind="dir")
-    curve_budgets = _floats(curve, "--curve")
+    options = JobOptions(out=out, overwrite=overwrite, weights=weights, data=data,
+                         curve_budgets=_floats(curve, "--curve"), speed=not no_speed, threads=speed_threads)
 
     import sys
 
@@ -96,13 +102,7 @@ def compress(
         err.print(msg)
 
     with progress:
-        result = run_job(
-            model, budget=budget, target=target, calib=calib, out=out, methods=methods, allocator=allocator,
-            include=_split(include), exclude=_split(exclude), overwrite=overwrite, weights=weights,
-            finetune_epochs=finetune_epochs, data=data, seed=seed, curve_budgets=curve_budgets,
-            speed=not no_speed, threads=speed_threads, progress=on_progress, log=log, no_slower=no_slower,
-            speedup=speedup,
-        )
+        result = run_job(model, config, options, finetune=tune, progress=on_progress, log=log)
     plan = result.plan
     console.print(plan.table())
     console.print(plan.summary())

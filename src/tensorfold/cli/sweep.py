@@ -58,6 +58,10 @@ def sweep(
         raise InvalidArgumentError(f"--budgets takes comma-separated fractions, got {budgets!r}") from None
     if finetune_epochs < 0 or threads < 1 or batch_size < 1 or calib < 1:
         raise InvalidArgumentError("--finetune-epochs must be >= 0 and --threads, --batch-size, --calib >= 1")
+    from tensorfold.compression.config import CompressConfig
+
+    config = CompressConfig(target=target, methods=_csv(methods, "--methods"), calib_samples=calib, seed=seed,
+                            speedup=speedup)
     check_output_path(out, overwrite=overwrite, kind="dir")
 
     from tensorfold.compression.sweep import sweep as run_sweep
@@ -65,11 +69,9 @@ def sweep(
 
     err = stderr_console()
     result = run_sweep(
-        model, budget_values, target=target, allocators=_csv(allocators, "--allocators"),
-        methods=_csv(methods, "--methods"), finetune_epochs=finetune_epochs, finetune_lr=finetune_lr,
-        calib_samples=calib, seed=seed,
+        model, budget_values, config=config, allocators=_csv(allocators, "--allocators"),
+        finetune_epochs=finetune_epochs, finetune_lr=finetune_lr,
         latency=not no_latency, threads=threads, batch_size=batch_size, progress=lambda msg: err.print(msg),
-        speedup=speedup,
     )
     write_sweep(result, out, overwrite=overwrite)
     console = stdout_console()

@@ -34,10 +34,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from tensorfold.compression.candidates import Candidate, LayerMenu
+from tensorfold.compression.config import ALLOCATORS, TARGETS, check_budget
 from tensorfold.errors import InvalidArgumentError, NotCompressibleError
 
-ALLOCATORS = ("uniform", "energy", "balanced", "knapsack", "auto")
-TARGETS = ("params", "flops", "latency")
+__all__ = ["ALLOCATORS", "TARGETS", "Allocation", "allocate", "check_budget", "fastest_latency", "objective"]
 DP_UNITS = 20000
 
 
@@ -262,12 +262,11 @@ def allocate(
     """Choose one candidate per menu under ``budget`` (fraction of the menus' dense cost); with
     ``no_slower`` no factorisation predicted slower than its dense layer is chosen; with
     ``latency_cap`` (knapsack only) the summed predicted latency is also at most that fraction of
-    the dense layers' (see :func:`fastest_latency` for the smallest reachable)."""
-    if allocator not in ALLOCATORS:
-        raise InvalidArgumentError(f"allocator must be one of {', '.join(ALLOCATORS)}; got {allocator!r}")
-    if target not in TARGETS:
-        raise InvalidArgumentError(f"target must be one of {', '.join(TARGETS)}; got {target!r}")
-    check_budget(budget)
+    the dense layers' (see :func:`fastest_latency` for the smallest reachable).
+
+    ``budget``, ``target`` and ``allocator`` come from a validated
+    :class:`~tensorfold.compression.config.CompressConfig` and are not checked again here.
+    """
     if latency_cap is not None:
         if isinstance(latency_cap, bool) or not isinstance(latency_cap, (int, float)) or not latency_cap > 0:
             raise InvalidArgumentError(f"latency_cap must be a positive fraction, got {latency_cap!r}")
@@ -320,8 +319,3 @@ def allocate(
         )
     return Allocation(list(chosen), total, dense_total, objective(menus, chosen))
 
-
-def check_budget(budget) -> float:
-    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or math.isnan(budget) or not 0 < budget <= 1:
-        raise InvalidArgumentError(f"budget must be a fraction in (0, 1], got {budget!r}")
-    return float(budget)

@@ -18,7 +18,6 @@ torch.Size([64, 10])
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import warnings
 from collections.abc import Callable, Sequence
@@ -27,9 +26,10 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from tensorfold.compression.allocators import ALLOCATORS, TARGETS, allocate, check_budget
+from tensorfold.compression.allocators import allocate
 from tensorfold.compression.calibration import (
     GramStats,
+    batch_input,
     call_model,
     collect_grams,
     forward_order_and_shared_inputs,
@@ -38,16 +38,18 @@ from tensorfold.compression.calibration import (
     run_checked,
 )
 from tensorfold.compression.candidates import LatencyModel, layer_menu
+from tensorfold.compression.config import DEFAULT_METHODS, CompressConfig
 from tensorfold.compression.fitting import build_factored, supports_whitening
 from tensorfold.compression.plan import LayerPlan, Plan
 from tensorfold.compression.sensitivity import measure_sensitivities
 from tensorfold.compression.speed import SpeedCheck
-from tensorfold.compression.walk import check_methods, find_layers, set_submodule
+from tensorfold.compression.walk import find_layers, set_submodule
+from tensorfold.core.modules import eval_mode
 from tensorfold.core.validate import make_generator, randn
 from tensorfold.errors import InvalidArgumentError, NotCompressibleError, ShapeError
 from tensorfold.nn.base import DenseSpec
 
-DEFAULT_METHODS = ("svd", "svd-input", "spatial", "tucker", "cp", "tt")  # each applies where it can
+__all__ = ["plan", "apply", "compress", "Planner", "Compressed", "CompressConfig", "DEFAULT_METHODS"]
 CURVE_BUDGETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 SENSITIVITY_SAMPLES = 64
 SPEED_ROUNDS = 6  # allocate-and-time rounds for plan(..., speedup=)
@@ -60,22 +62,7 @@ class Compressed(NamedTuple):
     plan: Plan
 
 
-@contextlib.contextmanager
-def eval_mode(*models: nn.Module):
-    """Put models in eval mode (no dropout, frozen batch-norm statistics) and restore their flags."""
-    saved = [(m, m.training) for model in models for m in model.modules()]
-    for model in models:
-        model.eval()
-    try:
-        yield
-    finally:
-        for m, flag in saved:
-            m.training = flag
-
-
 def _count_samples(batch) -> int:
-    from tensorfold.compression.calibration import batch_input
-
     x = batch_input(batch)
     if isinstance(x, torch.Tensor):
         return int(x.shape[0]) if x.ndim else 1
@@ -101,21 +88,16 @@ def _input_shapes(model, layers, batches, example_inputs, input_shape) -> dict[s
     return {name: st.input_shape for name, st in stats.items()}
 
 
-def _check_speedup(speedup) -> float | None:
-    if speedup is None:
-        return None
-    if isinstance(speedup, bool) or not isinstance(speedup, (int, float)) or not 0 < speedup < 100:
-        raise InvalidArgumentError(f"speedup must be a number > 0 (e.g. 1.3), got {speedup!r}")
-    return float(speedup)
-
-
 class Planner:
     """The expensive half of :func:`plan` (layer discovery, calibration statistics, candidate menus,
     sensitivities), kept so that plans for several budgets or allocators cost one allocation each.
 
+    ``config`` is a :class:`~tensorfold.compression.config.CompressConfig` (already validated); the
+    other arguments are the data the plan is made from (see :func:`plan`).
+
     >>> import torch
     >>> model = torch.nn.Sequential(torch.nn.Linear(32, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8))
-    >>> planner = Planner(model, methods=("svd",))
+    >>> planner = Planner(model, CompressConfig(methods=("svd",)))
     >>> [round(planner.plan(b).fraction, 2) <= b for b in (0.3, 0.6)]
     [True, True]
     """
@@ -123,35 +105,23 @@ class Planner:
     def __init__(
         self,
         model: nn.Module,
-        budget: float = 0.5,
-        target: str = "params",
-        methods: Sequence[str] | str = DEFAULT_METHODS,
-        include=None,
-        exclude=None,
+        config: CompressConfig,
+        *,
         calib=None,
-        allocator: str = "auto",
         input_shape: Sequence[int] | None = None,
         example_inputs=None,
-        *,
         output_fn: Callable | None = None,
-        sensitivity: bool = True,
         model_name: str | None = None,
         progress: Progress | None = None,
-        no_slower: bool = False,
-        speedup: float | None = None,
     ):
-        check_budget(budget)
-        self.speedup = _check_speedup(speedup)
-        if target not in TARGETS:
-            raise InvalidArgumentError(f"target must be one of {', '.join(TARGETS)}; got {target!r}")
-        if allocator not in ALLOCATORS:
-            raise InvalidArgumentError(f"allocator must be one of {', '.join(ALLOCATORS)}; got {allocator!r}")
-        self.budget, self.target, self.allocator = float(budget), target, allocator
-        self.methods = methods = check_methods(methods)
+        if not isinstance(model, nn.Module):
+            raise InvalidArgumentError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if not isinstance(config, CompressConfig):
+            raise InvalidArgumentError(f"config must be a CompressConfig, got {type(config).__name__}")
+        self.config = config
         self.model_name = model_name
-        self.include = tuple([include] if isinstance(include, str) else include) if include else None
-        self.exclude = tuple([exclude] if isinstance(exclude, str) else exclude) if exclude else None
-        found = find_layers(model, methods=methods, include=include, exclude=exclude)
+        methods, speedup = config.methods, config.speedup
+        found = find_layers(model, methods=methods, include=config.include, exclude=config.exclude)
         layers = {ref.name: ref.module for ref in found.layers}
         batches = materialize(calib)
         report = progress or (lambda stage, done, total: None)
@@ -167,16 +137,15 @@ class Planner:
             else:
                 shapes = _input_shapes(model, layers, [], example_inputs, input_shape)
             unused = [n for n, s in shapes.items() if s is None and (batches or example_inputs is not None)]
-            self.no_slower = bool(no_slower)
-            for flag, wanted in (("no_slower", self.no_slower), ("speedup", self.speedup is not None)):
+            for flag, wanted in (("no_slower", config.no_slower), ("speedup", speedup is not None)):
                 if wanted and all(s is None for s in shapes.values()):
                     raise InvalidArgumentError(f"{flag} needs the layers' input shapes: pass calib or example_inputs")
-            needs_latency = target == "latency" or self.no_slower or self.speedup is not None
+            needs_latency = config.target == "latency" or config.no_slower or speedup is not None
             latency = LatencyModel() if needs_latency else None
             # timed on the input the layers' shapes come from
             speed_sample = (example_inputs if example_inputs is not None else batches[0] if batches else
                             randn(*tuple(int(s) for s in input_shape or ()), generator=make_generator(0),
-                                  dtype=next(model.parameters()).dtype) if self.speedup is not None else None)
+                                  dtype=next(model.parameters()).dtype) if speedup is not None else None)
             menus = []
             for i, (name, layer) in enumerate(layers.items()):
                 if name in unused:
@@ -189,45 +158,46 @@ class Planner:
             if not menus or all(len(m.options) == 1 for m in menus):
                 raise NotCompressibleError("no layer has a factorisation that saves anything")
             self.calibrated = bool(batches)
-            if self.calibrated and sensitivity:
+            if self.calibrated and config.sensitivity:
                 sens_batches, n = [], 0
                 for b in batches:
                     sens_batches.append(b)
                     n += _count_samples(b)
                     if n >= SENSITIVITY_SAMPLES:
                         break
-                values = measure_sensitivities(model, menus, sens_batches, budget=budget, methods=methods,
+                values = measure_sensitivities(model, menus, sens_batches, budget=config.budget, methods=methods,
                                                grams=grams, output_fn=output_fn,
                                                progress=lambda d, t: report("sensitivity", d, t))
                 for m, s in zip(menus, values):
                     m.sensitivity = s
             self.speed = (SpeedCheck(model, menus, speed_sample, threads=latency.threads)
-                          if self.speedup is not None else None)
+                          if speedup is not None else None)
         self.menus = menus
 
-    def plan(self, budget: float | None = None, allocator: str | None = None, *, curve: bool = True) -> Plan:
-        """The plan for ``budget`` (default: the one given at construction) with ``allocator``."""
-        budget = self.budget if budget is None else check_budget(budget)
-        allocator = allocator or self.allocator
-        menus, target, methods = self.menus, self.target, self.methods
+    def plan(self, budget: float | None = None, allocator: str | None = None, *, curve: bool | None = None) -> Plan:
+        """The plan for ``budget`` with ``allocator`` (defaults: the config's); ``curve`` overrides
+        ``config.curve``."""
+        changes = {k: v for k, v in (("budget", budget), ("allocator", allocator), ("curve", curve)) if v is not None}
+        config = self.config.replace(**changes) if changes else self.config
+        menus = self.menus
         lat_cap = measured = None
-        if self.speedup is None:
-            alloc = allocate(menus, budget, target=target, allocator=allocator, methods=methods,
-                             no_slower=self.no_slower)
+        if config.speedup is None:
+            alloc = allocate(menus, config.budget, target=config.target, allocator=config.allocator,
+                             methods=config.methods, no_slower=config.no_slower)
         else:
-            alloc, lat_cap, measured = self._fast_allocation(budget, allocator)
+            alloc, lat_cap, measured = self._fast_allocation(config)
         curve_points = []
-        if curve:
-            for b in sorted(set(CURVE_BUDGETS) | {float(budget)}):
+        if config.curve:
+            for b in sorted(set(CURVE_BUDGETS) | {config.budget}):
                 try:
-                    curve_points.append((b, allocate(menus, b, target=target, allocator=allocator,
-                                                     methods=methods, no_slower=self.no_slower,
+                    curve_points.append((b, allocate(menus, b, target=config.target, allocator=config.allocator,
+                                                     methods=config.methods, no_slower=config.no_slower,
                                                      latency_cap=lat_cap).objective))
                 except NotCompressibleError:
                     continue
-        return self._plan_of(alloc, budget, allocator, curve_points, lat_cap, measured)
+        return self._plan_of(alloc, config, curve_points, lat_cap, measured)
 
-    def _plan_of(self, alloc, budget, allocator, curve_points=(), lat_cap=None, measured=None) -> Plan:
+    def _plan_of(self, alloc, config: CompressConfig, curve_points=(), lat_cap=None, measured=None) -> Plan:
         menus = self.menus
         layer_plans = []
         for menu, choice in zip(menus, alloc.choices):
@@ -239,17 +209,16 @@ class Planner:
                 sensitivity=menu.sensitivity, input_shape=menu.input_shape,
             ))
         return Plan(
-            layers=layer_plans, skipped=list(self.skipped), budget=float(budget), target=self.target,
-            allocator="knapsack" if allocator == "auto" else allocator, methods=self.methods,
+            layers=layer_plans, skipped=list(self.skipped), config=config, allocator=config.resolved_allocator,
             calibrated=self.calibrated, model_params=self.model_params, model_name=self.model_name,
-            include=self.include, exclude=self.exclude, objective=alloc.objective, curve=list(curve_points),
+            objective=alloc.objective, curve=list(curve_points),
             spectra={m.name: m.spectrum for m in menus if m.spectrum is not None},
-            speedup=self.speedup, latency_cap=lat_cap,
-            model_latency=self.speed.dense_total if self.speed is not None else None, measured_speedup=measured,
+            latency_cap=lat_cap, model_latency=self.speed.dense_total if self.speed is not None else None,
+            measured_speedup=measured,
         )
 
-    def _fast_allocation(self, budget: float, allocator: str):
-        """The allocation under ``budget`` whose whole-model speedup, measured, reaches ``self.speedup``.
+    def _fast_allocation(self, config: CompressConfig):
+        """The allocation under ``config.budget`` whose whole-model speedup, measured, reaches ``config.speedup``.
 
         Each round allocates with the latency cap that the asked speedup means for the covered layers,
         times the plan's structure inside the model (correcting the predicted latencies of the chosen
@@ -258,38 +227,38 @@ class Planner:
         Returns ``(allocation, cap, measured speedup)``; the fastest one measured, with a warning, when
         no round reaches the goal.
         """
-        menus, speed = self.menus, self.speed
-        target_cap = speed.cap(menus, self.speedup)
+        menus, speed, speedup, budget = self.menus, self.speed, config.speedup, config.budget
+        target_cap = speed.cap(menus, speedup)
         if target_cap <= 0:
             raise NotCompressibleError(
-                f"a {self.speedup:g}x speedup is out of reach: the model's time outside the covered layers alone "
+                f"a {speedup:g}x speedup is out of reach: the model's time outside the covered layers alone "
                 f"is {speed.rest * 1e3:.2f} ms of {speed.dense_total * 1e3:.2f} ms"
             )
         tighten, best, previous = 1.0, None, None
         for _ in range(SPEED_ROUNDS):
-            cap = speed.cap(menus, self.speedup) * tighten
+            cap = speed.cap(menus, speedup) * tighten
             try:
-                alloc = allocate(menus, budget, target=self.target, allocator=allocator, methods=self.methods,
-                                 no_slower=self.no_slower, latency_cap=cap)
+                alloc = allocate(menus, budget, target=config.target, allocator=config.allocator,
+                                 methods=config.methods, no_slower=config.no_slower, latency_cap=cap)
             except NotCompressibleError as exc:
                 if best is None:
                     raise
                 raise NotCompressibleError(
-                    f"a {self.speedup:g}x speedup is out of reach within budget {budget:g} of the {self.target}: "
+                    f"a {speedup:g}x speedup is out of reach within budget {budget:g} of the {config.target}: "
                     f"with the latencies measured inside the model, {exc}; the plans tried measured at most "
                     f"{best[2]:.2f}x"
                 ) from None
-            measured = speed.check(menus, self._plan_of(alloc, budget, allocator))
+            measured = speed.check(menus, self._plan_of(alloc, config))
             if best is None or measured > best[2]:
                 best = (alloc, cap, measured)
-            if measured >= self.speedup:
+            if measured >= speedup:
                 return alloc, cap, measured
             keys = [(c.method, c.rank) for c in alloc.choices]
             if keys == previous:
-                tighten *= measured / self.speedup
+                tighten *= measured / speedup
             previous = keys
         warnings.warn(
-            f"plan: the asked {self.speedup:g}x speedup was not reached in {SPEED_ROUNDS} measured rounds; the "
+            f"plan: the asked {speedup:g}x speedup was not reached in {SPEED_ROUNDS} measured rounds; the "
             f"fastest plan found measured {best[2]:.2f}x (machine load makes timings noisy; lower the budget or "
             f"ask for less speed)", stacklevel=3,
         )
@@ -298,78 +267,59 @@ class Planner:
 
 def plan(
     model: nn.Module,
-    budget: float = 0.5,
-    target: str = "params",
-    methods: Sequence[str] | str = DEFAULT_METHODS,
-    include=None,
-    exclude=None,
+    config: CompressConfig | float | None = None,
+    *,
     calib=None,
-    allocator: str = "auto",
     input_shape: Sequence[int] | None = None,
     example_inputs=None,
-    *,
     output_fn: Callable | None = None,
-    sensitivity: bool = True,
     model_name: str | None = None,
-    curve: bool = True,
     progress: Progress | None = None,
-    no_slower: bool = False,
-    speedup: float | None = None,
+    **settings,
 ) -> Plan:
-    """Plan the compression of ``model`` to ``budget`` of the ``target`` cost of its Linear/Conv layers.
+    """Plan the compression of ``model``: which layer, which method, which rank.
 
-    Parameters
-    ----------
-    budget: fraction in (0, 1] of the covered layers' params, FLOPs or latency to keep.
-    target: "params", "flops" or "latency" (FLOPs and latency need an input: ``calib``,
-        ``example_inputs`` or ``input_shape``; latency comes from the shipped table or is measured,
-        and a factorisation predicted slower than its dense layer is never chosen).
-    methods: planner methods among "svd", "svd-input", "spatial", "tucker", "cp", "tt" (those that apply per
-        layer).
-    include, exclude: shell-style patterns on layer names (an include pattern matching nothing is an error).
+    ``config`` is a :class:`~tensorfold.compression.config.CompressConfig` (or a number: the
+    budget); keyword ``settings`` (``budget``, ``target``, ``methods``, ``allocator``, ``include``,
+    ``exclude``, ``no_slower``, ``speedup``, ``sensitivity``, ``curve``...) build or amend it, as
+    ``get_peft_model(model, LoraConfig(...))`` and ``LoraConfig(**kwargs)`` do in PEFT. The rest is data:
+
     calib: iterable of input batches (tensors, tuples with the input first, or dicts of keyword
         inputs); errors become output errors and each layer's sensitivity is measured.
-    allocator: "uniform", "energy", "balanced", "knapsack" or "auto" (= knapsack).
+    input_shape, example_inputs: an input (or its shape) for FLOPs and latency when ``calib`` is not given.
     output_fn: picks the output tensor from the model's output (default: see ``output_tensor``).
-    no_slower: with any target, never choose a factorisation predicted (shipped latency table, else
-        measured on the spot) slower than its dense layer; needs the layers' input shapes.
-    speedup: with any target, also keep the predicted latency of the whole model at most its
-        measured dense latency divided by ``speedup`` (e.g. 1.3): the dense model is timed on the
-        example/calibration input, the layers' latencies are predicted as for ``no_slower`` and the
-        knapsack meets both caps (``allocator`` "knapsack"/"auto" only). The plan records the
-        ``latency_cap`` this means for the covered layers and its ``predicted_speedup``.
+    model_name: recorded in the plan (a built-in name or ``module:factory`` lets ``load_compressed``
+        rebuild the model).
+    progress: ``progress(stage, done, total)`` callback.
 
-    Returns a :class:`~tensorfold.compression.plan.Plan`.
+    With ``no_slower`` no factorisation predicted slower than its dense layer is chosen; ``speedup``
+    (e.g. 1.3) also keeps the whole model's predicted latency at most its measured dense latency
+    divided by ``speedup`` (the dense model is timed, plans are timed inside the model and the
+    predictions corrected); the plan records the ``latency_cap`` this means and its ``predicted_speedup``.
+
+    Returns a :class:`~tensorfold.compression.plan.Plan` (its ``config`` is the config used).
     """
-    planner = Planner(model, budget, target, methods, include, exclude, calib, allocator, input_shape,
-                      example_inputs, output_fn=output_fn, sensitivity=sensitivity, model_name=model_name,
-                      progress=progress, no_slower=no_slower, speedup=speedup)
-    return planner.plan(curve=curve)
+    planner = Planner(model, CompressConfig.of(config, **settings), calib=calib, input_shape=input_shape,
+                      example_inputs=example_inputs, output_fn=output_fn, model_name=model_name, progress=progress)
+    return planner.plan()
 
 
-def apply(
-    model: nn.Module,
-    plan: Plan,
-    calib=None,
-    *,
-    correct_upstream: bool = False,
-    ridge: float = 1e-6,
-    progress: Progress | None = None,
-) -> nn.Module:
+def apply(model: nn.Module, plan: Plan, calib=None, *, progress: Progress | None = None) -> nn.Module:
     """A new model with ``plan``'s factorized layers (``model`` itself is never modified).
 
     With ``calib`` batches, SVD-type layers are fitted to their outputs in forward order: each one is
     fitted on the inputs it sees in the partly compressed model (so it adapts to the compressed
-    layers before it). ``correct_upstream=True`` instead regresses onto the outputs the original
-    layer gives in the original model (a full least-squares fit: it needs many more calibration
-    tokens than input features, else it overfits; on MiniLM with 128 sentences it lost 0.02 mean
-    cosine). ``ridge`` regularises the input Gram matrix (relative to its mean diagonal). Other
-    methods and layers use weight-space fitting.
+    layers before it). ``plan.config.correct_upstream=True`` instead regresses onto the outputs the
+    original layer gives in the original model (a full least-squares fit: it needs many more
+    calibration tokens than input features, else it overfits; on MiniLM with 128 sentences it lost
+    0.02 mean cosine). ``plan.config.ridge`` regularises the input Gram matrix (relative to its mean
+    diagonal). Other methods and layers use weight-space fitting.
     """
     if not isinstance(model, nn.Module):
         raise InvalidArgumentError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(plan, Plan):
         raise InvalidArgumentError(f"plan must be a tensorfold Plan, got {type(plan).__name__}")
+    correct_upstream, ridge = plan.config.correct_upstream, plan.config.ridge
     batches = materialize(calib)
     report = progress or (lambda stage, done, total: None)
     new = copy.deepcopy(model)
@@ -418,23 +368,25 @@ def apply(
 
 def compress(
     model: nn.Module,
-    budget: float = 0.5,
-    target: str = "params",
-    methods: Sequence[str] | str = DEFAULT_METHODS,
-    include=None,
-    exclude=None,
+    config: CompressConfig | float | None = None,
+    *,
     calib=None,
-    allocator: str = "auto",
     input_shape: Sequence[int] | None = None,
     example_inputs=None,
-    **kwargs,
+    output_fn: Callable | None = None,
+    model_name: str | None = None,
+    progress: Progress | None = None,
+    **settings,
 ) -> Compressed:
-    """:func:`plan` then :func:`apply` (same calibration batches); returns ``(model, plan)``."""
+    """:func:`plan` then :func:`apply` (same calibration batches); returns ``(model, plan)``.
+
+    Same arguments as :func:`plan`: ``tensorfold.compress(model, CompressConfig(budget=0.3))`` or
+    ``tensorfold.compress(model, budget=0.3, methods=("svd",))``.
+    """
     batches = materialize(calib) if calib is not None else None
-    apply_kwargs = {k: kwargs.pop(k) for k in ("correct_upstream", "ridge") if k in kwargs}
-    p = plan(model, budget, target, methods, include, exclude, batches, allocator, input_shape, example_inputs,
-             **kwargs)
-    return Compressed(apply(model, p, batches, progress=kwargs.get("progress"), **apply_kwargs), p)
+    p = plan(model, config, calib=batches, input_shape=input_shape, example_inputs=example_inputs,
+             output_fn=output_fn, model_name=model_name, progress=progress, **settings)
+    return Compressed(apply(model, p, batches, progress=progress), p)
 
 
 def model_outputs(model: nn.Module, batches, output_fn=None) -> list[torch.Tensor]:

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tensorfold.core.modules import batch_input, module_device, move_to
 from tensorfold.core.svd import truncated_svd
 from tensorfold.errors import InvalidArgumentError, ShapeError, TensorfoldError
 
@@ -64,20 +65,6 @@ def materialize(calib, name: str = "calib") -> list:
     return batches
 
 
-def _to_device(obj, device):
-    if isinstance(obj, torch.Tensor):
-        return obj.to(device)
-    if isinstance(obj, Mapping):
-        return {k: _to_device(v, device) for k, v in obj.items()}
-    return obj
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")
-
-
 def takes_dict(model: nn.Module, batch: Mapping) -> bool:
     """True when ``forward`` wants the dict as one positional argument (its required first
     parameter is not one of the dict's keys), as ``SentenceTransformer.forward(input)`` does."""
@@ -92,14 +79,9 @@ def takes_dict(model: nn.Module, batch: Mapping) -> bool:
     return first.default is inspect.Parameter.empty and first.name not in batch
 
 
-def batch_input(batch):
-    """The model input of a batch (the first item of a tuple)."""
-    return batch[0] if isinstance(batch, (tuple, list)) else batch
-
-
 def call_model(model: nn.Module, batch):
     """Run ``model`` on one calibration/example batch (see the module docs for the batch kinds)."""
-    x = _to_device(batch_input(batch), _model_device(model))
+    x = move_to(batch_input(batch), module_device(model))
     if isinstance(x, Mapping):
         return model(dict(x)) if takes_dict(model, x) else model(**x)
     return model(x)

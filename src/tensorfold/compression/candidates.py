@@ -32,7 +32,7 @@ from torch import nn
 
 from tensorfold.compression.calibration import GramStats, channel_gram, relative_tail_errors, whitened_spectrum
 from tensorfold.errors import ConvergenceWarning, TensorfoldError
-from tensorfold.nn import FactorizedLayer, LowRankLinear, dense_flops, dense_params, layer_class_for
+from tensorfold.nn import METHODS, FactorizedLayer, LowRankLinear, dense_flops, dense_params, layer_class_for
 from tensorfold.nn.base import DenseSpec
 from tensorfold.nn.conv import input_matrix
 
@@ -308,6 +308,8 @@ def layer_menu(
     options = [Candidate("dense", None, dense_p, dense_f, dense_t, 0.0)]
     menu = LayerMenu(name, layer, spec.describe(), shape, options)
     for method in methods:
+        if method not in METHODS:  # a method with its own candidates (tensorfold.compression.methods)
+            continue
         found = layer_class_for(method, layer)
         if found is None:
             continue

@@ -17,8 +17,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from tensorfold.compression.api import eval_mode
 from tensorfold.compression.calibration import call_model, materialize, output_tensor
+from tensorfold.core.modules import eval_mode
 
 
 @torch.no_grad()

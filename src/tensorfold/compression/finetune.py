@@ -30,11 +30,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from tensorfold.compression.calibration import output_tensor, takes_dict
-from tensorfold.core.validate import check_choice, check_positive, make_generator
+from tensorfold.compression.config import DISTILL_LOSSES, DISTILL_MODES, FinetuneConfig
+from tensorfold.core.modules import eval_mode, move_to
+from tensorfold.core.validate import make_generator
 from tensorfold.errors import InvalidArgumentError, ShapeError
 
-DISTILL_MODES = ("logits", "features")
-DISTILL_LOSSES = ("kl", "mse", "cosine")
+__all__ = ["finetune", "FinetuneConfig", "FinetuneHistory", "DISTILL_MODES", "DISTILL_LOSSES", "balance_factors",
+           "distillation_loss"]
 
 
 @dataclass
@@ -46,6 +48,7 @@ class FinetuneHistory:
     best_val_loss: float | None = None
     steps: int = 0
     stopped_early: bool = False
+    on_epoch: Callable[[dict], object] | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass(frozen=True)
@@ -57,7 +60,7 @@ class Batch:
     targets: Any = None
 
     def to(self, device: torch.device) -> Batch:
-        return Batch(_move(self.args, device), _move(self.kwargs, device), _move(self.targets, device))
+        return Batch(move_to(self.args, device), move_to(self.kwargs, device), move_to(self.targets, device))
 
     def __call__(self, model: nn.Module):
         if not self.args and self.kwargs and takes_dict(model, self.kwargs):
@@ -145,25 +148,14 @@ def feature_layer_names(student: nn.Module, teacher: nn.Module) -> list[str]:
 def finetune(
     compressed: nn.Module,
     data: Iterable,
+    config: FinetuneConfig | None = None,
     *,
     teacher: nn.Module | None = None,
-    epochs: int = 1,
-    lr: float = 1e-3,
-    distill: str | None = "logits",
-    alpha: float = 0.5,
-    temperature: float = 2.0,
-    distill_loss: str = "kl",
-    feature_layers: Sequence[str] | None = None,
-    feature_weight: float = 1.0,
     val_data: Iterable | None = None,
-    patience: int | None = 2,
-    seed: int = 0,
-    weight_decay: float = 0.0,
-    progress: bool | Callable[[dict], None] = True,
     output_fn: Callable[[Any], torch.Tensor] | None = None,
     loss_fn: Callable[[torch.Tensor, Any], torch.Tensor] | None = None,
-    max_steps: int | None = None,
     history: FinetuneHistory | None = None,
+    **settings,
 ) -> nn.Module:
     """Fine-tune a deep copy of ``compressed`` and return it (the best one on ``val_data`` if given).
 
@@ -174,23 +166,28 @@ def finetune(
     data: re-iterable batches, each ``(inputs, targets)`` or inputs alone; inputs are a tensor or a dict
         of keyword arguments. Inputs alone need a ``teacher`` (pure distillation). A list of batches is
         visited in a new seeded order each epoch; a loader is used as it iterates.
+    config: a :class:`~tensorfold.compression.config.FinetuneConfig`; keyword ``settings`` build or
+        amend it (``epochs``, ``lr``, ``distill``, ``alpha``, ``temperature``, ``distill_loss``,
+        ``feature_layers``, ``feature_weight``, ``patience``, ``seed``, ``weight_decay``, ``max_steps``,
+        ``progress``):
+
+        - distill: "logits" (match the teacher's outputs), "features" (outputs plus the outputs of every
+          layer whose type differs between student and teacher, or of ``feature_layers``), or None.
+        - alpha: weight of the distillation term when targets are present: ``alpha * distill + (1 - alpha)
+          * task``. Without targets the loss is the distillation term alone.
+        - temperature, distill_loss: softening of the KL on logits; "kl" (default), "mse" or "cosine" (for
+          embeddings, e.g. with ``output_fn`` picking a sentence embedding).
+        - patience: with ``val_data``, training stops after this many epochs without improvement.
+        - seed: seeds the batch order and any dropout (torch's global generator is restored afterwards).
+        - max_steps: stop after this many optimizer steps in total; progress: a progress bar on stderr.
     teacher: the original model; its outputs are the distillation targets (it is run in eval mode and
         left as it was).
-    distill: "logits" (match the teacher's outputs), "features" (outputs plus the outputs of every
-        layer whose type differs between student and teacher, or of ``feature_layers``), or None.
-    alpha: weight of the distillation term when targets are present: ``alpha * distill + (1 - alpha) *
-        task``. Without targets the loss is the distillation term alone.
-    temperature, distill_loss: softening of the KL on logits; "kl" (default), "mse" or "cosine" (for
-        embeddings, e.g. with ``output_fn`` picking a sentence embedding).
     val_data: batches for early stopping: the validation loss (same objective) is measured before
-        training and after every epoch; training stops after ``patience`` epochs without improvement
-        and the best weights (possibly the untouched input) are returned.
-    seed: seeds the batch order and any dropout (torch's global generator is restored afterwards).
-    progress: a progress bar on stderr, or a callable receiving a dict after each epoch.
+        training and after every epoch, and the best weights (possibly the untouched input) are returned.
     output_fn: maps the model output to the tensor compared (default :func:`default_output`).
     loss_fn: ``loss_fn(outputs, targets)`` for the task term (default :func:`task_loss`).
-    max_steps: stop after this many optimizer steps in total.
-    history: a :class:`FinetuneHistory` to fill with per-epoch losses.
+    history: a :class:`FinetuneHistory` to fill with per-epoch losses (its ``on_epoch`` callback, if
+        any, receives each epoch's record as it ends).
 
     Example: ``tuned = finetune(small, train_batches, teacher=model, epochs=3, val_data=val_batches)``.
     """
@@ -198,22 +195,15 @@ def finetune(
         raise InvalidArgumentError(f"compressed must be a torch.nn.Module, got {type(compressed).__name__}")
     if teacher is not None and not isinstance(teacher, nn.Module):
         raise InvalidArgumentError(f"teacher must be a torch.nn.Module or None, got {type(teacher).__name__}")
-    if distill is not None:
-        check_choice(distill, "distill", DISTILL_MODES)
-    check_choice(distill_loss, "distill_loss", DISTILL_LOSSES)
-    epochs = _check_int(epochs, "epochs")
-    if max_steps is not None:
-        max_steps = _check_int(max_steps, "max_steps")
-    if patience is not None:
-        patience = _check_int(patience, "patience")
-    check_positive(lr, "lr")
-    check_positive(temperature, "temperature")
-    check_positive(weight_decay, "weight_decay", allow_zero=True)
-    if not 0.0 <= float(alpha) <= 1.0:
-        raise InvalidArgumentError(f"alpha must lie in [0, 1], got {alpha!r}")
+    record = history if history is not None else FinetuneHistory()
+    if callable(settings.get("progress")):  # progress=callable: the per-epoch callback of older releases
+        record.on_epoch = settings.pop("progress")
+        settings["progress"] = False
+    cfg = FinetuneConfig.build(config, **settings)
+    epochs, max_steps, patience = cfg.epochs, cfg.max_steps, cfg.patience
     data = _reiterable(data, "data")
     val_data = None if val_data is None else _reiterable(val_data, "val_data")
-    use_teacher = teacher is not None and distill is not None
+    use_teacher = teacher is not None and cfg.distill is not None
     output_fn = output_fn or default_output
     loss_fn = loss_fn or task_loss
 
@@ -229,21 +219,19 @@ def finetune(
     if not params:
         raise InvalidArgumentError("the compressed model has no trainable floating-point parameters")
     device = params[0].device
-    optimizer = torch.optim.Adam(params, lr=float(lr), weight_decay=float(weight_decay))
+    optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
     features = None
-    if use_teacher and distill == "features":
-        names = list(feature_layers) if feature_layers is not None else feature_layer_names(student, teacher)
+    if use_teacher and cfg.distill == "features":
+        names = list(cfg.feature_layers) if cfg.feature_layers is not None else feature_layer_names(student, teacher)
         features = _FeatureTaps(student, teacher, names)
 
-    objective = _Objective(student, teacher if use_teacher else None, features, output_fn, loss_fn,
-                           float(alpha), float(temperature), distill_loss, float(feature_weight))
-    record = history if history is not None else FinetuneHistory()
-    generator = make_generator(seed)
-    reporter = _Progress(progress, epochs, data)
+    objective = _Objective(student, teacher if use_teacher else None, features, output_fn, loss_fn, cfg)
+    generator = make_generator(cfg.seed)
+    reporter = _Progress(cfg.progress, record.on_epoch, epochs, data)
 
     try:
-        with _teacher_in_eval(teacher), _seeded_global_rng(seed), reporter:
+        with eval_mode(*([teacher] if teacher is not None else [])), _seeded_global_rng(cfg.seed), reporter:
             best_state, best_val = None, math.inf
             if val_data is not None:
                 best_val = objective.mean_loss(val_data, device)
@@ -328,10 +316,11 @@ def balance_factors(model: nn.Module) -> int:
 class _Objective:
     """The training loss: task term, distillation on outputs and optionally on features."""
 
-    def __init__(self, student, teacher, features, output_fn, loss_fn, alpha, temperature, kind, feature_weight):
+    def __init__(self, student, teacher, features, output_fn, loss_fn, config: FinetuneConfig):
         self.student, self.teacher, self.features = student, teacher, features
         self.output_fn, self.loss_fn = output_fn, loss_fn
-        self.alpha, self.temperature, self.kind, self.feature_weight = alpha, temperature, kind, feature_weight
+        self.alpha, self.temperature = config.alpha, config.temperature
+        self.kind, self.feature_weight = config.distill_loss, config.feature_weight
 
     def loss(self, batch: Batch) -> torch.Tensor:
         if self.features is not None:
@@ -351,15 +340,10 @@ class _Objective:
 
     @torch.no_grad()
     def mean_loss(self, data: Iterable, device: torch.device) -> float:
-        modes = {m: m.training for m in self.student.modules()}
-        self.student.eval()
         total, count = 0.0, 0
-        try:
+        with eval_mode(self.student):
             for item in data:
                 total, count = total + float(self.loss(split_batch(item).to(device))), count + 1
-        finally:
-            for module, mode in modes.items():
-                module.training = mode
         if count == 0:
             raise InvalidArgumentError("val_data yielded no batches")
         return total / count
@@ -405,9 +389,9 @@ class _FeatureTaps:
 class _Progress:
     """A rich progress bar on stderr, a user callback, or nothing."""
 
-    def __init__(self, progress, epochs: int, data):
-        self.callback = progress if callable(progress) else None
-        self.enabled = progress is True
+    def __init__(self, progress: bool, callback, epochs: int, data):
+        self.callback = callback
+        self.enabled = progress
         self.epochs = epochs
         self.per_epoch = len(data) if hasattr(data, "__len__") else None
         self._bar = None
@@ -438,12 +422,6 @@ class _Progress:
         return False
 
 
-def _check_int(value, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise InvalidArgumentError(f"{name} must be a positive integer, got {value!r}")
-    return value
-
-
 def _reiterable(data, name: str):
     if data is None:
         raise InvalidArgumentError(f"{name} must be an iterable of batches, got None")
@@ -465,30 +443,6 @@ def _epoch_order(data, generator: torch.Generator):
     if isinstance(data, Sequence):
         return [data[int(i)] for i in torch.randperm(len(data), generator=generator)]
     return data
-
-
-def _move(obj, device: torch.device):
-    if isinstance(obj, torch.Tensor):
-        return obj.to(device)
-    if isinstance(obj, Mapping):
-        return {k: _move(v, device) for k, v in obj.items()}
-    if isinstance(obj, (tuple, list)):
-        return type(obj)(_move(v, device) for v in obj)
-    return obj
-
-
-@contextlib.contextmanager
-def _teacher_in_eval(teacher: nn.Module | None):
-    if teacher is None:
-        yield
-        return
-    modes = {m: m.training for m in teacher.modules()}
-    teacher.eval()
-    try:
-        yield
-    finally:
-        for module, mode in modes.items():
-            module.training = mode
 
 
 @contextlib.contextmanager

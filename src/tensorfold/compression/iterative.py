@@ -21,16 +21,17 @@ True
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, fields
 
 from torch import nn
 
-from tensorfold.compression.allocators import check_budget
-from tensorfold.compression.api import DEFAULT_METHODS, apply, plan
-from tensorfold.compression.finetune import finetune
+from tensorfold.compression.api import apply, plan
+from tensorfold.compression.config import CompressConfig, FinetuneConfig, check_budget
+from tensorfold.compression.finetune import finetune as run_finetune
 from tensorfold.compression.plan import Plan
 from tensorfold.compression.walk import set_submodule
+from tensorfold.core.validate import check_count
 from tensorfold.errors import InvalidArgumentError
 from tensorfold.nn import FactorizedLayer
 
@@ -51,8 +52,7 @@ def budget_schedule(budget: float, steps: int) -> list[float]:
     [0.5, 0.25]
     """
     check_budget(budget)
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise InvalidArgumentError(f"steps must be a positive integer, got {steps!r}")
+    check_count(steps, "steps", minimum=1)
     return [budget ** (k / steps) for k in range(1, steps + 1)]
 
 
@@ -68,40 +68,47 @@ def densify(model: nn.Module) -> nn.Module:
 
 def iterative_compress(
     model: nn.Module,
-    budget: float,
+    config: CompressConfig | float | None = None,
     *,
     data: Iterable,
     steps: int = 3,
     teacher: nn.Module | None = None,
-    target: str = "params",
-    methods: Sequence[str] | str = DEFAULT_METHODS,
-    allocator: str = "auto",
     calib=None,
     example_inputs=None,
-    epochs_per_step: int = 1,
+    finetune: FinetuneConfig | None = None,
     val_data: Iterable | None = None,
     evaluate: Callable[[nn.Module], dict] | None = None,
-    seed: int = 0,
-    progress: bool = True,
-    **finetune_options,
+    **settings,
 ) -> IterativeResult:
-    """Compress ``model`` to ``budget`` in ``steps`` rounds of plan + apply + fine-tune.
+    """Compress ``model`` to ``config.budget`` in ``steps`` rounds of plan + apply + fine-tune.
 
-    ``data`` (and ``val_data``, ``teacher``, ``finetune_options``) go to :func:`tensorfold.finetune`;
-    the teacher defaults to ``model`` itself. ``calib`` batches, ``methods``, ``allocator``, ``target``
-    and ``example_inputs`` go to :func:`tensorfold.plan`. ``evaluate(model) -> dict`` (optional) is
-    recorded after every round. ``model`` is not modified.
+    ``config`` (a :class:`~tensorfold.compression.config.CompressConfig` or a budget) and
+    ``finetune`` (a :class:`~tensorfold.compression.config.FinetuneConfig`, one epoch per round by
+    default) hold the settings; keyword ``settings`` amend them by name (``methods``, ``allocator``,
+    ``target``... go to the compression config, ``lr``, ``epochs``, ``progress``... to the fine-tuning
+    config; ``seed`` to both, fine-tuning round ``k`` using ``seed + k``). ``data``, ``val_data`` and
+    ``teacher`` (default: ``model`` itself) go to :func:`tensorfold.finetune`; ``calib`` batches and
+    ``example_inputs`` to :func:`tensorfold.plan`. ``evaluate(model) -> dict`` (optional) is recorded
+    after every round. ``model`` is not modified.
     """
-    budgets = budget_schedule(budget, steps)
+    compress_names = {f.name for f in fields(CompressConfig)}
+    finetune_names = {f.name for f in fields(FinetuneConfig)}
+    if "epochs_per_step" in settings:  # the name of older releases
+        settings["epochs"] = settings.pop("epochs_per_step")
+    unknown = sorted(set(settings) - compress_names - finetune_names)
+    if unknown:
+        raise InvalidArgumentError(f"unknown setting(s) {', '.join(unknown)} for iterative_compress")
+    cfg = CompressConfig.of(config, **{k: v for k, v in settings.items() if k in compress_names})
+    tune = FinetuneConfig.build(finetune, **{k: v for k, v in settings.items() if k in finetune_names})
+    budgets = budget_schedule(cfg.budget, steps)
     teacher = model if teacher is None else teacher
     current, last_plan, rounds = model, None, []
     for k, b in enumerate(budgets, start=1):
         dense = densify(current) if k > 1 else model
-        last_plan = plan(dense, b, target=target, methods=methods, allocator=allocator, calib=calib,
-                         example_inputs=example_inputs, curve=False)
+        last_plan = plan(dense, cfg.replace(budget=b, curve=False), calib=calib, example_inputs=example_inputs)
         compressed = apply(dense, last_plan, calib)
-        current = finetune(compressed, data, teacher=teacher, epochs=epochs_per_step, val_data=val_data,
-                           seed=seed + k, progress=progress, **finetune_options)
+        current = run_finetune(compressed, data, tune.replace(seed=tune.seed + k), teacher=teacher,
+                               val_data=val_data)
         record = {"round": k, "budget": b, "fraction": last_plan.fraction}
         if evaluate is not None:
             record.update(evaluate(current))

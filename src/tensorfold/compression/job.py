@@ -2,8 +2,10 @@
 apply, optionally fine-tune, evaluate quality and speed, and write the output directory
 (``plan.json``, ``weights.safetensors``, ``metrics.json``, ``report.html``) atomically.
 
->>> from tensorfold.compression.job import run_job
->>> result = run_job("minilm", budget=0.5, calib=64, out="runs/minilm-50", overwrite=True)  # doctest: +SKIP
+>>> from tensorfold.compression.job import JobOptions, run_job
+>>> from tensorfold.compression.config import CompressConfig
+>>> options = JobOptions(out="runs/minilm-50", overwrite=True)
+>>> result = run_job("minilm", CompressConfig(budget=0.5, calib_samples=64), options)  # doctest: +SKIP
 >>> result.metrics["quality"]["mean_cos"] > 0.8                                            # doctest: +SKIP
 True
 """
@@ -12,19 +14,21 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from tensorfold.compression.api import DEFAULT_METHODS, Planner, apply
+from tensorfold.compression.api import Planner, apply
 from tensorfold.compression.calibration import materialize
+from tensorfold.compression.config import CompressConfig, FinetuneConfig, check_budget
 from tensorfold.compression.evaluate import count_params, measure_speedup, output_fidelity
 from tensorfold.compression.plan import Plan
 from tensorfold.compression.storage import load_factory, write_compressed
-from tensorfold.errors import FileFormatError, InvalidArgumentError, TensorfoldError
+from tensorfold.core.validate import check_count
+from tensorfold.errors import FileFormatError, InvalidArgumentError
 from tensorfold.io import atomic_directory
 
 
@@ -99,26 +103,27 @@ def resolve_model(spec: str, weights: str | None = None) -> ModelSource:
     return ModelSource(spec, model, None, calibration if callable(calibration) else None)
 
 
-def _finetune(source: ModelSource, compressed: nn.Module, original: nn.Module, epochs: int, data: str | None,
-              seed: int) -> nn.Module:
-    try:
-        from tensorfold.compression.finetune import finetune
-    except ImportError:
-        raise TensorfoldError("fine-tuning (tensorfold.finetune) is not available in this installation") from None
+def _finetune(source: ModelSource, compressed: nn.Module, original: nn.Module, config: FinetuneConfig,
+              data: str | None) -> nn.Module:
+    from tensorfold.compression.finetune import finetune
+
     if data in (None, "builtin"):
         entry = source.entry
         if entry is None or getattr(entry, "finetune_data", None) is None:
             raise InvalidArgumentError(f"--finetune-epochs needs --data module:function for {source.name}")
-        train, val = entry.finetune_data(32, seed)
+        train, val = entry.finetune_data(32, config.seed)
     else:
         loaded = load_factory(data)()
         train, val = loaded if isinstance(loaded, tuple) and len(loaded) == 2 else (loaded, None)
-    # embeddings (an output_fn picks them) are matched by cosine, logits by the default KL
-    extra = {"distill_loss": "cosine"} if source.output_fn is not None else {}
-    if source.entry is not None and "finetune_lr" in source.entry.extra:
-        extra["lr"] = source.entry.extra["finetune_lr"]
-    return finetune(compressed, train, teacher=original, epochs=epochs, val_data=val, seed=seed,
-                    distill="logits", output_fn=source.output_fn, **extra)
+    # The model's own choices replace the config's defaults (not values set on purpose): embeddings (an
+    # output_fn picks them) are matched by cosine rather than by KL, and a built-in model's learning rate.
+    defaults, changes = FinetuneConfig(), {}
+    if source.output_fn is not None and config.distill_loss == defaults.distill_loss:
+        changes["distill_loss"] = "cosine"
+    if source.entry is not None and "finetune_lr" in source.entry.extra and config.lr == defaults.lr:
+        changes["lr"] = source.entry.extra["finetune_lr"]
+    return finetune(compressed, train, config.replace(**changes), teacher=original, val_data=val,
+                    output_fn=source.output_fn)
 
 
 def evaluate_pair(source: ModelSource, original: nn.Module, compressed: nn.Module, batches: list) -> dict:
@@ -137,50 +142,56 @@ def evaluation_batches(source: ModelSource, calib: int, seed: int) -> list:
     return materialize(source.calibration(max(min(calib, 256), 32), seed + 1))
 
 
+@dataclass(frozen=True)
+class JobOptions:
+    """What a job does besides compressing: where it writes, what else it measures (checked when built).
+
+    out: the output directory (None: write nothing); overwrite: replace it if it exists.
+    weights: a state dict to load into the model first. data: fine-tuning data ("builtin" or
+    "module:function"; only with a fine-tuning config). curve_budgets: extra budgets for the
+    quality-vs-budget curve. speed: measure the end-to-end speedup with ``threads`` CPU threads.
+    """
+
+    out: str | Path | None = None
+    overwrite: bool = False
+    weights: str | None = None
+    data: str | None = None
+    curve_budgets: tuple[float, ...] = ()
+    speed: bool = True
+    threads: int = 2
+
+    def __post_init__(self):
+        object.__setattr__(self, "curve_budgets", tuple(check_budget(b, "--curve budget") for b in self.curve_budgets))
+        object.__setattr__(self, "out", Path(self.out) if self.out is not None else None)
+        check_count(self.threads, "threads", minimum=1)
+
+
 def run_job(
     model: str | ModelSource = "minilm",
+    config: CompressConfig | None = None,
+    options: JobOptions | None = None,
     *,
-    budget: float = 0.5,
-    target: str = "params",
-    calib: int = 128,
-    out: str | Path | None = None,
-    methods: Sequence[str] | str = DEFAULT_METHODS,
-    allocator: str = "auto",
-    include: Sequence[str] | None = None,
-    exclude: Sequence[str] | None = None,
-    overwrite: bool = False,
-    weights: str | None = None,
-    finetune_epochs: int = 0,
-    data: str | None = None,
-    seed: int = 0,
-    curve_budgets: Sequence[float] = (),
-    speed: bool = True,
-    threads: int = 2,
+    finetune: FinetuneConfig | None = None,
     progress: Callable[[str, int, int], None] | None = None,
     log: Callable[[str], None] = lambda msg: None,
-    no_slower: bool = False,
-    speedup: float | None = None,
 ) -> JobResult:
-    """Compress ``model`` and write the results to ``out`` (nothing is written if anything fails)."""
-    from tensorfold.compression.allocators import check_budget
-
-    check_budget(budget)
-    for b in curve_budgets:
-        check_budget(b)
-    if isinstance(calib, bool) or not isinstance(calib, int) or calib < 0:
-        raise InvalidArgumentError(f"--calib must be a number of samples >= 0, got {calib!r}")
-    if isinstance(finetune_epochs, bool) or not isinstance(finetune_epochs, int) or finetune_epochs < 0:
-        raise InvalidArgumentError(f"--finetune-epochs must be >= 0, got {finetune_epochs!r}")
-    out_path = Path(out) if out is not None else None
+    """Compress ``model`` with ``config`` and write the results to ``options.out`` (nothing is written
+    if anything fails); ``finetune`` fine-tunes the compressed model with distillation first."""
+    config = config if config is not None else CompressConfig()
+    options = options if options is not None else JobOptions()
+    if options.data is not None and finetune is None:
+        raise InvalidArgumentError("--data is only used with --finetune-epochs N")
+    out_path, overwrite = options.out, options.overwrite
     if out_path is not None and out_path.exists() and not overwrite:
         raise InvalidArgumentError(f"--out {out_path} already exists; pass --overwrite to replace it")
     if out_path is not None and out_path.exists() and not out_path.is_dir():
         raise InvalidArgumentError(f"--out {out_path} is a file; give a directory path")
 
     t0 = time.perf_counter()
-    source = model if isinstance(model, ModelSource) else resolve_model(model, weights)
+    source = model if isinstance(model, ModelSource) else resolve_model(model, options.weights)
     original = source.model
     log(f"model {source.name}: {count_params(original):,} parameters")
+    calib, seed = config.calib_samples, config.seed
     batches = []
     if calib:
         if source.calibration is None:
@@ -189,25 +200,23 @@ def run_job(
                 f"factory, or pass --calib 0 for weight-only fitting)"
             )
         batches = materialize(source.calibration(calib, seed))
-    excludes = tuple(exclude or ()) + (() if include else source.exclude)
-    planner = Planner(original, budget, target, methods, include, excludes or None, batches or None, allocator,
+    if source.exclude and not config.include:  # the model's own exclusions (e.g. a classifier head)
+        config = config.replace(exclude=(*(config.exclude or ()), *source.exclude))
+    planner = Planner(original, config, calib=batches or None,
                       example_inputs=source.entry.example_inputs(32) if source.entry is not None else None,
-                      output_fn=source.output_fn, model_name=source.name, progress=progress, no_slower=no_slower,
-                      speedup=speedup)
+                      output_fn=source.output_fn, model_name=source.name, progress=progress)
     plan = planner.plan()
     t_plan = time.perf_counter()
     compressed = apply(original, plan, batches or None, progress=progress)
     t_apply = time.perf_counter()
-    if finetune_epochs:
-        compressed = _finetune(source, compressed, original, finetune_epochs, data, seed)
-    elif data is not None:
-        raise InvalidArgumentError("--data is only used with --finetune-epochs N")
+    if finetune is not None:
+        compressed = _finetune(source, compressed, original, finetune, options.data)
     eval_batches = evaluation_batches(source, calib, seed)
     quality = evaluate_pair(source, original, compressed, eval_batches)
     metrics = {
         "model": source.name,
-        "budget": budget,
-        "target": target,
+        "budget": config.budget,
+        "target": config.target,
         "allocator": plan.allocator,
         "calibration_samples": calib,
         "params_original": count_params(original),
@@ -216,13 +225,14 @@ def run_job(
         "plan_totals": plan.totals(),
         "seconds": {"plan": t_plan - t0, "apply": t_apply - t_plan},
     }
-    if speed:
+    if options.speed:
         example = (source.entry.example_inputs(32) if source.entry is not None
                    else (eval_batches[0] if eval_batches else None))
         if example is not None:
-            metrics["speed"] = measure_speedup(original, compressed, example, threads=threads)
+            metrics["speed"] = measure_speedup(original, compressed, example, threads=options.threads)
+    budget = config.budget
     curve = [{"budget": budget, "fraction": plan.fraction, **quality}]
-    for b in sorted(set(curve_budgets) - {budget}):
+    for b in sorted(set(options.curve_budgets) - {budget}):
         p_b = planner.plan(b, curve=False)
         c_b = apply(original, p_b, batches or None)
         curve.append({"budget": b, "fraction": p_b.fraction, **evaluate_pair(source, original, c_b, eval_batches)})

@@ -19,7 +19,8 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from tensorfold.errors import FileFormatError
+from tensorfold.compression.config import CompressConfig
+from tensorfold.errors import FileFormatError, TensorfoldError
 from tensorfold.io import write_text_atomic
 
 PLAN_VERSION = 1
@@ -37,6 +38,22 @@ def _common_prefix(names: list[str]) -> str:
         common.append(items[0])
     common = common[: min(len(p) for p in parts) - 1]
     return ".".join(common) + "." if common else ""
+
+
+# settings that plans written before CompressConfig kept at the top level (and still write there)
+_LEGACY_SETTINGS = ("budget", "target", "methods", "include", "exclude", "speedup")
+
+
+def _config_of(d: dict) -> CompressConfig:
+    """The plan's config: its "config" object, or (plans written before the config existed) the
+    settings kept at the top level; an allocator recorded as run ("knapsack") is kept as such."""
+    if "config" in d:
+        return CompressConfig.from_dict(d["config"])
+    legacy = {key: d[key] for key in ("budget", "target", "methods") if key in d}
+    for key in ("include", "exclude", "speedup"):
+        if d.get(key):
+            legacy[key] = d[key]
+    return CompressConfig(allocator=d.get("allocator", "auto"), **legacy)
 
 
 def _rank_from_json(rank):
@@ -73,30 +90,53 @@ class LayerPlan:
 
 @dataclass
 class Plan:
-    """Per-layer decisions plus the settings that produced them and the totals.
+    """Per-layer decisions plus the settings that produced them (``config``) and the totals.
 
-    ``budget`` is the fraction of ``target`` (params, flops or latency) of the covered layers;
-    ``fraction`` the fraction reached; ``model_fraction`` the whole model's parameter fraction.
+    ``budget`` (``config.budget``) is the fraction of ``target`` (params, flops or latency) of the
+    covered layers; ``fraction`` the fraction reached; ``model_fraction`` the whole model's parameter
+    fraction. ``allocator`` is the allocator that ran ("auto" resolved to "knapsack").
     """
 
     layers: list[LayerPlan]
     skipped: list[tuple[str, str]]
-    budget: float
-    target: str
+    config: CompressConfig
     allocator: str
-    methods: tuple[str, ...]
     calibrated: bool
     model_params: int
     model_name: str | None = None
-    include: tuple[str, ...] | None = None
-    exclude: tuple[str, ...] | None = None
     objective: float = 0.0
     curve: list[tuple[float, float]] = field(default_factory=list)  # (budget, predicted objective)
     spectra: dict[str, list[float]] = field(default_factory=dict)
-    speedup: float | None = None  # the whole-model speedup asked for (plan(..., speedup=))
     latency_cap: float | None = None  # the covered layers' predicted latency cap it meant (fraction of dense)
     model_latency: float | None = None  # the dense model's measured seconds per batch
     measured_speedup: float | None = None  # whole-model speedup of the plan's structure, timed while planning
+
+    # ---- the settings, read from the config ------------------------------------------------------
+
+    @property
+    def budget(self) -> float:
+        return self.config.budget
+
+    @property
+    def target(self) -> str:
+        return self.config.target
+
+    @property
+    def methods(self) -> tuple[str, ...]:
+        return self.config.methods
+
+    @property
+    def include(self) -> tuple[str, ...] | None:
+        return self.config.include
+
+    @property
+    def exclude(self) -> tuple[str, ...] | None:
+        return self.config.exclude
+
+    @property
+    def speedup(self) -> float | None:
+        """The whole-model speedup asked for (``config.speedup``)."""
+        return self.config.speedup
 
     # ---- totals ---------------------------------------------------------------------------------
 
@@ -191,7 +231,10 @@ class Plan:
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        d["methods"] = list(self.methods)
+        d["config"] = self.config.to_dict()
+        # the settings also at the top level, as plans without a config wrote them (older readers)
+        for key in _LEGACY_SETTINGS:
+            d[key] = d["config"][key]
         d["skipped"] = [list(s) for s in self.skipped]
         d["totals"] = self.totals()
         d["version"] = PLAN_VERSION
@@ -215,24 +258,21 @@ class Plan:
             return cls(
                 layers=layers,
                 skipped=[tuple(s) for s in d["skipped"]],
-                budget=float(d["budget"]),
-                target=d["target"],
+                config=_config_of(d),
                 allocator=d["allocator"],
-                methods=tuple(d["methods"]),
                 calibrated=bool(d["calibrated"]),
                 model_params=int(d["model_params"]),
                 model_name=d.get("model_name"),
-                include=tuple(d["include"]) if d.get("include") else None,
-                exclude=tuple(d["exclude"]) if d.get("exclude") else None,
                 objective=float(d.get("objective", 0.0)),
                 curve=[tuple(p) for p in d.get("curve", [])],
                 spectra=dict(d.get("spectra", {})),
-                speedup=d.get("speedup"),
                 latency_cap=d.get("latency_cap"),
                 model_latency=d.get("model_latency"),
                 measured_speedup=d.get("measured_speedup"),
             )
-        except (KeyError, TypeError, ValueError) as exc:
+        except FileFormatError:
+            raise
+        except (KeyError, TypeError, ValueError, TensorfoldError) as exc:
             raise FileFormatError(f"malformed plan: {type(exc).__name__}: {exc}") from None
 
     @classmethod

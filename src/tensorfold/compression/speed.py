@@ -32,6 +32,7 @@ from torch import nn
 
 from tensorfold.compression.calibration import call_model
 from tensorfold.compression.plan import Plan
+from tensorfold.core.modules import eval_mode
 
 
 def skeleton_model(model: nn.Module, plan: Plan, *, seed: int = 0) -> nn.Module:
@@ -66,8 +67,6 @@ def layer_times(model: nn.Module, names: Sequence[str], sample, *, threads: int 
     """Median seconds of a whole forward of ``model`` on ``sample`` and of each named layer inside it
     (forward hooks; a layer called several times per forward counts its summed time). Eval mode,
     inference mode, ``threads`` intra-op threads (restored afterwards)."""
-    from tensorfold.compression.api import eval_mode
-
     started: dict[str, float] = {}
     spent: dict[str, float] = {}
     hooks = []

@@ -29,9 +29,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from tensorfold.compression.allocators import ALLOCATORS, TARGETS, check_budget
-from tensorfold.compression.api import apply, eval_mode, plan
-from tensorfold.compression.finetune import finetune
+from tensorfold.compression.api import apply, plan
+from tensorfold.compression.config import ALLOCATORS, CompressConfig, FinetuneConfig, check_budget
+from tensorfold.compression.finetune import finetune as run_finetune
+from tensorfold.core.modules import eval_mode
+from tensorfold.core.validate import check_count
 from tensorfold.errors import InvalidArgumentError, TensorfoldError
 from tensorfold.io import atomic_directory
 
@@ -119,6 +121,21 @@ def _check_allocators(allocators: Sequence[str]) -> tuple[str, ...]:
     return allocators
 
 
+def _finetune_config(entry, finetune: FinetuneConfig | None, epochs: int, lr: float | None,
+                     seed: int) -> FinetuneConfig | None:
+    """The fine-tuning config of a sweep: ``finetune``, else one from ``finetune_epochs``/``finetune_lr``
+    (None: no fine-tuning); the learning rate defaults to the model's."""
+    if finetune is None and epochs:
+        if lr is None:
+            lr = float((getattr(entry, "extra", None) or {}).get("finetune_lr", 1e-3))
+        finetune = FinetuneConfig(epochs=epochs, lr=lr, seed=seed, progress=False)
+    elif finetune is not None and (epochs or lr is not None):
+        raise InvalidArgumentError("give finetune= or finetune_epochs/finetune_lr, not both")
+    if finetune is not None and getattr(entry, "finetune_data", None) is None:
+        raise InvalidArgumentError(f"{entry.name} has no fine-tuning data; use finetune_epochs=0")
+    return finetune
+
+
 def paired_latency(dense: nn.Module, small: nn.Module, inputs: torch.Tensor, *, threads: int = 2,
                    rounds: int = 3, repeats: int = 10) -> tuple[float, float]:
     """(dense, small) seconds per call, measured alternately; the minimum of per-round medians.
@@ -142,41 +159,43 @@ def sweep(
     model,
     budgets: Sequence[float] = (0.9, 0.7, 0.5, 0.3, 0.2),
     *,
-    target: str = "params",
+    config: CompressConfig | None = None,
     allocators: Sequence[str] = ("uniform", "energy", "balanced", "knapsack"),
-    methods: Sequence[str] = CONV_METHODS,
-    finetune_epochs: int = 0,
-    finetune_lr: float | None = None,
-    calib_samples: int = 256,
-    seed: int = 0,
+    finetune: FinetuneConfig | None = None,
     latency: bool = True,
     threads: int = 2,
     batch_size: int = 32,
     progress: bool | Callable[[str], None] = True,
-    speedup: float | None = None,
+    **settings,
 ) -> SweepResult:
     """Compress the built-in ``model`` at every budget with every allocator; see the module docstring.
 
-    A point that fails (e.g. a budget no allocator can reach) is kept with its ``error`` and left out
-    of the curves. ``finetune_epochs > 0`` needs the model's ``finetune_data``; ``finetune_lr``
-    defaults to the model's ``extra["finetune_lr"]`` (else 1e-3): a trained ResNet with batch norm
-    wants 1e-4, where 1e-3 makes a 47-step fine-tune worse than none. ``speedup`` (e.g. 1.3) asks the
-    knapsack allocator's plans for that measured whole-model speedup too (``plan(..., speedup=)``); the
-    other allocators ignore it.
+    ``config`` (default: ``CompressConfig(methods=CONV_METHODS, calib_samples=256)``) holds the
+    compression settings, amended by keyword ``settings`` (``target``, ``methods``, ``calib_samples``,
+    ``seed``, ``speedup``...); each point replaces its budget and allocator. ``speedup`` (e.g. 1.3) asks
+    the knapsack allocator's plans for that measured whole-model speedup too; the other allocators
+    ignore it. A point that fails (e.g. a budget no allocator can reach) is kept with its ``error`` and
+    left out of the curves.
+
+    ``finetune`` (a :class:`~tensorfold.compression.config.FinetuneConfig`; ``finetune_epochs=N`` and
+    ``finetune_lr=`` build one) fine-tunes every point, with the model's ``finetune_data``; the learning
+    rate defaults to the model's ``extra["finetune_lr"]`` (else 1e-3): a trained ResNet with batch norm
+    wants 1e-4, where 1e-3 makes a 47-step fine-tune worse than none.
     """
     entry = resolve_builtin(model)
     budgets = _check_budgets(budgets)
     allocators = _check_allocators(allocators)
-    if target not in TARGETS:
-        raise InvalidArgumentError(f"target must be one of {', '.join(TARGETS)}; got {target!r}")
-    if isinstance(finetune_epochs, bool) or not isinstance(finetune_epochs, int) or finetune_epochs < 0:
-        raise InvalidArgumentError(f"finetune_epochs must be a non-negative integer, got {finetune_epochs!r}")
-    if finetune_epochs and getattr(entry, "finetune_data", None) is None:
-        raise InvalidArgumentError(f"{entry.name} has no fine-tuning data; use finetune_epochs=0")
+    epochs, lr = settings.pop("finetune_epochs", 0), settings.pop("finetune_lr", None)
+    config = CompressConfig.build(config or CompressConfig(methods=CONV_METHODS, calib_samples=256), **settings)
+    finetune = _finetune_config(entry, finetune, epochs, lr, config.seed)
+    for name, value in (("threads", threads), ("batch_size", batch_size)):
+        check_count(value, name, minimum=1)
+    finetune_epochs = finetune.epochs if finetune is not None else 0
+    target, methods, seed = config.target, config.methods, config.seed
     say = progress if callable(progress) else ((lambda msg: print(msg, file=sys.stderr)) if progress else None)
 
     original = entry.load()
-    calib = entry.calibration(calib_samples, seed)
+    calib = entry.calibration(config.calib_samples, seed)
     inputs = entry.example_inputs(batch_size)
     dense_metrics = entry.evaluate(original, original)
     metric = "accuracy" if "accuracy" in dense_metrics else next(iter(dense_metrics))
@@ -185,16 +204,14 @@ def sweep(
         metric=metric, dense_metrics=dense_metrics, dense_params=sum(p.numel() for p in original.parameters()),
         dense_latency=None, finetune_epochs=finetune_epochs, threads=threads, batch_size=batch_size,
     )
-    data = entry.finetune_data(64, seed) if finetune_epochs else None
-    if finetune_lr is None:
-        finetune_lr = float((getattr(entry, "extra", None) or {}).get("finetune_lr", 1e-3))
+    data = entry.finetune_data(64, seed) if finetune is not None else None
     for allocator in allocators:
         for budget in budgets:
             start = time.perf_counter()
             try:
-                p = plan(original, budget, target=target, methods=methods, allocator=allocator, calib=calib,
-                         example_inputs=inputs, curve=False, model_name=entry.name,
-                         speedup=speedup if allocator in ("knapsack", "auto") else None)
+                point_config = config.replace(budget=budget, allocator=allocator, curve=False,
+                                              speedup=config.speedup if allocator in ("knapsack", "auto") else None)
+                p = plan(original, point_config, calib=calib, example_inputs=inputs, model_name=entry.name)
                 small = apply(original, p, calib)
             except TensorfoldError as exc:
                 result.points.append(SweepPoint(allocator, budget, None, None, 0, None, {},
@@ -206,10 +223,10 @@ def sweep(
                                entry.evaluate(original, small))
             for lp in p.layers:
                 point.methods_used[lp.method] = point.methods_used.get(lp.method, 0) + 1
-            if finetune_epochs:
+            if finetune is not None:
                 train, val = data
-                small = finetune(small, train, teacher=original, epochs=finetune_epochs, lr=finetune_lr,
-                                 val_data=val, seed=seed, progress=False, output_fn=getattr(entry, "output_fn", None))
+                small = run_finetune(small, train, finetune, teacher=original, val_data=val,
+                                     output_fn=getattr(entry, "output_fn", None))
                 point.metrics_finetuned = entry.evaluate(original, small)
             point.seconds = time.perf_counter() - start
             if latency:

@@ -50,30 +50,11 @@ class FoundLayers:
     skipped: list[SkippedLayer] = field(default_factory=list)
 
 
-def check_methods(methods: Sequence[str] | str) -> tuple[str, ...]:
-    """Validate method names against :data:`tensorfold.nn.METHODS`; a comma-separated string is accepted."""
-    if isinstance(methods, str):
-        methods = [m.strip() for m in methods.split(",") if m.strip()]
-    methods = tuple(methods)
-    if not methods:
-        raise InvalidArgumentError(f"give at least one method; choose from {', '.join(METHODS)}")
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        raise InvalidArgumentError(
-            f"unknown method(s) {', '.join(map(repr, unknown))}; choose from {', '.join(METHODS)}"
-        )
-    return tuple(dict.fromkeys(methods))
-
-
-def _patterns(patterns, name: str) -> tuple[str, ...]:
+def _patterns(patterns) -> tuple[str, ...]:
+    """Patterns as a tuple (already validated by CompressConfig; a single string is one pattern)."""
     if patterns is None:
         return ()
-    if isinstance(patterns, str):
-        patterns = [patterns]
-    out = tuple(str(p) for p in patterns)
-    if any(not p for p in out):
-        raise InvalidArgumentError(f"{name} patterns must not be empty strings")
-    return out
+    return (patterns,) if isinstance(patterns, str) else tuple(patterns)
 
 
 def _matches(name: str, patterns: tuple[str, ...]) -> bool:
@@ -142,8 +123,10 @@ def find_layers(
     """
     if not isinstance(model, nn.Module):
         raise InvalidArgumentError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    methods = check_methods(methods)
-    include_p, exclude_p = _patterns(include, "include"), _patterns(exclude, "exclude")
+    # only layer methods pick layers here; other registered methods (tensorfold.compression.methods)
+    # find their own targets
+    methods = tuple(m for m in methods if m in METHODS)
+    include_p, exclude_p = _patterns(include), _patterns(exclude)
     dense: list[tuple[str, nn.Module]] = []
     inside_factored: set[str] = set()
     for name, module in model.named_modules():

@@ -33,6 +33,7 @@ __all__ = [
     "LatencyTable",
     "METHODS",
     "layer_class_for",
+    "register_method",
 ]
 
 # Layer families in their own modules, imported on first use.
@@ -46,8 +47,9 @@ _LAZY = {
     "LatencyTable": "tensorfold.nn.latency",
 }
 
-# planner method name -> {layer family: (class name, options)}; "linear" covers nn.Linear, "conv" nn.ConvNd.
-METHODS: dict[str, dict[str, tuple[str, dict]]] = {
+# planner method name -> {layer family: (class or class name, options)}; "linear" covers nn.Linear, "conv"
+# nn.ConvNd. Open: register_method adds to it.
+METHODS: dict[str, dict[str, tuple[str | type, dict]]] = {
     "svd": {"linear": ("LowRankLinear", {}), "conv": ("SVDConv", {"scheme": "channel"})},
     "spatial": {"conv": ("SVDConv", {"scheme": "spatial"})},
     "svd-input": {"conv": ("SVDConv", {"scheme": "input"})},
@@ -63,6 +65,22 @@ def __getattr__(name: str):
         globals()[name] = value
         return value
     raise AttributeError(f"module 'tensorfold.nn' has no attribute {name!r}")
+
+
+def register_method(method: str, family: str, cls: type[FactorizedLayer] | str, options: dict | None = None) -> None:
+    """Let planner ``method`` replace layers of ``family`` ("linear" or "conv") by ``cls`` built with ``options``.
+
+    >>> from tensorfold.nn import LowRankLinear
+    >>> register_method("svd-linear-only", "linear", LowRankLinear)
+    >>> layer_class_for("svd-linear-only", nn.Linear(8, 8))[0].__name__
+    'LowRankLinear'
+    >>> del METHODS["svd-linear-only"]
+    """
+    if family not in ("linear", "conv"):
+        raise InvalidArgumentError(f"family must be 'linear' or 'conv', got {family!r}")
+    if not isinstance(method, str) or not method or "," in method or method == "dense":
+        raise InvalidArgumentError(f"a method name is a non-empty string without commas (not 'dense'), got {method!r}")
+    METHODS.setdefault(method, {})[family] = (cls, dict(options or {}))
 
 
 def layer_class_for(method: str, layer: nn.Module) -> tuple[type[FactorizedLayer], dict] | None:
@@ -83,8 +101,9 @@ def layer_class_for(method: str, layer: nn.Module) -> tuple[type[FactorizedLayer
     entry = METHODS[method].get(family)
     if entry is None:
         return None
-    name, opts = entry
-    cls = globals()[name] if name in globals() else __getattr__(name)
+    cls, opts = entry
+    if isinstance(cls, str):
+        cls = globals()[cls] if cls in globals() else __getattr__(cls)
     try:
         cls.check_layer(layer, **opts)
     except TensorfoldError:

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tensorfold.core.modules import eval_mode
 from tensorfold.errors import FileFormatError, InvalidArgumentError
 from tensorfold.zoo.vision_data import Batches, ImageSet, Splits, load_split
 from tensorfold.zoo.vision_models import digits_cnn, resnet20
@@ -91,9 +92,7 @@ def spec(name: str) -> VisionSpec:
 @torch.no_grad()
 def accuracy(model: nn.Module, data: ImageSet, batch_size: int = 500) -> float:
     """Top-1 accuracy of ``model`` on ``data`` in eval mode (the model's mode is restored afterwards)."""
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
+    with eval_mode(model):
         param = next(model.parameters(), None)
         device = param.device if param is not None else torch.device("cpu")
         dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
@@ -101,9 +100,6 @@ def accuracy(model: nn.Module, data: ImageSet, batch_size: int = 500) -> float:
         for images, labels in data.batches(batch_size):
             logits = model(images.to(device=device, dtype=dtype))
             correct += int((logits.argmax(dim=1).cpu() == labels).sum())
-    finally:
-        for module, mode in modes.items():
-            module.training = mode
     return correct / max(1, len(data))
 
 

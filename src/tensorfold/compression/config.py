@@ -1,0 +1,268 @@
+"""The settings of a compression, checked once: :class:`CompressConfig` (and :class:`FinetuneConfig`).
+
+In the spirit of PEFT's ``LoraConfig``: a frozen dataclass validated in ``__post_init__`` with
+tensorfold's exceptions, serialised with the result (a :class:`~tensorfold.compression.plan.Plan`
+stores its config in ``plan.json``) and passed whole to the entry points: ``tensorfold.plan(model,
+config)``, ``tensorfold.compress(model, config)``, ``sweep``, ``iterative_compress``. Keyword
+arguments of those entry points build the config (``tensorfold.plan(model, budget=0.3)``); nothing
+below them checks a setting again.
+
+>>> from tensorfold.compression.config import CompressConfig
+>>> cfg = CompressConfig(budget=0.3, methods="svd,tucker", exclude="head")
+>>> cfg.methods, cfg.exclude
+(('svd', 'tucker'), ('head',))
+>>> CompressConfig.from_json(cfg.to_json()) == cfg
+True
+>>> CompressConfig(budget=1.5)
+Traceback (most recent call last):
+...
+tensorfold.errors.InvalidArgumentError: budget must be a fraction in (0, 1], got 1.5
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+from typing import Any
+
+from tensorfold.compression.methods import known_methods
+from tensorfold.core.validate import check_choice, check_count, check_positive
+from tensorfold.errors import FileFormatError, InvalidArgumentError
+
+TARGETS = ("params", "flops", "latency")
+ALLOCATORS = ("uniform", "energy", "balanced", "knapsack", "auto")
+# each applies where it can; methods registered later (tensorfold.compression.methods) are opt-in
+DEFAULT_METHODS = ("svd", "svd-input", "spatial", "tucker", "cp", "tt")
+
+
+def check_budget(budget, name: str = "budget") -> float:
+    """A budget: a fraction in (0, 1]."""
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or math.isnan(budget) or not 0 < budget <= 1:
+        raise InvalidArgumentError(f"{name} must be a fraction in (0, 1], got {budget!r}")
+    return float(budget)
+
+
+def check_flag(value, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise InvalidArgumentError(f"{name} must be True or False, got {value!r}")
+    return value
+
+
+def check_methods(methods: Sequence[str] | str) -> tuple[str, ...]:
+    """Method names as a tuple (a comma-separated string is accepted), checked against the registry
+    (:func:`tensorfold.compression.methods.known_methods`); duplicates dropped, order kept."""
+    if isinstance(methods, str):
+        methods = [m.strip() for m in methods.split(",") if m.strip()]
+    try:
+        methods = tuple(methods)
+    except TypeError:
+        raise InvalidArgumentError(f"methods must be a sequence of method names, got {methods!r}") from None
+    known = known_methods()
+    if not methods:
+        raise InvalidArgumentError(f"give at least one method; choose from {', '.join(known)}")
+    unknown = [m for m in methods if m not in known]
+    if unknown:
+        raise InvalidArgumentError(f"unknown method(s) {', '.join(map(repr, unknown))}; choose from {', '.join(known)}")
+    return tuple(dict.fromkeys(methods))
+
+
+def check_patterns(patterns, name: str) -> tuple[str, ...] | None:
+    """Layer-name patterns (one string or several) as a tuple; None or empty means none."""
+    if patterns is None:
+        return None
+    if isinstance(patterns, str):
+        patterns = [patterns]
+    try:
+        out = tuple(patterns)
+    except TypeError:
+        raise InvalidArgumentError(f"{name} must be a pattern or a sequence of patterns, got {patterns!r}") from None
+    if any(not isinstance(p, str) or not p for p in out):
+        raise InvalidArgumentError(f"{name} patterns must be non-empty strings, got {out!r}")
+    return out or None
+
+
+def check_speedup(speedup) -> float | None:
+    if speedup is None:
+        return None
+    if isinstance(speedup, bool) or not isinstance(speedup, (int, float)) or not 0 < speedup < 100:
+        raise InvalidArgumentError(f"speedup must be a number > 0 (e.g. 1.3), got {speedup!r}")
+    return float(speedup)
+
+
+class _Settings:
+    """Serialisation and keyword-building shared by the config classes (JSON-friendly fields only)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: list(v) if isinstance(v := getattr(self, f.name), tuple) else v for f in fields(self)}
+
+    def to_json(self, indent: int | None = 1) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        """The config of ``d`` (unknown keys are an error: a file from a newer version is not guessed at)."""
+        if not isinstance(d, dict):
+            raise FileFormatError(f"a {cls.__name__} is a JSON object, got {type(d).__name__}")
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise FileFormatError(f"{cls.__name__} has no setting(s) {', '.join(unknown)}")
+        return cls(**d)
+
+    @classmethod
+    def from_json(cls, text: str):
+        try:
+            return cls.from_dict(json.loads(text))
+        except json.JSONDecodeError as exc:
+            raise FileFormatError(f"{cls.__name__} is not valid JSON: {exc}") from None
+
+    def replace(self, **changes):
+        """A copy with ``changes`` (validated like a new config)."""
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def build(cls, config=None, **settings):
+        """``config`` (a config, or None for the defaults) with ``settings`` replaced: what the keyword
+        entry points do with their arguments. Unknown settings are an InvalidArgumentError."""
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(settings) - names)
+        if unknown:
+            raise InvalidArgumentError(
+                f"unknown {cls.__name__} setting(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}")
+        if config is None:
+            return cls(**settings)
+        if not isinstance(config, cls):
+            raise InvalidArgumentError(f"config must be a {cls.__name__}, got {type(config).__name__}")
+        return dataclasses.replace(config, **settings) if settings else config
+
+
+@dataclass(frozen=True)
+class CompressConfig(_Settings):
+    """What to compress, how far and how; validated when built (bad values raise InvalidArgumentError).
+
+    budget: fraction in (0, 1] of the covered layers' ``target`` cost to keep.
+    target: "params", "flops" or "latency" (FLOPs and latency need an input shape: calibration
+        batches, ``example_inputs`` or ``input_shape``).
+    methods: planner methods (see :func:`tensorfold.compression.methods.known_methods`), each applied
+        where it can; a comma-separated string is accepted.
+    allocator: "uniform", "energy", "balanced", "knapsack" or "auto" (= knapsack).
+    include, exclude: shell-style patterns on layer names (an include pattern matching nothing is an error).
+    no_slower: never choose a factorisation predicted slower than its dense layer.
+    speedup: also reach this measured whole-model speedup (e.g. 1.3; knapsack only).
+    sensitivity: measure each layer's sensitivity on the calibration batches (when given).
+    curve: record the predicted objective at a range of budgets in the plan.
+    calib_samples: calibration samples a job draws (CLI ``--calib``; 0: weight-only fitting).
+    seed: seed of the calibration sampling (and of fine-tuning in a job).
+    correct_upstream, ridge: calibrated fitting (see :func:`tensorfold.apply`).
+    """
+
+    budget: float = 0.5
+    target: str = "params"
+    methods: tuple[str, ...] = DEFAULT_METHODS
+    allocator: str = "auto"
+    include: tuple[str, ...] | None = None
+    exclude: tuple[str, ...] | None = None
+    no_slower: bool = False
+    speedup: float | None = None
+    sensitivity: bool = True
+    curve: bool = True
+    calib_samples: int = 128
+    seed: int = 0
+    correct_upstream: bool = False
+    ridge: float = 1e-6
+
+    def __post_init__(self):
+        put = object.__setattr__  # frozen: canonical forms are stored once, here
+        put(self, "budget", check_budget(self.budget))
+        check_choice(self.target, "target", TARGETS)
+        put(self, "methods", check_methods(self.methods))
+        check_choice(self.allocator, "allocator", ALLOCATORS)
+        put(self, "include", check_patterns(self.include, "include"))
+        put(self, "exclude", check_patterns(self.exclude, "exclude"))
+        check_flag(self.no_slower, "no_slower")
+        put(self, "speedup", check_speedup(self.speedup))
+        check_flag(self.sensitivity, "sensitivity")
+        check_flag(self.curve, "curve")
+        put(self, "calib_samples", check_count(self.calib_samples, "calib_samples"))
+        put(self, "seed", check_count(self.seed, "seed"))
+        check_flag(self.correct_upstream, "correct_upstream")
+        put(self, "ridge", check_positive(self.ridge, "ridge", allow_zero=True))
+        if self.speedup is not None and self.allocator not in ("knapsack", "auto"):
+            raise InvalidArgumentError(f"speedup needs allocator 'knapsack' (or 'auto'), got {self.allocator!r}")
+
+    @classmethod
+    def of(cls, config=None, **settings) -> CompressConfig:
+        """The config an entry point's arguments mean: ``config`` (a CompressConfig, a number = the
+        budget, or None) amended by keyword ``settings``.
+
+        >>> CompressConfig.of(0.3, methods="svd").budget
+        0.3
+        """
+        if config is None or isinstance(config, cls):
+            return cls.build(config, **settings)
+        if isinstance(config, bool) or not isinstance(config, (int, float)):
+            raise InvalidArgumentError(f"config must be a CompressConfig or a budget, got {type(config).__name__}")
+        if "budget" in settings:
+            raise InvalidArgumentError("budget given twice (as config and as budget=)")
+        return cls.build(None, budget=config, **settings)
+
+    @property
+    def resolved_allocator(self) -> str:
+        """The allocator that runs ("auto" is the knapsack)."""
+        return "knapsack" if self.allocator == "auto" else self.allocator
+
+
+DISTILL_MODES = ("logits", "features")
+DISTILL_LOSSES = ("kl", "mse", "cosine")
+
+
+@dataclass(frozen=True)
+class FinetuneConfig(_Settings):
+    """Fine-tuning settings (in the spirit of transformers' ``TrainingArguments``); see
+    :func:`tensorfold.finetune` for what each does.
+
+    >>> FinetuneConfig(epochs=3, lr=1e-4).lr
+    0.0001
+    >>> FinetuneConfig(alpha=2.0)
+    Traceback (most recent call last):
+    ...
+    tensorfold.errors.InvalidArgumentError: alpha must lie in [0, 1], got 2.0
+    """
+
+    epochs: int = 1
+    lr: float = 1e-3
+    distill: str | None = "logits"
+    alpha: float = 0.5
+    temperature: float = 2.0
+    distill_loss: str = "kl"
+    feature_layers: tuple[str, ...] | None = None
+    feature_weight: float = 1.0
+    patience: int | None = 2
+    seed: int = 0
+    weight_decay: float = 0.0
+    max_steps: int | None = None
+    progress: bool = True
+
+    def __post_init__(self):
+        put = object.__setattr__
+        put(self, "epochs", check_count(self.epochs, "epochs", minimum=1))
+        put(self, "lr", check_positive(self.lr, "lr"))
+        if self.distill is not None:
+            check_choice(self.distill, "distill", DISTILL_MODES)
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not 0.0 <= self.alpha <= 1.0:
+            raise InvalidArgumentError(f"alpha must lie in [0, 1], got {self.alpha!r}")
+        put(self, "alpha", float(self.alpha))
+        put(self, "temperature", check_positive(self.temperature, "temperature"))
+        check_choice(self.distill_loss, "distill_loss", DISTILL_LOSSES)
+        put(self, "feature_layers", check_patterns(self.feature_layers, "feature_layers"))
+        put(self, "feature_weight", check_positive(self.feature_weight, "feature_weight", allow_zero=True))
+        if self.patience is not None:
+            put(self, "patience", check_count(self.patience, "patience", minimum=1))
+        put(self, "seed", check_count(self.seed, "seed"))
+        put(self, "weight_decay", check_positive(self.weight_decay, "weight_decay", allow_zero=True))
+        if self.max_steps is not None:
+            put(self, "max_steps", check_count(self.max_steps, "max_steps", minimum=1))
+        check_flag(self.progress, "progress")
