@@ -1,0 +1,164 @@
+"""Tucker from a single streaming pass: the randomized sketches of Sun, Guo, Luo, Tropp and Udell.
+
+"Low-rank Tucker approximation of a tensor from streaming data" (SIAM J. Math. Data Sci. 2020). Two
+linear sketches of X are kept, so every block of X adds its contribution once, in any order, on any
+worker, and storage is proportional to the output, not to X:
+
+* a *factor sketch* per mode, ``V_n = unfold(X, n) @ Omega_n`` (``I_n x k``), with ``Omega_n`` the
+  Khatri-Rao product of small Gaussian matrices of the other modes (their "tensor random projection":
+  ``d`` matrices of ``I_m x k`` numbers instead of one of ``prod(I_m) x k``);
+* a *core sketch* ``H = X x_1 Phi_1 x_2 ... x_d Phi_d`` with Gaussian ``Phi_n`` of shape ``s x I_n``.
+
+One pass: ``Q_n = qr(V_n)`` spans the range of each unfolding, and the core is recovered from the core
+sketch by least squares, ``W = H x_n pinv(Phi_n Q_n)``; a (ST-)HOSVD of the small ``W`` truncates to the
+requested ranks. Two passes (``passes=2``): the second pass forms the exact core ``W = X x_n Q_n^T``, which
+makes the error ``||X||^2 - ||G||^2`` exact and is close to HOOI's (the paper's two-pass algorithm).
+Defaults follow the paper: ``k = 2 r + 1`` and ``s = 2 k + 1`` per mode, capped by the mode size.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+
+from tensorfold.core.mttkrp import mttkrp
+from tensorfold.core.tenalg import multi_mode_dot
+from tensorfold.core.validate import check_ranks, make_generator, randn
+from tensorfold.decomp.blocks import BlockedTensor, as_blocked, map_reduce
+from tensorfold.decomp.results import FitInfo, TuckerTensor
+from tensorfold.errors import InvalidArgumentError
+
+
+class _SketchBlock:
+    """``fn(slices, block)`` for :func:`map_reduce`: the block's share of ``||X||^2``, every factor sketch
+    and the core sketch (float64 accumulators; picklable for Dask workers)."""
+
+    def __init__(self, shape, omegas, phis):
+        self.shape, self.omegas, self.phis = shape, omegas, phis
+
+    def __call__(self, slices, B):
+        out = [(B.double() ** 2).sum()]
+        sub = [om[s].to(B.dtype) for om, s in zip(self.omegas, slices)]
+        for n, s in enumerate(slices):
+            V = torch.zeros(self.shape[n], sub[0].shape[1], dtype=torch.float64)
+            V[s] = mttkrp(B, sub, n).double()
+            out.append(V)
+        out.append(multi_mode_dot(B, [phi[:, s].to(B.dtype) for phi, s in zip(self.phis, slices)]).double())
+        return out
+
+
+class _ProjectBlock:
+    """The block's share of the exact core ``X x_n Q_n^T`` (second pass)."""
+
+    def __init__(self, bases):
+        self.bases = bases
+
+    def __call__(self, slices, B):
+        mats = [Q[s].T.to(B.dtype) for Q, s in zip(self.bases, slices)]
+        return [multi_mode_dot(B, mats).double()]
+
+
+def tucker_sketch(
+    X,
+    ranks: int | Sequence[int],
+    *,
+    k: int | Sequence[int] | None = None,
+    s: int | Sequence[int] | None = None,
+    passes: int = 1,
+    truncate: bool = True,
+    seed: int | torch.Generator | None = 0,
+    chunks: int | Sequence[int] | None = None,
+    scheduler=None,
+    progress: Callable[[int, int], None] | None = None,
+) -> TuckerTensor:
+    """Tucker approximation of ``X`` from one (or two) streaming passes over its blocks.
+
+    Parameters
+    ----------
+    X : a torch tensor or numpy array, a ``.npy`` memmap, a ``dask.array.Array``, a Zarr array, an HDF5
+        dataset, or a path to one of those (see :func:`tensorfold.decomp.blocks.open_tensor`).
+    ranks : Tucker ranks of the result (an int for every mode).
+    k, s : factor- and core-sketch sizes per mode (default ``2 r_n + 1`` and ``2 k_n + 1``, at most ``I_n``).
+    passes : 1 (the single-pass sketch) or 2 (exact core on the sketched subspaces: more accurate).
+    truncate : False keeps the sketch-sized result (ranks ``k_n``) without the final (ST-)HOSVD.
+    seed : seed of the random test matrices (the same seed gives the same answer for every input kind).
+    chunks : block shape for in-memory / memmap inputs, or a rechunking of dask inputs.
+    scheduler : for Dask inputs: None (threads), "synchronous", or a ``dask.distributed.Client``.
+    progress : ``progress(done, total)`` after each block of a serial input.
+
+    Returns a :class:`TuckerTensor` with orthonormal factors. ``info.details`` holds ``norm_sq``
+    (``||X||^2``, from the same pass), the sketch sizes and, for two passes, the exact fit.
+
+    >>> import tensorfold as tf
+    >>> X = tf.testing.random_tucker((30, 31, 32), (3, 3, 3), seed=0).to_tensor()
+    >>> approx = tf.tucker_sketch(X, 3, seed=1)
+    >>> approx.rank, tf.relative_error(X, approx) < 1e-8
+    ((3, 3, 3), True)
+    """
+    start = time.perf_counter()
+    B = as_blocked(X, chunks=chunks, scheduler=scheduler)
+    ranks = check_ranks(ranks, B.shape)
+    if passes not in (1, 2):
+        raise InvalidArgumentError(f"passes must be 1 or 2, got {passes!r}")
+    ks = _sizes(k, [2 * r + 1 for r in ranks], ranks, B.shape, "k")
+    ss = _sizes(s, [2 * kk + 1 for kk in ks], ks, B.shape, "s")
+    gen = make_generator(seed)
+    kmax = max(ks)
+    omegas = [randn(n, kmax, generator=gen, dtype=torch.float64) for n in B.shape]
+    phis = [randn(sn, n, generator=gen, dtype=torch.float64) for sn, n in zip(ss, B.shape)]
+
+    parts = map_reduce(B, _SketchBlock(B.shape, omegas, phis), progress=progress)
+    norm_sq = float(parts[0])
+    bases = [torch.linalg.qr(V[:, :kn])[0] for V, kn in zip(parts[1:-1], ks)]
+    if passes == 1:
+        # Least squares against the core sketch: H = W x_n (Phi_n Q_n) + noise.
+        W = multi_mode_dot(parts[-1], [torch.linalg.pinv(phi @ Q) for phi, Q in zip(phis, bases)])
+    else:
+        (W,) = map_reduce(B, _ProjectBlock(bases), progress=progress)
+    result = _finish(W, bases, ranks if truncate else tuple(W.shape), B.dtype)
+    details = {"k": ks, "s": ss, "passes": passes, "norm_sq": norm_sq, "input": _kind(B)}
+    history: tuple[float, ...] = ()
+    if passes == 2:  # orthonormal factors and the exact projected core: the error is exact
+        core_sq = float((result.core.double() ** 2).sum())
+        history = (1.0 - math.sqrt(max(norm_sq - core_sq, 0.0) / norm_sq) if norm_sq > 0 else 1.0,)
+    info = FitInfo(f"tucker-sketch-{passes}pass", n_iter=passes, converged=True, fit_history=history,
+                   seconds=time.perf_counter() - start, details=details)
+    return TuckerTensor(result.core, result.factors, info)
+
+
+def _finish(W: torch.Tensor, bases, ranks, dtype) -> TuckerTensor:
+    """Truncate the small core ``W`` (on the bases ``Q_n``) to ``ranks`` with ST-HOSVD."""
+    from tensorfold.decomp.tucker import _sthosvd
+
+    ranks = [min(r, n) for r, n in zip(ranks, W.shape)]
+    if list(ranks) != list(W.shape):
+        core, small, _ = _sthosvd(W, ranks)
+        factors = [Q @ U for Q, U in zip(bases, small)]
+    else:
+        core, factors = W, list(bases)
+    return TuckerTensor(core.to(dtype), tuple(f.to(dtype) for f in factors))
+
+
+def _sizes(given, default, lower, shape, name) -> list[int]:
+    if given is None:
+        vals = default
+    elif isinstance(given, int) and not isinstance(given, bool):
+        vals = [given] * len(shape)
+    else:
+        vals = [int(v) for v in given]
+        if len(vals) != len(shape):
+            raise InvalidArgumentError(f"{name} needs {len(shape)} entries, got {len(vals)}")
+    out = []
+    for n, (v, lo, size) in enumerate(zip(vals, lower, shape)):
+        v = min(int(v), int(size))
+        if v < min(lo, size):
+            raise InvalidArgumentError(f"{name}[{n}]={v} must be at least {lo} (the rank it sketches for)")
+        out.append(v)
+    return out
+
+
+def _kind(B: BlockedTensor) -> str:
+    return "dask" if B.is_dask else type(B.data).__name__
