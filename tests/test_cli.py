@@ -221,7 +221,8 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, cube, case):
 @pytest.mark.parametrize("out,overwrite,message", [
     ("o.json", False, "the .json summary is written beside it"),
     ("cube.npy", True, "is the input file; choose another output path"),
-    (".", True, "is a directory"),
+    (".", True, "is the working directory"),
+    ("..", True, "is the working directory"),
 ])
 def test_bad_output_paths(tmp_path, cube, monkeypatch, out, overwrite, message):
     monkeypatch.chdir(tmp_path)

@@ -61,7 +61,7 @@ def test_compress_writes_everything(tmp_path, factory):
     assert "total" in r.output and "quality" in r.output
     import tensorfold as tf
 
-    again = tf.load_compressed(out)  # rebuilt from the factory named in the plan
+    again = tf.load_compressed(out, trust_factory=True)  # rebuilt from the factory named in the plan
     x = torch.randn(5, 24)
     assert again(x).shape == (5, 6)
     # existing directory: refused without --overwrite, left as it was

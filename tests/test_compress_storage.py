@@ -52,10 +52,67 @@ def test_factory_source_is_rebuilt(tmp_path, monkeypatch):
     small, p = tf.compress(model, 0.5, methods=("svd",))
     p.model_name = "tf_store_models:build"
     tf.save_compressed(small, p, tmp_path / "run")
-    again = tf.load_compressed(tmp_path / "run")
+    with pytest.raises(InvalidArgumentError, match="trust_factory=True"):
+        tf.load_compressed(tmp_path / "run")  # a factory named in a file is never run by default
+    again = tf.load_compressed(tmp_path / "run", trust_factory=True)
     x = torch.randn(3, 16)
     assert torch.equal(again(x), small(x))
+    again = tf.load_compressed(tmp_path / "run", factory=model_factory_16)
+    assert torch.equal(again(x), small(x))
     sys.modules.pop("tf_store_models", None)
+
+
+def model_factory_16():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+
+
+@pytest.mark.parametrize("source", ["os:abort", "this:s", "subprocess:getoutput", "tf_store_evil:run"])
+def test_plan_naming_code_is_never_run(tmp_path, monkeypatch, source):
+    """A plan.json naming a function to call is refused; the function is neither imported nor called."""
+    evil = tmp_path / "tf_store_evil.py"
+    evil.write_text(f"open({str(tmp_path / 'ran')!r}, 'w').write('imported')\ndef run():\n    raise SystemExit(9)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    model = model_factory_16()
+    small, p = tf.compress(model, 0.5, methods=("svd",))
+    p.model_name = source
+    tf.save_compressed(small, p, tmp_path / "run")
+    before = set(sys.modules)
+    with pytest.raises(InvalidArgumentError, match=r"trust_factory=True \(--trust-factory"):
+        tf.load_compressed(tmp_path / "run")
+    assert not (tmp_path / "ran").exists()
+    assert "this" not in set(sys.modules) - before and "tf_store_evil" not in sys.modules
+    again = tf.load_compressed(tmp_path / "run", base_model=model)  # the caller's model: fine
+    x = torch.randn(2, 16)
+    assert torch.equal(again(x), small(x))
+
+
+@pytest.mark.parametrize("body, message", [
+    ("def build(width):\n    return None\n", r"needs arguments \(width\)"),
+    ("def build():\n    raise RuntimeError('no GPU here')\n", "raised RuntimeError: no GPU here"),
+    ("def build():\n    return 3\n", "returned a int"),
+])
+def test_bad_factory_is_one_clear_error(tmp_path, monkeypatch, body, message):
+    from tensorfold.compression.storage import call_factory, load_factory
+
+    (tmp_path / "tf_store_bad.py").write_text(body)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    sys.modules.pop("tf_store_bad", None)
+    with pytest.raises(InvalidArgumentError, match=message):
+        call_factory(load_factory("tf_store_bad:build"), "tf_store_bad:build")
+    sys.modules.pop("tf_store_bad", None)
+
+
+def test_weights_that_do_not_fit_name_every_difference(tmp_path):
+    model = model_factory()
+    small, p = tf.compress(model, 0.5, methods=("svd",))
+    tf.save_compressed(small, p, tmp_path / "run")
+    other = model_factory()
+    other[6] = nn.Linear(16, 33)  # one shape differs, the rest fits
+    with pytest.raises(FileFormatError) as info:
+        tf.load_compressed(tmp_path / "run", base_model=other)
+    text = str(info.value)
+    assert "\n" not in text and "of another shape" in text and "(33" in text
 
 
 def test_existing_directory_is_refused_and_kept(tmp_path):
@@ -66,10 +123,17 @@ def test_existing_directory_is_refused_and_kept(tmp_path):
     (out / "keep.txt").write_text("mine")
     with pytest.raises(InvalidArgumentError, match="exists"):
         tf.save_compressed(small, p, out)
+    # a directory tensorfold did not write is never replaced, even with overwrite
+    with pytest.raises(InvalidArgumentError, match="did not write"):
+        tf.save_compressed(small, p, out, overwrite=True)
     assert (out / "keep.txt").read_text() == "mine"
-    tf.save_compressed(small, p, out, overwrite=True)
-    assert not (out / "keep.txt").exists() and (out / PLAN_FILE).is_file()
+    (out / "keep.txt").unlink()
+    tf.save_compressed(small, p, out, overwrite=True)  # empty: fine
+    tf.save_compressed(small, p, out, overwrite=True)  # an earlier result: fine
+    assert sorted(f.name for f in out.iterdir()) == [PLAN_FILE, WEIGHTS_FILE]
     assert [f.name for f in tmp_path.iterdir()] == ["run"]  # no temporary directory left behind
+    modes = {f.name: f.stat().st_mode & 0o777 for f in out.iterdir()}
+    assert len(set(modes.values())) == 1, modes  # one mode for every output file
 
 
 def test_failed_save_writes_nothing(tmp_path):

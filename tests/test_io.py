@@ -166,19 +166,19 @@ def test_atomic_directory_publishes_whole_or_nothing(tmp_path):
 
     target = tmp_path / "run"
     with atomic_directory(target) as tmp:
-        (tmp / "a.txt").write_text("first")
+        (tmp / "plan.json").write_text("first")
         assert not target.exists()
-    assert (target / "a.txt").read_text() == "first"
+    assert (target / "plan.json").read_text() == "first"
     umask = os.umask(0)
     os.umask(umask)
     assert target.stat().st_mode & 0o777 == 0o777 & ~umask  # the usual mode, not mkdtemp's private 0700
     with pytest.raises(InvalidArgumentError, match="already exists"), atomic_directory(target):
         pass
     with pytest.raises(RuntimeError), atomic_directory(target, overwrite=True) as tmp:
-        (tmp / "b.txt").write_text("half")
+        (tmp / "sweep.json").write_text("half")
         raise RuntimeError("interrupted")
-    assert sorted(p.name for p in target.iterdir()) == ["a.txt"]  # the old directory is untouched
+    assert sorted(p.name for p in target.iterdir()) == ["plan.json"]  # the old directory is untouched
     with atomic_directory(target, overwrite=True) as tmp:
-        (tmp / "b.txt").write_text("second")
-    assert sorted(p.name for p in target.iterdir()) == ["b.txt"]
+        (tmp / "sweep.json").write_text("second")
+    assert sorted(p.name for p in target.iterdir()) == ["sweep.json"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no temporary leftovers

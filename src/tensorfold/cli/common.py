@@ -31,9 +31,10 @@ DEBUG_ENV = "TENSORFOLD_DEBUG"
 
 # --- errors -------------------------------------------------------------------------------------
 def report_error(message: str) -> None:
-    """Print ``error: <message>`` on stderr as plain text (no rich markup: messages may hold brackets)."""
-    first_line = " ".join(str(message).split()) or "unknown error"
-    sys.stderr.write(f"error: {first_line}\n")
+    """Print ``error: <message>`` on stderr as one line of plain text (no rich markup: messages may hold
+    brackets); a message of several lines is joined, never cut, so its detail survives."""
+    one_line = " ".join(str(message).split()) or "unknown error"
+    sys.stderr.write(f"error: {one_line}\n")
     sys.stderr.flush()
 
 
@@ -44,13 +45,41 @@ def debug_requested(params: dict[str, Any] | None = None) -> bool:
     return os.environ.get(DEBUG_ENV, "").strip().lower() in {"1", "true", "yes", "on"}
 
 
+def _click_exceptions():
+    """click's exception classes as typer raises them (recent typer vendors click as ``typer._click``)."""
+    try:
+        from typer._click import exceptions
+    except ImportError:
+        from click import exceptions
+    return exceptions
+
+
 class TensorfoldGroup(TyperGroup):
     """The top-level command group: catches errors from any command and reports them in one line.
 
     TensorfoldError -> exit 2 (bad input), KeyboardInterrupt -> exit 130, anything else -> exit 1 with
     a hint to rerun with ``--debug``; ``--debug`` (or TENSORFOLD_DEBUG=1) re-raises with the traceback.
-    Typer's own control flow (usage errors, ``--help``, ``typer.Exit``) passes through untouched.
+    Typer's own control flow (``--help``, ``typer.Exit``) passes through untouched; usage errors (a
+    missing option, ``--budget abc``) become the same one line with exit code 2 instead of click's box.
     """
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        click = _click_exceptions()
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.UsageError as exc:
+            where = f" (see '{exc.ctx.command_path} --help')" if exc.ctx is not None else ""
+            report_error(exc.format_message() + where)
+            sys.exit(EXIT_BAD_INPUT)
+        except click.ClickException as exc:
+            report_error(exc.format_message())
+            sys.exit(exc.exit_code)
+        except typer.Abort:
+            report_error("aborted")
+            sys.exit(EXIT_UNEXPECTED)
+        sys.exit(code if isinstance(code, int) else 0)
 
     def invoke(self, ctx):
         try:
@@ -67,6 +96,12 @@ class TensorfoldGroup(TyperGroup):
                 traceback.print_exc()
             report_error("interrupted")
             raise typer.Exit(EXIT_INTERRUPTED) from None
+        except OSError as exc:  # the machine's state (disk full, permissions), not a bug in tensorfold
+            if debug_requested(ctx.params):
+                raise
+            where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
+            report_error(f"{where}{exc.strerror or exc}")
+            raise typer.Exit(EXIT_BAD_INPUT) from None
         except Exception as exc:
             if debug_requested(ctx.params):
                 raise
@@ -109,37 +144,71 @@ def check_output_path(
     kind: str = "file",
     option: str = "--out",
 ) -> Path:
-    """Refuse an output path that exists (unless ``overwrite``), has the wrong kind, or is an input.
+    """Refuse an output path that exists (unless ``overwrite``), has the wrong kind, is an input, or
+    cannot be written (see :func:`tensorfold.io.check_output`).
 
     Call it before any work, so a refused run writes nothing. ``kind`` is ``"file"`` or ``"dir"``.
     An input is never replaced, even with ``overwrite``.
     """
-    path = Path(path)
-    resolved = path.resolve()
-    for source in inputs:
-        if Path(source).resolve() == resolved:
-            raise InvalidArgumentError(f"{option} {path} is the input file; choose another output path")
-    if path.exists():
-        if kind == "file" and path.is_dir():
-            raise InvalidArgumentError(f"{option} {path} is a directory; give a file path")
-        if kind == "dir" and not path.is_dir():
-            raise InvalidArgumentError(f"{option} {path} is a file; give a directory path")
-        if not overwrite:
-            raise InvalidArgumentError(f"{option} {path} already exists; pass --overwrite to replace it")
-    return path
+    return check_outputs([(path, option, kind)], overwrite=overwrite, inputs=inputs)[0]
+
+
+def check_outputs(
+    outputs: Sequence[tuple[str | os.PathLike | None, str, str]],
+    *,
+    overwrite: bool,
+    inputs: Sequence[str | os.PathLike] = (),
+) -> list[Path]:
+    """The one output-path rule of every command: ``outputs`` are ``(path, what, kind)`` (``None`` paths
+    skipped); no two may be the same file, and each must pass :func:`tensorfold.io.check_output`.
+
+    >>> check_outputs([("r.safetensors", "--out", "file"), ("r.safetensors", "--plot", "file")], overwrite=False)
+    Traceback (most recent call last):
+    ...
+    tensorfold.errors.InvalidArgumentError: --out and --plot both write r.safetensors; give each its own path
+    """
+    from tensorfold.io import check_output
+
+    seen: dict[Path, str] = {}
+    checked = []
+    for path, what, _kind in outputs:
+        if path is None:
+            continue
+        resolved = Path(path).resolve()
+        if resolved in seen:
+            raise InvalidArgumentError(f"{seen[resolved]} and {what} both write {path}; give each its own path")
+        seen[resolved] = what
+    for path, what, kind in outputs:
+        if path is not None:
+            checked.append(check_output(path, overwrite=overwrite, kind=kind, option=what, inputs=inputs))
+    return checked
+
+
+def summary_path_for(out: Path, option: str = "--out") -> Path:
+    """Where the JSON summary of a result file ``out`` goes (beside it); ``out`` itself may not be .json."""
+    if out.name in ("", ".", ".."):
+        raise InvalidArgumentError(f"{option} {out} is the working directory or one of its parents; give a file path")
+    if out.suffix.lower() == ".json":
+        raise InvalidArgumentError(
+            f"{option} {out}: give the result path (e.g. .safetensors); the .json summary is written beside it"
+        )
+    return out.with_suffix(".json")
 
 
 # --- display ------------------------------------------------------------------------------------
-def stdout_console():
+def stdout_console(width: int | None = None):
+    """The console for results. Markup and emoji codes are off: printed text holds user strings (paths,
+    ``module:factory`` names, layer names) that rich would otherwise eat (``x:factory:`` -> an emoji)."""
     from rich.console import Console
 
-    return Console(highlight=False)
+    return Console(highlight=False, markup=False, emoji=False, width=width)
 
 
 def stderr_console():
+    """The console for progress and log lines (markup and emoji off, as :func:`stdout_console`)."""
     from rich.console import Console
 
-    return Console(stderr=True, highlight=False)
+    return Console(stderr=True, highlight=False, markup=False, emoji=False)
 
 
 def format_value(value: Any) -> str:
@@ -163,14 +232,15 @@ def format_value(value: Any) -> str:
 
 def print_key_value_table(title: str, rows: Iterable[tuple[str, Any]], console=None) -> None:
     """A two-column table (field, value) on stdout."""
-    from rich.markup import escape
     from rich.table import Table
+    from rich.text import Text
 
-    table = Table(title=title, show_header=False, title_justify="left")
+    # Text objects are never parsed for markup, whatever the console: user strings print as they are
+    table = Table(title=Text(title), show_header=False, title_justify="left")
     table.add_column("field", style="bold")
     table.add_column("value", overflow="fold")
     for key, value in rows:
-        table.add_row(escape(key), escape(format_value(value)))
+        table.add_row(Text(key), Text(format_value(value)))
     (console or stdout_console()).print(table)
 
 
@@ -178,16 +248,16 @@ def print_records_table(
     title: str, columns: Sequence[str], records: Iterable[dict[str, Any]], console=None
 ) -> None:
     """A table with one row per record; ``columns`` are record keys (numbers right-aligned)."""
-    from rich.markup import escape
     from rich.table import Table
+    from rich.text import Text
 
     records = list(records)
-    table = Table(title=title, title_justify="left")
+    table = Table(title=Text(title), title_justify="left")
     for name in columns:
         numeric = all(isinstance(r.get(name), (int, float)) and not isinstance(r.get(name), bool) for r in records)
-        table.add_column(escape(name), justify="right" if numeric and records else "left")
+        table.add_column(Text(name), justify="right" if numeric and records else "left")
     for record in records:
-        table.add_row(*(escape(format_value(record.get(name))) for name in columns))
+        table.add_row(*(Text(format_value(record.get(name))) for name in columns))
     (console or stdout_console()).print(table)
 
 
@@ -255,5 +325,6 @@ def publish_result(
         ("seconds", summary["seconds"]),
         ("dtype / device", f"{summary['dtype']} / {summary['device']}"),
         ("saved", f"{out} (summary: {summary_path})"),
+        *(("warning", w) for w in summary.get("warnings", ())),
     ]
     print_key_value_table(title, rows, console=stdout_console())

@@ -64,7 +64,7 @@ def decompose_observed(input_path: Path, *, method: str, rank: str | None, mask_
     """
     import tensorfold
     from tensorfold import __version__
-    from tensorfold.cli.common import check_output_path, parse_rank
+    from tensorfold.cli.common import check_outputs, parse_rank, summary_path_for
     from tensorfold.cli.decompose import DEVICES, DTYPES
 
     check_option_choice(method, "--method (with --mask/--coo)", COMPLETION_METHODS)
@@ -82,13 +82,10 @@ def decompose_observed(input_path: Path, *, method: str, rank: str | None, mask_
         raise InvalidArgumentError(f"--max-iter must be a positive integer, got {max_iter}")
     if tol is not None and not tol >= 0:
         raise InvalidArgumentError(f"--tol must be >= 0, got {tol}")
-    if out.suffix.lower() == ".json":
-        raise InvalidArgumentError(f"--out {out}: give the result path (e.g. .safetensors); the .json summary "
-                                   "is written beside it")
     inputs = [input_path] + ([mask_path] if mask_path is not None else [])
-    summary_path = out.with_suffix(".json")
-    check_output_path(out, overwrite=overwrite, inputs=inputs)
-    check_output_path(summary_path, overwrite=overwrite, inputs=inputs)
+    summary_path = summary_path_for(out)
+    check_outputs([(out, "--out", "file"), (summary_path, "the summary beside --out", "file")],
+                  overwrite=overwrite, inputs=inputs)
     model, algorithm = COMPLETION_METHODS[method]
     if model == "cp" and isinstance(rank, tuple):
         raise RankError(f"method {method!r} takes a single --rank, got {','.join(map(str, rank))}")

@@ -81,13 +81,12 @@ def compress(
 
     import sys
 
-    from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from tensorfold.compression.job import run_job
 
     # a pipe or a log file gets a wide table instead of one folded into 80 columns
-    console = stdout_console() if sys.stdout.isatty() else Console(highlight=False, width=150)
+    console = stdout_console() if sys.stdout.isatty() else stdout_console(width=150)
     err = stderr_console()
     progress = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                         TimeElapsedColumn(), console=err, transient=True)

@@ -12,6 +12,7 @@ method to the CLI is one ``register_method(Method(...))`` call with a function
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -22,11 +23,12 @@ import typer
 
 from tensorfold.cli.common import (
     check_option_choice,
-    check_output_path,
+    check_outputs,
     fit_progress,
     parse_rank,
     print_key_value_table,
     publish_result,
+    summary_path_for,
 )
 from tensorfold.errors import InvalidArgumentError, InvalidTensorError, RankError
 
@@ -247,6 +249,23 @@ def run_method(name: str, X, options: FitOptions, *, source: str = "the input") 
     return method.fit(X, options)
 
 
+def rank_clipping(method: str, requested, result, shape: tuple[int, ...]) -> str | None:
+    """A warning when a TT ``--rank`` above what the shape allows was lowered to the largest possible
+    ranks (TT-SVD clips bond ranks silently; every other method refuses such a rank)."""
+    if method != "tt" or requested is None:
+        return None
+    bonds = tuple(result.rank)[1:-1]
+    asked = (requested,) * len(bonds) if isinstance(requested, int) else tuple(requested)
+    if len(asked) != len(bonds) or all(a <= b for a, b in zip(asked, bonds)):
+        return None
+    limits = tuple(min(math.prod(shape[:k + 1]), math.prod(shape[k + 1:])) for k in range(len(bonds)))
+    if not any(a > lim for a, lim in zip(asked, limits)):
+        return None
+    shown = requested if isinstance(requested, int) else ",".join(map(str, requested))
+    return (f"--rank {shown} exceeds what a {'x'.join(map(str, shape))} tensor allows; clipped to bond ranks "
+            f"{result.rank} (at most {limits})")
+
+
 def summarize(X, result: Decomposition, wall_seconds: float) -> dict[str, Any]:
     """Quality and size figures of ``result`` as an approximation of ``X`` (JSON-friendly)."""
     import tensorfold
@@ -343,13 +362,9 @@ def decompose(
     if dtype is not None:
         check_option_choice(dtype, "--dtype", DTYPES)
     check_option_choice(device, "--device", DEVICES)
-    if out.suffix.lower() == ".json":
-        raise InvalidArgumentError(
-            f"--out {out}: give the result path (e.g. .safetensors); the .json summary is written beside it"
-        )
-    check_output_path(out, overwrite=overwrite, inputs=[input_path])
-    summary_path = out.with_suffix(".json")
-    check_output_path(summary_path, overwrite=overwrite, inputs=[input_path])
+    summary_path = summary_path_for(out)
+    check_outputs([(out, "--out", "file"), (summary_path, "the summary beside --out", "file")],
+                  overwrite=overwrite, inputs=[input_path])
 
     raw = load_array(input_path, key)
     source = str(input_path) if key is None else f"{input_path}[{key}]"
@@ -378,6 +393,9 @@ def decompose(
         "output": str(out),
         "tensorfold_version": __version__,
     }
+    clipped = rank_clipping(method, options.rank, result, tuple(X.shape))
+    if clipped:
+        summary["warnings"] = [clipped]
     publish_result(
         result, summary, out=out, summary_path=summary_path, started=started, as_json=as_json,
         title=f"tensorfold decompose: {method}",
@@ -400,15 +418,19 @@ Examples:
 
 
 def info(
-    path: Path = typer.Argument(..., metavar="FILE", help="A result saved by tensorfold (.safetensors)."),
+    path: Path = typer.Argument(..., metavar="FILE",
+                                help="A result saved by tensorfold (.safetensors), or a compress output directory."),
     as_json: bool = typer.Option(False, "--json", help="Print the stored header as JSON."),
 ) -> None:
-    """Describe a saved decomposition from its header (type, shape, rank, size, how it was fitted).
+    """Describe a saved decomposition from its header (type, shape, rank, size, how it was fitted), or a
+    compress output directory (plan totals, quality, weights) and its weights.safetensors.
 
     Only the header is read, so this is instant even for large files.
     """
     from tensorfold.decomp.results import read_header
 
+    if path.is_dir() or _compressed_weights(path):
+        return describe_compressed(path, as_json)
     header = read_header(path)
     if as_json:
         typer.echo(json.dumps(header, indent=2))
@@ -432,6 +454,83 @@ def info(
     ]
     details = fit.get("details") or {}
     rows += [(f"detail: {k}", v if isinstance(v, (int, float, str, list)) else str(v)) for k, v in details.items()]
+    print_key_value_table(f"tensorfold result: {path}", rows)
+
+
+def _compressed_weights(path: Path) -> bool:
+    """True for the ``weights.safetensors`` of a ``tensorfold compress`` directory (its metadata says so)."""
+    if path.suffix != ".safetensors" or not path.is_file():
+        return False
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return (f.metadata() or {}).get("format") == "tensorfold-compressed"
+    except Exception:  # not readable: let read_header report it
+        return False
+
+
+def describe_compressed(path: Path, as_json: bool) -> None:
+    """``tensorfold info`` on a compress output directory or its ``weights.safetensors``: the plan's totals,
+    the recorded quality and speed, and the weights (tensor count, parameters, dtypes); nothing is run."""
+    from safetensors import safe_open
+
+    from tensorfold.compression.storage import PLAN_FILE, WEIGHTS_FILE, read_metrics, read_plan
+    from tensorfold.errors import FileFormatError
+
+    directory = path if path.is_dir() else path.parent
+    weights = path if not path.is_dir() else path / WEIGHTS_FILE
+    has_plan = (directory / PLAN_FILE).is_file()
+    if path.is_dir() and not has_plan:
+        raise FileFormatError(f"{path}: a directory without {PLAN_FILE}, not a tensorfold compress result")
+    info: dict[str, Any] = {"path": str(path)}
+    if has_plan:
+        plan = read_plan(directory)
+        tot = plan.totals()
+        info["plan"] = {"model": plan.model_name, "allocator": plan.allocator, "budget": plan.budget,
+                        "target": plan.target, "calibrated": plan.calibrated, "layers": tot["layers"],
+                        "factored": tot["factored"], "skipped": tot["skipped"],
+                        "params_fraction": tot["params_fraction"], "model_params": tot["model_params"],
+                        "model_params_after": tot["model_params_after"],
+                        "methods": sorted({lp.method for lp in plan.layers if lp.factored})}
+        metrics = read_metrics(directory)
+        for key in ("quality", "speed", "finetune"):
+            if metrics.get(key):
+                info[key] = metrics[key]
+    if weights.is_file():
+        try:
+            with safe_open(str(weights), framework="pt") as f:
+                names = list(f.keys())
+                shapes = [f.get_slice(k).get_shape() for k in names]
+                dtypes = sorted({str(f.get_slice(k).get_dtype()) for k in names})
+        except Exception as exc:
+            raise FileFormatError(f"{weights}: not a readable safetensors file ({exc})") from None
+        n = sum(math.prod(s) for s in shapes)
+        info["weights"] = {"file": str(weights), "tensors": len(names), "values": n, "dtypes": dtypes,
+                           "bytes": weights.stat().st_size}
+    if as_json:
+        typer.echo(json.dumps(info, indent=2))
+        return
+    rows: list[tuple[str, Any]] = [("type", "compressed model (tensorfold compress)")]
+    if "plan" in info:
+        pl = info["plan"]
+        rows += [("model", pl["model"]), ("plan", f"{pl['allocator']}, budget {pl['budget']:g} of {pl['target']}, "
+                                                  f"{'calibrated' if pl['calibrated'] else 'weight-only'}"),
+                 ("layers", f"{pl['factored']} of {pl['layers']} factored, {pl['skipped']} skipped"),
+                 ("methods", ", ".join(pl["methods"]) or "-"),
+                 ("parameters", f"{pl['model_params_after']:,} of {pl['model_params']:,} "
+                                f"({pl['model_params_after'] / max(pl['model_params'], 1):.3f})")]
+    for key, value in (info.get("quality") or {}).items():
+        rows.append((f"quality: {key}", value))
+    if "speed" in info:
+        sp = info["speed"]
+        rows.append(("measured speedup", f"{sp.get('speedup_median', sp.get('speedup')):.2f}x"))
+    if "weights" in info:
+        w = info["weights"]
+        rows.append(("weights", f"{w['file']}: {w['tensors']} tensors, {w['values']:,} values, "
+                                f"{', '.join(w['dtypes'])}, {w['bytes']:,} bytes"))
+    rows.append(("load it", "tensorfold.load_compressed(DIR, base_model=...) "
+                            "(the model is rebuilt; a user factory runs only with trust_factory=True)"))
     print_key_value_table(f"tensorfold result: {path}", rows)
 
 

@@ -12,10 +12,11 @@ import typer
 
 from tensorfold.cli.common import (
     check_option_choice,
-    check_output_path,
+    check_outputs,
     print_key_value_table,
     print_records_table,
     stdout_console,
+    summary_path_for,
 )
 from tensorfold.errors import InvalidArgumentError
 
@@ -72,11 +73,9 @@ def rank(
         raise InvalidArgumentError("--method tt needs exactly one of --eps or --budget")
     if max_rank <= 0:
         raise InvalidArgumentError(f"--max-rank must be positive, got {max_rank}")
-    for path in (out, plot):
-        if path is not None:
-            check_output_path(path, overwrite=overwrite, inputs=[input_path])
-    if out is not None:
-        check_output_path(out.with_suffix(".json"), overwrite=overwrite, inputs=[input_path])
+    summary_path = summary_path_for(out) if out is not None else None
+    check_outputs([(out, "--out", "file"), (summary_path, "the summary beside --out", "file"),
+                   (plot, "--plot", "file")], overwrite=overwrite, inputs=[input_path])
 
     import tensorfold
     from tensorfold.decomp.rank_selection import core_size, tucker_core_shape
@@ -128,7 +127,7 @@ def rank(
         summary["output"] = str(out)
     summary["seconds"] = time.perf_counter() - started
     if out is not None:
-        write_text_atomic(out.with_suffix(".json"), json.dumps(summary, indent=2) + "\n")
+        write_text_atomic(summary_path, json.dumps(summary, indent=2) + "\n")
 
     if as_json:
         typer.echo(json.dumps(summary, indent=2))

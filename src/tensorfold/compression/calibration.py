@@ -62,7 +62,21 @@ def materialize(calib, name: str = "calib") -> list:
             )
         if isinstance(batch, (tuple, list)) and (not batch or not isinstance(batch[0], (torch.Tensor, Mapping))):
             raise InvalidArgumentError(f"{name} batch {i}: a tuple batch needs the input tensor as its first item")
+        _check_finite(batch, f"{name} batch {i}")
     return batches
+
+
+def _check_finite(batch, what: str) -> None:
+    # a NaN/Inf batch poisons every Gram matrix and sensitivity silently: refuse it by name
+    if isinstance(batch, torch.Tensor):
+        if (batch.is_floating_point() or batch.is_complex()) and not bool(torch.isfinite(batch).all()):
+            raise InvalidArgumentError(f"{what} holds NaN or Inf values; calibration data must be finite")
+    elif isinstance(batch, Mapping):
+        for key, value in batch.items():
+            _check_finite(value, f"{what} [{key!r}]")
+    elif isinstance(batch, (tuple, list)):
+        for j, value in enumerate(batch):
+            _check_finite(value, f"{what} item {j}")
 
 
 def takes_dict(model: nn.Module, batch: Mapping) -> bool:

@@ -26,10 +26,10 @@ from tensorfold.compression.calibration import materialize
 from tensorfold.compression.config import CompressConfig, FinetuneConfig, check_budget
 from tensorfold.compression.evaluate import count_params, measure_speedup, output_fidelity
 from tensorfold.compression.plan import Plan
-from tensorfold.compression.storage import load_factory, write_compressed
+from tensorfold.compression.storage import call_factory, load_factory, load_state, write_compressed
 from tensorfold.core.validate import check_count
 from tensorfold.errors import FileFormatError, InvalidArgumentError
-from tensorfold.io import atomic_directory
+from tensorfold.io import atomic_directory, check_output
 
 
 @dataclass
@@ -72,10 +72,7 @@ def load_weights(model: nn.Module, path: str) -> None:
         state = state["state_dict"]
     if not isinstance(state, dict):
         raise FileFormatError(f"{p}: expected a state dict, found {type(state).__name__}")
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as exc:
-        raise FileFormatError(f"{p} does not fit the model: {str(exc).splitlines()[0]}") from None
+    load_state(model, state, str(p))
 
 
 def resolve_model(spec: str, weights: str | None = None) -> ModelSource:
@@ -92,10 +89,7 @@ def resolve_model(spec: str, weights: str | None = None) -> ModelSource:
         raise InvalidArgumentError(
             f"--model {spec!r} is neither a built-in model ({', '.join(zoo.names())}) nor 'module:factory'"
         )
-    factory = load_factory(spec)
-    model = factory()
-    if not isinstance(model, nn.Module):
-        raise InvalidArgumentError(f"{spec} returned a {type(model).__name__}, not a torch.nn.Module")
+    model = call_factory(load_factory(spec), spec)
     if weights:
         load_weights(model, weights)
     module = __import__(spec.partition(":")[0], fromlist=["_"])
@@ -182,10 +176,9 @@ def run_job(
     if options.data is not None and finetune is None:
         raise InvalidArgumentError("--data is only used with --finetune-epochs N")
     out_path, overwrite = options.out, options.overwrite
-    if out_path is not None and out_path.exists() and not overwrite:
-        raise InvalidArgumentError(f"--out {out_path} already exists; pass --overwrite to replace it")
-    if out_path is not None and out_path.exists() and not out_path.is_dir():
-        raise InvalidArgumentError(f"--out {out_path} is a file; give a directory path")
+    # refuse an output that cannot be written before minutes of work, not after
+    if out_path is not None:
+        check_output(out_path, overwrite=overwrite, kind="dir")
 
     t0 = time.perf_counter()
     source = model if isinstance(model, ModelSource) else resolve_model(model, options.weights)
