@@ -17,6 +17,7 @@ from tensorfold.compression.finetune import (
 )
 from tensorfold.errors import InvalidArgumentError, ShapeError
 from tensorfold.nn import LowRankLinear
+from tensorfold.nn.base import DenseSpec
 from tensorfold.zoo.vision import VisionTask, accuracy
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -88,7 +89,7 @@ def test_feature_distillation_taps_the_replaced_layers():
     gen = torch.Generator().manual_seed(2)
     teacher = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
     student = copy.deepcopy(teacher)
-    student[0] = LowRankLinear(8, 16, rank=6)  # a badly initialised replacement of layer "0"
+    student[0] = LowRankLinear(DenseSpec(8, 16, True), rank=6)  # a badly initialised replacement of layer "0"
     assert feature_layer_names(student, teacher) == ["0"]
     inputs = [torch.randn(32, 8, generator=gen) for _ in range(8)]
     held_out = torch.randn(256, 8, generator=gen)
@@ -195,7 +196,7 @@ def test_balance_factors_keeps_the_function_and_evens_the_norms():
     from tensorfold.nn import SVDConv
 
     gen = torch.Generator().manual_seed(0)
-    model = nn.Sequential(LowRankLinear(12, 10, rank=3), nn.ReLU())
+    model = nn.Sequential(LowRankLinear(DenseSpec(12, 10, True), rank=3), nn.ReLU())
     conv = SVDConv(nn.Conv2d(8, 6, 3, padding=1, groups=2), rank=2)
     with torch.no_grad():
         model[0].first.weight.copy_(torch.randn(3, 12, generator=gen) * 1e-3)

@@ -275,9 +275,9 @@ def test_bad_options_raise():
     with pytest.raises(NotCompressibleError, match="BatchNorm2d"):
         SVDConv.from_dense(torch.nn.BatchNorm2d(8), 2)
     with pytest.raises(ShapeError):
-        SVDConv.from_factors(conv, torch.ones(4, 8, 3, 3), torch.ones(12, 5, 1, 1), torch.zeros(12))
+        SVDConv.from_factors(conv, [torch.ones(4, 8, 3, 3), torch.ones(12, 5, 1, 1)], torch.zeros(12))
     with pytest.raises(ShapeError, match="bias"):
-        SVDConv.from_factors(conv, torch.ones(4, 8, 3, 3), torch.ones(12, 4, 1, 1), None)
+        SVDConv.from_factors(conv, [torch.ones(4, 8, 3, 3), torch.ones(12, 4, 1, 1)], None)
     with pytest.raises(ShapeError):
         dense_flops(conv, (1, 7, 10, 10))
     with pytest.raises(ShapeError, match="too small"):

@@ -7,6 +7,7 @@ import torch
 
 from tensorfold.errors import InvalidArgumentError, NotCompressibleError, RankError, ShapeError
 from tensorfold.nn import LayerCost, LowRankLinear, dense_flops, dense_params, layer_class_for
+from tensorfold.nn.base import DenseSpec
 
 
 def _linear(i, o, bias=True, dtype=torch.float32, seed=0):
@@ -47,7 +48,7 @@ def test_counts_for_768x3072():
     assert dense_flops(dense, (4, 8, 768)) == 32 * 768 * 3072
     cost = LowRankLinear.cost(dense, 64, (32, 768))
     assert cost == LayerCost(params=248832, flops=7864320)  # 64 * (768 + 3072) (+ bias 3072); 32 * 64 * 3840
-    layer = LowRankLinear(768, 3072, 64)
+    layer = LowRankLinear(DenseSpec(768, 3072, True), 64)
     assert layer.n_params == 248832
     assert layer.flops((32, 768)) == 7864320
 
@@ -86,7 +87,7 @@ def test_state_dict_round_trip_and_dtype():
     buf = io.BytesIO()
     torch.save(layer.state_dict(), buf)
     buf.seek(0)
-    fresh = LowRankLinear(10, 8, 4, dtype=torch.float64)
+    fresh = LowRankLinear(DenseSpec(10, 8, True), 4, dtype=torch.float64)
     fresh.load_state_dict(torch.load(buf, weights_only=True))
     x = torch.randn(3, 10, dtype=torch.float64)
     assert torch.equal(fresh(x), layer(x))
@@ -94,12 +95,17 @@ def test_state_dict_round_trip_and_dtype():
 
 
 def test_from_factors_checks_shapes():
-    layer = LowRankLinear.from_factors(torch.ones(2, 5), torch.ones(3, 2), torch.zeros(3))
+    spec = DenseSpec(5, 3, True)
+    layer = LowRankLinear.from_factors(spec, [torch.ones(2, 5), torch.ones(3, 2)], torch.zeros(3))
     assert torch.allclose(layer(torch.ones(1, 5)), torch.full((1, 3), 10.0))
     with pytest.raises(ShapeError):
-        LowRankLinear.from_factors(torch.ones(2, 5), torch.ones(3, 4))
+        LowRankLinear.from_factors(spec, [torch.ones(2, 5), torch.ones(3, 4)], torch.zeros(3))
     with pytest.raises(ShapeError):
-        LowRankLinear.from_factors(torch.ones(2, 5), torch.ones(3, 2), torch.zeros(4))
+        LowRankLinear.from_factors(spec, [torch.ones(2, 5), torch.ones(3, 2)], torch.zeros(4))
+    with pytest.raises(ShapeError, match="bias"):
+        LowRankLinear.from_factors(spec, [torch.ones(2, 5), torch.ones(3, 2)])
+    with pytest.raises(InvalidArgumentError, match="DenseSpec"):
+        LowRankLinear(5, 2)  # a number where the spec goes: the error shows the new shape
 
 
 @pytest.mark.parametrize("rank", [0, -1, 13, 1.0, 0.0, 1.5, -0.2, float("nan"), "3", None, True])

@@ -7,6 +7,7 @@ import torch
 
 from tensorfold.errors import InvalidArgumentError, NotCompressibleError, RankError, ShapeError
 from tensorfold.nn import LayerCost, TTLinear, dense_params, layer_class_for
+from tensorfold.nn.base import DenseSpec
 from tensorfold.nn.tt_linear import (
     balanced_factors,
     candidate_plans,
@@ -38,13 +39,13 @@ def test_skewed_factors(n, parts, expected):
 def test_skewed_geometry_is_the_default():
     assert skewed_geometry(768, 3072, 3) == ((2, 192, 2), (2, 2, 768))
     assert skewed_geometry(384, 1536, 2) == ((192, 2), (2, 768))
-    layer = TTLinear(768, 3072, 8)
+    layer = TTLinear(DenseSpec(768, 3072, True), 8)
     assert (layer.in_dims, layer.out_dims) == ((2, 192, 2), (2, 2, 768))
-    assert TTLinear(768, 3072, 8, geometry="balanced").in_dims == (8, 8, 12)
+    assert TTLinear(DenseSpec(768, 3072, True), 8, geometry="balanced").in_dims == (8, 8, 12)
     # the bond after the 2x2 first core is full at 4; the main bond splits 4*768 rows from 192*2 columns
     assert TTLinear.max_rank(torch.nn.Linear(768, 3072)) == (4, 1536)
     # explicit dims win over the rule
-    assert TTLinear(768, 3072, 8, in_dims=(4, 12, 16), out_dims=(16, 12, 16)).in_dims == (4, 12, 16)
+    assert TTLinear(DenseSpec(768, 3072, True), 8, in_dims=(4, 12, 16), out_dims=(16, 12, 16)).in_dims == (4, 12, 16)
     # a plan saves the resolved dims, so a later change of default cannot change a saved layer
     dense = torch.nn.Linear(768, 3072)
     assert TTLinear.pinned_options(dense) == {"in_dims": (2, 192, 2), "out_dims": (2, 2, 768)}
@@ -91,7 +92,7 @@ def test_forward_never_builds_the_dense_weight(monkeypatch):
 
 def test_counts_for_768x3072_skewed():
     dense = torch.nn.Linear(768, 3072)
-    layer = TTLinear(768, 3072, 64)
+    layer = TTLinear(DenseSpec(768, 3072, True), 64)
     assert layer.rank == (4, 64)
     # cores (1, 2, 2, 4), (4, 2, 192, 64), (64, 768, 2, 1), plus the bias
     assert layer.n_params == 16 + 98304 + 98304 + 3072 == 199696
@@ -110,7 +111,7 @@ def test_counts_for_768x3072_skewed():
 def test_counts_for_768x3072_balanced():
     dense = torch.nn.Linear(768, 3072)
     assert TTLinear.max_rank(dense, geometry="balanced") == (96, 192)
-    layer = TTLinear(768, 3072, 16, geometry="balanced")
+    layer = TTLinear(DenseSpec(768, 3072, True), 16, geometry="balanced")
     assert (layer.in_dims, layer.out_dims) == ((8, 8, 12), (12, 16, 16))
     # cores 1*12*8*16 + 16*16*8*16 + 16*16*12*1, plus the bias
     assert layer.n_params == 1536 + 32768 + 3072 + 3072 == 40448
@@ -126,7 +127,7 @@ def test_counts_for_768x3072_balanced():
 
 
 def test_plan_follows_the_number_of_rows():
-    layer = TTLinear(768, 3072, 16, geometry="balanced")
+    layer = TTLinear(DenseSpec(768, 3072, True), 16, geometry="balanced")
     plans = candidate_plans(layer.in_dims, layer.out_dims, layer.rank)
     assert len(plans) == 6 and all(len(groups) >= 2 for groups, *_ in plans)  # never the dense weight
     one, many = contraction_plan(layer.in_dims, layer.out_dims, layer.rank, 1), contraction_plan(
@@ -167,7 +168,7 @@ def test_flops_match_counted_multiply_adds():
     from torch.utils.flop_counter import FlopCounterMode
 
     for opts in ({}, {"geometry": "balanced"}, {"n_cores": 4}):
-        layer = TTLinear(96, 64, 6, bias=False, **opts)
+        layer = TTLinear(DenseSpec(96, 64, False), 6, **opts)
         for rows in (1, 5, 32):
             x = torch.randn(rows, 96)
             for plan, (_, _, sweep, merge) in enumerate(candidate_plans(layer.in_dims, layer.out_dims, layer.rank)):
@@ -193,7 +194,7 @@ def test_gradients_state_dict_dtype():
     buf = io.BytesIO()
     torch.save(layer.state_dict(), buf)
     buf.seek(0)
-    fresh = TTLinear(24, 30, layer.rank, dtype=torch.float64)
+    fresh = TTLinear(DenseSpec(24, 30, True), layer.rank, dtype=torch.float64)
     fresh.load_state_dict(torch.load(buf, weights_only=True))
     assert torch.equal(fresh(x), layer(x))
     assert "in_dims=(2, 6, 2)" in repr(layer) and f"rank={layer.rank}" in repr(layer)

@@ -18,7 +18,6 @@ torch.Size([64, 10])
 
 from __future__ import annotations
 
-import copy
 import warnings
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
@@ -32,22 +31,18 @@ from tensorfold.compression.calibration import (
     batch_input,
     call_model,
     collect_grams,
-    forward_order_and_shared_inputs,
-    layer_input_grams,
     materialize,
-    run_checked,
 )
 from tensorfold.compression.candidates import LatencyModel, layer_menu
 from tensorfold.compression.config import DEFAULT_METHODS, CompressConfig
-from tensorfold.compression.fitting import build_factored, supports_whitening
-from tensorfold.compression.plan import LayerPlan, Plan
+from tensorfold.compression.plan import Plan
+from tensorfold.compression.replace import replace_layers
 from tensorfold.compression.sensitivity import measure_sensitivities
 from tensorfold.compression.speed import SpeedCheck
-from tensorfold.compression.walk import find_layers, set_submodule
+from tensorfold.compression.walk import find_layers
 from tensorfold.core.modules import eval_mode
 from tensorfold.core.validate import make_generator, randn
-from tensorfold.errors import InvalidArgumentError, NotCompressibleError, ShapeError
-from tensorfold.nn.base import DenseSpec
+from tensorfold.errors import InvalidArgumentError, NotCompressibleError
 
 __all__ = ["plan", "apply", "compress", "Planner", "Compressed", "CompressConfig", "DEFAULT_METHODS"]
 CURVE_BUDGETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
@@ -199,15 +194,7 @@ class Planner:
 
     def _plan_of(self, alloc, config: CompressConfig, curve_points=(), lat_cap=None, measured=None) -> Plan:
         menus = self.menus
-        layer_plans = []
-        for menu, choice in zip(menus, alloc.choices):
-            layer_plans.append(LayerPlan(
-                name=menu.name, layer=menu.description, method=choice.method, rank=choice.rank,
-                options=dict(menu.opts.get(choice.method, {})), params=choice.params,
-                dense_params=menu.dense.params, flops=choice.flops, dense_flops=menu.dense.flops,
-                latency=choice.latency, dense_latency=menu.dense.latency, error=choice.error,
-                sensitivity=menu.sensitivity, input_shape=menu.input_shape,
-            ))
+        layer_plans = [menu.decision(choice) for menu, choice in zip(menus, alloc.choices)]
         return Plan(
             layers=layer_plans, skipped=list(self.skipped), config=config, allocator=config.resolved_allocator,
             calibrated=self.calibrated, model_params=self.model_params, model_name=self.model_name,
@@ -319,51 +306,7 @@ def apply(model: nn.Module, plan: Plan, calib=None, *, progress: Progress | None
         raise InvalidArgumentError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(plan, Plan):
         raise InvalidArgumentError(f"plan must be a tensorfold Plan, got {type(plan).__name__}")
-    correct_upstream, ridge = plan.config.correct_upstream, plan.config.ridge
-    batches = materialize(calib)
-    report = progress or (lambda stage, done, total: None)
-    new = copy.deepcopy(model)
-    todo = [lp for lp in plan.layers if lp.factored]
-    with eval_mode(model, new), torch.no_grad():
-        layers = {}
-        for lp in todo:
-            try:
-                layer = new.get_submodule(lp.name)
-            except AttributeError:
-                raise ShapeError(f"the plan's layer {lp.name!r} does not exist in this model") from None
-            try:
-                description = DenseSpec.of(layer).describe()
-            except NotCompressibleError:
-                description = type(layer).__name__
-            if description != lp.layer:
-                raise ShapeError(f"the plan's layer {lp.name!r} is {lp.layer} but the model has {description}")
-            layers[lp.name] = layer
-        leader: dict[str, str] = {}
-        if batches:
-            run_checked(model, batches[0], 0)
-            whitenable = {lp.name: model.get_submodule(lp.name) for lp in todo
-                          if supports_whitening(layers[lp.name], lp.method)}
-            order, leader = forward_order_and_shared_inputs(model, whitenable, batches[0])
-            rank_of = {name: i for i, name in enumerate(order)}
-            todo.sort(key=lambda lp: rank_of.get(lp.name, len(order)))
-        shared: dict[str, object] = {}
-        for i, lp in enumerate(todo):
-            layer = layers[lp.name]
-            stats = None
-            if batches and lp.name in leader:
-                # Layers fed the very same tensor (query/key/value) share one capture: their input
-                # does not depend on each other's compression.
-                key = leader[lp.name]
-                if key not in shared:
-                    shared[key] = layer_input_grams(
-                        new, layer, batches,
-                        original=model if correct_upstream else None,
-                        original_layer=model.get_submodule(lp.name) if correct_upstream else None)
-                stats = shared[key]
-            built = build_factored(layer, lp.method, lp.rank, stats, correct_upstream=correct_upstream, ridge=ridge)
-            set_submodule(new, lp.name, built)
-            report("fitting", i + 1, len(todo))
-    return new
+    return replace_layers(model, plan, "fitted", calib=calib, progress=progress)
 
 
 def compress(

@@ -35,6 +35,7 @@ from torch import nn
 from tensorfold.core.modules import batch_input, module_device, move_to
 from tensorfold.core.svd import truncated_svd
 from tensorfold.errors import InvalidArgumentError, ShapeError, TensorfoldError
+from tensorfold.nn.conv import channel_gram  # noqa: F401  (re-exported: it lived here)
 
 # Patch Gram matrices above this dimension (in_channels * kernel volume) are not accumulated.
 MAX_GRAM_DIM = 4096
@@ -401,18 +402,6 @@ def whitened_lowrank(weight_matrix: torch.Tensor, gram: torch.Tensor, rank: int,
     first = t.V.T @ L_inv  # (r, in)
     second = t.U * t.S  # (out, r)
     return WhitenedFit(first.contiguous(), second.contiguous(), t.full_spectrum.double(), err)
-
-
-def channel_gram(patch_gram: torch.Tensor, in_channels: int) -> torch.Tensor:
-    """The ``(in, in)`` Gram of a conv's input channels from the Gram of its unfolded patches.
-
-    Patch rows are channel-major (``F.unfold`` order), so this is the sum of the diagonal blocks of
-    the kernel positions: the channel statistics with the correlation between different kernel
-    positions left out, which is what a factorisation that first projects the channels (1x1 into r,
-    then the kxk conv) can use.
-    """
-    K = patch_gram.shape[0] // in_channels
-    return patch_gram.reshape(in_channels, K, in_channels, K).diagonal(dim1=1, dim2=3).sum(-1)
 
 
 def relative_tail_errors(spectrum: torch.Tensor) -> torch.Tensor:

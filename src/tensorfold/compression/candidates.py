@@ -30,11 +30,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from tensorfold.compression.calibration import GramStats, channel_gram, relative_tail_errors, whitened_spectrum
+from tensorfold.compression.calibration import GramStats, relative_tail_errors, whitened_spectrum
+from tensorfold.compression.plan import LayerPlan
 from tensorfold.errors import ConvergenceWarning, TensorfoldError
-from tensorfold.nn import METHODS, FactorizedLayer, LowRankLinear, dense_flops, dense_params, layer_class_for
+from tensorfold.nn import METHODS, LowRankLayer, dense_flops, dense_params, layer_class_for
 from tensorfold.nn.base import DenseSpec
-from tensorfold.nn.conv import input_matrix
 
 # Ranks tried per method: every rank for SVD-type methods up to this many, then an even grid.
 SVD_GRID = 64
@@ -80,47 +80,27 @@ class LayerMenu:
     def dense(self) -> Candidate:
         return self.options[0]
 
-
-def _svd_like(cls) -> bool:
-    from tensorfold.nn import SVDConv
-
-    return cls is LowRankLinear or cls is SVDConv
-
-
-def _group_matrices(weight: torch.Tensor, spec: DenseSpec, scheme: str) -> list[torch.Tensor]:
-    """The matrices whose truncated SVD the SVD-type layer keeps (one per group)."""
-    if not spec.is_conv:
-        return [weight]
-    mats = []
-    for Wg in weight.chunk(spec.groups, dim=0):
-        og, ig, *k = Wg.shape
-        if scheme == "channel":
-            mats.append(Wg.reshape(og, -1))
-        elif scheme == "input":  # a 1x1 conv into the rank, then the full kernel
-            mats.append(input_matrix(Wg))
-        else:
-            kh, kw = k
-            mats.append(Wg.permute(1, 2, 0, 3).reshape(ig * kh, og * kw))
-    return mats
+    def decision(self, choice: Candidate) -> LayerPlan:
+        """The plan's record of choosing ``choice`` for this layer."""
+        return LayerPlan(
+            name=self.name, layer=self.description, method=choice.method, rank=choice.rank,
+            options=dict(self.opts.get(choice.method, {})), params=choice.params, dense_params=self.dense.params,
+            flops=choice.flops, dense_flops=self.dense.flops, latency=choice.latency,
+            dense_latency=self.dense.latency, error=choice.error, sensitivity=self.sensitivity,
+            input_shape=self.input_shape,
+        )
 
 
-def weight_matrix(layer: nn.Module) -> torch.Tensor:
-    """The weight as the matrix the layer multiplies its (patch) input rows with: ``(out, in*k)``."""
-    w = layer.weight.detach()
-    return w.reshape(w.shape[0], -1)
-
-
-def _svd_errors(layer: nn.Module, spec: DenseSpec, opts: dict, gram: GramStats | None):
+def _svd_errors(cls, layer: nn.Module, spec: DenseSpec, opts: dict, gram: GramStats | None):
     """Relative error at every rank 0..R (tensor) and the spectrum used; calibrated when possible."""
-    scheme = opts.get("scheme", "channel")
-    if gram is not None and gram.gram is not None and spec.groups == 1 and scheme in ("channel", "input"):
-        if scheme == "channel":
-            s = whitened_spectrum(weight_matrix(layer), gram.gram)
-        else:
-            s = whitened_spectrum(input_matrix(layer.weight.detach()), channel_gram(gram.gram, spec.in_features))
-        if s is not None:
-            return relative_tail_errors(s), s, True
-    mats = _group_matrices(layer.weight.detach().double(), spec, scheme)
+    weight = layer.weight.detach()
+    if gram is not None and gram.gram is not None:
+        G = cls.matrix_gram(spec, gram.gram, **opts)
+        if G is not None:
+            s = whitened_spectrum(cls.matrices(weight, spec, **opts)[0], G)
+            if s is not None:
+                return relative_tail_errors(s), s, True
+    mats = cls.matrices(weight.double(), spec, **opts)
     spectra = [torch.linalg.svdvals(M) for M in mats]
     n = min(len(s) for s in spectra)
     tails = sum(relative_tail_errors(s)[: n + 1] ** 2 * float((s**2).sum()) for s in spectra)
@@ -257,7 +237,7 @@ class LatencyModel:
         n_probe = min(len(missing), max(6, int(self.probe_seconds / max(per_probe, 1e-9))))
         probe_idx = sorted({missing[round(j * (len(missing) - 1) / max(n_probe - 1, 1))] for j in range(n_probe)})
         for i in probe_idx:
-            skeleton = build_skeleton(cls, DenseSpec.of(layer), ranks[i], opts, dtype=layer.weight.dtype)
+            skeleton = cls.empty(DenseSpec.of(layer), ranks[i], dtype=layer.weight.dtype, **opts)
             out[i] = self._cache[self._key(layer, input_shape, method, ranks[i])] = self._measure(skeleton,
                                                                                                   input_shape)
         probes = sorted((flops[i], out[i]) for i in range(len(ranks)) if out[i] is not None)
@@ -274,20 +254,6 @@ class LatencyModel:
                 fa, ta = below[-1] if below else above[0]
                 out[i] = ta * f / max(fa, 1)
         return out  # type: ignore[return-value]
-
-
-def build_skeleton(cls, spec: DenseSpec, rank, opts: dict, *, dtype=None, device=None) -> FactorizedLayer:
-    """An uninitialised factored layer of the right structure (for latency probes and loading)."""
-    from tensorfold.nn import TTLinear
-
-    if isinstance(rank, list):
-        rank = tuple(rank)
-    if cls is LowRankLinear:
-        return cls(spec.in_features, spec.out_features, rank, bias=spec.bias, dtype=dtype, device=device)
-    if cls is TTLinear:
-        tt_opts = {k: (tuple(v) if isinstance(v, list) else v) for k, v in opts.items()}
-        return cls(spec.in_features, spec.out_features, rank, bias=spec.bias, dtype=dtype, device=device, **tt_opts)
-    return cls(spec, rank, dtype=dtype, device=device, **opts)
 
 
 def layer_menu(
@@ -316,8 +282,8 @@ def layer_menu(
         cls, opts = found
         opts = cls.pinned_options(layer, **opts)
         menu.opts[method] = opts
-        if _svd_like(cls):
-            errors, spectrum, calibrated = _svd_errors(layer, spec, opts, gram)
+        if issubclass(cls, LowRankLayer):
+            errors, spectrum, calibrated = _svd_errors(cls, layer, spec, opts, gram)
             ranks = _svd_ranks(cls, layer, opts, dense_p)
             rows = [(r, float(errors[min(r, len(errors) - 1)]), calibrated) for r in ranks]
             if method == "svd" and menu.spectrum is None:

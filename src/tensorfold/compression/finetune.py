@@ -279,7 +279,8 @@ def finetune(
 
 @torch.no_grad()
 def balance_factors(model: nn.Module) -> int:
-    """Give the two factors of every LowRankLinear / SVDConv equal norms per rank component, in place.
+    """Give the two factors of every low-rank layer (LowRankLinear, SVDConv...) equal norms per rank
+    component, in place.
 
     Data-aware fitting can leave one factor tiny and the other huge (the whitening goes to one side).
     The layer computes the same function either way, but Adam moves every weight by about ``lr``
@@ -287,16 +288,14 @@ def balance_factors(model: nn.Module) -> int:
     component ``i`` of the first factor by ``c_i`` and of the second by ``1 / c_i`` changes nothing in
     the outputs (no bias or nonlinearity sits between them). Returns the number of layers balanced.
     """
-    from tensorfold.nn import LowRankLinear, SVDConv
+    from tensorfold.nn import LowRankLayer
 
     count = 0
     for module in model.modules():
-        if isinstance(module, LowRankLinear):
-            first, second, groups = module.first, module.second, 1
-        elif isinstance(module, SVDConv):
-            first, second, groups = module.first, module.last, module.first.groups
-        else:
+        if not isinstance(module, LowRankLayer):
             continue
+        first, second = module.lowrank_sides()
+        groups = getattr(first, "groups", 1)
         if first.bias is not None or second.weight.shape[1] * groups != first.weight.shape[0]:
             continue
         w1, w2 = first.weight, second.weight

@@ -20,7 +20,6 @@ True
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, fields
 
@@ -30,10 +29,11 @@ from tensorfold.compression.api import apply, plan
 from tensorfold.compression.config import CompressConfig, FinetuneConfig, check_budget
 from tensorfold.compression.finetune import finetune as run_finetune
 from tensorfold.compression.plan import Plan
-from tensorfold.compression.walk import set_submodule
+from tensorfold.compression.replace import densify
 from tensorfold.core.validate import check_count
 from tensorfold.errors import InvalidArgumentError
-from tensorfold.nn import FactorizedLayer
+
+__all__ = ["iterative_compress", "IterativeResult", "budget_schedule", "densify"]
 
 
 @dataclass
@@ -54,16 +54,6 @@ def budget_schedule(budget: float, steps: int) -> list[float]:
     check_budget(budget)
     check_count(steps, "steps", minimum=1)
     return [budget ** (k / steps) for k in range(1, steps + 1)]
-
-
-def densify(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` with every factorized layer replaced by its equivalent dense layer."""
-    dense = copy.deepcopy(model)
-    factored = [name for name, m in dense.named_modules() if isinstance(m, FactorizedLayer)]
-    outermost = [n for n in factored if not any(n.startswith(p + ".") for p in factored if p != n)]
-    for name in outermost:
-        set_submodule(dense, name, dense.get_submodule(name).to_dense())
-    return dense
 
 
 def iterative_compress(

@@ -19,8 +19,7 @@ from torch import nn
 
 from tensorfold.compression.calibration import GramStats, call_model, output_tensor
 from tensorfold.compression.candidates import Candidate, LayerMenu
-from tensorfold.compression.fitting import build_factored
-from tensorfold.compression.walk import set_submodule
+from tensorfold.compression.replace import replace_layers, set_submodule
 
 SENSITIVITY_FLOOR = 1e-6
 
@@ -59,9 +58,8 @@ def measure_sensitivities(
             out.append(1.0)
             continue
         original = work.get_submodule(menu.name)
-        stats = grams.get(menu.name) if grams else None
-        built = build_factored(original, cand.method, cand.rank, stats, correct_upstream=False)
-        set_submodule(work, menu.name, built)
+        # this layer alone in the dense model: its input statistics are the planner's
+        replace_layers(work, [menu.decision(cand)], "fitted", stats=grams or {}, inplace=True)
         try:
             diff = sum(
                 float(((output_tensor(call_model(work, b), output_fn).double() - y) ** 2).sum())

@@ -21,7 +21,6 @@ True
 
 from __future__ import annotations
 
-import copy
 import statistics
 import time
 from collections.abc import Sequence
@@ -32,34 +31,13 @@ from torch import nn
 
 from tensorfold.compression.calibration import call_model
 from tensorfold.compression.plan import Plan
+from tensorfold.compression.replace import replace_layers
 from tensorfold.core.modules import eval_mode
 
 
 def skeleton_model(model: nn.Module, plan: Plan, *, seed: int = 0) -> nn.Module:
-    """A copy of ``model`` with ``plan``'s factored layers in place, random weights (for timing only).
-
-    The weights are drawn (not left uninitialised) so that timings never meet NaNs or denormals.
-    """
-    from tensorfold.compression.candidates import build_skeleton
-    from tensorfold.compression.walk import set_submodule
-    from tensorfold.nn import layer_class_for
-    from tensorfold.nn.base import DenseSpec
-
-    new = copy.deepcopy(model)
-    g = torch.Generator().manual_seed(seed)
-    for lp in plan.layers:
-        if not lp.factored:
-            continue
-        layer = model.get_submodule(lp.name)
-        cls, opts = layer_class_for(lp.method, layer)
-        opts.update(lp.options)
-        param = layer.weight
-        built = build_skeleton(cls, DenseSpec.of(layer), lp.rank, opts, dtype=param.dtype, device=param.device)
-        with torch.no_grad():
-            for p in built.parameters():
-                p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype).to(p.device) * 0.1)
-        set_submodule(new, lp.name, built.train(layer.training))
-    return new
+    """A copy of ``model`` with ``plan``'s factored layers in place, random weights (for timing only)."""
+    return replace_layers(model, plan, "random", seed=seed)
 
 
 def layer_times(model: nn.Module, names: Sequence[str], sample, *, threads: int = 2, repeats: int = 20,

@@ -33,13 +33,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from tensorfold.compression.candidates import build_skeleton
 from tensorfold.compression.plan import Plan
-from tensorfold.compression.walk import set_submodule
-from tensorfold.errors import FileFormatError, InvalidArgumentError, TensorfoldError
+from tensorfold.compression.replace import replace_layers
+from tensorfold.errors import FileFormatError, InvalidArgumentError, ShapeError, TensorfoldError
 from tensorfold.io import atomic_directory
-from tensorfold.nn import layer_class_for
-from tensorfold.nn.base import DenseSpec
 
 PLAN_FILE = "plan.json"
 WEIGHTS_FILE = "weights.safetensors"
@@ -188,23 +185,11 @@ def _import_user_module(module_name: str):
 
 
 def restructure(model: nn.Module, plan: Plan) -> nn.Module:
-    """Replace the planned layers of ``model`` (in place) by uninitialised factored layers."""
-    for lp in plan.layers:
-        if not lp.factored:
-            continue
-        try:
-            layer = model.get_submodule(lp.name)
-        except AttributeError:
-            raise FileFormatError(f"the saved plan's layer {lp.name!r} is not in the base model") from None
-        found = layer_class_for(lp.method, layer)
-        if found is None:
-            raise FileFormatError(f"method {lp.method!r} does not apply to the base model's layer {lp.name!r}")
-        cls, opts = found
-        opts.update(lp.options)
-        weight = layer.weight
-        set_submodule(model, lp.name, build_skeleton(cls, DenseSpec.of(layer), lp.rank, opts,
-                                                     dtype=weight.dtype, device=weight.device))
-    return model
+    """Replace the planned layers of ``model`` (in place) by factored layers with placeholder weights."""
+    try:
+        return replace_layers(model, plan, "empty", inplace=True)
+    except ShapeError as exc:
+        raise FileFormatError(f"the saved plan does not fit the base model: {exc}") from None
 
 
 def load_compressed(directory: str | os.PathLike, base_model: nn.Module | None = None, *,

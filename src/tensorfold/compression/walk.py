@@ -161,13 +161,3 @@ def find_layers(
         why = "; ".join(f"{s.name}: {s.reason}" for s in found.skipped[:5])
         raise NotCompressibleError(f"no layer of {type(model).__name__} can be factorized with a saving ({why})")
     return found
-
-
-def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
-    """Replace the submodule at dotted ``name`` by ``new``."""
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    if isinstance(parent, (nn.Sequential, nn.ModuleList)) and child.isdigit():
-        parent[int(child)] = new
-    else:
-        setattr(parent, child, new)

@@ -15,11 +15,22 @@ import importlib
 from torch import nn
 
 from tensorfold.errors import InvalidArgumentError, TensorfoldError
-from tensorfold.nn.base import FactorizedLayer, LayerCost, dense_flops, dense_params
+from tensorfold.nn.base import (
+    LAYER_KINDS,
+    FactorizedLayer,
+    LayerCost,
+    LowRankLayer,
+    dense_flops,
+    dense_params,
+    layer_kind,
+)
 from tensorfold.nn.linear import LowRankLinear
 
 __all__ = [
     "FactorizedLayer",
+    "LowRankLayer",
+    "LAYER_KINDS",
+    "layer_kind",
     "LayerCost",
     "LowRankLinear",
     "SVDConv",

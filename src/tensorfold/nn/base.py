@@ -207,14 +207,41 @@ def check_fraction(rank: float) -> float:
     return float(rank)
 
 
+# Every FactorizedLayer subclass, by class name (filled as the classes are defined).
+LAYER_KINDS: dict[str, type[FactorizedLayer]] = {}
+
+
+def layer_kind(name: str) -> type[FactorizedLayer]:
+    """The factorized layer class named ``name`` (any subclass of :class:`FactorizedLayer` once imported)."""
+    if name not in LAYER_KINDS:
+        import tensorfold.nn.conv  # noqa: F401  (the built-in families register themselves on import)
+        import tensorfold.nn.tt_linear  # noqa: F401
+    if name not in LAYER_KINDS:
+        raise InvalidArgumentError(f"no factorized layer class {name!r}; known: {', '.join(sorted(LAYER_KINDS))}")
+    return LAYER_KINDS[name]
+
+
 class FactorizedLayer(nn.Module):
-    """Base class of the layers that hold a dense layer's weight in factored form.
+    """Base class of the layers that hold a dense layer's weight in factored form: the layer contract.
+
+    Construction (the same shape for every class):
+
+    - ``Cls(spec, rank, *, device=None, dtype=None, **opts)``: a layer of that structure with
+      placeholder weights; ``spec`` is a :class:`DenseSpec` or the dense layer itself;
+    - ``Cls.empty(spec, rank, **opts)``: the same, from plan data (JSON lists become tuples);
+    - ``Cls.from_dense(layer, rank, **opts)``: fitted to a trained dense layer (``rank`` may be a
+      float fraction of its parameters);
+    - ``Cls.from_factors(spec, factors, bias, **opts)``: from the factor weights as
+      :meth:`factor_weights` lists them (so ``from_factors(l.spec, l.factor_weights(), l.bias_tensor(),
+      **l.options())`` rebuilds ``l``).
 
     Subclasses describe their ranks through *levels*: an integer ``level`` in ``1..n_levels`` maps to
     a concrete rank (an int, or a tuple for TuckerConv/TTLinear) and the parameter count grows with
     the level. That is all :meth:`resolve_rank` needs to turn a fraction of the dense parameters into
-    a rank. Subclasses implement ``_check_spec``, ``_validate_rank``, ``_n_levels``, ``_rank_at_level``,
-    ``_params_at``, ``_flops_at``, ``max_rank``, ``from_dense`` and ``forward``.
+    a rank. Subclasses implement ``__init__``, ``_check_spec``, ``_validate_rank``, ``_n_levels``,
+    ``_rank_at_level``, ``_params_at``, ``_flops_at``, ``max_rank``, ``from_dense``, ``factor_weights``,
+    ``_rank_of_factors``, ``dense_weight``, ``bias_tensor`` and ``forward``; a subclass defined anywhere
+    registers itself (:func:`layer_kind`) and plugs into the planner through :func:`tensorfold.nn.register_method`.
 
     >>> import torch
     >>> from tensorfold.nn import LowRankLinear
@@ -223,12 +250,21 @@ class FactorizedLayer(nn.Module):
     10
     >>> LowRankLinear.cost(dense, 8, (4, 64))
     LayerCost(params=800, flops=3072)
+    >>> layer = LowRankLinear.from_dense(dense, 8)
+    >>> again = LowRankLinear.from_factors(layer.spec, layer.factor_weights(), layer.bias_tensor())
+    >>> bool(torch.equal(again.dense_weight(), layer.dense_weight()))
+    True
     """
 
     __jit_unused_properties__ = ["n_params"]  # TorchScript compiles only the forward path
 
     # Instances set ``self.spec`` (the DenseSpec) and ``self.rank`` (the concrete rank). They are not
     # declared as class annotations because TorchScript would try to compile them.
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if not cls.__name__.startswith("_"):
+            LAYER_KINDS[cls.__name__] = cls
 
     # ---- hooks for subclasses -------------------------------------------------------------------
 
@@ -267,9 +303,22 @@ class FactorizedLayer(nn.Module):
     def from_dense(cls, layer, rank, **opts) -> FactorizedLayer:
         raise NotImplementedError
 
+    @classmethod
+    def _rank_of_factors(cls, spec: DenseSpec, factors: Sequence[torch.Tensor], **opts):
+        """The rank that factor weights of these shapes have (shapes are checked when they are copied)."""
+        raise NotImplementedError
+
+    def factor_weights(self) -> list[torch.Tensor]:
+        """The factor weights (parameters), in the order :meth:`from_factors` takes them."""
+        raise NotImplementedError
+
     def _layer_opts(self) -> dict:
-        """Options this instance was built with that change its cost (e.g. SVDConv's scheme)."""
+        """Options this instance was built with that change its structure (e.g. SVDConv's scheme)."""
         return {}
+
+    def options(self) -> dict:
+        """The options that rebuild this layer's structure: ``type(l).empty(l.spec, l.rank, **l.options())``."""
+        return dict(self._layer_opts())
 
     @classmethod
     def pinned_options(cls, layer, **opts) -> dict:
@@ -281,11 +330,57 @@ class FactorizedLayer(nn.Module):
         cls.check_layer(layer, **opts)
         return dict(opts)
 
+    # ---- construction ---------------------------------------------------------------------------
+
+    @classmethod
+    def empty(cls, spec, rank, *, device=None, dtype=None, **opts) -> FactorizedLayer:
+        """A layer of this structure with placeholder weights, from plan data (lists become tuples):
+        to load a state dict into, or to time."""
+        def plain(v):
+            return tuple(v) if isinstance(v, list) else v
+
+        return cls(spec, plain(rank), device=device, dtype=dtype, **{k: plain(v) for k, v in opts.items()})
+
+    @classmethod
+    def from_factors(cls, spec, factors: Sequence[torch.Tensor], bias: torch.Tensor | None = None, *,
+                     dtype: torch.dtype | None = None, **opts) -> FactorizedLayer:
+        """The layer holding ``factors`` (in :meth:`factor_weights` order) and ``bias`` (given exactly when
+        the spec has one); ``dtype`` defaults to the factors'."""
+        spec = cls.check_layer(spec, **opts)
+        factors = list(factors)
+        if not factors or not all(isinstance(f, torch.Tensor) for f in factors):
+            raise ShapeError(f"{cls.__name__}.from_factors needs a list of factor tensors")
+        ref = factors[0]
+        layer = cls(spec, cls._rank_of_factors(spec, factors, **opts), device=ref.device, dtype=dtype or ref.dtype,
+                    **opts)
+        targets = layer.factor_weights()
+        if len(targets) != len(factors):
+            raise ShapeError(f"{cls.__name__} of {spec.describe()} has {len(targets)} factors, got {len(factors)}")
+        with torch.no_grad():
+            for i, (target, value) in enumerate(zip(targets, factors)):
+                if tuple(value.shape) != tuple(target.shape):
+                    raise ShapeError(f"{cls.__name__} factor {i} has shape {tuple(value.shape)}, "
+                                     f"expected {tuple(target.shape)}")
+                target.copy_(value)
+            if (bias is None) != (not spec.bias):
+                raise ShapeError(f"{spec.describe()} {'has' if spec.bias else 'has no'} bias; "
+                                 f"the given bias does not match")
+            if bias is not None:
+                target = layer.bias_tensor()
+                if tuple(bias.shape) != tuple(target.shape):
+                    raise ShapeError(f"bias has shape {tuple(bias.shape)}, expected {tuple(target.shape)}")
+                target.copy_(bias)
+        return layer
+
     # ---- shared logic ---------------------------------------------------------------------------
 
     @classmethod
     def check_layer(cls, layer, **opts) -> DenseSpec:
         """The layer's spec, after checking that this class can factor it."""
+        if isinstance(layer, int) and not isinstance(layer, bool):
+            raise InvalidArgumentError(
+                f"{cls.__name__}(spec, rank, ...) takes a DenseSpec or the dense layer first, got the number {layer} "
+                f"(for the old {cls.__name__}(in, out, rank) write {cls.__name__}(DenseSpec(in, out, bias), rank))")
         spec = DenseSpec.of(layer)
         cls._check_spec(spec, **opts)
         return spec
@@ -345,6 +440,61 @@ class FactorizedLayer(nn.Module):
 
     def bias_tensor(self) -> torch.Tensor | None:
         raise NotImplementedError
+
+
+class LowRankLayer(FactorizedLayer):
+    """A factorized layer of two factors with the rank between them: the low-rank interface.
+
+    Per group, the dense weight read as the matrix :meth:`matrices` gives is ``left @ right`` with the
+    rank in the middle; :meth:`from_lowrank` builds the layer from those two sides, so truncated SVDs
+    (``from_dense``), whitened SVDs fitted to calibration data and the planner's spectra all go
+    through the class, never through a test of which class it is. :meth:`matrix_gram` maps the Gram
+    matrix of the layer's (patch) inputs to the Gram over the matrix's columns when output-aware
+    fitting applies; :meth:`lowrank_sides` names the two modules whose weights hold the factors.
+    """
+
+    @classmethod
+    def matrices(cls, weight: torch.Tensor, spec: DenseSpec, **opts) -> list[torch.Tensor]:
+        """The matrices (one per group) whose truncated SVD the layer keeps."""
+        raise NotImplementedError
+
+    @classmethod
+    def from_lowrank(cls, spec, lefts: Sequence[torch.Tensor], rights: Sequence[torch.Tensor],
+                     bias: torch.Tensor | None = None, **opts) -> LowRankLayer:
+        """The layer with ``matrices(W)[g] ~ lefts[g] @ rights[g]`` for every group ``g``."""
+        raise NotImplementedError
+
+    @classmethod
+    def whitenable(cls, spec: DenseSpec, **opts) -> bool:
+        """True when output-aware (whitened) fitting applies: one group, inputs that are plain rows."""
+        return False
+
+    @classmethod
+    def matrix_gram(cls, spec: DenseSpec, gram: torch.Tensor, **opts) -> torch.Tensor | None:
+        """The Gram over the columns of the (single-group) matrix, from the Gram of the layer's input
+        rows (``(in, in)`` for Linear, the unfolded patches' for a conv); None when it does not apply."""
+        return None
+
+    def lowrank_sides(self) -> tuple[nn.Module, nn.Module]:
+        """``(inner, outer)``: the modules holding the factors, rank components along dim 0 of
+        ``inner.weight`` and dim 1 of ``outer.weight`` (per group)."""
+        raise NotImplementedError
+
+    @classmethod
+    def from_dense(cls, layer, rank, *, svd_method: str = "exact", seed: int = 0, **opts) -> LowRankLayer:
+        """Best rank-``rank`` (per group) approximation of a trained layer (``rank``: int or a float fraction
+        of its parameters); ``svd_method="randomized"`` is faster for a small rank of a large weight."""
+        from tensorfold.core.validate import check_choice
+
+        check_choice(svd_method, "svd_method", ("exact", "randomized"))
+        spec = cls.check_layer(layer, **opts)
+        r = cls.resolve_rank(spec, rank, **opts)
+        lefts, rights = [], []
+        for M in cls.matrices(dense_weight_of(layer), spec, **opts):
+            left, right, _ = svd_factors(M, r, method=svd_method, seed=seed)
+            lefts.append(left)
+            rights.append(right)
+        return cls.from_lowrank(spec, lefts, rights, dense_bias_of(layer), **opts)
 
 
 def dense_weight_of(layer) -> torch.Tensor:

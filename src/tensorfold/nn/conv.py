@@ -30,17 +30,17 @@ from torch import nn
 
 from tensorfold.core.svd import truncated_svd
 from tensorfold.core.tenalg import mode_dot, unfold
-from tensorfold.core.validate import check_choice, check_rank
-from tensorfold.errors import InvalidArgumentError, NotCompressibleError, RankError, ShapeError
+from tensorfold.core.validate import check_choice, check_count, check_rank
+from tensorfold.errors import NotCompressibleError, RankError, ShapeError
 from tensorfold.nn.base import (
     DenseSpec,
     FactorizedLayer,
+    LowRankLayer,
     compute_dtype,
     conv_macs,
     conv_output_size,
     dense_bias_of,
     dense_weight_of,
-    svd_factors,
 )
 
 _CONVS = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
@@ -89,6 +89,18 @@ def input_matrix(weight: torch.Tensor) -> torch.Tensor:
     return weight.movedim(1, -1).reshape(-1, weight.shape[1])
 
 
+def channel_gram(patch_gram: torch.Tensor, in_channels: int) -> torch.Tensor:
+    """The ``(in, in)`` Gram of a conv's input channels from the Gram of its unfolded patches.
+
+    Patch rows are channel-major (``F.unfold`` order, the order of ``weight.reshape(out, -1)``), so this
+    is the sum of the diagonal blocks of the kernel positions: the channel statistics with the
+    correlation between different kernel positions left out, which is what a factorisation that first
+    projects the channels (1x1 into r, then the kxk conv) can use.
+    """
+    K = patch_gram.shape[0] // in_channels
+    return patch_gram.reshape(in_channels, K, in_channels, K).diagonal(dim1=1, dim2=3).sum(-1)
+
+
 def input_scheme_weights(left: torch.Tensor, right: torch.Tensor, kernel_size) -> tuple[torch.Tensor, torch.Tensor]:
     """``input_matrix(W) ~ left @ right`` as the two conv weights: 1x1 ``(r, in, 1..)``, kxk ``(out, r, *k)``."""
     r, k = right.shape[0], tuple(kernel_size)
@@ -120,6 +132,18 @@ def _leading_vectors(M: torch.Tensor, rank: int) -> torch.Tensor:
 class _FactorizedConv(FactorizedLayer):
     """What the conv families share: spec checks, bias, readable repr."""
 
+    def factor_weights(self) -> list[torch.Tensor]:
+        """The weights of the chain's convolutions, first to last."""
+        return [m.weight for m in self.modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d))]
+
+    @classmethod
+    def _rank_of_factors(cls, spec: DenseSpec, factors, **opts) -> int:
+        """The rank per group: the first factor maps into ``groups * rank`` channels."""
+        if not factors or factors[0].ndim != spec.dim + 2 or factors[0].shape[0] % spec.groups:
+            raise ShapeError(f"the first factor of shape {tuple(factors[0].shape) if factors else None} does not "
+                             f"fit {spec.describe()}")
+        return int(factors[0].shape[0]) // spec.groups
+
     @classmethod
     def _check_spec(cls, spec: DenseSpec, **opts) -> None:
         if not spec.is_conv:
@@ -133,9 +157,6 @@ class _FactorizedConv(FactorizedLayer):
         self._matmul_first = self._matmul_last = spec.groups == 1  # 1x1 convs of Conv1d/3d run as matmuls
         # Conv2d chains run every stage as a channels-last oneDNN conv (see _channels_last_chain)
         self._channels_last = spec.dim == 2
-        if isinstance(self, SVDConv):
-            self._matmul_first = self._matmul_first and self.scheme == "input"
-            self._matmul_last = self._matmul_last and self.scheme == "channel"
         return spec
 
     def bias_tensor(self) -> torch.Tensor | None:
@@ -164,7 +185,7 @@ class _FactorizedConv(FactorizedLayer):
 # ------------------------------------------------------------------------------------------------
 
 
-class SVDConv(_FactorizedConv):
+class SVDConv(_FactorizedConv, LowRankLayer):
     """Low-rank convolution from a truncated SVD of the (per-group) kernel matrix.
 
     ``scheme="channel"``: a conv with the dense kernel into ``groups * rank`` channels, then a 1x1
@@ -203,6 +224,9 @@ class SVDConv(_FactorizedConv):
                                     spatial=True, axis=0, **kw)
             self.last = _make_conv(spec, g * r, spec.out_features, _axis_kernel(spec, 1), groups=g, bias=spec.bias,
                                    spatial=True, axis=1, **kw)
+        # the 1x1 stage runs as a GEMM (see _pointwise): the first one for "input", the last for "channel"
+        self._matmul_first = self._matmul_first and scheme == "input"
+        self._matmul_last = self._matmul_last and scheme == "channel"
 
     def _layer_opts(self) -> dict:
         return {"scheme": self.scheme}
@@ -269,52 +293,58 @@ class SVDConv(_FactorizedConv):
         return conv_macs(spec.in_features, mid, g, _axis_kernel(spec, 0), batch * math.prod(after_h)) + conv_macs(
             mid, spec.out_features, g, _axis_kernel(spec, 1), batch * math.prod(out))
 
+    # ---- the low-rank interface ---------------------------------------------------------------------
+    # channel: (out, in*k) ~ (out, r) @ (r, in*k); input: (out*k, in) ~ (out*k, r) @ (r, in);
+    # spatial: (in*kh, out*kw) ~ (in*kh, r) @ (r, out*kw) (rows on the input side).
+
     @classmethod
-    def from_dense(cls, layer, rank, *, scheme: str = "channel", svd_method: str = "exact", seed: int = 0) -> SVDConv:
-        """Best rank-``rank`` (per group) approximation of a trained conv layer."""
-        check_choice(svd_method, "svd_method", ("exact", "randomized"))
-        spec = cls.check_layer(layer, scheme=scheme)
-        r = cls.resolve_rank(spec, rank, scheme=scheme)
-        weight = dense_weight_of(layer)
-        firsts, seconds = [], []
+    def matrices(cls, weight: torch.Tensor, spec: DenseSpec, *, scheme: str = "channel", **opts) -> list[torch.Tensor]:
+        mats = []
         for Wg in _groups_of(weight, spec.groups):
             og, ig, *k = Wg.shape
             if scheme == "channel":
-                left, right, _ = svd_factors(Wg.reshape(og, -1), r, method=svd_method, seed=seed)
+                mats.append(Wg.reshape(og, -1))
+            elif scheme == "input":
+                mats.append(input_matrix(Wg))
+            else:
+                kh, kw = k
+                mats.append(Wg.permute(1, 2, 0, 3).reshape(ig * kh, og * kw))  # rows (c, h), columns (o, w)
+        return mats
+
+    @classmethod
+    def from_lowrank(cls, spec, lefts, rights, bias=None, *, scheme: str = "channel", **opts) -> SVDConv:
+        spec = cls.check_layer(spec, scheme=scheme)
+        ig, og, k = spec.in_features // spec.groups, spec.out_features // spec.groups, spec.kernel_size
+        firsts, seconds = [], []
+        for left, right in zip(lefts, rights):
+            r = right.shape[0]
+            if scheme == "channel":
                 firsts.append(right.reshape(r, ig, *k))
                 seconds.append(left.reshape(og, r, *([1] * spec.dim)))
             elif scheme == "input":
-                left, right, _ = svd_factors(input_matrix(Wg), r, method=svd_method, seed=seed)
                 first, second = input_scheme_weights(left, right, k)
                 firsts.append(first)
                 seconds.append(second)
             else:
                 kh, kw = k
-                M = Wg.permute(1, 2, 0, 3).reshape(ig * kh, og * kw)  # rows (c, h), columns (o, w)
-                left, right, _ = svd_factors(M, r, method=svd_method, seed=seed)
                 firsts.append(left.T.reshape(r, ig, kh, 1))
                 seconds.append(right.reshape(r, og, 1, kw).transpose(0, 1))
-        return cls.from_factors(layer, torch.cat(firsts), torch.cat(seconds), dense_bias_of(layer), scheme=scheme)
+        return cls.from_factors(spec, [torch.cat(firsts), torch.cat(seconds)], bias, scheme=scheme)
 
     @classmethod
-    def from_factors(cls, conv, first_weight: torch.Tensor, second_weight: torch.Tensor,
-                     bias: torch.Tensor | None = None, scheme: str = "channel") -> SVDConv:
-        """The layer with the given factor weights, for data-aware fitting.
+    def whitenable(cls, spec: DenseSpec, *, scheme: str = "channel", **opts) -> bool:
+        # calibration captures unfolded patches of ungrouped Conv2d layers with numeric padding
+        return scheme in ("channel", "input") and spec.dim == 2 and spec.groups == 1 and not isinstance(
+            spec.padding, str)
 
-        ``scheme="channel"``: ``first_weight`` ``(groups*r, in/groups, *k)``, ``second_weight``
-        ``(out, r, 1, ...)``; ``scheme="input"``: ``(groups*r, in/groups, 1, ...)`` and ``(out, r, *k)``;
-        ``scheme="spatial"``: ``(groups*r, in/groups, kh, 1)`` and ``(out, r, 1, kw)``.
-        ``bias`` must be given exactly when ``conv`` has one.
-        """
-        spec = cls.check_layer(conv, scheme=scheme)
-        if first_weight.ndim != spec.dim + 2 or first_weight.shape[0] % spec.groups:
-            raise ShapeError(f"first_weight of shape {tuple(first_weight.shape)} does not fit {spec.describe()}")
-        r = first_weight.shape[0] // spec.groups
-        layer = cls(spec, r, scheme=scheme, device=first_weight.device, dtype=first_weight.dtype)
-        _fill(layer.first.weight, first_weight, "first_weight")
-        _fill(layer.last.weight, second_weight, "second_weight")
-        _fill_bias(layer, spec, bias)
-        return layer
+    @classmethod
+    def matrix_gram(cls, spec: DenseSpec, gram: torch.Tensor, *, scheme: str = "channel", **opts):
+        if not cls.whitenable(spec, scheme=scheme) or gram.shape[0] != spec.in_features * math.prod(spec.kernel_size):
+            return None
+        return gram if scheme == "channel" else channel_gram(gram, spec.in_features)
+
+    def lowrank_sides(self) -> tuple[nn.Module, nn.Module]:
+        return self.first, self.last
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.jit.is_scripting():  # noqa: SIM102 (TorchScript drops only this constant test)
@@ -429,8 +459,7 @@ class TuckerConv(_FactorizedConv):
     @classmethod
     def from_dense(cls, layer, rank, *, n_iter: int = 0) -> TuckerConv:
         """Tucker-2 factors of a trained conv layer (partial HOSVD, then ``n_iter`` HOOI sweeps)."""
-        if isinstance(n_iter, bool) or not isinstance(n_iter, int) or n_iter < 0:
-            raise InvalidArgumentError(f"n_iter must be a non-negative integer, got {n_iter!r}")
+        check_count(n_iter, "n_iter")
         spec = cls.check_layer(layer)
         r_in, r_out = cls.resolve_rank(spec, rank)
         weight = dense_weight_of(layer)
@@ -446,23 +475,16 @@ class TuckerConv(_FactorizedConv):
             firsts.append(U_in.T.reshape(r_in, -1, *ones))
             cores.append(core)
             lasts.append(U_out.reshape(-1, r_out, *ones))
-        return cls.from_factors(layer, torch.cat(firsts), torch.cat(cores), torch.cat(lasts), dense_bias_of(layer),
+        return cls.from_factors(layer, [torch.cat(firsts), torch.cat(cores), torch.cat(lasts)], dense_bias_of(layer),
                                 dtype=weight.dtype)
 
     @classmethod
-    def from_factors(cls, conv, first_weight, core_weight, last_weight, bias=None, *, dtype=None) -> TuckerConv:
-        """The layer with weights (groups*r_in, in/groups, 1..), (groups*r_out, r_in, *k), (out, r_out, 1..)."""
-        spec = cls.check_layer(conv)
-        if core_weight.ndim != spec.dim + 2 or core_weight.shape[0] % spec.groups:
-            raise ShapeError(f"core_weight of shape {tuple(core_weight.shape)} does not fit {spec.describe()}")
-        rank = (core_weight.shape[1], core_weight.shape[0] // spec.groups)
-        dtype = dtype or core_weight.dtype
-        layer = cls(spec, rank, device=core_weight.device, dtype=dtype)
-        _fill(layer.first.weight, first_weight, "first_weight")
-        _fill(layer.core.weight, core_weight, "core_weight")
-        _fill(layer.last.weight, last_weight, "last_weight")
-        _fill_bias(layer, spec, bias)
-        return layer
+    def _rank_of_factors(cls, spec: DenseSpec, factors, **opts) -> tuple[int, int]:
+        """``factors``: first ``(groups*r_in, in/groups, 1..)``, core ``(groups*r_out, r_in, *k)``, last
+        ``(out, r_out, 1..)``."""
+        if len(factors) != 3 or factors[1].ndim != spec.dim + 2 or factors[1].shape[0] % spec.groups:
+            raise ShapeError(f"TuckerConv factors (first, core, last) do not fit {spec.describe()}")
+        return int(factors[1].shape[1]), int(factors[1].shape[0]) // spec.groups
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.jit.is_scripting():  # noqa: SIM102 (TorchScript drops only this constant test)
@@ -579,8 +601,6 @@ class CPConv(_FactorizedConv):
             raise ShapeError(f"CP decompositions must all have shape {shape} and one rank, got "
                              f"{[(tuple(d.shape), d.rank) for d in decompositions]}")
         r = ranks.pop()
-        ref = decompositions[0].weights
-        layer = cls(spec, r, device=ref.device, dtype=dtype or ref.dtype)
         n_factors = spec.dim + 2
         firsts, axes, lasts = [], [[] for _ in range(spec.dim)], []
         for d in decompositions:
@@ -592,13 +612,12 @@ class CPConv(_FactorizedConv):
             firsts.append(A_in.T)
             for a, A in enumerate(A_k):
                 axes[a].append(A.T)
-        ones = (1,) * spec.dim
-        _fill(layer.first.weight, torch.cat(firsts).reshape(spec.groups * r, -1, *ones), "CP input factors")
-        for a, conv_a in enumerate(layer.spatial):
-            _fill(conv_a.weight, torch.cat(axes[a]).reshape(conv_a.weight.shape), f"CP factors of axis {a}")
-        _fill(layer.last.weight, torch.cat(lasts).reshape(spec.out_features, r, *ones), "CP output factors")
-        _fill_bias(layer, spec, dense_bias_of(conv) if isinstance(conv, nn.Module) else None)
-        return layer
+        ones, mid = (1,) * spec.dim, spec.groups * r
+        factors = [torch.cat(firsts).reshape(mid, -1, *ones)]
+        factors += [torch.cat(axes[a]).reshape(mid, 1, *_axis_kernel(spec, a)) for a in range(spec.dim)]
+        factors.append(torch.cat(lasts).reshape(spec.out_features, r, *ones))
+        bias = dense_bias_of(conv) if isinstance(conv, nn.Module) else None
+        return cls.from_factors(spec, factors, bias, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.jit.is_scripting():  # noqa: SIM102 (TorchScript drops only this constant test)
@@ -702,17 +721,3 @@ def _channels_last_chain(x: torch.Tensor, stages: list[nn.Module]) -> torch.Tens
 
 def _is_channels_last(x: torch.Tensor) -> bool:
     return x.dim() >= 3 and x.movedim(1, -1).is_contiguous() and not x.is_contiguous()
-
-
-def _fill(target: torch.Tensor, value: torch.Tensor, name: str) -> None:
-    if tuple(value.shape) != tuple(target.shape):
-        raise ShapeError(f"{name} has shape {tuple(value.shape)}, expected {tuple(target.shape)}")
-    with torch.no_grad():
-        target.copy_(value)
-
-
-def _fill_bias(layer: _FactorizedConv, spec: DenseSpec, bias: torch.Tensor | None) -> None:
-    if (bias is None) != (not spec.bias):
-        raise ShapeError(f"{spec.describe()} {'has' if spec.bias else 'has no'} bias; the given bias does not match")
-    if bias is not None:
-        _fill(layer.last.bias, bias, "bias")

@@ -18,32 +18,26 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from tensorfold.core.validate import check_choice, check_rank
-from tensorfold.errors import NotCompressibleError, ShapeError
-from tensorfold.nn.base import DenseSpec, FactorizedLayer, dense_bias_of, dense_weight_of, svd_factors
+from tensorfold.core.validate import check_rank
+from tensorfold.errors import NotCompressibleError
+from tensorfold.nn.base import DenseSpec, LowRankLayer
 
 
-class LowRankLinear(FactorizedLayer):
+class LowRankLinear(LowRankLayer):
     """``y = second(first(x))`` with ``first = Linear(in, rank, bias=False)``, ``second = Linear(rank, out)``.
 
-    ``rank`` ranges from 1 to ``min(in_features, out_features)`` (exact there). ``from_dense`` keeps
-    the best rank-``rank`` approximation of the weight (truncated SVD, Eckart-Young).
+    ``LowRankLinear(spec, rank)`` (``spec``: a :class:`~tensorfold.nn.base.DenseSpec` or an
+    ``nn.Linear``) builds the structure; ``rank`` ranges from 1 to ``min(in_features, out_features)``
+    (exact there). ``from_dense`` keeps the best rank-``rank`` approximation of the weight (truncated
+    SVD, Eckart-Young).
     """
 
-    def __init__(
-        self,
-        in_features: int,
-        out_features: int,
-        rank: int,
-        bias: bool = True,
-        device=None,
-        dtype=None,
-    ):
+    def __init__(self, spec, rank: int, *, device=None, dtype=None):
         super().__init__()
-        self.spec = DenseSpec(int(in_features), int(out_features), bool(bias))
-        self.rank = self._validate_rank(self.spec, rank)
-        self.first = nn.Linear(in_features, self.rank, bias=False, device=device, dtype=dtype)
-        self.second = nn.Linear(self.rank, out_features, bias=bias, device=device, dtype=dtype)
+        self.spec = spec = self.check_layer(spec)
+        self.rank = self._validate_rank(spec, rank)
+        self.first = nn.Linear(spec.in_features, self.rank, bias=False, device=device, dtype=dtype)
+        self.second = nn.Linear(self.rank, spec.out_features, bias=spec.bias, device=device, dtype=dtype)
 
     # ---- rank and cost ----------------------------------------------------------------------------
 
@@ -78,47 +72,39 @@ class LowRankLinear(FactorizedLayer):
         batch, _ = spec.split_input_shape(input_shape)
         return batch * rank * (spec.in_features + spec.out_features)
 
+    # ---- the low-rank interface -------------------------------------------------------------------
+
+    @classmethod
+    def matrices(cls, weight: torch.Tensor, spec: DenseSpec, **opts) -> list[torch.Tensor]:
+        return [weight]
+
+    @classmethod
+    def from_lowrank(cls, spec, lefts, rights, bias=None, **opts) -> LowRankLinear:
+        """``W ~ left @ right``: ``left`` ``(out, r)`` is the second layer's weight, ``right`` ``(r, in)``
+        the first's."""
+        (left,), (right,) = lefts, rights
+        return cls.from_factors(spec, [right, left], bias)
+
+    @classmethod
+    def whitenable(cls, spec: DenseSpec, **opts) -> bool:
+        return True
+
+    @classmethod
+    def matrix_gram(cls, spec: DenseSpec, gram: torch.Tensor, **opts) -> torch.Tensor | None:
+        return gram if tuple(gram.shape) == (spec.in_features, spec.in_features) else None
+
+    def lowrank_sides(self) -> tuple[nn.Module, nn.Module]:
+        return self.first, self.second
+
     # ---- construction -----------------------------------------------------------------------------
 
     @classmethod
-    def from_dense(cls, layer: nn.Linear, rank, *, svd_method: str = "exact", seed: int = 0) -> LowRankLinear:
-        """Best rank-``rank`` approximation of ``layer`` (``rank``: int or a float fraction of its parameters).
+    def _rank_of_factors(cls, spec: DenseSpec, factors, **opts) -> int:
+        """``factors``: ``[first_weight (rank, in), second_weight (out, rank)]``."""
+        return int(factors[0].shape[0])
 
-        ``svd_method="randomized"`` is faster for a small rank of a large weight.
-        """
-        check_choice(svd_method, "svd_method", ("exact", "randomized"))
-        spec = cls.check_layer(layer)
-        r = cls.resolve_rank(spec, rank)
-        weight = dense_weight_of(layer)
-        second, first, _ = svd_factors(weight, r, method=svd_method, seed=seed)
-        return cls.from_factors(first, second, dense_bias_of(layer))
-
-    @classmethod
-    def from_factors(
-        cls, first_weight: torch.Tensor, second_weight: torch.Tensor, bias: torch.Tensor | None = None
-    ) -> LowRankLinear:
-        """The layer ``x -> x @ first_weight.T @ second_weight.T + bias``.
-
-        ``first_weight`` has shape ``(rank, in)``, ``second_weight`` ``(out, rank)``, ``bias`` ``(out,)``.
-        """
-        if first_weight.ndim != 2 or second_weight.ndim != 2 or first_weight.shape[0] != second_weight.shape[1]:
-            raise ShapeError(
-                f"first_weight {tuple(first_weight.shape)} (rank, in) and second_weight "
-                f"{tuple(second_weight.shape)} (out, rank) do not fit together"
-            )
-        rank, in_features = first_weight.shape
-        out_features = second_weight.shape[0]
-        if bias is not None and tuple(bias.shape) != (out_features,):
-            raise ShapeError(f"bias has shape {tuple(bias.shape)}, expected ({out_features},)")
-        layer = cls(
-            in_features, out_features, rank, bias=bias is not None, device=first_weight.device, dtype=first_weight.dtype
-        )
-        with torch.no_grad():
-            layer.first.weight.copy_(first_weight)
-            layer.second.weight.copy_(second_weight)
-            if bias is not None:
-                layer.second.bias.copy_(bias)
-        return layer
+    def factor_weights(self) -> list[torch.Tensor]:
+        return [self.first.weight, self.second.weight]
 
     # ---- forward and inspection -------------------------------------------------------------------
 

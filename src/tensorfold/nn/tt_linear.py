@@ -213,10 +213,8 @@ class TTLinear(FactorizedLayer):
 
     def __init__(
         self,
-        in_features: int,
-        out_features: int,
+        spec,
         rank,
-        bias: bool = True,
         *,
         in_dims: Sequence[int] | None = None,
         out_dims: Sequence[int] | None = None,
@@ -226,7 +224,8 @@ class TTLinear(FactorizedLayer):
         dtype=None,
     ):
         super().__init__()
-        self.spec = spec = DenseSpec(int(in_features), int(out_features), bool(bias))
+        self.spec = spec = self.check_layer(spec)
+        out_features, bias = spec.out_features, spec.bias
         self.in_dims, self.out_dims = _tt_geometry(spec, in_dims, out_dims, n_cores=n_cores, geometry=geometry)
         self.rank = self._validate_rank(spec, rank, in_dims=self.in_dims, out_dims=self.out_dims)
         full = (1, *self.rank, 1)
@@ -332,14 +331,17 @@ class TTLinear(FactorizedLayer):
             C = (t.S[:, None] * t.V.T).reshape(r * out_dims[k + 1] * in_dims[k + 1], -1)
             r_prev = r
         cores.append(C.reshape(r_prev, out_dims[-1], in_dims[-1], 1))
-        layer_out = cls(spec.in_features, spec.out_features, ranks, spec.bias, device=weight.device,
-                        dtype=weight.dtype, **geometry)
-        with torch.no_grad():
-            for param, core in zip(layer_out.cores, cores):
-                param.copy_(core)
-            if spec.bias:
-                layer_out.bias.copy_(dense_bias_of(layer))
-        return layer_out
+        return cls.from_factors(spec, cores, dense_bias_of(layer), dtype=weight.dtype, **geometry)
+
+    @classmethod
+    def _rank_of_factors(cls, spec: DenseSpec, factors, **geometry) -> tuple[int, ...]:
+        """``factors``: the cores ``(r_{k-1}, m_k, n_k, r_k)``, first to last."""
+        if any(f.ndim != 4 for f in factors):
+            raise ShapeError(f"TT cores are 4-way (r_prev, m, n, r_next), got {[tuple(f.shape) for f in factors]}")
+        return tuple(int(f.shape[3]) for f in factors[:-1])
+
+    def factor_weights(self) -> list[torch.Tensor]:
+        return list(self.cores)
 
     # ---- forward and inspection -------------------------------------------------------------------
 
