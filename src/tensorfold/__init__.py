@@ -53,6 +53,8 @@ _LAZY = {
     "tucker_sketch": "tensorfold.decomp.sketch",
     "open_tensor": "tensorfold.decomp.blocks",
     "cp_chunked": "tensorfold.decomp.chunked",
+    "gcp": "tensorfold.decomp.gcp",
+    "factor_match_score": "tensorfold.decomp.gcp",
     "relative_error_chunked": "tensorfold.decomp.chunked",
     "tt_round": "tensorfold.decomp.tt",
     "tensor_ring": "tensorfold.decomp.tr",

@@ -67,3 +67,31 @@ def random_mask(shape: Sequence[int], fraction: float, *, seed: int = 2) -> torc
     """Boolean mask with each entry observed independently with probability ``fraction``."""
     gen = make_generator(seed)
     return torch.rand(*shape, generator=gen) < fraction
+
+
+def poisson_cp_problem(shape: Sequence[int] = (60, 70, 80), rank: int = 5, *, mean: float = 2.0, seed: int = 0):
+    """Counts drawn from planted nonnegative CP factors (gamma(1,1) entries, half zeroed, +0.01) scaled to
+    ``mean`` counts per cell: ``(counts as a float64 tensor, the planted CPTensor of the rates)``. With the
+    defaults this is the problem of pyttb's ``gcp_opt`` reference in REFERENCE-FIGURES (about 2/3 zeros)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    fs = []
+    for n in shape:
+        A = rng.gamma(1.0, 1.0, size=(n, rank))
+        A[rng.random((n, rank)) < 0.5] = 0
+        fs.append(A + 0.01)
+    truth = CPTensor(torch.ones(rank, dtype=torch.float64), [torch.from_numpy(f) for f in fs])
+    rates = truth.to_tensor()
+    scale = mean / float(rates.mean())
+    counts = rng.poisson((rates * scale).numpy()).astype(np.float64)
+    return torch.from_numpy(counts), CPTensor(truth.weights * scale, truth.factors)
+
+
+def bernoulli_cp_problem(shape: Sequence[int] = (60, 70, 80), rank: int = 5, *, scale: float = 4.0, seed: int = 1):
+    """Binary data ``X ~ Bernoulli(sigmoid(M))`` with ``M`` a planted CP tensor of Gaussian factors (unit
+    columns, weights ``scale``): ``(data as a float64 tensor, the planted CPTensor of the logits)``."""
+    gen = make_generator(seed)
+    fs = [randn(n, rank, generator=gen, dtype=torch.float64) for n in shape]
+    truth = CPTensor(torch.full((rank,), float(scale), dtype=torch.float64), fs).normalize()
+    return torch.bernoulli(torch.sigmoid(truth.to_tensor()), generator=gen), truth

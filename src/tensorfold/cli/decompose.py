@@ -302,6 +302,8 @@ Examples:
 
   tensorfold decompose cells.npz --coo --method cp-wopt --rank 8 --out cp8.safetensors
 
+  tensorfold decompose big.zarr --method tucker --rank 20 --scheduler local --memory-limit 1GB --out tk.safetensors
+
 Writes OUT (safetensors, readable with tensorfold.load) and OUT with suffix .json (the summary).
 """
 
@@ -338,6 +340,17 @@ def decompose(
         False, "--coo", help="INPUT holds observed cells as arrays indices (nnz, d), values, shape: completion "
         "without densifying (--method cp, cp-wopt or tucker)."
     ),
+    chunks: str | None = typer.Option(
+        None, "--chunks", help="Read INPUT block by block (out of core): block shape, an int or a comma list. "
+        "Zarr stores (.zarr) and HDF5 files (.h5) are always read this way (--method cp or tucker)."
+    ),
+    scheduler: str | None = typer.Option(
+        None, "--scheduler", help="Out of core on Dask: 'local' (a LocalCluster of 2 workers) or a "
+        "dask.distributed scheduler ADDRESS (default: Dask's threads in this process)."
+    ),
+    memory_limit: str | None = typer.Option(
+        None, "--memory-limit", help="Memory cap per worker of --scheduler local, e.g. 1GB."
+    ),
 ) -> None:
     """Decompose a tensor stored in a file and save the result.
 
@@ -355,6 +368,13 @@ def decompose(
         return decompose_observed(
             input_path, method=method, rank=rank, mask_path=mask, coo=coo, out=out, eps=eps, key=key, dtype=dtype,
             device=device, seed=seed, max_iter=max_iter, tol=tol, overwrite=overwrite, as_json=as_json,
+        )
+    from tensorfold.cli.outofcore import decompose_out_of_core, wants_out_of_core
+
+    if wants_out_of_core(input_path, chunks, scheduler, memory_limit):  # block by block (cli.outofcore)
+        return decompose_out_of_core(
+            input_path, method=method, rank=rank, out=out, key=key, seed=seed, max_iter=max_iter, tol=tol,
+            overwrite=overwrite, as_json=as_json, chunks=chunks, scheduler=scheduler, memory_limit=memory_limit,
         )
     check_option_choice(method, "--method", METHODS)
     options = FitOptions(rank=parse_rank(rank), eps=eps, seed=seed, max_iter=max_iter, tol=tol)

@@ -43,8 +43,9 @@ class _ResidualBlock:
         self.approx = approx
 
     def __call__(self, slices, B):
-        Y = restrict(self.approx, slices).to(dtype=B.dtype).to_tensor()
-        return [(B.double() ** 2).sum(), ((B - Y).double() ** 2).sum()]
+        R = B - restrict(self.approx, slices).to(dtype=B.dtype).to_tensor()
+        R *= R
+        return [torch.sum(B * B, dtype=torch.float64), torch.sum(R, dtype=torch.float64)]
 
 
 def relative_error_chunked(X, approx: Decomposition, *, chunks=None, scheduler=None) -> float:

@@ -40,7 +40,7 @@ class _SketchBlock:
         self.shape, self.omegas, self.phis = shape, omegas, phis
 
     def __call__(self, slices, B):
-        out = [(B.double() ** 2).sum()]
+        out = [torch.sum(B * B, dtype=torch.float64)]  # one block-sized temporary, float64 sum
         sub = [om[s].to(B.dtype) for om, s in zip(self.omegas, slices)]
         for n, s in enumerate(slices):
             V = torch.zeros(self.shape[n], sub[0].shape[1], dtype=torch.float64)
