@@ -41,7 +41,7 @@ def test_zarr_cp_and_tucker_match_in_memory(store):
                  "--out", tmp / "tk.safetensors")
     assert res.exit_code == 0, res.output
     tk = tf.load(tmp / "tk.safetensors")
-    assert tk.rank == (3, 3, 3) and tf.relative_error(X, tk) < 0.03  # two-pass sketch, noise 0.01
+    assert tk.rank == (3, 3, 3) and tf.relative_error(X, tk) < 0.012  # sketch + HOOI pass, noise 0.01
 
 
 def test_out_of_core_errors_are_one_line(store):

@@ -45,6 +45,17 @@ def test_two_pass_fit_is_exact_and_beats_one_pass_on_average():
     assert min(tf.relative_error(X, t) for t in two) < 1.5 * best
 
 
+def test_a_refinement_pass_reaches_hooi_on_low_rank_plus_noise():
+    # Strong signal, noise 10%: the sketch finds the signal subspaces tilted by noise; one HOOI pass fixes that.
+    X = add_noise(tf.testing.random_cp((60, 50, 40), 6, seed=5).to_tensor(), 0.1)
+    hooi = tf.relative_error(X, tf.tucker(X, 8))
+    two = tf.tucker_sketch(X, 8, passes=2, seed=0)
+    three = tf.tucker_sketch(X, 8, passes=3, seed=0, chunks=(20, 25, 40))
+    assert tf.relative_error(X, two) > 1.05 * hooi
+    assert tf.relative_error(X, three) < 1.01 * hooi
+    assert abs(three.info.fit_history[0] - (1 - tf.relative_error(X, three))) < 1e-10
+
+
 def test_block_order_and_chunking_do_not_change_the_sketch():
     X = add_noise(tf.testing.random_tucker((17, 13, 11), (3, 2, 2), seed=2).to_tensor(), 0.05)
     whole = tf.tucker_sketch(X, (3, 2, 2), seed=7)
@@ -76,7 +87,9 @@ def test_float32_input_keeps_its_dtype():
 def test_bad_arguments_are_clear_errors():
     X = torch.randn(5, 6, 7, dtype=torch.float64)
     with pytest.raises(tf.InvalidArgumentError, match="passes"):
-        tf.tucker_sketch(X, 2, passes=3)
+        tf.tucker_sketch(X, 2, passes=0)
+    with pytest.raises(tf.InvalidArgumentError, match="truncate"):
+        tf.tucker_sketch(X, 2, passes=3, truncate=False)
     with pytest.raises(tf.InvalidArgumentError, match="k\\[0\\]"):
         tf.tucker_sketch(X, 3, k=2)
     with pytest.raises(tf.RankError):

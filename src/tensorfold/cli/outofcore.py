@@ -2,7 +2,7 @@
 
 Reached from :func:`tensorfold.cli.decompose.decompose` when the input is a Zarr store or an HDF5 file,
 or when ``--chunks``, ``--scheduler`` or ``--memory-limit`` is given. Methods: ``cp`` (chunked CP-ALS
-seeded from a sketched core) and ``tucker`` (the two-pass streaming Tucker sketch).
+seeded from a sketched core) and ``tucker`` (streaming Tucker sketch + one HOOI pass + the core: three passes).
 """
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ def decompose_out_of_core(
     if method == "cp" and isinstance(ranks, tuple):
         raise RankError(f"method 'cp' takes a single --rank, got {rank}")
     if method == "tucker" and (max_iter is not None or tol is not None):
-        raise InvalidArgumentError("--max-iter and --tol apply to cp; out-of-core tucker is a two-pass sketch")
+        raise InvalidArgumentError("--max-iter and --tol apply to cp; out-of-core tucker makes three passes")
     block_shape = parse_chunks(chunks)
     check_output_path(out, overwrite=overwrite, inputs=[input_path])
     summary_path = out.with_suffix(".json")
@@ -95,7 +95,7 @@ def decompose_out_of_core(
                                                callback=callback, **kwargs)
         else:
             with fit_progress("tucker sketch (blocks)") as callback:
-                result = tensorfold.tucker_sketch(data, ranks, passes=2, seed=seed, chunks=block_shape,
+                result = tensorfold.tucker_sketch(data, ranks, passes=3, seed=seed, chunks=block_shape,
                                                   scheduler=client, progress=lambda done, total: callback(done))
         wall = time.perf_counter() - fit_started
     info = result.info

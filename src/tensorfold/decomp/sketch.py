@@ -50,6 +50,24 @@ class _SketchBlock:
         return out
 
 
+class _HOOIBlock:
+    """The block's share of ``Y_n = unfold(X x_{m != n} U_m^T, n)`` for every mode n (one HOOI step for
+    all modes from the same factors), each ``I_n x prod_{m != n} r_m``."""
+
+    def __init__(self, shape, bases):
+        self.shape, self.bases = shape, bases
+
+    def __call__(self, slices, B):
+        mats = [U[s].T.to(B.dtype) for U, s in zip(self.bases, slices)]
+        out = []
+        for n, s in enumerate(slices):
+            T = multi_mode_dot(B, mats, skip=n)
+            Y = torch.zeros(self.shape[n], T.numel() // T.shape[n], dtype=torch.float64)
+            Y[s] = T.movedim(n, 0).reshape(T.shape[n], -1).double()
+            out.append(Y)
+        return out
+
+
 class _ProjectBlock:
     """The block's share of the exact core ``X x_n Q_n^T`` (second pass)."""
 
@@ -82,7 +100,10 @@ def tucker_sketch(
         dataset, or a path to one of those (see :func:`tensorfold.decomp.blocks.open_tensor`).
     ranks : Tucker ranks of the result (an int for every mode).
     k, s : factor- and core-sketch sizes per mode (default ``2 r_n + 1`` and ``2 k_n + 1``, at most ``I_n``).
-    passes : 1 (the single-pass sketch) or 2 (exact core on the sketched subspaces: more accurate).
+    passes : 1 (the single-pass sketch), 2 (exact core on the sketched subspaces: more accurate), or
+        ``p >= 3``: ``p - 2`` passes of HOOI steps (every mode updated from the others' current bases,
+        all in the same pass) between the sketch and the core pass; one such pass reaches HOOI's error
+        when the sketch has found the signal subspaces but is still tilted by noise.
     truncate : False keeps the sketch-sized result (ranks ``k_n``) without the final (ST-)HOSVD.
     seed : seed of the random test matrices (the same seed gives the same answer for every input kind).
     chunks : block shape for in-memory / memmap inputs, or a rechunking of dask inputs.
@@ -101,8 +122,8 @@ def tucker_sketch(
     start = time.perf_counter()
     B = as_blocked(X, chunks=chunks, scheduler=scheduler)
     ranks = check_ranks(ranks, B.shape)
-    if passes not in (1, 2):
-        raise InvalidArgumentError(f"passes must be 1 or 2, got {passes!r}")
+    if isinstance(passes, bool) or not isinstance(passes, int) or passes < 1:
+        raise InvalidArgumentError(f"passes must be a positive integer, got {passes!r}")
     ks = _sizes(k, [2 * r + 1 for r in ranks], ranks, B.shape, "k")
     ss = _sizes(s, [2 * kk + 1 for kk in ks], ks, B.shape, "s")
     gen = make_generator(seed)
@@ -117,16 +138,34 @@ def tucker_sketch(
         # Least squares against the core sketch: H = W x_n (Phi_n Q_n) + noise.
         W = multi_mode_dot(parts[-1], [torch.linalg.pinv(phi @ Q) for phi, Q in zip(phis, bases)])
     else:
+        if passes > 2:
+            if not truncate:
+                raise InvalidArgumentError("refinement passes (passes >= 3) need truncate=True")
+            # Start the HOOI steps from the leading r_n directions of the sketched subspaces.
+            W = multi_mode_dot(parts[-1], [torch.linalg.pinv(phi @ Q) for phi, Q in zip(phis, bases)])
+            bases = list(_finish(W, bases, ranks, torch.float64).factors)
+            for _ in range(passes - 2):
+                Ys = map_reduce(B, _HOOIBlock(B.shape, bases), progress=progress)
+                bases = [_leading(Y, r) for Y, r in zip(Ys, ranks)]
         (W,) = map_reduce(B, _ProjectBlock(bases), progress=progress)
     result = _finish(W, bases, ranks if truncate else tuple(W.shape), B.dtype)
     details = {"k": ks, "s": ss, "passes": passes, "norm_sq": norm_sq, "input": _kind(B)}
     history: tuple[float, ...] = ()
-    if passes == 2:  # orthonormal factors and the exact projected core: the error is exact
+    if passes >= 2:  # orthonormal factors and the exact projected core: the error is exact
         core_sq = float((result.core.double() ** 2).sum())
         history = (1.0 - math.sqrt(max(norm_sq - core_sq, 0.0) / norm_sq) if norm_sq > 0 else 1.0,)
     info = FitInfo(f"tucker-sketch-{passes}pass", n_iter=passes, converged=True, fit_history=history,
                    seconds=time.perf_counter() - start, details=details)
     return TuckerTensor(result.core, result.factors, info)
+
+
+def _leading(Y: torch.Tensor, r: int) -> torch.Tensor:
+    """Leading ``r`` left singular vectors of ``Y`` (``n x m``), from the smaller Gram matrix."""
+    n, m = Y.shape
+    if m >= n:
+        return torch.linalg.eigh(Y @ Y.T)[1][:, n - r :].flip(-1)
+    evals, V = torch.linalg.eigh(Y.T @ Y)
+    return torch.linalg.qr(Y @ V[:, m - r :].flip(-1))[0]
 
 
 def _finish(W: torch.Tensor, bases, ranks, dtype) -> TuckerTensor:
