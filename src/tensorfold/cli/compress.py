@@ -44,8 +44,10 @@ def compress(
     target: str = typer.Option("params", "--target", help="params, flops or latency."),
     calib: int = typer.Option(128, "--calib", help="Calibration samples (0: weight-only fitting)."),
     out: Path = typer.Option(..., "--out", "-o", help="Output directory."),
-    methods: str = typer.Option("svd,svd-input,spatial,tucker,cp,tt", "--methods",
-                                help="Comma-separated: svd,svd-input,spatial,tucker,cp,tt."),
+    methods: str = typer.Option("svd,svd-input,spatial,tucker,cp,tt,mlp-select,qk-select,vo-svd,drop", "--methods",
+                                help="Comma-separated: svd,svd-input,spatial,tucker,cp,tt and the transformer "
+                                     "block methods mlp-select,qk-select,vo-svd,drop (used where blocks are "
+                                     "recognised and --calib > 0)."),
     allocator: str = typer.Option("auto", "--allocator", help="uniform, energy, balanced, knapsack or auto."),
     include: list[str] = typer.Option(None, "--include", help="Only layers matching this pattern (repeatable)."),
     exclude: list[str] = typer.Option(None, "--exclude", help="Skip layers matching this pattern (repeatable)."),

@@ -26,6 +26,8 @@ import torch
 from torch import nn
 
 from tensorfold.compression.allocators import allocate
+from tensorfold.compression.blocks import BLOCK_METHODS, find_blocks
+from tensorfold.compression.blocks.menus import GroupCandidate, block_menus, expand_choice
 from tensorfold.compression.calibration import (
     GramStats,
     batch_input,
@@ -116,7 +118,11 @@ class Planner:
         self.config = config
         self.model_name = model_name
         methods, speedup = config.methods, config.speedup
-        found = find_layers(model, methods=methods, include=config.include, exclude=config.exclude)
+        block_methods = tuple(m for m in methods if m in BLOCK_METHODS)
+        matrix_methods = tuple(m for m in methods if m not in BLOCK_METHODS)
+        # block methods merge the per-matrix menus; "svd" menus still measure the layers' sensitivities
+        menu_methods = matrix_methods or ("svd",)
+        found = find_layers(model, methods=menu_methods, include=config.include, exclude=config.exclude)
         layers = {ref.name: ref.module for ref in found.layers}
         batches = materialize(calib)
         report = progress or (lambda stage, done, total: None)
@@ -145,26 +151,34 @@ class Planner:
             for i, (name, layer) in enumerate(layers.items()):
                 if name in unused:
                     continue
-                menus.append(layer_menu(name, layer, methods, input_shape=shapes.get(name), gram=grams.get(name),
-                                        latency=latency))
+                menus.append(layer_menu(name, layer, menu_methods, input_shape=shapes.get(name),
+                                        gram=grams.get(name), latency=latency))
                 report("candidates", i + 1, len(layers))
             self.skipped = [(s.name, s.reason) for s in found.skipped]
             self.skipped += [(n, "never called on the given inputs") for n in unused]
-            if not menus or all(len(m.options) == 1 for m in menus):
+            if not menus or (all(len(m.options) == 1 for m in menus) and not (block_methods and batches)):
                 raise NotCompressibleError("no layer has a factorisation that saves anything")
             self.calibrated = bool(batches)
+            sens_batches: list = []
             if self.calibrated and config.sensitivity:
-                sens_batches, n = [], 0
+                n = 0
                 for b in batches:
                     sens_batches.append(b)
                     n += _count_samples(b)
                     if n >= SENSITIVITY_SAMPLES:
                         break
-                values = measure_sensitivities(model, menus, sens_batches, budget=config.budget, methods=methods,
+                values = measure_sensitivities(model, menus, sens_batches, budget=config.budget, methods=menu_methods,
                                                grams=grams, output_fn=output_fn,
                                                progress=lambda d, t: report("sensitivity", d, t))
                 for m, s in zip(menus, values):
                     m.sensitivity = s
+            self.layer_menus = {m.name: m for m in menus}
+            if block_methods and batches and speedup is None:
+                menus = block_menus(model, find_blocks(model), menus, block_methods, batches, target=config.target,
+                                    latency=latency, sens_batches=sens_batches or batches[:2], output_fn=output_fn,
+                                    matrix_methods=matrix_methods, progress=lambda d, t: report("blocks", d, t))
+            if all(len(m.options) == 1 for m in menus):
+                raise NotCompressibleError("no layer has a factorisation that saves anything")
             self.speed = (SpeedCheck(model, menus, speed_sample, threads=latency.threads)
                           if speedup is not None else None)
         self.menus = menus
@@ -194,12 +208,17 @@ class Planner:
 
     def _plan_of(self, alloc, config: CompressConfig, curve_points=(), lat_cap=None, measured=None) -> Plan:
         menus = self.menus
-        layer_plans = [menu.decision(choice) for menu, choice in zip(menus, alloc.choices)]
+        layer_plans = []
+        for menu, choice in zip(menus, alloc.choices):
+            if isinstance(choice, GroupCandidate):  # a transformer block's option: one LayerPlan per layer
+                layer_plans.extend(expand_choice(choice, self.layer_menus))
+            else:
+                layer_plans.append(menu.decision(choice))
         return Plan(
             layers=layer_plans, skipped=list(self.skipped), config=config, allocator=config.resolved_allocator,
             calibrated=self.calibrated, model_params=self.model_params, model_name=self.model_name,
             objective=alloc.objective, curve=list(curve_points),
-            spectra={m.name: m.spectrum for m in menus if m.spectrum is not None},
+            spectra={m.name: m.spectrum for m in self.layer_menus.values() if m.spectrum is not None},
             latency_cap=lat_cap, model_latency=self.speed.dense_total if self.speed is not None else None,
             measured_speedup=measured,
         )

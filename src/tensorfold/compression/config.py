@@ -34,8 +34,9 @@ from tensorfold.errors import FileFormatError, InvalidArgumentError
 
 TARGETS = ("params", "flops", "latency")
 ALLOCATORS = ("uniform", "energy", "balanced", "knapsack", "auto")
-# each applies where it can; methods registered later (tensorfold.compression.methods) are opt-in
-DEFAULT_METHODS = ("svd", "svd-input", "spatial", "tucker", "cp", "tt")
+# each applies where it can (the transformer block methods where blocks are recognised and calib is
+# given); methods registered later (tensorfold.compression.methods) are opt-in
+DEFAULT_METHODS = ("svd", "svd-input", "spatial", "tucker", "cp", "tt", "mlp-select", "qk-select", "vo-svd", "drop")
 
 
 def check_budget(budget, name: str = "budget") -> float:

@@ -64,3 +64,13 @@ def extra_methods() -> dict[str, MethodInfo]:
 def known_methods() -> tuple[str, ...]:
     """Every method name the planner accepts, layer methods first."""
     return tuple(dict.fromkeys((*layer_methods(), *_EXTRA)))
+
+
+# The transformer block methods: their candidates come from tensorfold.compression.blocks.
+for _name, _description in (
+    ("mlp-select", "keep k feed-forward neurons, refit the down projection on calibration activations"),
+    ("qk-select", "keep r query/key dimensions per attention head (CR decomposition, keys refitted)"),
+    ("vo-svd", "rank-r whitened SVD of each attention head's value-output product"),
+    ("drop", "remove a whole transformer block, keeping the residual stream"),
+):
+    register_method(_name, description=_description, owner="tensorfold.compression.blocks")

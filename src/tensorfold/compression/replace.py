@@ -74,13 +74,26 @@ def replace_layers(
     seed: seeds the "random" build.
     progress: ``progress("fitting", done, total)``.
     """
+    from tensorfold.compression.blocks.fit import apply_block_plan, restructure_blocks, uses_blocks
+
     check_choice(build, "build", BUILD_MODES)
     config = plan.config if isinstance(plan, Plan) else None
     decisions = [lp for lp in (plan.layers if isinstance(plan, Plan) else plan) if lp.factored]
+    if build == "fitted" and uses_blocks(decisions):
+        # transformer block methods: fitted unit by unit in forward order (tensorfold.compression.blocks)
+        ridge = config.ridge if config is not None else 1e-6
+        new = apply_block_plan(model, decisions, materialize(calib), ridge=ridge, progress=progress)
+        if inplace:
+            for name, child in list(new.named_children()):
+                setattr(model, name, child)
+            return model
+        return new
     target = model if inplace else copy.deepcopy(model)
+    generator = make_generator(seed)
+    handled = restructure_blocks(target, decisions, generator=generator if build == "random" else None)
+    decisions = [lp for lp in decisions if lp.name not in handled]
     layers = {lp.name: _planned_layer(target, lp) for lp in decisions}
     if build != "fitted":
-        generator = make_generator(seed)
         for lp in decisions:
             layer = layers[lp.name]
             built = _empty(layer, lp)

@@ -1,0 +1,245 @@
+"""Applying a plan with block methods: layer-wise sequential fitting, and rebuilding saved structures.
+
+:func:`apply_block_plan` walks the planned layers in forward order. Every unit is fitted on the
+inputs it sees in the *partly compressed* model: a dropped block becomes a
+:class:`~tensorfold.nn.transformer.SkipBlock`; an attention with ``qk-select``/``vo-svd`` is rebuilt
+as a :class:`~tensorfold.nn.transformer.HeadAttention` from the statistics of its input (its
+per-matrix projections, if any, fitted by whitened SVD on the same input); an ``mlp-select`` pair is
+selected and refitted on the activations of its intermediate layer; any other layer is fitted as
+:func:`tensorfold.apply` fits it.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+
+from tensorfold.compression.blocks.attention import qk_select, qk_weights, vo_svd, vo_weights
+from tensorfold.compression.blocks.discover import AttentionGroup, Block, find_blocks, linear_weight, projection_shape
+from tensorfold.compression.blocks.menus import BLOCK_METHODS, capture_stats
+from tensorfold.compression.blocks.mlp import mlp_select
+from tensorfold.compression.calibration import GramStats, forward_order_and_shared_inputs, layer_input_grams
+from tensorfold.compression.plan import LayerPlan, Plan
+from tensorfold.errors import InvalidArgumentError, ShapeError
+from tensorfold.nn.transformer import HeadAttention, SkipBlock
+
+ATTENTION_METHODS = ("qk-select", "vo-svd")
+
+
+def _decisions(plan: Plan | Sequence[LayerPlan]) -> list[LayerPlan]:
+    return list(plan.layers if isinstance(plan, Plan) else plan)
+
+
+def uses_blocks(plan: Plan | Sequence[LayerPlan]) -> bool:
+    """True when any layer of ``plan`` (a Plan or its layer decisions) uses a block method."""
+    return any(lp.method in BLOCK_METHODS for lp in _decisions(plan))
+
+
+def _linear(weight: torch.Tensor, bias: torch.Tensor | None, like: torch.Tensor) -> nn.Linear:
+    lin = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, dtype=like.dtype, device=like.device)
+    with torch.no_grad():
+        lin.weight.copy_(weight.to(like.dtype))
+        if bias is not None:
+            lin.bias.copy_(bias.to(like.dtype))
+    return lin
+
+
+def _block_index(model: nn.Module, plan) -> tuple[dict[str, Block], dict[str, LayerPlan]]:
+    blocks = find_blocks(model)
+    block_of = {name: b for b in blocks for name in b.layers}
+    by_name = {lp.name: lp for lp in _decisions(plan) if lp.factored}
+    for lp in by_name.values():
+        if lp.method in BLOCK_METHODS and lp.name not in block_of:
+            raise ShapeError(f"the plan's layer {lp.name!r} uses {lp.method!r} but is in no recognised block")
+    return block_of, by_name
+
+
+def _gram_stats(stats, d: int) -> GramStats:
+    return GramStats(gram=stats.gram[:d, :d].clone(), rows=stats.rows)
+
+
+def _matrix(layer: nn.Module, lp: LayerPlan | None, stats: GramStats | None, ridge: float) -> nn.Module:
+    from tensorfold.compression.fitting import build_factored
+
+    if lp is None or not lp.factored:
+        return layer
+    return build_factored(layer, lp.method, lp.rank, stats, correct_upstream=False, ridge=ridge, options=lp.options)
+
+
+def _fit_attention(new: nn.Module, a: AttentionGroup, by_name: dict[str, LayerPlan], batches: list,
+                   ridge: float) -> None:
+    from tensorfold.compression.replace import set_submodule
+
+    if not a.rebuildable:
+        raise ShapeError(f"the attention {a.module!r} ({a.style}) cannot be rebuilt with smaller heads")
+    q, k, v, o = (new.get_submodule(n) for n in a.layers)
+    stats = capture_stats(new, {a.q: q}, batches, stop_after=a.q)[a.q]
+    (Wq, bq), (Wk, bk), (Wv, bv), (Wo, bo) = (linear_weight(x) for x in (q, k, v, o))
+    d = Wq.shape[1]
+    lq, lk, lv, lo = (by_name.get(n) for n in a.layers)
+    shape = dict(heads=a.heads, kv_heads=a.kv_heads, head_dim=a.head_dim)
+    if lq is not None and lq.method == "qk-select":
+        fit = qk_select(stats.gram, Wq, bq, Wk, bk, **shape)
+        nq, nbq, nk, nbk = qk_weights(fit, stats.gram, Wq, bq, Wk, bk, keep=int(lq.rank), **shape)
+        q_new, k_new, qk_dim = _linear(nq, nbq, Wq), _linear(nk, nbk if bk is not None else None, Wq), int(lq.rank)
+    else:
+        gs = _gram_stats(stats, d)
+        q_new, k_new, qk_dim = _matrix(q, lq, gs, ridge), _matrix(k, lk, gs, ridge), a.head_dim
+    o_new = None
+    if lv is not None and lv.method == "vo-svd":
+        fit = vo_svd(stats.gram, Wv, Wo, **shape)
+        nv, no, nbo = vo_weights(fit, Wo, bo, bv, keep=int(lv.rank), **shape)
+        v_new, o_new, v_dim = _linear(nv, None, Wv), _linear(no, nbo, Wo), int(lv.rank)
+    else:
+        v_new, v_dim = _matrix(v, lv, _gram_stats(stats, d), ridge), a.head_dim
+    set_submodule(new, a.module, HeadAttention(q_new, k_new, v_new, heads=a.heads, kv_heads=a.kv_heads,
+                                               qk_dim=qk_dim, v_dim=v_dim, scaling=a.scaling))
+    if o_new is not None:
+        set_submodule(new, a.o, o_new)
+    elif lo is not None and lo.factored:
+        o_layer = new.get_submodule(a.o)
+        set_submodule(new, a.o, _matrix(o_layer, lo, layer_input_grams(new, o_layer, batches), ridge))
+
+
+def _fit_mlp(new: nn.Module, block: Block, keep: int, batches: list, ridge: float) -> None:
+    from tensorfold.compression.replace import set_submodule
+
+    f = block.ffn
+    down = new.get_submodule(f.down)
+    stats = capture_stats(new, {f.down: down}, batches, stop_after=f.down)[f.down]
+    ups = [new.get_submodule(u) for u in f.ups]
+    new_ups, new_down, _ = mlp_select(ups, down, stats, int(keep), ridge=ridge)
+    for name, layer in zip(f.ups, new_ups):
+        set_submodule(new, name, layer)
+    set_submodule(new, f.down, new_down)
+
+
+def apply_block_plan(model: nn.Module, plan: Plan | Sequence[LayerPlan], batches: list, *, ridge: float = 1e-6,
+                     progress: Callable[[str, int, int], None] | None = None) -> nn.Module:
+    """A new model with ``plan`` applied, block methods included (``model`` is not modified)."""
+    from tensorfold.compression.replace import set_submodule
+    from tensorfold.core.modules import eval_mode
+
+    needs_data = [lp.name for lp in _decisions(plan) if lp.method in ("mlp-select", *ATTENTION_METHODS)]
+    if needs_data and not batches:
+        raise InvalidArgumentError(
+            f"the plan's block methods (e.g. {needs_data[0]!r}) are fitted to calibration data: pass calib")
+    report = progress or (lambda stage, done, total: None)
+    block_of, by_name = _block_index(model, plan)
+    new = copy.deepcopy(model)
+    todo = list(by_name.values())
+    with eval_mode(model, new), torch.no_grad():
+        leader: dict[str, str] = {}
+        if batches:
+            modules = {lp.name: model.get_submodule(lp.name) for lp in todo}
+            order, leader = forward_order_and_shared_inputs(model, modules, batches[0])
+            rank_of = {name: i for i, name in enumerate(order)}
+            todo.sort(key=lambda lp: rank_of.get(lp.name, len(order)))
+        done: set[str] = set()
+        shared: dict[str, GramStats] = {}
+        for i, lp in enumerate(todo):
+            if lp.name in done:
+                continue
+            block = block_of.get(lp.name)
+            attn = block.attention if block is not None else None
+            if lp.method == "drop":
+                set_submodule(new, block.name, SkipBlock())
+                done.update(block.layers)
+                shared.clear()
+            elif attn is not None and lp.name in attn.layers and any(
+                    by_name[n].method in ATTENTION_METHODS for n in attn.layers if n in by_name):
+                _fit_attention(new, attn, by_name, batches, ridge)
+                done.update(attn.layers)
+                shared.clear()
+            elif lp.method == "mlp-select":
+                _fit_mlp(new, block, lp.rank, batches, ridge)
+                done.update(block.ffn.layers)
+                shared.clear()
+            else:
+                layer = new.get_submodule(lp.name)
+                stats = None
+                if batches:
+                    key = leader.get(lp.name, lp.name)
+                    if key not in shared:
+                        shared[key] = layer_input_grams(new, layer, batches)
+                    stats = shared[key]
+                set_submodule(new, lp.name, _matrix(layer, lp, stats, ridge))
+                done.add(lp.name)
+            report("fitting", i + 1, len(todo))
+    return new
+
+
+def restructure_blocks(model: nn.Module, plan: Plan | Sequence[LayerPlan], *,
+                       generator: torch.Generator | None = None) -> set[str]:
+    """Give ``model`` (in place) the structure of ``plan``'s block methods, with uninitialised weights
+    (random ones with ``generator``, for timing). Returns the layer names handled; the caller builds
+    the other planned layers as usual."""
+    from tensorfold.compression.replace import set_submodule
+
+    if not uses_blocks(plan):
+        return set()
+    block_of, by_name = _block_index(model, plan)
+    handled: set[str] = set()
+
+    def put(name: str, module: nn.Module) -> None:
+        if generator is not None:
+            with torch.no_grad():
+                for p in module.parameters():
+                    p.copy_(torch.randn(p.shape, generator=generator, dtype=p.dtype).to(p.device) * 0.1)
+        set_submodule(model, name, module)
+
+    def empty_linear(d_in: int, d_out: int, bias: bool, like: nn.Module) -> nn.Linear:
+        w = like.weight
+        return nn.Linear(d_in, d_out, bias=bias, dtype=w.dtype, device=w.device)
+
+    seen_blocks: set[str] = set()
+    for lp in list(by_name.values()):
+        block = block_of.get(lp.name)
+        if block is None or block.name in seen_blocks:
+            continue
+        methods = {by_name[n].method for n in block.layers if n in by_name}
+        if not methods & set(BLOCK_METHODS):
+            continue
+        seen_blocks.add(block.name)
+        if "drop" in methods:
+            set_submodule(model, block.name, SkipBlock())
+            handled.update(block.layers)
+            continue
+        f = block.ffn
+        if f is not None and by_name.get(f.down) is not None and by_name[f.down].method == "mlp-select":
+            k = int(by_name[f.down].rank)
+            for u in f.ups:
+                layer = model.get_submodule(u)
+                d_in, _ = projection_shape(layer)
+                put(u, empty_linear(d_in, k, getattr(layer, "bias", None) is not None, layer))
+            down = model.get_submodule(f.down)
+            put(f.down, empty_linear(k, projection_shape(down)[1], True, down))
+            handled.update(f.layers)
+        a = block.attention
+        if a is not None and methods & set(ATTENTION_METHODS) and any(
+                n in by_name and by_name[n].method in ATTENTION_METHODS for n in a.layers):
+            q, k, v, o = (model.get_submodule(n) for n in a.layers)
+            d = projection_shape(q)[0]
+            lq, lv = by_name.get(a.q), by_name.get(a.v)
+            qk_dim = int(lq.rank) if lq is not None and lq.method == "qk-select" else a.head_dim
+            v_dim = int(lv.rank) if lv is not None and lv.method == "vo-svd" else a.head_dim
+            q_new = empty_linear(d, a.heads * qk_dim, q.bias is not None, q) if qk_dim != a.head_dim else q
+            k_new = empty_linear(d, a.kv_heads * qk_dim, k.bias is not None, k) if qk_dim != a.head_dim else k
+            v_new = empty_linear(d, a.kv_heads * v_dim, False, v) if v_dim != a.head_dim else v
+            set_submodule(model, a.module, HeadAttention(q_new, k_new, v_new, heads=a.heads, kv_heads=a.kv_heads,
+                                                         qk_dim=qk_dim, v_dim=v_dim, scaling=a.scaling))
+            for name, new_layer, changed in ((a.q, q_new, qk_dim != a.head_dim), (a.k, k_new, qk_dim != a.head_dim),
+                                             (a.v, v_new, v_dim != a.head_dim)):
+                if changed:
+                    put(name, new_layer)
+                    handled.add(name)
+            if v_dim != a.head_dim:
+                put(a.o, empty_linear(a.heads * v_dim, projection_shape(o)[1], True, o))
+                handled.add(a.o)
+    return handled
+
+
+__all__ = ["apply_block_plan", "restructure_blocks", "uses_blocks"]

@@ -1,0 +1,374 @@
+"""Block methods in the planner's knapsack: one menu per transformer block.
+
+The per-matrix menus of a recognised block (every candidate of every Linear layer, with its measured
+sensitivity ``s_i`` and predicted output error ``e_i``) are merged into one menu for the block whose
+options are the Pareto front (cost against ``sum_i s_i e_i^2``) of:
+
+- per-matrix combinations (the cheapest error for each cost over the pair, then over the block);
+- ``mlp-select`` at a grid of kept neurons (error of the down projection's output, weighted by its
+  sensitivity), competing with the per-matrix options of the feed-forward pair;
+- ``qk-select`` (score error, weighted by the mean sensitivity of the query and key projections) and
+  ``vo-svd`` (output error, weighted by the output projection's sensitivity), competing with the
+  per-matrix options of the query/key and value/output pairs, where the attention can be rebuilt;
+- ``drop``: the block removed, its cost zero and its value the measured relative change of the
+  model output on the sensitivity batches.
+
+The knapsack then chooses one option per block (and per remaining layer) under the one budget.
+A chosen group option expands back into one :class:`~tensorfold.compression.plan.LayerPlan` per
+layer (method, rank, share of the cost, the group's error), so plans stay per layer, save and load.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from tensorfold.compression.blocks.attention import qk_select, vo_svd
+from tensorfold.compression.blocks.discover import Block, linear_weight, projection_shape
+from tensorfold.compression.blocks.mlp import ActivationStats, select_neurons
+from tensorfold.compression.calibration import call_model, output_tensor, token_mask
+from tensorfold.compression.candidates import Candidate, LayerMenu
+
+BLOCK_METHODS = ("mlp-select", "qk-select", "vo-svd", "drop")
+MAX_GROUP_OPTIONS = 256  # options kept per merged menu (Pareto front thinned evenly in cost)
+MLP_GRID = 64  # mlp-select sizes per block
+
+
+@dataclass(frozen=True)
+class Part:
+    """One layer's share of a group option."""
+
+    name: str
+    method: str
+    rank: int | tuple | None
+    params: int
+    flops: int | None
+    latency: float | None
+    error: float
+
+
+@dataclass(frozen=True)
+class GroupCandidate(Candidate):
+    """A merged option: its costs are the sums of its parts'; ``error`` is ``sqrt(sum s_i e_i^2)``."""
+
+    parts: tuple = ()
+
+
+# ---- statistics ---------------------------------------------------------------------------------------
+
+
+def _rows(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    if mask is not None and x.ndim == 3 and tuple(x.shape[:2]) == tuple(mask.shape):
+        return x[mask.to(device=x.device).bool()]
+    return x.reshape(-1, x.shape[-1])
+
+
+def capture_stats(model: nn.Module, modules: dict[str, nn.Module], batches: list, *, stop_after: str | None = None
+                  ) -> dict[str, ActivationStats]:
+    """``[X 1]`` Gram matrices of the inputs of ``modules`` over ``batches`` (padding tokens left out).
+
+    With ``stop_after`` (one of the names), each forward pass ends once that module has been reached.
+    """
+    from tensorfold.compression.calibration import _StopForward
+
+    stats = {name: ActivationStats() for name in modules}
+    mask_ref: dict = {}
+    handles = []
+    for name, module in modules.items():
+
+        def hook(mod, args, _name=name):
+            if args and isinstance(args[0], torch.Tensor):
+                stats[_name].add(_rows(args[0], mask_ref.get("mask")))
+            if _name == stop_after:
+                raise _StopForward
+
+        handles.append(module.register_forward_pre_hook(hook))
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                mask_ref["mask"] = token_mask(batch)
+                with contextlib.suppress(_StopForward):
+                    call_model(model, batch)
+    finally:
+        for h in handles:
+            h.remove()
+    return stats
+
+
+@torch.no_grad()
+def drop_errors(model: nn.Module, blocks: Sequence[Block], batches: list, output_fn: Callable | None = None
+                ) -> list[float]:
+    """For each block, ``||f'(x) - f(x)||^2 / ||f(x)||^2`` on ``batches`` with the block removed."""
+    from tensorfold.compression.replace import set_submodule
+    from tensorfold.nn.transformer import SkipBlock
+
+    work = copy.deepcopy(model).eval()
+    ref = [output_tensor(call_model(work, b), output_fn).detach().double() for b in batches]
+    ref_sq = sum(float((y**2).sum()) for y in ref) or 1.0
+    out = []
+    for block in blocks:
+        original = work.get_submodule(block.name)
+        set_submodule(work, block.name, SkipBlock())
+        try:
+            diff = sum(float(((output_tensor(call_model(work, b), output_fn).double() - y) ** 2).sum())
+                       for b, y in zip(batches, ref))
+        finally:
+            set_submodule(work, block.name, original)
+        out.append(diff / ref_sq)
+    return out
+
+
+# ---- merging ------------------------------------------------------------------------------------------
+
+
+def _sum(values):
+    return None if any(v is None for v in values) else sum(values)
+
+
+def _make(parts: tuple[Part, ...], value: float, method: str = "group") -> GroupCandidate:
+    return GroupCandidate(method, None, sum(p.params for p in parts), _sum([p.flops for p in parts]),
+                          _sum([p.latency for p in parts]), math.sqrt(max(value, 0.0)), parts)
+
+
+def _value(c: GroupCandidate) -> float:
+    return c.error**2
+
+
+def _pareto(options: list[GroupCandidate], target: str) -> list[GroupCandidate]:
+    """Options no other is both cheaper (in ``target``) and more accurate than; thinned evenly in cost."""
+    def cost(c):
+        v = c.cost(target)
+        return float(c.params if v is None else v)
+
+    options = sorted(options, key=lambda c: (cost(c), _value(c)))
+    front, best = [], math.inf
+    for c in options:
+        if _value(c) < best - 1e-18:
+            front.append(c)
+            best = _value(c)
+    if len(front) > MAX_GROUP_OPTIONS:
+        lo, hi = cost(front[0]), cost(front[-1])
+        keep, last = [front[0]], None
+        step = (hi - lo) / (MAX_GROUP_OPTIONS - 1)
+        for c in front[1:-1]:
+            bucket = int((cost(c) - lo) / step) if step > 0 else 0
+            if bucket != last:
+                keep.append(c)
+                last = bucket
+        keep.append(front[-1])
+        front = keep
+    return front
+
+
+def _combine(a: list[GroupCandidate], b: list[GroupCandidate], target: str) -> list[GroupCandidate]:
+    """The Pareto front of every pair (one option from each)."""
+    if not a:
+        return b
+    if not b:
+        return a
+    ca = np.array([float(x.cost(target) if x.cost(target) is not None else x.params) for x in a])
+    cb = np.array([float(x.cost(target) if x.cost(target) is not None else x.params) for x in b])
+    va = np.array([_value(x) for x in a])
+    vb = np.array([_value(x) for x in b])
+    cost = (ca[:, None] + cb[None, :]).ravel()
+    val = (va[:, None] + vb[None, :]).ravel()
+    order = np.lexsort((val, cost))
+    picked, best = [], math.inf
+    for idx in order:
+        if val[idx] < best - 1e-18:
+            picked.append(idx)
+            best = val[idx]
+    out = [_make(a[i // len(b)].parts + b[i % len(b)].parts, float(val[i])) for i in picked]
+    return _pareto(out, target)
+
+
+def _matrix_options(menu: LayerMenu, allowed: set[str] | None) -> list[GroupCandidate]:
+    """A layer's own menu as single-part group options (value ``s e^2``)."""
+    out = []
+    for c in menu.options:
+        if c.method != "dense" and allowed is not None and c.method not in allowed:
+            continue
+        part = Part(menu.name, c.method, c.rank, c.params, c.flops, c.latency, c.error)
+        out.append(_make((part,), menu.sensitivity * c.error**2))
+    return out
+
+
+def _tokens(menu: LayerMenu) -> int | None:
+    return None if menu.input_shape is None else int(np.prod(menu.input_shape[:-1]))
+
+
+def _linear_cost(tokens: int | None, d_in: int, d_out: int, bias: bool, latency, name: str, shape, dtype):
+    params = d_in * d_out + (d_out if bias else 0)
+    flops = None if tokens is None else tokens * d_in * d_out
+    t = None
+    if latency is not None and shape is not None:
+        probe = nn.Linear(d_in, d_out, bias=bias, dtype=dtype)
+        t = latency.dense(name, probe, (*tuple(shape[:-1]), d_in))
+    return params, flops, t
+
+
+def _mlp_options(block: Block, model: nn.Module, menus: dict[str, LayerMenu], stats: ActivationStats,
+                 latency) -> list[GroupCandidate]:
+    ffn = block.ffn
+    down = model.get_submodule(ffn.down)
+    W, b = linear_weight(down)
+    sel = select_neurons(stats, W, b)
+    ups = [model.get_submodule(u) for u in ffn.ups]
+    d_in, m = projection_shape(ups[0])
+    d_out = W.shape[0]
+    up_bias = [getattr(u, "bias", None) is not None for u in ups]
+    s = menus[ffn.down].sensitivity
+    step = max(8, int(round(m / MLP_GRID / 8)) * 8)
+    ks = sorted({k for k in range(step, m, step)} | {max(1, m // 64)})
+    out = []
+    for k in ks:
+        parts = []
+        err = float(sel.errors[k])
+        for name, bias in zip(ffn.ups, up_bias):
+            mu = menus[name]
+            p, f, t = _linear_cost(_tokens(mu), d_in, k, bias, latency, name, mu.input_shape, W.dtype)
+            parts.append(Part(name, "mlp-select", k, p, f, t, err))
+        md = menus[ffn.down]
+        p, f, t = _linear_cost(_tokens(md), k, d_out, True, latency, ffn.down, md.input_shape, W.dtype)
+        parts.append(Part(ffn.down, "mlp-select", k, p, f, t, err))
+        out.append(_make(tuple(parts), s * err**2, "mlp-select"))
+    return out
+
+
+def _attention_options(block: Block, model: nn.Module, menus: dict[str, LayerMenu], stats: ActivationStats,
+                       latency, methods: set[str]) -> tuple[list[GroupCandidate], list[GroupCandidate]]:
+    a = block.attention
+    q, k, v, o = (model.get_submodule(n) for n in a.layers)
+    (Wq, bq), (Wk, bk), (Wv, bv), (Wo, bo) = (linear_weight(x) for x in (q, k, v, o))
+    d, d_out = Wq.shape[1], Wo.shape[0]
+    qk_opts, vo_opts = [], []
+    if "qk-select" in methods:
+        fit = qk_select(stats.gram, Wq, bq, Wk, bk, heads=a.heads, kv_heads=a.kv_heads, head_dim=a.head_dim)
+        s = 0.5 * (menus[a.q].sensitivity + menus[a.k].sensitivity)
+        for r in range(1, a.head_dim):
+            err = float(fit.errors[r])
+            pq = _linear_cost(_tokens(menus[a.q]), d, a.heads * r, bq is not None, latency, a.q,
+                              menus[a.q].input_shape, Wq.dtype)
+            pk = _linear_cost(_tokens(menus[a.k]), d, a.kv_heads * r, bk is not None, latency, a.k,
+                              menus[a.k].input_shape, Wq.dtype)
+            parts = (Part(a.q, "qk-select", r, *pq, err), Part(a.k, "qk-select", r, *pk, err))
+            qk_opts.append(_make(parts, s * err**2, "qk-select"))
+    if "vo-svd" in methods:
+        fit = vo_svd(stats.gram, Wv, Wo, heads=a.heads, kv_heads=a.kv_heads, head_dim=a.head_dim)
+        s = menus[a.o].sensitivity
+        for r in range(1, a.head_dim):
+            err = float(fit.errors[r])
+            pv = _linear_cost(_tokens(menus[a.v]), d, a.kv_heads * r, False, latency, a.v, menus[a.v].input_shape,
+                              Wq.dtype)
+            po = _linear_cost(_tokens(menus[a.o]), a.heads * r, d_out, True, latency, a.o, menus[a.o].input_shape,
+                              Wq.dtype)
+            parts = (Part(a.v, "vo-svd", r, *pv, err), Part(a.o, "vo-svd", r, *po, err))
+            vo_opts.append(_make(parts, s * err**2, "vo-svd"))
+    return qk_opts, vo_opts
+
+
+def block_menus(
+    model: nn.Module,
+    blocks: Sequence[Block],
+    menus: list[LayerMenu],
+    methods: Sequence[str],
+    batches: list,
+    *,
+    target: str,
+    latency=None,
+    sens_batches: list | None = None,
+    output_fn: Callable | None = None,
+    matrix_methods: Sequence[str] | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> list[LayerMenu]:
+    """``menus`` with the layers of every recognised block merged into one menu per block (see module docs).
+
+    ``methods``: the block methods wanted; ``matrix_methods``: the per-matrix methods whose options may
+    be combined (the menus may hold more, e.g. "svd" built only to measure sensitivities).
+    """
+    wanted = set(methods) & set(BLOCK_METHODS)
+    by_name = {m.name: m for m in menus}
+    allowed = set(matrix_methods) if matrix_methods is not None else None
+    usable = [b for b in blocks if all(n in by_name for n in b.layers) and b.layers]
+    if not usable or not wanted or not batches:
+        return menus
+    capture: dict[str, nn.Module] = {}
+    for b in usable:
+        if b.ffn is not None and "mlp-select" in wanted:
+            capture[b.ffn.down] = model.get_submodule(b.ffn.down)
+        if b.attention is not None and b.attention.rebuildable and wanted & {"qk-select", "vo-svd"}:
+            capture[b.attention.q] = model.get_submodule(b.attention.q)
+    stats = capture_stats(model, capture, batches) if capture else {}
+    drops = (drop_errors(model, usable, sens_batches or batches[:2], output_fn) if "drop" in wanted
+             else [None] * len(usable))
+    merged_names: set[str] = set()
+    new_menus: dict[str, LayerMenu] = {}
+    for i, (b, drop_err) in enumerate(zip(usable, drops)):
+        if progress is not None:
+            progress(i + 1, len(usable))
+        group: list[GroupCandidate] = []
+        if b.attention is not None:
+            a = b.attention
+            qk = _combine(_matrix_options(by_name[a.q], allowed), _matrix_options(by_name[a.k], allowed), target)
+            vo = _combine(_matrix_options(by_name[a.v], allowed), _matrix_options(by_name[a.o], allowed), target)
+            if a.q in stats:
+                qk_sel, vo_sel = _attention_options(b, model, by_name, stats[a.q], latency, wanted)
+                qk, vo = _pareto(qk + qk_sel, target), _pareto(vo + vo_sel, target)
+            group = _combine(qk, vo, target)
+        if b.ffn is not None:
+            f = b.ffn
+            ffn: list[GroupCandidate] = []
+            for name in f.layers:
+                ffn = _combine(ffn, _matrix_options(by_name[name], allowed), target)
+            if f.down in stats:
+                ffn = _pareto(ffn + _mlp_options(b, model, by_name, stats[f.down], latency), target)
+            group = _combine(group, ffn, target)
+        if drop_err is not None:
+            parts = tuple(Part(n, "drop", None, 0, 0 if by_name[n].dense.flops is not None else None,
+                               0.0 if by_name[n].dense.latency is not None else None, math.sqrt(drop_err))
+                          for n in b.layers)
+            group = _pareto([*group, _make(parts, drop_err, "drop")], target)
+        dense = [c for c in group if all(p.method == "dense" for p in c.parts)]
+        if not dense:  # the all-dense option is always on the front (zero error); keep it first
+            continue
+        options = [dense[0]] + [c for c in group if c is not dense[0]]
+        first = by_name[b.layers[0]]
+        menu = LayerMenu(b.name, model.get_submodule(b.name), f"block({len(b.layers)} layers)",
+                         first.input_shape, options, calibrated=True, sensitivity=1.0)
+        new_menus[b.layers[0]] = menu
+        merged_names.update(b.layers)
+    out = []
+    for m in menus:
+        if m.name in new_menus:
+            out.append(new_menus[m.name])
+        elif m.name not in merged_names:
+            if allowed is not None:
+                m.options = [c for c in m.options if c.method == "dense" or c.method in allowed]
+            out.append(m)
+    return out
+
+
+def expand_choice(choice: GroupCandidate, layer_menus: dict[str, LayerMenu]) -> list:
+    """One :class:`~tensorfold.compression.plan.LayerPlan` per part of a chosen group option."""
+    from tensorfold.compression.plan import LayerPlan
+
+    out = []
+    for part in choice.parts:
+        lm = layer_menus[part.name]
+        out.append(LayerPlan(
+            name=part.name, layer=lm.description, method=part.method, rank=part.rank,
+            options=dict(lm.opts.get(part.method, {})), params=part.params, dense_params=lm.dense.params,
+            flops=part.flops, dense_flops=lm.dense.flops, latency=part.latency, dense_latency=lm.dense.latency,
+            error=part.error, sensitivity=lm.sensitivity, input_shape=lm.input_shape,
+        ))
+    return out
+
+
+__all__ = ["BLOCK_METHODS", "expand_choice", "GroupCandidate", "Part", "block_menus", "capture_stats", "drop_errors"]

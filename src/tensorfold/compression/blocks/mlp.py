@@ -1,0 +1,253 @@
+"""``mlp-select``: keep ``k`` intermediate neurons of a feed-forward pair and refit its down projection.
+
+A feed-forward pair computes ``y = W h + b`` with ``h = f(U x)`` elementwise (``f(G x) * (U x)`` when
+gated). Keeping neurons ``S`` means keeping rows ``S`` of ``U`` (and ``G``) and refitting the down
+projection on them by ridge least squares over the calibration activations ``H``::
+
+    [W' b'] = argmin || H W^T + b - H_S W'^T - b' ||^2 + ridge,   i.e.   [W' b']^T = (C_SS + l I)^-1 C_S: [W b]^T
+
+with ``C`` the Gram matrix of ``[H 1]`` (the constant column carries the bias and is always kept).
+The neurons are chosen greedily, each time the one that explains most of the remaining output
+energy (a pivoted Cholesky of ``C`` steered by the target ``C [W b]^T``: Nystrom column selection
+on the activation correlation weighted by what the down projection reads from it), so one pass gives
+the selection order and the output error at every ``k``. Gram matrices are accumulated in float64;
+rank-deficient statistics (dead or duplicated neurons, few calibration tokens) stop being pivoted on
+and the ridge keeps every solve well posed.
+
+>>> import torch
+>>> g = torch.Generator().manual_seed(0)
+>>> H = torch.randn(500, 6, generator=g, dtype=torch.float64)
+>>> W = torch.randn(3, 6, generator=g, dtype=torch.float64); W[:, 4:] = 0   # neurons 4, 5 unused
+>>> stats = ActivationStats.of(H)
+>>> sel = select_neurons(stats, W, None)
+>>> sorted(sel.order[:4].tolist()), round(float(sel.errors[4]), 6)
+([0, 1, 2, 3], 0.0)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from tensorfold.errors import InvalidArgumentError, RankError
+
+DEFAULT_RIDGE = 1e-6  # relative to the mean diagonal of the kept neurons' Gram matrix
+
+
+@dataclass
+class ActivationStats:
+    """``C = [H 1]^T [H 1]`` (float64) of a layer's input rows ``H``; the last index is the constant."""
+
+    gram: torch.Tensor | None = None
+    rows: int = 0
+
+    def add(self, H: torch.Tensor) -> None:
+        H = H.detach().reshape(-1, H.shape[-1]).double()
+        ones = torch.ones(H.shape[0], 1, dtype=H.dtype, device=H.device)
+        Ha = torch.cat([H, ones], dim=1)
+        g = Ha.T @ Ha
+        self.gram = g if self.gram is None else self.gram + g
+        self.rows += H.shape[0]
+
+    @classmethod
+    def of(cls, H: torch.Tensor) -> ActivationStats:
+        st = cls()
+        st.add(H)
+        return st
+
+    @property
+    def features(self) -> int:
+        return 0 if self.gram is None else self.gram.shape[0] - 1
+
+
+@dataclass(frozen=True)
+class NeuronSelection:
+    """Neurons in selection order and the relative output error ``errors[k]`` keeping the first ``k``."""
+
+    order: torch.Tensor  # (m,) int64
+    errors: torch.Tensor  # (m + 1,) float64, errors[k] relative error of the refitted output with k neurons
+
+
+def _target(weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``[W b]`` as ``(out, m + 1)`` float64 (zeros for a missing bias)."""
+    W = weight.detach().double()
+    b = bias.detach().double() if bias is not None else torch.zeros(W.shape[0], dtype=torch.float64,
+                                                                     device=W.device)
+    return torch.cat([W, b[:, None]], dim=1)
+
+
+def select_neurons(stats: ActivationStats, weight: torch.Tensor, bias: torch.Tensor | None, *,
+                   max_keep: int | None = None) -> NeuronSelection:
+    """Greedy output-steered Nystrom selection of the down projection's input neurons (see module docs).
+
+    ``weight``: the down projection ``(out, m)``; ``bias`` its bias or None. Returns the order of all
+    ``m`` neurons (after ``max_keep`` greedy steps the rest follow by their last score) and the
+    relative error of the refitted output at every ``k``.
+    """
+    if stats.gram is None or stats.rows == 0:
+        raise InvalidArgumentError("mlp-select needs calibration activations (no rows were captured)")
+    C = stats.gram
+    m = C.shape[0] - 1
+    if weight.ndim != 2 or weight.shape[1] != m:
+        raise InvalidArgumentError(f"down projection of shape {tuple(weight.shape)} does not read {m} neurons")
+    Wa = _target(weight, bias).to(C.device)
+    B = C @ Wa.T  # (m+1, out): cross Gram of every column with the target
+    energy = float((Wa * B.T).sum())
+    steps = m if max_keep is None else max(0, min(int(max_keep), m))
+    diag = C.diagonal().clone()
+    scale = float(diag[:m].max()) if m else 1.0
+    floor = 1e-12 * max(scale, 1e-300)
+    L = torch.zeros(m + 1, steps + 1, dtype=torch.float64, device=C.device)
+    Bres = B.clone()
+    taken = torch.zeros(m + 1, dtype=torch.bool, device=C.device)
+    explained = [0.0]
+    order: list[int] = []
+    score = torch.zeros(m + 1, dtype=torch.float64, device=C.device)
+    for t in range(steps + 1):
+        if t == 0:
+            p = m  # the constant column (the bias) is always kept
+        else:
+            score = (Bres * Bres).sum(dim=1) / diag.clamp_min(floor)
+            score[taken | (diag <= floor)] = -1.0
+            p = int(score.argmax())
+            if float(score[p]) < 0:
+                break  # every remaining neuron is (numerically) a combination of the kept ones
+        dp = float(diag[p])
+        taken[p] = True
+        if dp <= floor:
+            if t > 0:
+                order.append(p)
+                explained.append(explained[-1])
+            continue
+        col = C[:, p] - L[:, :t] @ L[p, :t]
+        col = col / math.sqrt(dp)
+        L[:, t] = col
+        z = Bres[p] / math.sqrt(dp)
+        gain = float(z @ z)
+        Bres -= col[:, None] * z[None, :]
+        diag -= col * col
+        diag[p] = 0.0
+        if t == 0:
+            explained[0] = gain
+        else:
+            order.append(p)
+            explained.append(explained[-1] + gain)
+    rest = [j for j in range(m) if not bool(taken[j])]
+    if rest:
+        tail = score[rest] if len(order) else torch.zeros(len(rest), dtype=torch.float64)
+        rest = [rest[i] for i in torch.argsort(tail, descending=True).tolist()]
+    full_order = torch.tensor(order + rest, dtype=torch.int64)
+    errs = relative_errors(C, Wa, full_order, energy, known=explained)
+    return NeuronSelection(full_order, errs)
+
+
+def relative_errors(C: torch.Tensor, Wa: torch.Tensor, order: torch.Tensor, energy: float,
+                    known: list[float] | None = None) -> torch.Tensor:
+    """Relative output error keeping the first ``k`` neurons of ``order`` (plus the constant), k = 0..m.
+
+    ``known[k]`` (explained energy from the greedy pass) is used where given; the rest comes from
+    one Cholesky factorisation of ``C`` in that order (ridge-stabilised).
+    """
+    m = C.shape[0] - 1
+    explained = torch.zeros(m + 1, dtype=torch.float64)
+    n_known = len(known) if known else 0
+    if n_known:
+        explained[:n_known] = torch.tensor(known, dtype=torch.float64)
+    if n_known < m + 1:
+        perm = torch.cat([torch.tensor([m]), order.to(torch.int64)])
+        Cp = C[perm][:, perm]
+        Bp = (C @ Wa.T)[perm]
+        ridge = 1e-10 * float(Cp.diagonal().mean().clamp_min(1e-300))
+        Lc, info = torch.linalg.cholesky_ex(Cp + ridge * torch.eye(m + 1, dtype=Cp.dtype, device=Cp.device))
+        if int(info) == 0:
+            Z = torch.linalg.solve_triangular(Lc, Bp, upper=False)
+            cum = torch.cumsum((Z * Z).sum(dim=1), 0).cpu()
+            explained[n_known:] = cum[n_known:]
+        else:  # numerically singular even with the ridge: later neurons add nothing measurable
+            explained[n_known:] = explained[max(n_known - 1, 0)]
+    if energy <= 0:
+        return torch.zeros(m + 1, dtype=torch.float64)
+    # the greedy's explained energy is monotone; clamp round-off
+    err = (1.0 - torch.cummax(explained, 0).values / energy).clamp_min(0.0).sqrt()
+    err[-1] = min(float(err[-1]), 1e-12) if m else 0.0
+    return err
+
+
+def refit_down(stats: ActivationStats, weight: torch.Tensor, bias: torch.Tensor | None, keep: torch.Tensor, *,
+               ridge: float = DEFAULT_RIDGE) -> tuple[torch.Tensor, torch.Tensor]:
+    """The down projection ``(out, k)`` and bias ``(out,)`` refitted on neurons ``keep`` (float64).
+
+    Ridge least squares on the calibration activations: ``(C_SS + l I) X = C_S: [W b]^T`` with ``S`` the
+    kept neurons plus the constant; ``l = ridge * mean(diag C_SS)``. A failed Cholesky (statistics
+    singular beyond the ridge) falls back to a least-squares solve.
+    """
+    C = stats.gram
+    m = C.shape[0] - 1
+    keep = torch.as_tensor(keep, dtype=torch.int64)
+    S = torch.cat([keep, torch.tensor([m])]).to(C.device)
+    Wa = _target(weight, bias).to(C.device)
+    Css = C[S][:, S]
+    rhs = C[S] @ Wa.T
+    lam = ridge * float(Css.diagonal().mean().clamp_min(1e-300))
+    A = Css + lam * torch.eye(len(S), dtype=C.dtype, device=C.device)
+    Lc, info = torch.linalg.cholesky_ex(A)
+    if int(info) == 0:
+        X = torch.cholesky_solve(rhs, Lc)
+    else:
+        X = torch.linalg.lstsq(A, rhs).solution
+    return X[:-1].T.contiguous(), X[-1].contiguous()
+
+
+def _rows_of(module: nn.Module, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    from tensorfold.compression.blocks.discover import linear_weight
+
+    w, b = linear_weight(module)
+    return w[keep].clone(), (b[keep].clone() if b is not None else None)
+
+
+def _linear(weight: torch.Tensor, bias: torch.Tensor | None, like: torch.Tensor) -> nn.Linear:
+    out_f, in_f = weight.shape
+    lin = nn.Linear(in_f, out_f, bias=bias is not None, dtype=like.dtype, device=like.device)
+    with torch.no_grad():
+        lin.weight.copy_(weight.to(like.dtype))
+        if bias is not None:
+            lin.bias.copy_(bias.to(like.dtype))
+    return lin
+
+
+def mlp_select(ups: list[nn.Module], down: nn.Module, stats: ActivationStats, keep: int, *,
+               ridge: float = DEFAULT_RIDGE, refit: bool = True) -> tuple[list[nn.Linear], nn.Linear, torch.Tensor]:
+    """The pair with ``keep`` intermediate neurons: new up projections (each ``nn.Linear(d, keep)``), the
+    refitted down projection ``nn.Linear(keep, out)`` and the kept neuron indices (sorted).
+
+    ``refit=False`` keeps the selected columns of the down projection as they are (for comparison).
+    """
+    from tensorfold.compression.blocks.discover import linear_weight
+
+    W, b = linear_weight(down)
+    m = W.shape[1]
+    if isinstance(keep, bool) or not isinstance(keep, int) or not 1 <= keep <= m:
+        raise RankError(f"mlp-select keeps 1 to {m} neurons, got {keep!r}")
+    sel = select_neurons(stats, W, b, max_keep=keep)
+    kept = torch.sort(sel.order[:keep]).values
+    if keep == m:  # nothing removed: the pair as it is (a refit would only add the ridge's bias)
+        Wn, bn = W.double(), (b.double() if b is not None else None)
+    elif refit:
+        Wn, bn = refit_down(stats, W, b, kept, ridge=ridge)
+    else:
+        Wn, bn = W[:, kept].double(), (b.double() if b is not None else None)
+    new_ups = [_linear(*_rows_of(u, kept), like=W) for u in ups]
+    new_down = _linear(Wn, bn, like=W)
+    return new_ups, new_down, kept
+
+
+def mlp_params(d_in: int, d_out: int, keep: int, n_ups: int, up_bias: bool = True, down_bias: bool = True) -> int:
+    """Parameters of the pair with ``keep`` neurons."""
+    return n_ups * keep * (d_in + int(up_bias)) + keep * d_out + int(down_bias) * d_out
+
+
+__all__ = ["ActivationStats", "NeuronSelection", "mlp_params", "mlp_select", "refit_down", "relative_errors",
+           "select_neurons"]
