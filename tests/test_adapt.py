@@ -416,3 +416,17 @@ def test_lora_matches_peft_lora_numerically():
         torch.testing.assert_close(layer.factors[0].grad.reshape(gA.shape), gA, atol=1e-9, rtol=1e-9)
         torch.testing.assert_close(layer.factors[1].grad.reshape(gB.shape), gB, atol=1e-9, rtol=1e-9)
     assert trainable_parameters(ours)[0] == sum(p.numel() for p in theirs.parameters() if p.requires_grad)
+
+
+def test_forward_path_choice_follows_the_counted_cost():
+    adapted = tf.adapt(nn.Sequential(nn.Linear(1024, 1024)), AdapterConfig(method="lora", rank=4))
+    layer = adapter_layers(adapted)[0][1]
+    # training on many rows: the weight-sized gradient of the folded path dwarfs the thin factors
+    assert layer._cheapest(4096, True, True, True) == "factored"
+    # inference on a huge batch: building delta W once beats pushing every row through the factors
+    assert layer._cheapest(100_000, False, True, True) == "sum"
+    assert layer._cheapest(1, False, True, True) == "factored"
+    x = torch.randn(2, 1024)
+    with torch.no_grad():
+        layer(x)
+    assert layer._paths == {(2, False): "factored"}

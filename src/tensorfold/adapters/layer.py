@@ -32,7 +32,10 @@ from tensorfold.adapters.formats import (
 from tensorfold.errors import InvalidArgumentError, NotCompressibleError, RankError
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-FACTORED_CONV = ("lora", "tucker")  # methods with a conv chain that never builds the kernel-sized update
+FACTORED_CONV = ("lora", "tucker")
+# The overhead of one tensor operation (dispatch, allocation, autograd node) in opt_einsum's cost units
+# (2 x multiply-adds): about 10 microseconds on a CPU core that does ~20 GFLOP/s.
+OP_COST = 200_000  # methods with a conv chain that never builds the kernel-sized update
 
 
 class SharedFactors(nn.Module):
@@ -258,12 +261,15 @@ class AdapterLayer(nn.Module):
             x_shape = (rows, *self._in_sizes())
             factored = opt_einsum.contract_path(self._apply_eq, x_shape, *shapes, shapes=True)[1].opt_cost
         mult = 3 if training else 1
+        # Small layers are bound by per-operation overhead, not arithmetic: charge each op OP_COST.
+        n_build = len(self.layout)  # contractions building delta W, plus the add or the extra product
+        n_factored = len(self.layout) + (2 if self.kind == "conv" else 0)
         costs = {}
         if can_factor:
-            costs["factored"] = mult * factored
+            costs["factored"] = mult * (factored + OP_COST * n_factored)
         if can_sum:
-            costs["sum"] = mult * build + (weight_grad if training else 0)
-        costs["dense"] = mult * build + mult * 2 * rows * out_size * in_size
+            costs["sum"] = mult * (build + OP_COST * n_build) + (weight_grad if training else 0)
+        costs["dense"] = mult * (build + 2 * rows * out_size * in_size + OP_COST * (n_build + 1))
         return min(costs, key=costs.get)
 
     def _in_sizes(self) -> list[int]:
