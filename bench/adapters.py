@@ -12,9 +12,10 @@ adapters frozen (batch-norm statistics too: the models stay in eval mode, so onl
            (negation, swapped roles)? Logit = a * cos(u, v) + b with a, b trained in every run.
 
 Per task: LoRA at rank 8 (PEFT's and ours), PEFT LoRA at a quarter of those parameters, and the
-tensor adapters (ours: tt, tucker, cp, tr) at the largest rank within a quarter of LoRA-8's
-parameters; ``--seeds`` seeds each (adapter init and batch order), Adam with one learning rate per
-task for every method. Step time: median seconds per training step in the same process.
+tensor adapters (ours: tt, tucker, cp, tr, and LoTR = Tucker-2 with factors shared across layers of one
+shape) at the largest rank within a quarter of LoRA-8's parameters; ``--seeds`` seeds each (adapter
+init and batch order), Adam with one learning rate per task for every method. Step time: ``--timing``
+measures every method's median seconds per training step, interleaved round by round in one process.
 
     .venv/bin/python bench/adapters.py --task digits --json bench/results/adapters.json
     .venv/bin/python bench/adapters.py --task shapes --methods peft-lora-8,tt --json ...
@@ -43,7 +44,7 @@ from tensorfold.adapters import describe, trainable_parameters
 
 RANK_REF = 8
 TENSOR_METHODS = ("tt", "tucker", "cp", "tr")
-ALL_METHODS = ("peft-lora-8", "lora-8", "peft-lora-small", "tt", "tucker", "cp", "tr")
+ALL_METHODS = ("peft-lora-8", "lora-8", "peft-lora-small", "tt", "tucker", "cp", "tr", "lotr")
 N_CORES = {"tt": 3, "tr": 3, "tucker": 2, "cp": 3}
 
 
@@ -119,7 +120,7 @@ def shapes_task() -> Task:
     model = load_model("resnet20-shapes").eval()
     train = _image_batches(shift(splits.train.images[:1024]), splits.train.labels[:1024], 64, seed=0)
     test = _image_batches(shift(splits.test.images), splits.test.labels, 500)
-    return Task("shapes", model, _layer_names(model), train, test, steps=48, lr=3e-3)
+    return Task("shapes", model, _layer_names(model), train, test, steps=48, lr=5e-3)
 
 
 # The sentence-pair task: a fact and a restatement of it (label 1) or of something else (label 0).
@@ -205,7 +206,7 @@ def minilm_task() -> Task:
         return out
 
     task = Task("minilm", model, ["query", "value"], batches(sentence_pairs("train"), 32, 0),
-                batches(sentence_pairs("test"), 100, 0), steps=75, lr=2e-3, saved=("head",))
+                batches(sentence_pairs("test"), 100, 0), steps=75, lr=5e-3, saved=("head",))
     return task
 
 
@@ -247,6 +248,9 @@ def lora_count(task: Task, rank: int) -> int:
 
 
 def _config(task: Task, method: str, rank: int, seed: int = 0) -> tf.AdapterConfig:
+    if method == "lotr":  # LoTR: Tucker-2 per layer, factor matrices shared by layers of one shape
+        return tf.AdapterConfig(method="tucker", rank=rank, target_modules=task.targets, share_factors=True,
+                                modules_to_save=task.saved, n_cores=1, seed=seed)
     return tf.AdapterConfig(method=method, rank=rank, target_modules=task.targets, modules_to_save=task.saved,
                             n_cores=N_CORES.get(method, 1), seed=seed)
 
@@ -277,7 +281,8 @@ def build(task: Task, label: str, seed: int) -> tuple[nn.Module, int, str]:
         return tf.adapt(task.model, _config(task, "lora", RANK_REF, seed)), RANK_REF, f"ours LoRA r={RANK_REF}"
     rank = best_rank(task, label, budget)
     cores = N_CORES.get(label, 1)
-    return tf.adapt(task.model, _config(task, label, rank, seed)), rank, f"ours {label} r={rank} n_cores={cores}"
+    text = f"ours LoTR (shared tucker) r={rank}" if label == "lotr" else f"ours {label} r={rank} n_cores={cores}"
+    return tf.adapt(task.model, _config(task, label, rank, seed)), rank, text
 
 
 def adapter_params(model: nn.Module, task: Task) -> int:

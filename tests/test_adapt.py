@@ -430,3 +430,15 @@ def test_forward_path_choice_follows_the_counted_cost():
     with torch.no_grad():
         layer(x)
     assert layer._paths == {(2, False): "factored"}
+
+
+def test_unload_without_merge_gives_the_original_layers_back():
+    net = make_net()
+    x = inputs()
+    adapted = tf.adapt(net, AdapterConfig(method="cp", rank=3, target_modules="all"))
+    randomize(adapted)
+    plain = unload(adapted, merge=False)
+    assert torch.equal(plain(x), net(x))
+    dota = tf.adapt(net, AdapterConfig(method="cp", rank=3, target_modules=["fc1"], init="dota"))
+    with pytest.raises(InvalidArgumentError, match="residual"):
+        unload(dota, merge=False)

@@ -117,6 +117,7 @@ class AdapterLayer(nn.Module):
         self.modes = layer_modes(shape, n_cores_for(method, shape, n_cores))
         self.layout = factor_layout(method, self.modes, rank, len(shape))
         self.merged = False
+        self.init = init
         ref = self._reference_tensor()
         if init == "dota":
             tensors = self._decompose(seed)

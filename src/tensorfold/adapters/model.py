@@ -303,6 +303,11 @@ def unmerge(model: nn.Module) -> nn.Module:
 def unload(model: nn.Module, *, merge: bool = True) -> nn.Module:
     """A copy of ``model`` with every adapter layer replaced by its base layer: merged (the adapted model
     as plain layers, nothing extra at inference) or, with ``merge=False``, the original layers back."""
+    if not merge and any(layer.init == "dota" for _, layer in adapter_layers(model)):
+        raise InvalidArgumentError(
+            "unload(merge=False) gives the original layers back, but an init='dota' adapter's base holds the "
+            "residual W - scaling * delta W_0, not W: use the original model, or unload(merge=True)"
+        )
     out = copy.deepcopy(model)
     for name, layer in adapter_layers(out):
         if merge:
