@@ -30,6 +30,7 @@ def test_dask_and_in_memory_agree_for_every_method(X):
     assert _close(cp_dask, cp_mem, 1e-8)
     assert abs(tf.relative_error(X, cp_mem) - tf.relative_error(X, tf.cp(X, 3))) < 1e-4
     assert abs(tf.relative_error_chunked(D, cp_dask) - tf.relative_error(X, cp_dask)) < 1e-12
+    assert tf.relative_error(D, cp_dask) == tf.relative_error_chunked(D, cp_dask)  # the same entry point
     # synchronous scheduler, same answer
     assert _close(tf.tucker_sketch(D, 3, seed=2, scheduler="synchronous"), tf.tucker_sketch(X, 3, seed=2))
 

@@ -38,7 +38,16 @@ def inner(X: torch.Tensor, approx: Decomposition) -> torch.Tensor:
 
 
 def relative_error(X, approx) -> float:
-    """``||X - approx|| / ||X||`` for any result type (or a dense tensor), in float64 arithmetic."""
+    """``||X - approx|| / ||X||`` for any result type (or a dense tensor), in float64 arithmetic.
+
+    ``X`` may also be a tensor read block by block (a ``.npy`` memmap, a dask array, a Zarr array or an HDF5
+    dataset): the error is then formed in one streaming pass (:func:`tensorfold.relative_error_chunked`)."""
+    from tensorfold.decomp.blocks import is_blocked_input
+
+    if isinstance(approx, Decomposition) and is_blocked_input(X):
+        from tensorfold.decomp.chunked import relative_error_chunked
+
+        return relative_error_chunked(X, approx)
     X = check_tensor(X, "X", check_finite=False)
     if isinstance(approx, Decomposition):
         if tuple(approx.shape) != tuple(X.shape):
