@@ -100,3 +100,17 @@ def test_tt_sketch_on_dask_matches_memory():
     D = da.from_array(Y.numpy(), chunks=(3, 4, 5, 6))
     a, b = tf.tt_sketch(D, (2, 3, 2), seed=2), tf.tt_sketch(Y, (2, 3, 2), seed=2)
     assert torch.allclose(a.to_tensor(), b.to_tensor(), atol=1e-9)
+
+
+def test_gcp_over_dask_blocks_matches_memory():
+    Y, _ = tf.testing.poisson_cp_problem((12, 13, 14), 2, seed=4)
+    start = tf.gcp(Y, 2, loss="poisson", n_iter_max=3)
+    D = da.from_array(Y.numpy(), chunks=(5, 13, 7))
+    mem = tf.gcp(Y, 2, loss="poisson", init=start, n_iter_max=40)
+    blk = tf.gcp(D, 2, loss="poisson", init=start, n_iter_max=40)
+    assert blk.info.details["input"] == "dask"
+    assert _close(blk, mem, 1e-6)
+    bad = Y.numpy().copy()
+    bad[0, 0, 0] = 0.5
+    with pytest.raises(tf.InvalidTensorError, match="counts"):
+        tf.gcp(da.from_array(bad, chunks=5), 2, loss="poisson", init=start)

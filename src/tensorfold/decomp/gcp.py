@@ -97,12 +97,18 @@ def gcp(
     n_samples: int | tuple[int, int] | None = None,
     seed: int | torch.Generator | None = 0,
     callback: Callable[[int, float], bool | None] | None = None,
+    chunks: int | Sequence[int] | None = None,
+    scheduler=None,
 ) -> CPTensor:
     """Generalized CP decomposition of ``X`` under ``loss``.
 
     Parameters
     ----------
-    X : dense tensor (torch/numpy, float32/float64) or a :class:`COOTensor` of the nonzeros (the rest is 0).
+    X : dense tensor (torch/numpy, float32/float64) or a :class:`COOTensor` of the nonzeros (the rest is 0);
+        or a tensor read block by block (a ``.npy`` memmap, dask array, Zarr array, HDF5 dataset, or a path):
+        then L-BFGS-B evaluates the objective and gradient in one pass over the blocks per evaluation
+        (``chunks``/``scheduler`` as in :func:`tensorfold.tucker_sketch`), starting from ``init`` (``"auto"``
+        is :func:`tensorfold.cp_chunked` for the Gaussian and Huber losses and ``"random"`` for the others).
     rank : number of components R.
     loss : ``"gaussian"``, ``"bernoulli-logit"`` (data in {0, 1}), ``"poisson"`` (identity link, counts,
         nonnegative factors), ``"poisson-log"`` (log link), ``"gamma"``, ``"rayleigh"`` (positive data,
@@ -130,6 +136,11 @@ def gcp(
     check_choice(loss, "loss", tuple(LOSSES))
     check_choice(solver, "solver", ("lbfgsb", "adam"))
     spec = _huber(check_positive(huber_delta, "huber_delta")) if loss == "huber" else LOSSES[loss]
+    from tensorfold.decomp.blocks import is_blocked_input
+
+    if is_blocked_input(X):
+        return _gcp_blocked(X, rank, loss, huber_delta, solver, init, mask, n_iter_max, tol, seed, callback,
+                            chunks, scheduler, start)
     sparse = isinstance(X, COOTensor)
     if sparse:
         if mask is not None:
@@ -155,7 +166,9 @@ def gcp(
                     f"solver='lbfgsb' forms the full model; a tensor of shape {shape} is too large: use solver='adam'"
                 )
             X = X.to_dense() if hasattr(X, "to_dense") else _densify(X)
-        factors, history, n_iter, converged = _lbfgsb(X, factors, spec, mask, n_iter_max, tol, callback)
+        X = X.double()
+        factors, history, n_iter, converged = _lbfgsb(
+            lambda fs: _objective_and_gradient(X, fs, spec, mask), factors, spec, n_iter_max, tol, callback)
     else:
         factors, history, n_iter, converged = _adam(X, factors, spec, mask, sparse, gen, lr, epochs, epoch_iters,
                                                     n_samples, callback)
@@ -194,10 +207,10 @@ def _all_mttkrps(Y: torch.Tensor, factors) -> list[torch.Tensor]:
     return out
 
 
-def _lbfgsb(X, factors, spec: Loss, mask, n_iter_max, tol, callback):
+def _lbfgsb(evaluate, factors, spec: Loss, n_iter_max, tol, callback):
+    """L-BFGS-B over the concatenated factors; ``evaluate(factors) -> (objective, gradients)``."""
     from scipy.optimize import minimize
 
-    X = X.double()
     shapes = [f.shape for f in factors]
     sizes = [math.prod(s) for s in shapes]
 
@@ -209,7 +222,7 @@ def _lbfgsb(X, factors, spec: Loss, mask, n_iter_max, tol, callback):
         return out
 
     def fun(v):
-        F, grads = _objective_and_gradient(X, unpack(v), spec, mask)
+        F, grads = evaluate(unpack(v))
         return F, torch.cat([g.reshape(-1) for g in grads]).numpy()
 
     history: list[float] = []
@@ -233,6 +246,61 @@ def _lbfgsb(X, factors, spec: Loss, mask, n_iter_max, tol, callback):
         warnings.warn(f"gcp: L-BFGS-B stopped after {n_iter_max} iterations before meeting tol={tol}",
                       ConvergenceWarning, stacklevel=3)
     return unpack(res.x), history, int(res.nit), converged
+
+
+# --- out of core: one pass over the blocks per evaluation ----------------------------------------------
+
+
+class _GCPBlock:
+    """The block's share of the objective and of every gradient (picklable: the loss travels by name)."""
+
+    def __init__(self, shape, factors, loss: str, huber_delta: float):
+        self.shape, self.factors, self.loss, self.huber_delta = shape, factors, loss, huber_delta
+
+    def __call__(self, slices, B):
+        spec = _huber(self.huber_delta) if self.loss == "huber" else LOSSES[self.loss]
+        _check_values(B, spec, "X")
+        sub = [f[s] for f, s in zip(self.factors, slices)]
+        F, grads = _objective_and_gradient(B.double(), sub, spec, None)
+        out = [torch.tensor(F, dtype=torch.float64)]
+        for n, (g, s) in enumerate(zip(grads, slices)):
+            full = torch.zeros(self.shape[n], g.shape[1], dtype=torch.float64)
+            full[s] = g
+            out.append(full)
+        return out
+
+
+def _gcp_blocked(X, rank, loss, huber_delta, solver, init, mask, n_iter_max, tol, seed, callback, chunks,
+                 scheduler, start) -> CPTensor:
+    from tensorfold.decomp.blocks import as_blocked, map_reduce
+
+    if solver != "lbfgsb" or mask is not None:
+        raise InvalidArgumentError("out-of-core GCP runs solver='lbfgsb' without mask")
+    B = as_blocked(X, chunks=chunks, scheduler=scheduler)
+    rank = check_rank(rank, "rank")
+    spec = _huber(huber_delta) if loss == "huber" else LOSSES[loss]
+    gen = make_generator(seed)
+    if isinstance(init, CPTensor):
+        factors = _initial(None, rank, init, spec, gen, B.shape, B.dtype)
+    elif init == "auto" and spec.lower is None and loss in ("gaussian", "huber"):
+        from tensorfold.decomp.chunked import cp_chunked
+
+        start_cp = cp_chunked(B, rank, seed=_seed_of(gen))
+        factors = _spread([f.double() for f in start_cp.factors], start_cp.weights.double())
+    else:
+        check_choice(init, "init", ("auto", "random"))
+        factors = _initial(None, rank, "random", spec, gen, B.shape, B.dtype)
+
+    def evaluate(fs):
+        parts = map_reduce(B, _GCPBlock(B.shape, fs, loss, huber_delta))
+        return float(parts[0]), parts[1:]
+
+    factors, history, n_iter, converged = _lbfgsb(evaluate, factors, spec, n_iter_max, tol, callback)
+    details = {"loss": loss, "solver": solver, "init": init if isinstance(init, str) else "given",
+               "input": "dask" if B.is_dask else type(B.data).__name__, "passes": "one per evaluation"}
+    info = FitInfo("gcp-lbfgsb-blocks", n_iter=n_iter, converged=converged, fit_history=tuple(history),
+                   seconds=time.perf_counter() - start, details=details)
+    return CPTensor(torch.ones(rank, dtype=B.dtype), tuple(f.to(B.dtype) for f in factors), info).normalize()
 
 
 # --- Adam with (stratified) sampling -----------------------------------------------------------------
