@@ -46,9 +46,11 @@ def invoke(*args):
 def one_error_line(res, code: int = 2) -> str:
     assert res.exit_code == code, res.output
     lines = res.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), res.stderr
+    errors = [line for line in lines if line.startswith("error:")]
+    # progress lines may come first; the error is one line, the last
+    assert len(errors) == 1 and lines[-1] == errors[0], res.stderr
     assert "Traceback" not in res.output and "please report" not in res.output
-    return lines[0]
+    return errors[0]
 
 
 @pytest.fixture()
@@ -321,3 +323,59 @@ def test_tt_rank_clipping_is_a_warning_in_the_summary(tmp_path, cube):
                                    "(1, 6, 8, 1) (at most (6, 8))"]
     res = invoke("decompose", cube, "--method", "tt", "--rank", "2,2", "--out", tmp_path / "u.safetensors")
     assert "warnings" not in json.loads((tmp_path / "u.json").read_text())
+
+
+# --- fine-tuning is reported, and never makes the result worse ----------------------------------
+FINETUNE_DATA = '''
+import torch
+
+def good():
+    g = torch.Generator().manual_seed(5)
+    return [torch.randn(32, 12, generator=g) for _ in range(4)], [torch.randn(32, 12, generator=g)]
+
+def only_train():
+    g = torch.Generator().manual_seed(5)
+    return [torch.randn(32, 12, generator=g) * 50 for _ in range(4)]
+
+def needs_args(n):
+    return []
+'''
+
+
+def test_finetune_reports_epochs_and_quality_before_and_after(tmp_path, user_models):
+    (tmp_path / "tf_trust_data.py").write_text(FINETUNE_DATA)
+    out = tmp_path / "run"
+    res = invoke(*compress_args(out, "--finetune-epochs", "2", "--data", "tf_trust_data:good"))
+    assert res.exit_code == 0, res.output
+    assert "fine-tune epoch 1: training loss" in res.stderr and "fine-tune epoch 2" in res.stderr
+    ft = json.loads((out / "metrics.json").read_text())["finetune"]
+    assert [e["epoch"] for e in ft["epochs"]] == [1, 2] and all("val_loss" in e for e in ft["epochs"])
+    assert ft["metric"] == "mean_cos" and "fine-tuning: mean_cos" in res.stderr
+    metrics = json.loads((out / "metrics.json").read_text())
+    better = ft["quality_after"]["mean_cos"] >= ft["quality_before"]["mean_cos"]
+    assert ft["kept"] == ("fine-tuned" if better else "before fine-tuning")
+    assert metrics["quality"] == ft["quality_after" if better else "quality_before"]
+    # (the README's own example, run by tests/test_readme.py, is a case where fine-tuning helps)
+    page = (out / "report.html").read_text()
+    assert "<h2>Fine-tuning</h2>" in page and "before fine-tuning" in page
+    sys.modules.pop("tf_trust_data", None)
+
+
+def test_finetune_that_hurts_is_undone_with_a_warning(tmp_path, user_models):
+    from tensorfold.compression.config import CompressConfig, FinetuneConfig
+    from tensorfold.compression.job import JobOptions, run_job
+
+    (tmp_path / "tf_trust_data.py").write_text(FINETUNE_DATA)
+    logged = []
+    result = run_job("tf_trust_models:factory", CompressConfig(budget=0.5, methods=("svd",), calib_samples=32),
+                     JobOptions(data="tf_trust_data:only_train", speed=False),
+                     finetune=FinetuneConfig(epochs=2, lr=1.0, progress=False), log=logged.append)
+    ft = result.metrics["finetune"]
+    assert ft["kept"] == "before fine-tuning" and "worse" in ft["warning"]
+    assert any(m.startswith("warning: fine-tuning made mean_cos worse") for m in logged)
+    assert result.metrics["quality"] == ft["quality_before"]
+    assert ft["quality_after"]["mean_cos"] < ft["quality_before"]["mean_cos"]
+    line = one_error_line(invoke(*compress_args(tmp_path / "r2", "--finetune-epochs", "1", "--data",
+                                                "tf_trust_data:needs_args")))
+    assert "--data tf_trust_data:needs_args" in line
+    sys.modules.pop("tf_trust_data", None)

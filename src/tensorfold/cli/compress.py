@@ -39,15 +39,21 @@ def _floats(text: str | None, option: str) -> tuple[float, ...]:
 
 
 def compress(
-    model: str = typer.Option("minilm", "--model", "-m", help="Built-in model name or 'module:factory'."),
+    model: str = typer.Option(
+        "minilm", "--model", "-m",
+        help="Built-in model (minilm, digits-cnn, resnet20-shapes) or 'module:factory': a Python file module.py in "
+             "the working directory (or an importable module) whose factory() returns the torch model; define "
+             "calibration(n, seed) there too (a list of input batches, n samples in all) unless --calib 0. "
+             "Fine-tuning data: --data module:function returning (train_batches, val_batches)."),
     budget: float = typer.Option(0.5, "--budget", "-b", help="Fraction (0, 1] of the target cost to keep."),
     target: str = typer.Option("params", "--target", help="params, flops or latency."),
     calib: int = typer.Option(128, "--calib", help="Calibration samples (0: weight-only fitting)."),
     out: Path = typer.Option(..., "--out", "-o", help="Output directory."),
     methods: str = typer.Option("svd,svd-input,spatial,tucker,cp,tt,mlp-select,qk-select,vo-svd,drop", "--methods",
-                                help="Comma-separated: svd,svd-input,spatial,tucker,cp,tt and the transformer "
-                                     "block methods mlp-select,qk-select,vo-svd,drop (used where blocks are "
-                                     "recognised and --calib > 0)."),
+                                show_default=False,
+                                help="Comma-separated, from svd, svd-input, spatial, tucker, cp, tt and the "
+                                     "transformer block methods mlp-select, qk-select, vo-svd, drop (used where "
+                                     "blocks are recognised and --calib > 0); default: all of them."),
     allocator: str = typer.Option("auto", "--allocator", help="uniform, energy, balanced, knapsack or auto."),
     include: list[str] = typer.Option(None, "--include", help="Only layers matching this pattern (repeatable)."),
     exclude: list[str] = typer.Option(None, "--exclude", help="Skip layers matching this pattern (repeatable)."),
@@ -113,9 +119,9 @@ def compress(
     console.print("quality: " + ", ".join(f"{k} {v:.4f}" for k, v in quality.items()))
     speed = result.metrics.get("speed")
     if speed:
-        console.print(f"speed (batch 32, {speed['threads']} threads, best of {speed['repeats']}): "
-                      f"{speed['seconds_original'] * 1e3:.1f} ms -> {speed['seconds_compressed'] * 1e3:.1f} ms, "
-                      f"{speed['speedup']:.2f}x (medians: {speed['speedup_median']:.2f}x)")
+        from tensorfold.compression.evaluate import describe_speed
+
+        console.print(describe_speed(speed))
     console.print(f"wrote {out}/plan.json, weights.safetensors, metrics.json, report.html")
 
 

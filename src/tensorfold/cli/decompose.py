@@ -542,6 +542,14 @@ def describe_compressed(path: Path, as_json: bool) -> None:
                                 f"({pl['model_params_after'] / max(pl['model_params'], 1):.3f})")]
     for key, value in (info.get("quality") or {}).items():
         rows.append((f"quality: {key}", value))
+    if "finetune" in info:
+        ft = info["finetune"]
+        key = ft.get("metric")
+        change = (f": {key} {ft['quality_before'][key]:.4g} -> {ft['quality_after'][key]:.4g}"
+                  if key and key in ft.get("quality_before", {}) else "")
+        kept = "the fine-tuned model" if ft.get("kept", "fine-tuned") == "fine-tuned" else \
+            "the model from before fine-tuning"
+        rows.append(("fine-tuning", f"{len(ft.get('epochs', []))} epochs{change}, kept {kept}"))
     if "speed" in info:
         sp = info["speed"]
         rows.append(("measured speedup", f"{sp.get('speedup_median', sp.get('speedup')):.2f}x"))

@@ -33,13 +33,15 @@ def sweep(
     model: str = typer.Option("digits-cnn", "--model", "-m", help="Built-in model name (see tensorfold compress)."),
     budgets: str = typer.Option("0.9,0.7,0.5,0.3,0.2", "--budgets", help="Comma-separated fractions in (0, 1]."),
     target: str = typer.Option("params", "--target", help="params, flops or latency."),
-    allocators: str = typer.Option("uniform,energy,balanced,knapsack", "--allocators",
-                                   help="Comma-separated: uniform, energy, balanced, knapsack, auto."),
-    methods: str = typer.Option("svd,svd-input,spatial,tucker,cp", "--methods",
-                                help="Comma-separated planner methods."),
+    allocators: str = typer.Option("uniform,energy,balanced,knapsack", "--allocators", show_default=False,
+                                   help="Comma-separated, from uniform, energy, balanced, knapsack, auto "
+                                        "(default: uniform, energy, balanced, knapsack)."),
+    methods: str = typer.Option("svd,svd-input,spatial,tucker,cp", "--methods", show_default=False,
+                                help="Comma-separated planner methods (default: svd, svd-input, spatial, tucker, cp)."),
     finetune_epochs: int = typer.Option(0, "--finetune-epochs", help="Fine-tune every point for N epochs."),
     finetune_lr: float = typer.Option(None, "--finetune-lr", help="Adam learning rate (default: the model's)."),
-    calib: int = typer.Option(256, "--calib", help="Calibration samples."),
+    calib: int = typer.Option(None, "--calib", help="Calibration samples (default 256, or the model's whole "
+                                                    "calibration corpus when smaller: minilm has 197 sentences)."),
     seed: int = typer.Option(0, "--seed", help="Seed for calibration sampling and fine-tuning."),
     threads: int = typer.Option(2, "--threads", help="CPU threads for the latency measurement."),
     batch_size: int = typer.Option(32, "--batch-size", help="Batch size of the latency measurement."),
@@ -56,6 +58,12 @@ def sweep(
         budget_values = [float(b) for b in _csv(budgets, "--budgets")]
     except ValueError:
         raise InvalidArgumentError(f"--budgets takes comma-separated fractions, got {budgets!r}") from None
+    if calib is None:
+        from tensorfold import zoo
+
+        calib, note = zoo.calibration_samples(zoo.get(model), 256)
+        if note:
+            stderr_console().print(note)
     if finetune_epochs < 0 or threads < 1 or batch_size < 1 or calib < 1:
         raise InvalidArgumentError("--finetune-epochs must be >= 0 and --threads, --batch-size, --calib >= 1")
     from tensorfold.compression.config import CompressConfig
@@ -82,8 +90,14 @@ def sweep(
             console.print(f"{p.allocator:>9} @ {p.budget:<4g} skipped: {p.error}")
             continue
         shown = (p.metrics_finetuned or p.metrics)[metric]
-        speed = f"  speedup {p.speedup:.2f}x" if p.speedup else ""
+        speed = f"  speedup {p.speedup:.2f}x" + (" (busy machine)" if p.noisy else "") if p.speedup else ""
         console.print(f"{p.allocator:>9} @ {p.budget:<4g} fraction {p.fraction:.3f}  {metric} {shown:.4f}{speed}")
+    if result.dense_latency:
+        console.print(f"dense latency {result.dense_latency * 1e3:.2f} ms (median, measured once); speedups are "
+                      "medians of paired dense/compressed timings")
+    if any(p.noisy for p in result.points):
+        console.print("warning: some timings were taken while the CPU was busy (marked); rerun on a quiet machine "
+                      "for figures to quote")
     console.print(f"wrote {out}/sweep.json, accuracy_vs_size.png, accuracy_vs_latency.png, index.html")
 
 

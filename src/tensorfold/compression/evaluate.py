@@ -42,33 +42,95 @@ def output_fidelity(original: nn.Module, compressed: nn.Module, batches, output_
     }
 
 
-def measure_speedup(original: nn.Module, compressed: nn.Module, example_inputs, *, threads: int | None = 2,
-                    repeats: int = 10, warmup: int = 2) -> dict:
-    """Seconds of a forward pass of each model on ``example_inputs``, measured interleaved (so
-    background load hits both alike), and the speedup ``original / compressed``.
+# Paired timings whose ratios spread more than this (interquartile range / median) were taken while
+# something else competed for the CPU: the figures are kept but flagged as noisy.
+NOISY_SPREAD = 0.15
 
-    ``speedup`` compares the fastest runs (best of ``repeats``, as ``timeit`` does: on a shared
-    machine the slower runs measure the neighbours, not the code); ``speedup_median`` compares
-    medians. ``threads`` sets torch's intra-op threads for the measurement only (restored afterwards).
+
+def _quartiles(values: list[float]) -> tuple[float, float, float]:
+    if len(values) < 2:
+        return values[0], values[0], values[0]
+    q = statistics.quantiles(values, n=4, method="inclusive")
+    return q[0], q[1], q[2]
+
+
+def machine_load() -> float | None:
+    """The 1-minute load average (None where the platform has none)."""
+    import os
+
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
+
+
+def paired_timing(first: nn.Module, second: nn.Module, inputs, *, threads: int | None = 2, repeats: int = 10,
+                  warmup: int = 2) -> dict:
+    """Seconds of one forward pass of each model on ``inputs``, timed in alternating pairs.
+
+    Each pair times ``first`` then ``second`` back to back, so load that comes and goes hits both alike;
+    the ratio reported is the median of the per-pair ratios ``first / second`` with its interquartile
+    range (``ratio_q1``, ``ratio_q3``). ``noisy`` flags a run whose ratios or times spread more than
+    :data:`NOISY_SPREAD` (the machine was busy: read the figures as rough). ``threads`` sets torch's
+    intra-op threads for the measurement only (restored afterwards).
     """
     old = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(int(threads))
-    times = {"original": [], "compressed": []}
+    a_times: list[float] = []
+    b_times: list[float] = []
+    load_before = machine_load()
     try:
-        with eval_mode(original, compressed), torch.inference_mode():
+        with eval_mode(first, second), torch.inference_mode():
             for i in range(warmup + repeats):
-                for key, model in (("original", original), ("compressed", compressed)):
-                    t0 = time.perf_counter()
-                    call_model(model, example_inputs)
-                    if i >= warmup:
-                        times[key].append(time.perf_counter() - t0)
+                t0 = time.perf_counter()
+                call_model(first, inputs)
+                t1 = time.perf_counter()
+                call_model(second, inputs)
+                t2 = time.perf_counter()
+                if i >= warmup:
+                    a_times.append(t1 - t0)
+                    b_times.append(t2 - t1)
     finally:
         torch.set_num_threads(old)
-    t_orig, t_comp = min(times["original"]), min(times["compressed"])
-    m_orig, m_comp = statistics.median(times["original"]), statistics.median(times["compressed"])
-    return {"seconds_original": t_orig, "seconds_compressed": t_comp, "speedup": t_orig / t_comp,
-            "speedup_median": m_orig / m_comp, "threads": threads, "repeats": repeats}
+    ratios = [a / b for a, b in zip(a_times, b_times) if b > 0]
+    r1, r2, r3 = _quartiles(ratios)
+    a1, a2, a3 = _quartiles(a_times)
+    b1, b2, b3 = _quartiles(b_times)
+    spread = max((r3 - r1) / r2 if r2 else 0.0, (a3 - a1) / a2 if a2 else 0.0, (b3 - b1) / b2 if b2 else 0.0)
+    return {"first_median": a2, "second_median": b2, "first_best": min(a_times), "second_best": min(b_times),
+            "ratio": r2, "ratio_q1": r1, "ratio_q3": r3, "spread": spread, "noisy": spread > NOISY_SPREAD,
+            "load": load_before, "repeats": repeats, "threads": threads}
+
+
+def measure_speedup(original: nn.Module, compressed: nn.Module, example_inputs, *, threads: int | None = 2,
+                    repeats: int = 10, warmup: int = 2) -> dict:
+    """End-to-end speedup ``original / compressed`` on ``example_inputs`` (see :func:`paired_timing`).
+
+    ``speedup`` is the median of paired ratios and ``seconds_original``/``seconds_compressed`` the
+    median times, so the three agree with each other; ``speedup_q1``/``speedup_q3`` give the spread,
+    ``speedup_best`` the ratio of the fastest runs, and ``noisy`` says the machine was busy.
+    """
+    t = paired_timing(original, compressed, example_inputs, threads=threads, repeats=repeats, warmup=warmup)
+    return {"seconds_original": t["first_median"], "seconds_compressed": t["second_median"],
+            "speedup": t["ratio"], "speedup_q1": t["ratio_q1"], "speedup_q3": t["ratio_q3"],
+            "speedup_median": t["ratio"],  # the same figure, kept for readers of older metrics.json
+            "speedup_best": t["first_best"] / t["second_best"], "spread": t["spread"], "noisy": t["noisy"],
+            "load": t["load"], "threads": threads, "repeats": repeats}
+
+
+def describe_speed(speed: dict) -> str:
+    """One line for a measured speed: medians, the paired-ratio median and its spread, a load warning."""
+    line = (f"speed (batch 32, {speed['threads']} threads, {speed['repeats']} paired runs): "
+            f"{speed['seconds_original'] * 1e3:.1f} ms -> {speed['seconds_compressed'] * 1e3:.1f} ms (medians), "
+            f"{speed['speedup']:.2f}x")
+    if "speedup_q1" in speed:
+        line += f" (middle half {speed['speedup_q1']:.2f}-{speed['speedup_q3']:.2f}x)"
+    if speed.get("noisy"):
+        load = speed.get("load")
+        line += (" - warning: timings spread widely, the CPU was busy"
+                 + (f" (load average {load:.1f})" if load is not None else "") + "; rerun on a quiet machine")
+    return line
 
 
 def count_params(model: nn.Module) -> int:

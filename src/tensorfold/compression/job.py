@@ -98,7 +98,7 @@ def resolve_model(spec: str, weights: str | None = None) -> ModelSource:
 
 
 def _finetune(source: ModelSource, compressed: nn.Module, original: nn.Module, config: FinetuneConfig,
-              data: str | None) -> nn.Module:
+              data: str | None, history=None) -> nn.Module:
     from tensorfold.compression.finetune import finetune
 
     if data in (None, "builtin"):
@@ -107,7 +107,14 @@ def _finetune(source: ModelSource, compressed: nn.Module, original: nn.Module, c
             raise InvalidArgumentError(f"--finetune-epochs needs --data module:function for {source.name}")
         train, val = entry.finetune_data(32, config.seed)
     else:
-        loaded = load_factory(data)()
+        fn = load_factory(data)
+        try:
+            loaded = fn()
+        except TypeError as exc:
+            raise InvalidArgumentError(f"--data {data}: {exc} (it is called with no arguments and returns "
+                                       "(train_batches, val_batches) or train_batches)") from exc
+        except Exception as exc:
+            raise InvalidArgumentError(f"--data {data} raised {type(exc).__name__}: {exc}") from exc
         train, val = loaded if isinstance(loaded, tuple) and len(loaded) == 2 else (loaded, None)
     # The model's own choices replace the config's defaults (not values set on purpose): embeddings (an
     # output_fn picks them) are matched by cosine rather than by KL, and a built-in model's learning rate.
@@ -117,7 +124,50 @@ def _finetune(source: ModelSource, compressed: nn.Module, original: nn.Module, c
     if source.entry is not None and "finetune_lr" in source.entry.extra and config.lr == defaults.lr:
         changes["lr"] = source.entry.extra["finetune_lr"]
     return finetune(compressed, train, config.replace(**changes), teacher=original, val_data=val,
-                    output_fn=source.output_fn)
+                    output_fn=source.output_fn, history=history)
+
+
+def headline_metric(quality: dict) -> tuple[str, bool] | None:
+    """The quality figure that decides whether fine-tuning helped, and whether higher is better."""
+    for key in ("accuracy", "mean_cos"):
+        if key in quality:
+            return key, True
+    if "rel_error" in quality:
+        return "rel_error", False
+    return None
+
+
+def finetune_and_keep_better(source: ModelSource, compressed: nn.Module, original: nn.Module,
+                             config: FinetuneConfig, data: str | None, eval_batches: list,
+                             log: Callable[[str], None]) -> tuple[nn.Module, dict]:
+    """Fine-tune ``compressed``, log the loss per epoch, compare quality before and after on the evaluation
+    data, and keep the better model (with a warning when fine-tuning made it worse); the record of it all
+    goes to metrics.json as ``finetune``."""
+    from tensorfold.compression.finetune import FinetuneHistory
+
+    def on_epoch(entry: dict) -> None:
+        val = f", validation loss {entry['val_loss']:.5g}" if "val_loss" in entry else ""
+        log(f"fine-tune epoch {entry['epoch']}: training loss {entry['train_loss']:.5g}{val}")
+
+    before = evaluate_pair(source, original, compressed, eval_batches)
+    history = FinetuneHistory(on_epoch=on_epoch)
+    tuned = _finetune(source, compressed, original, config, data, history)
+    after = evaluate_pair(source, original, tuned, eval_batches)
+    record = {"epochs": history.epochs, "best_epoch": history.best_epoch, "stopped_early": history.stopped_early,
+              "quality_before": before, "quality_after": after, "kept": "fine-tuned"}
+    head = headline_metric(before)
+    if head is not None:
+        key, higher = head
+        worse = after[key] < before[key] if higher else after[key] > before[key]
+        record["metric"] = key
+        log(f"fine-tuning: {key} {before[key]:.4f} -> {after[key]:.4f}")
+        if worse:
+            record["kept"] = "before fine-tuning"
+            record["warning"] = (f"fine-tuning made {key} worse ({before[key]:.4f} -> {after[key]:.4f}); "
+                                 "kept the model from before fine-tuning")
+            log("warning: " + record["warning"])
+            return compressed, record
+    return tuned, record
 
 
 def evaluate_pair(source: ModelSource, original: nn.Module, compressed: nn.Module, batches: list) -> dict:
@@ -202,10 +252,13 @@ def run_job(
     t_plan = time.perf_counter()
     compressed = apply(original, plan, batches or None, progress=progress)
     t_apply = time.perf_counter()
-    if finetune is not None:
-        compressed = _finetune(source, compressed, original, finetune, options.data)
     eval_batches = evaluation_batches(source, calib, seed)
-    quality = evaluate_pair(source, original, compressed, eval_batches)
+    tuning = None
+    if finetune is not None:
+        compressed, tuning = finetune_and_keep_better(source, compressed, original, finetune, options.data,
+                                                      eval_batches, log)
+    quality = tuning["quality_after" if tuning["kept"] == "fine-tuned" else "quality_before"] if tuning else \
+        evaluate_pair(source, original, compressed, eval_batches)
     metrics = {
         "model": source.name,
         "budget": config.budget,
@@ -218,6 +271,8 @@ def run_job(
         "plan_totals": plan.totals(),
         "seconds": {"plan": t_plan - t0, "apply": t_apply - t_plan},
     }
+    if tuning is not None:
+        metrics["finetune"] = tuning
     if options.speed:
         example = (source.entry.example_inputs(32) if source.entry is not None
                    else (eval_batches[0] if eval_batches else None))

@@ -18,7 +18,6 @@ from __future__ import annotations
 import base64
 import html
 import json
-import math
 import os
 import sys
 import time
@@ -31,8 +30,8 @@ from torch import nn
 
 from tensorfold.compression.api import apply, plan
 from tensorfold.compression.config import ALLOCATORS, CompressConfig, FinetuneConfig, check_budget
+from tensorfold.compression.evaluate import paired_timing
 from tensorfold.compression.finetune import finetune as run_finetune
-from tensorfold.core.modules import eval_mode
 from tensorfold.core.validate import check_count
 from tensorfold.errors import InvalidArgumentError, TensorfoldError
 from tensorfold.io import atomic_directory
@@ -53,14 +52,19 @@ class SweepPoint:
     flops: int | None
     metrics: dict[str, float]
     metrics_finetuned: dict[str, float] | None = None
-    latency: float | None = None  # seconds per batch, CPU
-    dense_latency: float | None = None  # the dense model, measured right beside it
+    latency: float | None = None  # median seconds per batch, CPU
+    dense_latency: float | None = None  # the dense model's median, timed in pairs with this point
     seconds: float = 0.0  # plan + apply (+ fine-tune) time
     methods_used: dict[str, int] = field(default_factory=dict)
     error: str | None = None  # why this point failed, if it did
+    ratio: float | None = None  # median of the paired dense/compressed time ratios
+    ratio_spread: tuple[float, float] | None = None  # its interquartile range
+    noisy: bool = False  # timed while the machine was busy (wide spread, or the dense time moved)
 
     @property
     def speedup(self) -> float | None:
+        if self.ratio is not None:
+            return self.ratio
         if self.latency is None or self.dense_latency is None or self.latency <= 0:
             return None
         return self.dense_latency / self.latency
@@ -81,6 +85,7 @@ class SweepResult:
     threads: int
     batch_size: int
     points: list[SweepPoint] = field(default_factory=list)
+    dense_latency_spread: tuple[float, float] | None = None  # interquartile range of the dense timing
 
     def curve(self, allocator: str) -> list[SweepPoint]:
         """The points of one allocator, largest budget first."""
@@ -138,21 +143,18 @@ def _finetune_config(entry, finetune: FinetuneConfig | None, epochs: int, lr: fl
 
 def paired_latency(dense: nn.Module, small: nn.Module, inputs: torch.Tensor, *, threads: int = 2,
                    rounds: int = 3, repeats: int = 10) -> tuple[float, float]:
-    """(dense, small) seconds per call, measured alternately; the minimum of per-round medians.
+    """(dense, small) median seconds per call over ``rounds * repeats`` alternating pairs.
 
-    Alternating the two models makes the ratio robust to load that comes and goes on a shared machine.
+    Alternating the two models call by call makes the ratio robust to load that comes and goes on a
+    shared machine (see :func:`tensorfold.compression.evaluate.paired_timing` for the spread).
     """
-    from tensorfold.nn import measure_latency
+    t = paired_timing(dense, small, inputs, threads=threads, repeats=rounds * repeats)
+    return t["first_median"], t["second_median"]
 
-    shape = tuple(inputs.shape)
-    best_dense = best_small = math.inf
-    with eval_mode(dense, small):
-        for _ in range(rounds):
-            best_dense = min(best_dense, measure_latency(dense, shape, threads=threads, repeats=repeats,
-                                                         inputs=inputs))
-            best_small = min(best_small, measure_latency(small, shape, threads=threads, repeats=repeats,
-                                                         inputs=inputs))
-    return best_dense, best_small
+
+# a point whose paired dense time moves this far from the sweep's one dense measurement was timed
+# under different load than the dense reference: flagged, not hidden
+DENSE_DRIFT = 0.25
 
 
 def sweep(
@@ -186,6 +188,7 @@ def sweep(
     budgets = _check_budgets(budgets)
     allocators = _check_allocators(allocators)
     epochs, lr = settings.pop("finetune_epochs", 0), settings.pop("finetune_lr", None)
+    default_calib = config is None and "calib_samples" not in settings
     config = CompressConfig.build(config or CompressConfig(methods=CONV_METHODS, calib_samples=256), **settings)
     finetune = _finetune_config(entry, finetune, epochs, lr, config.seed)
     for name, value in (("threads", threads), ("batch_size", batch_size)):
@@ -193,6 +196,14 @@ def sweep(
     finetune_epochs = finetune.epochs if finetune is not None else 0
     target, methods, seed = config.target, config.methods, config.seed
     say = progress if callable(progress) else ((lambda msg: print(msg, file=sys.stderr)) if progress else None)
+    if default_calib:  # the default count must work for every built-in model: clamp to its corpus, and say so
+        from tensorfold.zoo import calibration_samples
+
+        n, note = calibration_samples(entry, config.calib_samples)
+        if note:
+            config = config.replace(calib_samples=n)
+            if say:
+                say(note)
 
     original = entry.load()
     calib = entry.calibration(config.calib_samples, seed)
@@ -205,6 +216,11 @@ def sweep(
         dense_latency=None, finetune_epochs=finetune_epochs, threads=threads, batch_size=batch_size,
     )
     data = entry.finetune_data(64, seed) if finetune is not None else None
+    if latency:  # the dense reference, measured once (paired with itself for its spread)
+        ref = paired_timing(original, original, inputs, threads=threads, repeats=20)
+        result.dense_latency = ref["first_median"]
+        q = sorted([ref["first_median"] * ref["ratio_q1"], ref["first_median"] * ref["ratio_q3"]])
+        result.dense_latency_spread = (q[0], q[1])
     for allocator in allocators:
         for budget in budgets:
             start = time.perf_counter()
@@ -230,15 +246,16 @@ def sweep(
                 point.metrics_finetuned = entry.evaluate(original, small)
             point.seconds = time.perf_counter() - start
             if latency:
-                point.dense_latency, point.latency = paired_latency(original, small, inputs, threads=threads)
+                t = paired_timing(original, small, inputs, threads=threads, repeats=30)
+                point.dense_latency, point.latency = t["first_median"], t["second_median"]
+                point.ratio, point.ratio_spread = t["ratio"], (t["ratio_q1"], t["ratio_q3"])
+                drift = abs(point.dense_latency / result.dense_latency - 1) if result.dense_latency else 0.0
+                point.noisy = bool(t["noisy"] or drift > DENSE_DRIFT)
             result.points.append(point)
             if say:
                 shown = point.metrics_finetuned or point.metrics
                 speed = f", speedup {point.speedup:.2f}x" if point.speedup else ""
                 say(f"{allocator} @ {budget:g}: fraction {point.fraction:.3f}, {metric} {shown[metric]:.4f}{speed}")
-    if latency:
-        measured = [p.dense_latency for p in result.points if p.dense_latency]
-        result.dense_latency = min(measured) if measured else None
     return result
 
 
@@ -263,8 +280,10 @@ def plot_sweep(result: SweepResult, x: str, path: str | os.PathLike) -> None:
     for allocator in result.allocators:
         pts = result.curve(allocator)
         if x == "latency":
-            pts = [p for p in pts if p.latency is not None]
-            xs = [p.latency * 1e3 for p in pts]
+            # the dense reference over the paired ratio: every point on the same scale as the dense star,
+            # whatever the load was when each pair was timed
+            pts = [p for p in pts if p.speedup and result.dense_latency]
+            xs = [result.dense_latency / p.speedup * 1e3 for p in pts]
         else:
             xs = [p.fraction for p in pts]
         if pts:
@@ -303,7 +322,7 @@ def _table_html(result: SweepResult) -> str:
             tdrop = p.metrics_finetuned.get(f"{result.metric}_drop")
             cells += [f"{p.metrics_finetuned[result.metric]:.4f}", "" if tdrop is None else f"{tdrop:+.4f}"]
         cells += ["" if p.latency is None else f"{p.latency * 1e3:.2f}",
-                  "" if p.speedup is None else f"{p.speedup:.2f}x",
+                  "" if p.speedup is None else f"{p.speedup:.2f}x" + (" (busy)" if p.noisy else ""),
                   ", ".join(f"{k}: {v}" for k, v in sorted(p.methods_used.items()))]
         rows.append(cells)
     th = "".join(f"<th>{html.escape(h)}</th>" for h in head)

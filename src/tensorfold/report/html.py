@@ -24,6 +24,7 @@ th,td{border:1px solid #ddd;padding:3px 8px;text-align:right}
 th{background:#f3f3f3} td.l,th.l{text-align:left}
 img{max-width:100%;border:1px solid #eee;margin:0.5em 0}
 .kv td:first-child{font-weight:600;text-align:left}
+.warn{color:#a40000;font-weight:600}
 """
 
 
@@ -55,9 +56,29 @@ def table_html(rows: list[dict], columns: list[str], left: tuple[str, ...] = ())
 
 
 def kv_html(items: dict) -> str:
+    """A two-column table; entries without a value (None) are left out rather than shown empty."""
     return '<table class="kv">' + "".join(
-        f"<tr><td>{html_lib.escape(str(k))}</td><td>{_fmt(v)}</td></tr>" for k, v in items.items()
+        f"<tr><td>{html_lib.escape(str(k).replace('_', ' '))}</td><td>{_fmt(v)}</td></tr>"
+        for k, v in items.items() if v is not None
     ) + "</table>"
+
+
+def finetune_html(record: dict) -> str:
+    """Fine-tuning: loss per epoch, quality before and after, which model was kept (and why)."""
+    parts = ["<h2>Fine-tuning</h2>"]
+    if record.get("warning"):
+        parts.append(f'<p class="warn">Warning: {html_lib.escape(record["warning"])}</p>')
+    epochs = record.get("epochs") or []
+    if epochs:
+        columns = ["epoch", "train_loss", *(["val_loss"] if any("val_loss" in e for e in epochs) else [])]
+        parts.append(table_html(epochs, columns))
+    before, after = record.get("quality_before") or {}, record.get("quality_after") or {}
+    rows = [{"quality": k, "before fine-tuning": before.get(k), "after": after.get(k)} for k in before]
+    if rows:
+        parts.append(table_html(rows, ["quality", "before fine-tuning", "after"], left=("quality",)))
+    parts.append(f"<p>Kept: the model {html_lib.escape(str(record.get('kept', 'fine-tuned')))}"
+                 f"{' (best epoch ' + str(record['best_epoch']) + ')' if record.get('best_epoch') else ''}.</p>")
+    return "".join(parts)
 
 
 def render_report(plan, metrics: dict | None = None, title: str | None = None) -> str:
@@ -69,6 +90,8 @@ def render_report(plan, metrics: dict | None = None, title: str | None = None) -
     parts.append("<h2>Totals</h2>" + kv_html(plan.totals()))
     if metrics.get("quality"):
         parts.append("<h2>Quality (original vs compressed)</h2>" + kv_html(metrics["quality"]))
+    if metrics.get("finetune"):
+        parts.append(finetune_html(metrics["finetune"]))
     if metrics.get("speed"):
         parts.append("<h2>Measured speed (end to end)</h2>" + kv_html(metrics["speed"]))
     parts.append("<h2>Per-layer decisions</h2>")
@@ -80,11 +103,16 @@ def render_report(plan, metrics: dict | None = None, title: str | None = None) -
     if plan.spectra:
         ranks = {lp.name: (lp.rank if lp.method == "svd" else None) for lp in plan.layers}
         parts.append("<h2>Singular-value spectra</h2>" + png_tag(plots.spectra_plot(plan.spectra, ranks), "spectra"))
-    if plan.curve:
-        xs, ys = zip(*plan.curve)
+    # a budget of 1.0 keeps every layer whole (error 0): on a log axis it would squash the others to 1e-12
+    curve = [(x, y) for x, y in (plan.curve or []) if y > 0]
+    if curve:
+        xs, ys = zip(*curve)
+        exact = [x for x, y in plan.curve if y <= 0]
+        note = (f" Budgets with no predicted error ({', '.join(f'{x:g}' for x in exact)}) are not drawn."
+                if exact else "")
         parts.append("<h2>Predicted error vs budget</h2><p>Objective: sum over layers of sensitivity x squared "
-                     "relative layer error, for the same allocator at other budgets.</p>")
-        parts.append(png_tag(plots.line_plot({plan.allocator: (list(xs), [max(y, 1e-12) for y in ys])},
+                     f"relative layer error, for the same allocator at other budgets.{note}</p>")
+        parts.append(png_tag(plots.line_plot({plan.allocator: (list(xs), list(ys))},
                                              f"budget (fraction of {plan.target})", "predicted error",
                                              "Predicted error vs budget", logy=True, mark_x=plan.budget),
                              "predicted error vs budget"))

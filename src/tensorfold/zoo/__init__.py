@@ -55,6 +55,20 @@ class BuiltinModel:
     extra: dict = field(default_factory=dict)
 
 
+def calibration_samples(entry: BuiltinModel, wanted: int) -> tuple[int, str | None]:
+    """``wanted`` calibration samples, or all of ``entry``'s calibration corpus when it holds fewer
+    (``extra["calibration_limit"]``); the second item says so when it clamped (else None).
+
+    Defaults (256 samples in a sweep) must work for every built-in model; an explicit count is the
+    caller's to check.
+    """
+    limit = entry.extra.get("calibration_limit")
+    if limit is not None and wanted > limit:
+        return int(limit), (f"{entry.name} has {limit} calibration samples; using all of them "
+                            f"(the default asks {wanted})")
+    return wanted, None
+
+
 def names() -> list[str]:
     """Names of the built-in models."""
     return sorted(_REGISTRY)
@@ -68,4 +82,4 @@ def get(name: str) -> BuiltinModel:
     return module.builtin(name)
 
 
-__all__ = ["BuiltinModel", "get", "names"]
+__all__ = ["BuiltinModel", "calibration_samples", "get", "names"]
