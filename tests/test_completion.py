@@ -141,7 +141,8 @@ def test_coo_huge_tensor_runs_in_bounded_memory():
     assert out.returncode == 0, out.stderr
     growth_mb, observed_error = map(float, out.stdout.split())
     assert growth_mb < 500
-    assert observed_error < 1.0  # it fitted something, from the observations alone
+    # exact rank-3 values: three sweeps from the observations alone bring the error from 1 to 0.416
+    assert observed_error < 0.45
 
 
 def test_bad_inputs(rank3):

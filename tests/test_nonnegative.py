@@ -70,8 +70,13 @@ def test_nonnegative_tucker_is_nonnegative_and_fits_at_least_like_tensorly():
     theirs = 1 - np.linalg.norm(X.numpy() - tl.tucker_to_tensor((core, factors))) / np.linalg.norm(X.numpy())
     fit = 1 - tf.relative_error(X, ours)
     assert float(ours.core.min()) >= 0 and all(float(U.min()) >= 0 for U in ours.factors)
-    assert fit >= theirs - 0.01 and fit > 0.97
+    assert fit >= theirs - 0.01 and fit > 0.975  # 40 sweeps: 0.977 measured
     assert abs(ours.info.fit_history[-1] - fit) < 1e-8
+    # the data are exactly nonnegative Tucker of these ranks: more sweeps must approach an exact fit
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        longer = tf.nonnegative_tucker(X, (3, 4, 3), n_iter_max=300, tol=0)
+    assert 1 - tf.relative_error(X, longer) > 0.999  # 0.99941 measured
 
 
 def test_bad_inputs():

@@ -21,6 +21,7 @@ from tensorfold.cli.common import (
 from tensorfold.errors import InvalidArgumentError
 
 RANK_METHODS = ("tucker", "tt", "cp")
+PLOT_SUFFIXES = (".png", ".svg", ".pdf")
 
 RANK_EPILOG = """\
 Examples:
@@ -73,6 +74,8 @@ def rank(
         raise InvalidArgumentError("--method tt needs exactly one of --eps or --budget")
     if max_rank <= 0:
         raise InvalidArgumentError(f"--max-rank must be positive, got {max_rank}")
+    if plot is not None and plot.suffix.lower() not in PLOT_SUFFIXES:
+        raise InvalidArgumentError(f"--plot {plot}: give a {', '.join(PLOT_SUFFIXES)} file name")
     summary_path = summary_path_for(out) if out is not None else None
     check_outputs([(out, "--out", "file"), (summary_path, "the summary beside --out", "file"),
                    (plot, "--plot", "file")], overwrite=overwrite, inputs=[input_path])
