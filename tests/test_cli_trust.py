@@ -67,8 +67,8 @@ def listing(directory: Path) -> list[str]:
 # --- one output per path ------------------------------------------------------------------------
 @pytest.mark.parametrize("args, message", [
     (["--out", "rr.json"], "the .json summary is written beside it"),
-    (["--out", "rr.safetensors", "--plot", "rr.json"], "both write rr.json"),
-    (["--out", "rr.safetensors", "--plot", "rr.safetensors"], "both write rr.safetensors"),
+    (["--out", "rr.png", "--plot", "rr.png"], "both write rr.png"),
+    (["--out", "rr.safetensors", "--plot", "rr.json"], "give a .png, .svg, .pdf file name"),
 ])
 def test_rank_never_writes_two_outputs_to_one_path(tmp_path, cube, monkeypatch, args, message):
     monkeypatch.chdir(tmp_path)
