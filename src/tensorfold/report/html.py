@@ -47,6 +47,8 @@ def _fmt(v) -> str:
 
 
 def table_html(rows: list[dict], columns: list[str], left: tuple[str, ...] = ()) -> str:
+    """A table of ``rows``; a column with no value in any row (e.g. latency without a measurement) is left out."""
+    columns = [c for c in columns if any(r.get(c) is not None for r in rows)] if rows else columns
     head = "".join(f'<th class="{"l" if c in left else ""}">{html_lib.escape(c)}</th>' for c in columns)
     body = "".join(
         "<tr>" + "".join(f'<td class="{"l" if c in left else ""}">{_fmt(r.get(c))}</td>' for c in columns) + "</tr>"
@@ -76,8 +78,10 @@ def finetune_html(record: dict) -> str:
     rows = [{"quality": k, "before fine-tuning": before.get(k), "after": after.get(k)} for k in before]
     if rows:
         parts.append(table_html(rows, ["quality", "before fine-tuning", "after"], left=("quality",)))
-    parts.append(f"<p>Kept: the model {html_lib.escape(str(record.get('kept', 'fine-tuned')))}"
-                 f"{' (best epoch ' + str(record['best_epoch']) + ')' if record.get('best_epoch') else ''}.</p>")
+    kept = ("the fine-tuned model" if record.get("kept", "fine-tuned") == "fine-tuned"
+            else "the model from before fine-tuning")
+    best = f" (best epoch {record['best_epoch']})" if record.get("best_epoch") and "fine-tuned" in kept else ""
+    parts.append(f"<p>Kept: {kept}{best}.</p>")
     return "".join(parts)
 
 

@@ -77,8 +77,10 @@ def spectra_plot(spectra: Mapping[str, Sequence[float]], ranks: Mapping[str, int
     names = list(spectra)
     total = len(names)
     if len(names) > max_lines:
-        step = len(names) / max_lines
-        names = [names[int(i * step)] for i in range(max_lines)]
+        # spread over the whole list, first and last included (a fixed stride aliases with the block
+        # structure and shows the same two layer types of every block)
+        picks = sorted({round(i * (len(names) - 1) / (max_lines - 1)) for i in range(max_lines)})
+        names = [names[i] for i in picks]
     labels, prefix = short_names(list(spectra))
     label_of = dict(zip(spectra, labels))
     fig = _figure(10.0, 4.8)
