@@ -379,3 +379,22 @@ def test_finetune_that_hurts_is_undone_with_a_warning(tmp_path, user_models):
                                                 "tf_trust_data:needs_args")))
     assert "--data tf_trust_data:needs_args" in line
     sys.modules.pop("tf_trust_data", None)
+
+
+def test_saving_an_adapter_twice_replaces_the_earlier_one(tmp_path):
+    """save_adapter overwrites its own directory: adapter files count as a tensorfold result."""
+    from tensorfold.io import is_tensorfold_result
+
+    d = tmp_path / "ad"
+    d.mkdir()
+    (d / "adapter.safetensors").write_bytes(b"x")
+    (d / "adapter_config.json").write_text("{}")
+    assert is_tensorfold_result(d)
+    (d / "notes.txt").write_text("mine")
+    assert not is_tensorfold_result(d)
+
+
+def test_out_of_core_decompose_follows_the_output_rule(tmp_path, cube, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    res = invoke("decompose", cube.name, "--method", "cp", "--rank", "2", "--chunks", "3", "--out", "o.json")
+    assert "the .json summary is written beside it" in one_error_line(res)

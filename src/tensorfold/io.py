@@ -40,9 +40,10 @@ ARRAY_SUFFIXES = (".npy", ".npz", ".pt", ".pth", ".safetensors")
 RESULT_FILES = {
     "plan.json", "weights.safetensors", "metrics.json", "report.html",  # compress
     "sweep.json", "accuracy_vs_size.png", "accuracy_vs_latency.png", "index.html",  # sweep
+    "adapter.safetensors", "adapter_config.json",  # tensorfold.adapters.save_adapter
 }
 # ... and at least one of these marks the directory as a tensorfold result.
-RESULT_MARKERS = ("plan.json", "sweep.json")
+RESULT_MARKERS = ("plan.json", "sweep.json", "adapter_config.json")
 
 
 def register_result_files(names: Iterable[str], *, marker: bool = False) -> None:

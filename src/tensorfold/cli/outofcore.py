@@ -11,7 +11,7 @@ import contextlib
 import time
 from pathlib import Path
 
-from tensorfold.cli.common import check_output_path, fit_progress, parse_rank, publish_result
+from tensorfold.cli.common import check_outputs, fit_progress, parse_rank, publish_result, summary_path_for
 from tensorfold.errors import InvalidArgumentError, RankError
 
 METHODS = ("cp", "tucker")
@@ -81,9 +81,9 @@ def decompose_out_of_core(
     if method == "tucker" and (max_iter is not None or tol is not None):
         raise InvalidArgumentError("--max-iter and --tol apply to cp; out-of-core tucker makes three passes")
     block_shape = parse_chunks(chunks)
-    check_output_path(out, overwrite=overwrite, inputs=[input_path])
-    summary_path = out.with_suffix(".json")
-    check_output_path(summary_path, overwrite=overwrite, inputs=[input_path])
+    summary_path = summary_path_for(out)  # the one output rule of every command (cli.common)
+    check_outputs([(out, "--out", "file"), (summary_path, "the summary beside --out", "file")],
+                  overwrite=overwrite, inputs=[input_path])
     data = tensorfold.open_tensor(input_path, key)
     source = str(input_path) if key is None else f"{input_path}[{key}]"
     with dask_client(scheduler, memory_limit) as client:
