@@ -23,6 +23,10 @@ from typer.core import TyperGroup
 
 from tensorfold.errors import InvalidArgumentError, RankError, TensorfoldError
 
+# choices of the decompose/complete/rank commands (here, below every command module that uses them)
+DTYPES = ("float32", "float64")
+DEVICES = ("cpu", "cuda")
+
 EXIT_BAD_INPUT = 2
 EXIT_UNEXPECTED = 1
 EXIT_INTERRUPTED = 130

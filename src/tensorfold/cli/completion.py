@@ -64,8 +64,7 @@ def decompose_observed(input_path: Path, *, method: str, rank: str | None, mask_
     """
     import tensorfold
     from tensorfold import __version__
-    from tensorfold.cli.common import check_outputs, parse_rank, summary_path_for
-    from tensorfold.cli.decompose import DEVICES, DTYPES
+    from tensorfold.cli.common import DEVICES, DTYPES, check_outputs, parse_rank, summary_path_for
 
     check_option_choice(method, "--method (with --mask/--coo)", COMPLETION_METHODS)
     if mask_path is not None and coo:

@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING, Any
 import typer
 
 from tensorfold.cli.common import (
+    DEVICES,
+    DTYPES,
     check_option_choice,
     check_outputs,
     fit_progress,
@@ -36,9 +38,6 @@ if TYPE_CHECKING:
     import torch
 
     from tensorfold.decomp.results import Decomposition
-
-DTYPES = ("float32", "float64")
-DEVICES = ("cpu", "cuda")
 
 
 # --- the method registry ------------------------------------------------------------------------

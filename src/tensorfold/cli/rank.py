@@ -60,7 +60,8 @@ def rank(
     as_json: bool = typer.Option(False, "--json", help="Print the JSON summary instead of tables."),
 ) -> None:
     """Choose ranks for a tensor and report the choice (and the fit at that choice)."""
-    from tensorfold.cli.decompose import DEVICES, DTYPES, prepare_tensor
+    from tensorfold.cli.common import DEVICES, DTYPES
+    from tensorfold.cli.decompose import prepare_tensor
 
     check_option_choice(method, "--method", RANK_METHODS)
     if dtype is not None:

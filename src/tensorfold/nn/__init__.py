@@ -22,7 +22,6 @@ from tensorfold.nn.base import (
     LowRankLayer,
     dense_flops,
     dense_params,
-    layer_kind,
 )
 from tensorfold.nn.linear import LowRankLinear
 
@@ -76,6 +75,20 @@ def __getattr__(name: str):
         globals()[name] = value
         return value
     raise AttributeError(f"module 'tensorfold.nn' has no attribute {name!r}")
+
+
+def layer_kind(name: str) -> type[FactorizedLayer]:
+    """The factorized layer class named ``name`` (every subclass of :class:`FactorizedLayer` registers itself).
+
+    >>> layer_kind("TuckerConv").__name__
+    'TuckerConv'
+    """
+    if name not in LAYER_KINDS:
+        for module in set(_LAZY.values()):  # the built-in families register themselves when imported
+            importlib.import_module(module)
+    if name not in LAYER_KINDS:
+        raise InvalidArgumentError(f"no factorized layer class {name!r}; known: {', '.join(sorted(LAYER_KINDS))}")
+    return LAYER_KINDS[name]
 
 
 def register_method(method: str, family: str, cls: type[FactorizedLayer] | str, options: dict | None = None) -> None:

@@ -211,16 +211,6 @@ def check_fraction(rank: float) -> float:
 LAYER_KINDS: dict[str, type[FactorizedLayer]] = {}
 
 
-def layer_kind(name: str) -> type[FactorizedLayer]:
-    """The factorized layer class named ``name`` (any subclass of :class:`FactorizedLayer` once imported)."""
-    if name not in LAYER_KINDS:
-        import tensorfold.nn.conv  # noqa: F401  (the built-in families register themselves on import)
-        import tensorfold.nn.tt_linear  # noqa: F401
-    if name not in LAYER_KINDS:
-        raise InvalidArgumentError(f"no factorized layer class {name!r}; known: {', '.join(sorted(LAYER_KINDS))}")
-    return LAYER_KINDS[name]
-
-
 class FactorizedLayer(nn.Module):
     """Base class of the layers that hold a dense layer's weight in factored form: the layer contract.
 
@@ -241,7 +231,8 @@ class FactorizedLayer(nn.Module):
     a rank. Subclasses implement ``__init__``, ``_check_spec``, ``_validate_rank``, ``_n_levels``,
     ``_rank_at_level``, ``_params_at``, ``_flops_at``, ``max_rank``, ``from_dense``, ``factor_weights``,
     ``_rank_of_factors``, ``dense_weight``, ``bias_tensor`` and ``forward``; a subclass defined anywhere
-    registers itself (:func:`layer_kind`) and plugs into the planner through :func:`tensorfold.nn.register_method`.
+    registers itself (:func:`tensorfold.nn.layer_kind`) and plugs into the planner through
+    :func:`tensorfold.nn.register_method`.
 
     >>> import torch
     >>> from tensorfold.nn import LowRankLinear
