@@ -42,11 +42,13 @@ from tensorfold.compression.calibration import (
 )
 from tensorfold.compression.fitting import build_factored, supports_whitening
 from tensorfold.compression.plan import LayerPlan, Plan
-from tensorfold.core.modules import eval_mode
+from tensorfold.core.modules import eval_mode, set_submodule
 from tensorfold.core.validate import check_choice, make_generator
 from tensorfold.errors import NotCompressibleError, ShapeError
 from tensorfold.nn import FactorizedLayer, layer_class_for
 from tensorfold.nn.base import DenseSpec
+
+__all__ = ["replace_layers", "densify", "set_submodule", "BUILD_MODES"]
 
 BUILD_MODES = ("fitted", "empty", "random")
 RANDOM_SCALE = 0.1  # std of the "random" build's weights
@@ -172,13 +174,3 @@ def densify(model: nn.Module) -> nn.Module:
     for name in outermost:
         set_submodule(dense, name, dense.get_submodule(name).to_dense())
     return dense
-
-
-def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
-    """Replace the submodule at dotted ``name`` by ``new``."""
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    if isinstance(parent, (nn.Sequential, nn.ModuleList)) and child.isdigit():
-        parent[int(child)] = new
-    else:
-        setattr(parent, child, new)

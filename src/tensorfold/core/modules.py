@@ -24,7 +24,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-__all__ = ["eval_mode", "move_to", "module_device", "batch_input"]
+__all__ = ["eval_mode", "move_to", "module_device", "batch_input", "set_submodule"]
 
 
 @contextlib.contextmanager
@@ -61,3 +61,14 @@ def module_device(model: nn.Module) -> torch.device:
 def batch_input(batch):
     """The model input of a batch: the first item of a tuple/list batch ``(inputs, targets...)``, else the batch."""
     return batch[0] if isinstance(batch, (tuple, list)) else batch
+
+
+def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Replace the submodule at dotted ``name`` by ``new`` (model surgery itself is
+    :func:`tensorfold.compression.replace.replace_layers`' job; this is its one primitive)."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    if isinstance(parent, (nn.Sequential, nn.ModuleList)) and child.isdigit():
+        parent[int(child)] = new
+    else:
+        setattr(parent, child, new)

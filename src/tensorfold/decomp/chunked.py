@@ -104,7 +104,7 @@ def cp_chunked(
     >>> tf.relative_error(X, approx) < 1e-6
     True
     """
-    from tensorfold.decomp.cp import _hadamard, _normalize, _solve_normal, cp
+    from tensorfold.decomp.cp import cp, hadamard_grams, normalize_factors, solve_normal
     from tensorfold.decomp.sketch import tucker_sketch
 
     start = time.perf_counter()
@@ -127,7 +127,7 @@ def cp_chunked(
         warnings.simplefilter("ignore", ConvergenceWarning)
         small = cp(core, rank, seed=seed, n_iter_max=500, tol=1e-10)
     factors = [Q.double() @ A for Q, A in zip(sketch.factors, small.factors)]
-    weights, factors = _normalize(small.weights, factors)
+    weights, factors = normalize_factors(small.weights, factors)
     # Pythagoras: X - Y = (X - PX) + (PX - Y) with Y in the sketched subspace.
     core_res_sq = max(core_sq - 2 * _cp_inner_dense(core, small) + float(small.norm()) ** 2, 0.0)
     fit = 1.0 - math.sqrt(max(norm_sq - core_sq + core_res_sq, 0.0) / norm_sq)
@@ -141,13 +141,13 @@ def cp_chunked(
             break
         for n in range(len(B.shape)):
             (M,) = map_reduce(B, _MTTKRPBlock(B.shape, [f.to(B.dtype) for f in factors], n))
-            A = _solve_normal(M, _hadamard(grams, skip=n))
+            A = solve_normal(M, hadamard_grams(grams, skip=n))
             norms = torch.linalg.vector_norm(A, dim=0)
             weights = torch.where(norms > 0, norms, torch.ones_like(norms))
             factors[n] = A / weights
             grams[n] = factors[n].T @ factors[n]
         inner = float(((M * factors[-1]).sum(0) * weights).sum())
-        model_sq = float(weights @ _hadamard(grams) @ weights)
+        model_sq = float(weights @ hadamard_grams(grams) @ weights)
         fit = 1.0 - math.sqrt(max(norm_sq - 2 * inner + model_sq, 0.0) / norm_sq)
         history.append(fit)
         if callback is not None and bool(callback(n_iter, fit)):

@@ -19,7 +19,7 @@ call. Unlike imputation (EM) schemes, which refit the full tensor with the missi
 never touches unobserved cells and converges in far fewer sweeps at low observation ratios.
 
 ``method="em"`` (CP, dense input): expectation-maximisation by imputation. The unobserved cells are
-filled with the current model and one dense ALS sweep of the engine (:class:`tensorfold.decomp.cp._ALS`,
+filled with the current model and one dense ALS sweep of the engine (:class:`tensorfold.decomp.cp.ALSSweeps`,
 two GEMMs over the tensor through the dimension tree) refits all factors; each fill-and-sweep lowers
 the error on the observed cells (the filled objective majorises it). Bro-style extrapolation of the
 factors, scored by the observed error, cuts the number of sweeps 2-4x. A sweep costs a few
@@ -57,13 +57,14 @@ from tensorfold.core.tenalg import khatri_rao
 from tensorfold.core.validate import (
     as_tensor,
     check_choice,
+    check_count,
     check_positive,
     check_rank,
     check_tensor,
     make_generator,
     randn,
 )
-from tensorfold.decomp.cp import _ALS, _LS_MAX_FAIL, _absorbed, _leading_vectors, _normalize
+from tensorfold.decomp.cp import LS_MAX_FAIL, ALSSweeps, absorbed_factors, leading_vectors, normalize_factors
 from tensorfold.decomp.iteration import FitTracker
 from tensorfold.decomp.results import CPTensor, FitInfo, TuckerTensor
 from tensorfold.decomp.sparse import (
@@ -163,7 +164,7 @@ def complete(
     check_choice(method, "method", ("auto", "als", "em", "wopt"))
     check_choice(model, "model", ("cp", "tucker"))
     check_choice(init, "init", ("svd", "random"))
-    n_iter_max = check_rank(n_iter_max, "n_iter_max")
+    n_iter_max = check_count(n_iter_max, "n_iter_max", minimum=1)
     n_starts = check_rank(n_starts, "n_starts")
     tol = check_positive(tol, "tol", allow_zero=True)
     data = _observations(X, mask, coo)
@@ -420,10 +421,10 @@ def _cp_em(imp: _Imputation, rank, init, n_iter_max, tol, gen, callback, start) 
     if init == "svd":
         # The leading subspaces of the zero-filled tensor (the spectral start of the sparse path), found
         # by the engine's dense range finder: a few GEMMs instead of sparse products over every cell.
-        factors = [_leading_vectors(imp.data, mode, rank, gen) for mode in range(len(imp.shape))]
+        factors = [leading_vectors(imp.data, mode, rank, gen) for mode in range(len(imp.shape))]
     else:
         factors = _initial_factors(imp.coo, [rank] * len(imp.shape), init, gen)
-    weights, factors = _normalize(None, factors)
+    weights, factors = normalize_factors(None, factors)
     imp.evaluate(weights, factors, 0)
     # Least-squares scale of the start on the observed cells: sum(W X M) / sum(W M^2), from the buffers.
     model, residual = imp.models[0], imp.residuals[0]
@@ -439,16 +440,17 @@ def _cp_em(imp: _Imputation, rank, init, n_iter_max, tol, gen, callback, start) 
                          dtype=imp.dtype)
     power, fails, accepted = 2.0, 0, 0
     for it in range(1, n_iter_max + 1):
-        begin = _absorbed(weights, factors)
+        begin = absorbed_factors(weights, factors)
         # E-step and M-step: impute, then one dense ALS sweep (dimension tree, two GEMMs over the tensor).
         filled = imp.filled(slot)
-        weights, _ = _ALS(filled, 1.0, 1.0, 0.0, "em").sweep(weights, factors, grams)
+        weights, _ = ALSSweeps(filled, 1.0, 1.0, 0.0, "em").sweep(weights, factors, grams)
         err = imp.evaluate(weights, factors, slot)
         if it > 1:
             # Extrapolate along the sweep's step (as cp's line search); the candidate's model and
             # residual land in the other buffers and become the next imputation if it is kept.
             jump = it ** (1.0 / power)
-            w_c, f_c = _normalize(None, [b + jump * (e - b) for b, e in zip(begin, _absorbed(weights, factors))])
+            ends = absorbed_factors(weights, factors)
+            w_c, f_c = normalize_factors(None, [b + jump * (e - b) for b, e in zip(begin, ends)])
             err_c = imp.evaluate(w_c, f_c, 1 - slot)
             if err_c < err:
                 weights, factors, err, slot = w_c, f_c, err_c, 1 - slot
@@ -456,7 +458,7 @@ def _cp_em(imp: _Imputation, rank, init, n_iter_max, tol, gen, callback, start) 
                 accepted, fails = accepted + 1, 0
             else:
                 fails += 1
-                if fails >= _LS_MAX_FAIL:
+                if fails >= LS_MAX_FAIL:
                     power, fails = power + 1.0, 0
         if tracker.update(err):
             break

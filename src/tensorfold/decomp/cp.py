@@ -2,7 +2,7 @@
 
 The solver has three parts, each kept small:
 
-* **ALS sweeps with a dimension tree** (:class:`_ALS`): the modes are split into a leading and a trailing
+* **ALS sweeps with a dimension tree** (:class:`ALSSweeps`): the modes are split into a leading and a trailing
   block; one GEMM contracts X with the Khatri-Rao product of the trailing factors and gives the MTTKRP of
   every leading mode, a second GEMM does the same for the trailing modes. A sweep reads X twice,
   whatever its order, and never copies it. The fit comes from ``||X||``, the last MTTKRP and the factor
@@ -26,7 +26,6 @@ from __future__ import annotations
 import math
 import sys
 import time
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -35,9 +34,19 @@ import torch
 from tensorfold.core.mttkrp import mttkrp, mttkrp_from_partial, partial_mttkrp
 from tensorfold.core.svd import truncated_svd
 from tensorfold.core.tenalg import khatri_rao, mode_dot
-from tensorfold.core.validate import check_choice, check_positive, check_rank, check_tensor, make_generator, randn
+from tensorfold.core.validate import (
+    check_callback,
+    check_choice,
+    check_count,
+    check_positive,
+    check_rank,
+    check_tensor,
+    make_generator,
+    randn,
+)
+from tensorfold.decomp.iteration import FitTracker
 from tensorfold.decomp.results import CPTensor, FitInfo
-from tensorfold.errors import ConvergenceWarning, InvalidArgumentError, InvalidTensorError, ShapeError
+from tensorfold.errors import InvalidArgumentError, InvalidTensorError, ShapeError
 
 # Below this relative error ||X||^2 - 2<X,Y> + ||Y||^2 has lost most of its digits to cancellation, so
 # the residual is formed directly instead (same thresholds as tensorfold.decomp.error).
@@ -48,7 +57,7 @@ _AUTO_MAX_CORE_FRACTION = 0.25
 # Row blocks of this many entries bound the temporaries of direct norms and residuals (2 MB in float64).
 _BLOCK_ELEMENTS = 1 << 18
 # Line search: jump = iteration ** (1 / power); the power grows after this many rejected jumps.
-_LS_MAX_FAIL = 4
+LS_MAX_FAIL = 4
 
 
 def cp(
@@ -60,7 +69,7 @@ def cp(
     tol: float = 1e-8,
     seed: int | torch.Generator | None = 0,
     line_search: bool = True,
-    callback: Callable[[int, float], None] | None = None,
+    callback: Callable[[int, float], bool | None] | None = None,
     compress: bool | str = "auto",
     core_margin: int | None = None,
     verbose: bool = False,
@@ -80,7 +89,8 @@ def cp(
         ``n_iter_max`` sweeps per phase (and does not warn).
     seed : seed or ``torch.Generator`` for the random init and the range finder.
     line_search : Bro-style extrapolation, kept only when it lowers the error.
-    callback : ``callback(iteration, fit)`` after every sweep (iteration counts from 1 across phases).
+    callback : ``callback(iteration, fit)`` after every sweep (iteration counts from 1 across phases);
+        returning True stops.
     compress : ``True``, ``False`` or ``"auto"`` (compress when the core is at most a quarter of X).
     core_margin : extra columns per mode beyond R when compressing (default ``max(5, R // 2)``).
     verbose : print the fit of every sweep to stderr.
@@ -105,15 +115,14 @@ def cp(
     # NaN/Inf are caught by the norm below (one pass over X serves both).
     X = check_tensor(X, "X", min_order=2, check_finite=False)
     rank = check_rank(rank, "rank", max_rank=math.prod(X.shape), what=f"a tensor of shape {tuple(X.shape)}")
-    if isinstance(n_iter_max, bool) or not isinstance(n_iter_max, int) or n_iter_max < 1:
-        raise InvalidArgumentError(f"n_iter_max must be a positive integer, got {n_iter_max!r}")
+    n_iter_max = check_count(n_iter_max, "n_iter_max", minimum=1)
     tol = check_positive(tol, "tol", allow_zero=True)
     if compress not in (True, False, "auto"):
         raise InvalidArgumentError(f"compress must be True, False or 'auto', got {compress!r}")
     if core_margin is None:
         core_margin = max(5, rank // 2)
-    elif isinstance(core_margin, bool) or not isinstance(core_margin, int) or core_margin < 0:
-        raise InvalidArgumentError(f"core_margin must be a non-negative integer, got {core_margin!r}")
+    else:
+        core_margin = check_count(core_margin, "core_margin")
     if isinstance(init, CPTensor):
         if tuple(init.shape) != tuple(X.shape) or init.rank != rank:
             raise ShapeError(f"init has shape {init.shape} and rank {init.rank}; X needs {tuple(X.shape)}, {rank}")
@@ -136,7 +145,9 @@ def cp(
         compress is True
         or (compress == "auto" and X.numel() >= _AUTO_MIN_NUMEL and core_numel <= _AUTO_MAX_CORE_FRACTION * X.numel())
     )
-    report = _Reporter(callback, verbose)
+    tracker = FitTracker("cp", n_iter_max=n_iter_max, tol=tol, callback=check_callback(
+        callback, "callback(iteration, fit)"))
+    report = _Reporter(tracker, verbose)
     details = {
         "dtype": str(X.dtype).replace("torch.", ""),
         "device": str(X.device),
@@ -152,12 +163,15 @@ def cp(
         weights, factors = _initial(X, rank, init, gen)
         core_run = None
 
-    full = _ALS(X, total_sq, total_sq, 0.0, "full")
+    full = ALSSweeps(X, total_sq, total_sq, 0.0, "full")
     # The core phase's last fit is already the fit of the expanded model to X, so one full sweep that
     # does not change it shows convergence on the full tensor.
     previous = core_run.history[-1] if core_run else None
-    weights, factors, run = full.run(weights, factors, n_iter_max, tol, line_search, report, previous)
-    history = (core_run.history if core_run else []) + run.history
+    if tracker.stopped:  # the callback ended the run in the core phase
+        run = _Run(core_run.history[-1:], 0, False, 0)
+    else:
+        weights, factors, run = full.run(weights, factors, n_iter_max, tol, line_search, report, previous)
+    history = list(tracker.history)
     accepted = run.accepted + (core_run.accepted if core_run else 0)
     final_fit = run.history[-1]
     if X.dtype == torch.float32:
@@ -166,13 +180,8 @@ def cp(
     details.update(full_iterations=run.n_iter, accepted_jumps=accepted, final_fit=final_fit)
     if core_run is not None:
         details["refinement_gain"] = run.history[-1] - core_run.history[-1]
-    if not run.converged and tol > 0:
-        warnings.warn(
-            f"cp: fit still changing after {n_iter_max} sweeps on the full tensor (tol={tol:g}); "
-            "raise n_iter_max or tol",
-            ConvergenceWarning,
-            stacklevel=2,
-        )
+    tracker.converged = run.converged  # CP's own resolution-aware rule decided it (see ALSSweeps.run)
+    tracker.finish(stacklevel=2, hint="the fit was still changing on the full tensor; raise n_iter_max or tol")
     info = FitInfo(
         method="cp-als",
         n_iter=len(history),
@@ -190,9 +199,9 @@ def _core_phase(X, rank, init, gen, core_ranks, total_sq, als_options, details):
     core_sq = _norm_sq(core)
     outside_sq = max(total_sq - core_sq, 0.0)
     weights, factors = _initial(core, rank, init, gen, bases=bases)
-    weights, factors, run = _ALS(core, core_sq, total_sq, outside_sq, "core").run(weights, factors, *als_options)
+    weights, factors, run = ALSSweeps(core, core_sq, total_sq, outside_sq, "core").run(weights, factors, *als_options)
     factors = [Q @ A if Q is not None else A for Q, A in zip(bases, factors)]
-    weights, factors = _normalize(weights, factors)
+    weights, factors = normalize_factors(weights, factors)
     details.update(
         core_shape=list(core.shape),
         core_iterations=run.n_iter,
@@ -216,23 +225,24 @@ class _Run:
 
 
 class _Reporter:
-    """Numbers sweeps across phases and forwards them to the callback / stderr."""
+    """Records every sweep's fit in the run's FitTracker (numbered across phases, callback) and on stderr."""
 
-    def __init__(self, callback, verbose: bool):
-        self.callback = callback
+    def __init__(self, tracker: FitTracker, verbose: bool):
+        self.tracker = tracker
         self.verbose = verbose
-        self.iteration = 0
 
-    def __call__(self, fit: float, phase: str) -> None:
-        self.iteration += 1
+    def __call__(self, fit: float, phase: str) -> bool:
+        """Record the sweep; True when the callback asks to stop."""
         if self.verbose:
-            print(f"cp-als sweep {self.iteration} ({phase}): fit {fit:.10f}", file=sys.stderr)
-        if self.callback is not None:
-            self.callback(self.iteration, fit)
+            print(f"cp-als sweep {self.tracker.n_iter + 1} ({phase}): fit {fit:.10f}", file=sys.stderr)
+        return self.tracker.record_fit(fit)
 
 
-class _ALS:
+class ALSSweeps:
     """ALS sweeps on ``T`` (the data, or its compressed core), reporting fits to the original data.
+
+    Public, with ``normalize_factors``, ``absorbed_factors``, ``leading_vectors``, ``hadamard_grams``,
+    ``solve_normal`` and ``LS_MAX_FAIL``: the CP-ALS engine that completion (EM) and chunked CP reuse.
 
     ``T_sq = ||T||^2``; ``total_sq = ||X||^2``; ``outside_sq = ||X - PX||^2`` is the part of X the
     compression discarded (0 for the full tensor).
@@ -268,8 +278,8 @@ class _ALS:
 
     @staticmethod
     def _update(n, M, factors, grams):
-        V = _hadamard(grams, skip=n)
-        A = _solve_normal(M, V)
+        V = hadamard_grams(grams, skip=n)
+        A = solve_normal(M, V)
         norms = torch.linalg.vector_norm(A, dim=0)
         norms = torch.where(norms > 0, norms, torch.ones_like(norms))
         A = A / norms
@@ -300,7 +310,7 @@ class _ALS:
 
     def _fit(self, inner, weights, factors, grams) -> tuple[float, float]:
         w = weights.double()
-        model_sq = float(w @ _hadamard(grams).double() @ w)
+        model_sq = float(w @ hadamard_grams(grams).double() @ w)
         res_sq = max(self.T_sq - 2 * inner + model_sq, 0.0)
         rel = math.sqrt((self.outside_sq + res_sq) / self.total_sq)
         if rel < self.guard:
@@ -319,14 +329,14 @@ class _ALS:
         P_next = None
         power, fails = 2.0, 0
         for it in range(1, n_iter_max + 1):
-            start = _absorbed(weights, factors) if line_search else None
+            start = absorbed_factors(weights, factors) if line_search else None
             weights, M = self.sweep(weights, factors, grams, P_next)
             P_next = None
             fit, rel = self.fit_from_last(weights, factors, grams, M)
             if line_search and it > 1 and rel >= self.guard:
                 jump = it ** (1.0 / power)
-                end = _absorbed(weights, factors)
-                w_c, f_c = _normalize(None, [s + jump * (e - s) for s, e in zip(start, end)])
+                end = absorbed_factors(weights, factors)
+                w_c, f_c = normalize_factors(None, [s + jump * (e - s) for s, e in zip(start, end)])
                 g_c = [A.T @ A for A in f_c]
                 P_c = partial_mttkrp(self.T, f_c, self.left)
                 fit_c, rel_c = self.fit_from_left_partial(w_c, f_c, g_c, P_c)
@@ -336,10 +346,11 @@ class _ALS:
                     fails = 0
                 else:
                     fails += 1
-                    if fails >= _LS_MAX_FAIL:
+                    if fails >= LS_MAX_FAIL:
                         power, fails = power + 1.0, 0
             history.append(fit)
-            report(fit, self.phase)
+            if report(fit, self.phase):
+                break
             threshold = max(tol, self.resolution(rel)) * max(abs(history[-1]), 1e-30)
             last = history[-2] if len(history) > 1 else previous_fit
             if tol > 0 and last is not None and abs(history[-1] - last) <= threshold:
@@ -348,7 +359,7 @@ class _ALS:
         return weights, factors, _Run(history, len(history), converged, accepted)
 
 
-def _hadamard(grams: Sequence[torch.Tensor], skip: int | None = None) -> torch.Tensor:
+def hadamard_grams(grams: Sequence[torch.Tensor], skip: int | None = None) -> torch.Tensor:
     out = None
     for n, G in enumerate(grams):
         if n != skip:
@@ -356,7 +367,7 @@ def _hadamard(grams: Sequence[torch.Tensor], skip: int | None = None) -> torch.T
     return out
 
 
-def _solve_normal(M: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
+def solve_normal(M: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
     """``M @ inv(V)`` for the symmetric PSD ``V``; pseudo-inverse when V is singular."""
     L, info = torch.linalg.cholesky_ex(V)
     if int(info) == 0:
@@ -364,12 +375,12 @@ def _solve_normal(M: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
     return M @ torch.linalg.pinv(V, hermitian=True)
 
 
-def _absorbed(weights, factors) -> list[torch.Tensor]:
+def absorbed_factors(weights, factors) -> list[torch.Tensor]:
     """Factors with the weights folded into the last one (the model, independent of scaling)."""
     return [*factors[:-1], factors[-1] * weights]
 
 
-def _normalize(weights, factors) -> tuple[torch.Tensor, list[torch.Tensor]]:
+def normalize_factors(weights, factors) -> tuple[torch.Tensor, list[torch.Tensor]]:
     rank = factors[0].shape[1]
     w = torch.ones(rank, dtype=factors[0].dtype, device=factors[0].device) if weights is None else weights
     out = []
@@ -415,7 +426,7 @@ def _initial(T, rank, init, gen, bases=None):
         factors[-1] = factors[-1] * init.weights.to(dtype=T.dtype, device=T.device)
         if bases is not None:
             factors = [Q.T @ A if Q is not None else A for Q, A in zip(bases, factors)]
-        return _normalize(None, factors)
+        return normalize_factors(None, factors)
     if init == "random":
         if bases is not None:
             full = [randn(Q.shape[0] if Q is not None else n, rank, generator=gen, dtype=T.dtype, device=T.device)
@@ -423,12 +434,12 @@ def _initial(T, rank, init, gen, bases=None):
             factors = [Q.T @ A if Q is not None else A for Q, A in zip(bases, full)]
         else:
             factors = [randn(n, rank, generator=gen, dtype=T.dtype, device=T.device) for n in T.shape]
-        return _normalize(None, factors)
-    factors = [_leading_vectors(T, n, rank, gen) for n in range(d)]
-    return _normalize(None, factors)
+        return normalize_factors(None, factors)
+    factors = [leading_vectors(T, n, rank, gen) for n in range(d)]
+    return normalize_factors(None, factors)
 
 
-def _leading_vectors(T, mode, rank, gen, n_power: int = 1) -> torch.Tensor:
+def leading_vectors(T, mode, rank, gen, n_power: int = 1) -> torch.Tensor:
     """Approximate leading ``rank`` left singular vectors of ``unfold(T, mode)`` (random columns beyond
     the mode size), from a randomized range finder: never a full SVD of a big unfolding."""
     n = T.shape[mode]

@@ -31,6 +31,7 @@ from tensorfold.core.svd import truncated_svd
 from tensorfold.core.tenalg import multi_mode_dot, unfold
 from tensorfold.core.validate import (
     check_choice,
+    check_count,
     check_positive,
     check_rank,
     check_ranks,
@@ -86,7 +87,7 @@ def nonnegative_cp(
     check_choice(method, "method", ("hals",))
     X = _check_nonnegative(X)
     rank = check_rank(rank)
-    n_iter_max = check_rank(n_iter_max, "n_iter_max")
+    n_iter_max = check_count(n_iter_max, "n_iter_max", minimum=1)
     n_inner = check_rank(n_inner, "n_inner")
     tol = check_positive(tol, "tol", allow_zero=True)
     start = time.perf_counter()
@@ -246,7 +247,7 @@ def nonnegative_tucker(
     """
     X = _check_nonnegative(X)
     ranks = check_ranks(ranks, X.shape)
-    n_iter_max = check_rank(n_iter_max, "n_iter_max")
+    n_iter_max = check_count(n_iter_max, "n_iter_max", minimum=1)
     n_inner = check_rank(n_inner, "n_inner")
     tol = check_positive(tol, "tol", allow_zero=True)
     check_choice(init, "init", ("svd", "random"))

@@ -34,7 +34,7 @@ import torch
 
 from tensorfold.core.mttkrp import mttkrp
 from tensorfold.core.svd import truncated_svd
-from tensorfold.core.validate import check_positive, check_rank, check_tensor, make_generator, randn
+from tensorfold.core.validate import check_count, check_positive, check_rank, check_tensor, make_generator, randn
 from tensorfold.decomp.results import CPTensor, FitInfo
 from tensorfold.errors import ConvergenceWarning, InvalidTensorError, RankError
 
@@ -92,7 +92,7 @@ def symmetric_cp(
     symmetry_tol = check_positive(
         symmetry_tol if symmetry_tol is not None else (1e-7 if X.dtype == torch.float64 else 1e-4), "symmetry_tol"
     )
-    n_iter_max = check_rank(n_iter_max, "n_iter_max")
+    n_iter_max = check_count(n_iter_max, "n_iter_max", minimum=1)
     n_starts = check_rank(n_starts, "n_starts")
     shift = check_positive(shift, "shift", allow_zero=True)
     check_symmetric(X, symmetry_tol)

@@ -32,6 +32,7 @@ from tensorfold.core.validate import (
     randn,
 )
 from tensorfold.decomp.error import relative_error
+from tensorfold.decomp.iteration import FitTracker
 from tensorfold.decomp.results import FitInfo, TRTensor
 from tensorfold.decomp.svd import check_eps
 from tensorfold.errors import InvalidArgumentError, RankError
@@ -62,7 +63,7 @@ def tensor_ring(
     n_iter_max, tol : ALS sweeps at most (0 gives plain TR-SVD), stopping once the relative error
         changes by less than ``tol``.
     init : ``"svd"`` (TR-SVD) or ``"random"`` (Gaussian cores from ``seed``, scaled to ``||X||``).
-    callback : called as ``callback(sweep, relative_error)``; returning True stops.
+    callback : called as ``callback(sweep, fit)`` (``fit = 1 - relative error``); returning True stops.
 
     Returns a :class:`TRTensor`; ``info.fit_history`` holds ``1 - relative error`` after the
     initialisation and after every sweep (non-decreasing up to rounding).
@@ -89,7 +90,7 @@ def tensor_ring(
         ranks = _check_tr_ranks(ranks, d)
     n_iter_max = check_count(n_iter_max, "n_iter_max")
     tol = check_positive(tol, "tol", allow_zero=True)
-    check_callback(callback, "callback(sweep, relative_error)")
+    check_callback(callback, "callback(sweep, fit)")
 
     norm_sq = float(torch.linalg.vector_norm(X).double() ** 2)
     details: dict = {"init": init, "eps": eps}
@@ -100,24 +101,22 @@ def tensor_ring(
     else:
         cores = _random_cores(X, ranks, seed, norm_sq)
 
-    errors = [relative_error(X, TRTensor(tuple(cores)))]
-    n_iter, converged = 0, n_iter_max == 0
-    for n_iter in range(1, n_iter_max + 1):
+    start_error = relative_error(X, TRTensor(tuple(cores)))
+    tracker = FitTracker("tensor_ring (ALS)", n_iter_max=n_iter_max, tol=tol, callback=callback,
+                         initial_error=start_error)
+    for _ in range(n_iter_max):
         for k in range(d):
             res_sq = _als_update(X, cores, k, norm_sq)
-        errors.append(math.sqrt(max(res_sq, 0.0) / norm_sq) if norm_sq > 0 else 0.0)
-        stop = callback(n_iter, errors[-1]) if callback is not None else False
-        if abs(errors[-2] - errors[-1]) < tol:
-            converged = True
+        if tracker.update(math.sqrt(max(res_sq, 0.0) / norm_sq) if norm_sq > 0 else 0.0):
             break
-        if stop:
-            break
+    tracker.finish(stacklevel=2, hint="raise n_iter_max or tol")
+    n_iter = tracker.n_iter
 
     info = FitInfo(
         method=f"tr-{init}" + ("-als" if n_iter else ""),
         n_iter=n_iter,
-        converged=converged,
-        fit_history=tuple(1.0 - e for e in errors),
+        converged=tracker.converged or n_iter_max == 0,
+        fit_history=(1.0 - start_error, *tracker.history),
         seconds=time.perf_counter() - start,
         details=details,
     )

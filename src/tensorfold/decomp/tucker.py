@@ -32,6 +32,7 @@ from tensorfold.core.validate import (
     make_generator,
     randn,
 )
+from tensorfold.decomp.iteration import FitTracker
 from tensorfold.decomp.results import FitInfo, TuckerTensor
 
 METHODS = ("hooi", "hosvd", "sthosvd")
@@ -103,17 +104,15 @@ def tucker(
 
     n_iter, converged = 0, True
     if method == "hooi":
-        converged = False
-        for n_iter in range(1, n_iter_max + 1):
+        tracker = FitTracker("tucker (HOOI)", n_iter_max=n_iter_max, tol=tol, callback=callback,
+                             initial_error=1.0 - history[0])
+        for _ in range(n_iter_max):
             core = _hooi_sweep(X, list(range(X.ndim)), factors, ranks)
-            history.append(_fit(norm_sq, core))
-            stop = callback(n_iter, history[-1]) if callback is not None else False
-            if abs(history[-1] - history[-2]) < tol:
-                converged = True
+            if tracker.update(1.0 - _fit(norm_sq, core)):
                 break
-            if stop:
-                break
-        history = history[1:] if n_iter > 0 else history
+        tracker.finish(stacklevel=2, hint="raise n_iter_max or tol")
+        n_iter, converged = tracker.n_iter, tracker.converged
+        history = tracker.history or history
 
     info = FitInfo(
         method=f"tucker-{method}",

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from tensorfold.core.svd import truncated_svd
-from tensorfold.core.validate import check_rank
+from tensorfold.core.validate import check_count, check_rank
 from tensorfold.errors import InvalidArgumentError, NotCompressibleError, RankError, ShapeError
 from tensorfold.nn.base import DenseSpec, FactorizedLayer, compute_dtype, dense_bias_of, dense_weight_of
 
@@ -106,8 +106,7 @@ def skewed_geometry(in_features: int, out_features: int, n_cores: int) -> tuple[
 
 def _tt_geometry(spec: DenseSpec, in_dims=None, out_dims=None, n_cores: int = 3, geometry: str = "skewed", **other):
     """(in_dims, out_dims) for a Linear spec: given, or the ``geometry`` rule with ``n_cores`` cores."""
-    if isinstance(n_cores, bool) or not isinstance(n_cores, int) or n_cores < 2:
-        raise InvalidArgumentError(f"n_cores must be an int >= 2, got {n_cores!r}")
+    check_count(n_cores, "n_cores", minimum=2)
     if other:
         raise InvalidArgumentError(f"unknown TTLinear option(s) {sorted(other)}")
     if geometry not in GEOMETRIES:

@@ -71,7 +71,7 @@ def _matrix(layer: nn.Module, lp: LayerPlan | None, stats: GramStats | None, rid
 
 def _fit_attention(new: nn.Module, a: AttentionGroup, by_name: dict[str, LayerPlan], batches: list,
                    ridge: float) -> None:
-    from tensorfold.compression.replace import set_submodule
+    from tensorfold.core.modules import set_submodule
 
     if not a.rebuildable:
         raise ShapeError(f"the attention {a.module!r} ({a.style}) cannot be rebuilt with smaller heads")
@@ -105,7 +105,7 @@ def _fit_attention(new: nn.Module, a: AttentionGroup, by_name: dict[str, LayerPl
 
 
 def _fit_mlp(new: nn.Module, block: Block, keep: int, batches: list, ridge: float) -> None:
-    from tensorfold.compression.replace import set_submodule
+    from tensorfold.core.modules import set_submodule
 
     f = block.ffn
     down = new.get_submodule(f.down)
@@ -120,8 +120,7 @@ def _fit_mlp(new: nn.Module, block: Block, keep: int, batches: list, ridge: floa
 def apply_block_plan(model: nn.Module, plan: Plan | Sequence[LayerPlan], batches: list, *, ridge: float = 1e-6,
                      progress: Callable[[str, int, int], None] | None = None) -> nn.Module:
     """A new model with ``plan`` applied, block methods included (``model`` is not modified)."""
-    from tensorfold.compression.replace import set_submodule
-    from tensorfold.core.modules import eval_mode
+    from tensorfold.core.modules import eval_mode, set_submodule
 
     needs_data = [lp.name for lp in _decisions(plan) if lp.method in ("mlp-select", *ATTENTION_METHODS)]
     if needs_data and not batches:
@@ -177,7 +176,7 @@ def restructure_blocks(model: nn.Module, plan: Plan | Sequence[LayerPlan], *,
     """Give ``model`` (in place) the structure of ``plan``'s block methods, with uninitialised weights
     (random ones with ``generator``, for timing). Returns the layer names handled; the caller builds
     the other planned layers as usual."""
-    from tensorfold.compression.replace import set_submodule
+    from tensorfold.core.modules import set_submodule
 
     if not uses_blocks(plan):
         return set()

@@ -106,7 +106,7 @@ def capture_stats(model: nn.Module, modules: dict[str, nn.Module], batches: list
 def drop_errors(model: nn.Module, blocks: Sequence[Block], batches: list, output_fn: Callable | None = None
                 ) -> list[float]:
     """For each block, ``||f'(x) - f(x)||^2 / ||f(x)||^2`` on ``batches`` with the block removed."""
-    from tensorfold.compression.replace import set_submodule
+    from tensorfold.core.modules import set_submodule
     from tensorfold.nn.transformer import SkipBlock
 
     work = copy.deepcopy(model).eval()
