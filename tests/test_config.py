@@ -142,3 +142,17 @@ def test_finetune_takes_a_config():
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
     with pytest.raises(InvalidArgumentError, match="unknown FinetuneConfig setting"):
         tf.finetune(student, inputs, teacher=teacher, learning_rate=1e-2)
+
+
+def test_a_saved_run_from_before_the_config_still_loads(tmp_path):
+    """A directory written before CompressConfig (plan.json without "config") loads and gives the same model."""
+    model = mlp()
+    small, p = tf.compress(model, 0.5, methods=("svd", "tt"), curve=False)
+    out = tmp_path / "run"
+    tf.save_compressed(small, p, out)
+    d = json.loads((out / "plan.json").read_text())
+    del d["config"]
+    (out / "plan.json").write_text(json.dumps(d))
+    again = tf.load_compressed(out, base_model=model)
+    x = torch.randn(5, 32, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(again(x), small(x))

@@ -29,6 +29,17 @@ def _split(values: list[str] | None) -> list[str] | None:
     return out or None
 
 
+# config settings whose CLI option has another name
+_OPTIONS = {"calib_samples": "--calib", "epochs": "--finetune-epochs", "no_slower": "--no-slower"}
+
+
+def _as_option(message: str) -> str:
+    """A config error worded with the CLI option: "budget must be ..." -> "--budget must be ..."."""
+    setting, _, rest = message.partition(" ")
+    option = _OPTIONS.get(setting, "--" + setting.replace("_", "-"))
+    return f"{option} {rest}" if setting.isidentifier() and rest.startswith("must") else message
+
+
 def _floats(text: str | None, option: str) -> tuple[float, ...]:
     if not text:
         return ()
@@ -76,13 +87,16 @@ def compress(
     from tensorfold.compression.config import CompressConfig, FinetuneConfig
     from tensorfold.compression.job import JobOptions
 
-    # the options become one config each, validated once there
-    config = CompressConfig(budget=budget, target=target, methods=methods, allocator=allocator,
-                            include=_split(include), exclude=_split(exclude), no_slower=no_slower, speedup=speedup,
-                            calib_samples=calib, seed=seed)
-    tune = FinetuneConfig(epochs=finetune_epochs, seed=seed) if finetune_epochs else None
+    # the options become one config each, validated once there (errors name the option)
     if finetune_epochs < 0:
         raise InvalidArgumentError(f"--finetune-epochs must be >= 0, got {finetune_epochs}")
+    try:
+        config = CompressConfig(budget=budget, target=target, methods=methods, allocator=allocator,
+                                include=_split(include), exclude=_split(exclude), no_slower=no_slower,
+                                speedup=speedup, calib_samples=calib, seed=seed)
+        tune = FinetuneConfig(epochs=finetune_epochs, seed=seed) if finetune_epochs else None
+    except InvalidArgumentError as exc:
+        raise InvalidArgumentError(_as_option(str(exc))) from None
     check_output_path(out, overwrite=overwrite, kind="dir")
     options = JobOptions(out=out, overwrite=overwrite, weights=weights, data=data,
                          curve_budgets=_floats(curve, "--curve"), speed=not no_speed, threads=speed_threads)

@@ -23,7 +23,6 @@ True
 from __future__ import annotations
 
 import contextlib
-import inspect
 import math
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -32,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tensorfold.core.modules import batch_input, module_device, move_to
+from tensorfold.core.modules import batch_input, call_model, takes_dict  # noqa: F401  (re-exported)
 from tensorfold.core.svd import truncated_svd
 from tensorfold.errors import InvalidArgumentError, ShapeError, TensorfoldError
 from tensorfold.nn.conv import channel_gram  # noqa: F401  (re-exported: it lived here)
@@ -78,28 +77,6 @@ def _check_finite(batch, what: str) -> None:
     elif isinstance(batch, (tuple, list)):
         for j, value in enumerate(batch):
             _check_finite(value, f"{what} item {j}")
-
-
-def takes_dict(model: nn.Module, batch: Mapping) -> bool:
-    """True when ``forward`` wants the dict as one positional argument (its required first
-    parameter is not one of the dict's keys), as ``SentenceTransformer.forward(input)`` does."""
-    try:
-        params = list(inspect.signature(model.forward).parameters.values())
-    except (TypeError, ValueError):
-        return False
-    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    if not positional:
-        return False
-    first = positional[0]
-    return first.default is inspect.Parameter.empty and first.name not in batch
-
-
-def call_model(model: nn.Module, batch):
-    """Run ``model`` on one calibration/example batch (see the module docs for the batch kinds)."""
-    x = move_to(batch_input(batch), module_device(model))
-    if isinstance(x, Mapping):
-        return model(dict(x)) if takes_dict(model, x) else model(**x)
-    return model(x)
 
 
 def output_tensor(output, output_fn: Callable | None = None) -> torch.Tensor:

@@ -29,9 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tensorfold.compression.calibration import output_tensor, takes_dict
+from tensorfold.compression.calibration import output_tensor
 from tensorfold.compression.config import DISTILL_LOSSES, DISTILL_MODES, FinetuneConfig
-from tensorfold.core.modules import eval_mode, move_to
+from tensorfold.core.modules import Batch, eval_mode, split_batch  # noqa: F401  (Batch re-exported)
 from tensorfold.core.validate import make_generator
 from tensorfold.errors import InvalidArgumentError, ShapeError
 
@@ -49,43 +49,6 @@ class FinetuneHistory:
     steps: int = 0
     stopped_early: bool = False
     on_epoch: Callable[[dict], object] | None = field(default=None, repr=False, compare=False)
-
-
-@dataclass(frozen=True)
-class Batch:
-    """One training batch split into model inputs and optional targets."""
-
-    args: tuple
-    kwargs: dict
-    targets: Any = None
-
-    def to(self, device: torch.device) -> Batch:
-        return Batch(move_to(self.args, device), move_to(self.kwargs, device), move_to(self.targets, device))
-
-    def __call__(self, model: nn.Module):
-        if not self.args and self.kwargs and takes_dict(model, self.kwargs):
-            # SentenceTransformer-style forward(features): the dict goes in whole, as a fresh copy
-            # because such models add their outputs to it.
-            return model(dict(self.kwargs))
-        return model(*self.args, **self.kwargs)
-
-
-def split_batch(item) -> Batch:
-    """Interpret one item of ``data``: a tensor or a dict is an input batch alone; a (inputs, targets)
-    pair carries targets; a 1-tuple is inputs alone."""
-    if isinstance(item, torch.Tensor):
-        return Batch((item,), {})
-    if isinstance(item, Mapping):
-        return Batch((), dict(item))
-    if isinstance(item, (tuple, list)):
-        if len(item) == 0 or len(item) > 2:
-            raise ShapeError(f"a batch must be inputs or (inputs, targets); got a sequence of {len(item)} items")
-        inputs = item[0]
-        targets = item[1] if len(item) == 2 else None
-        if isinstance(inputs, Mapping):
-            return Batch((), dict(inputs), targets)
-        return Batch((inputs,), {}, targets)
-    raise ShapeError(f"a batch must be a tensor, a dict of inputs or an (inputs, targets) pair, got {type(item)}")
 
 
 def default_output(outputs) -> torch.Tensor:
