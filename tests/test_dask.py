@@ -114,3 +114,14 @@ def test_gcp_over_dask_blocks_matches_memory():
     bad[0, 0, 0] = 0.5
     with pytest.raises(tf.InvalidTensorError, match="counts"):
         tf.gcp(da.from_array(bad, chunks=5), 2, loss="poisson", init=start)
+
+
+def test_in_memory_functions_read_small_lazy_arrays_and_refuse_big_ones(X, monkeypatch):
+    D = da.from_array(X.numpy(), chunks=(10, 7, 18))
+    assert _close(tf.cp(D, 3), tf.cp(X, 3), 1e-12)
+    assert _close(tf.tucker(D, 3), tf.tucker(X, 3), 1e-12)
+    from tensorfold.core import validate
+
+    monkeypatch.setattr(validate, "_available_memory", lambda: 4 * X.numel() * 8 - 4)
+    with pytest.raises(tf.InvalidTensorError, match="block by block with tf.tucker_sketch"):
+        tf.cp(D, 3)

@@ -13,12 +13,41 @@ FLOAT_DTYPES = (torch.float32, torch.float64)
 
 
 def as_tensor(X, name: str = "X") -> torch.Tensor:
-    """Return ``X`` as a torch tensor (numpy arrays are wrapped without copying when possible)."""
+    """Return ``X`` as a torch tensor (numpy arrays are wrapped without copying when possible).
+
+    A dask array, Zarr array or HDF5 dataset is read into memory when it takes at most a quarter of the
+    memory available now; a larger one is refused with a pointer to the block-wise algorithms."""
     if isinstance(X, torch.Tensor):
         return X
     if isinstance(X, np.ndarray):
         return torch.from_numpy(np.ascontiguousarray(X))
+    if type(X).__module__.startswith(("dask.", "zarr", "h5py")):
+        return _read_lazy_array(X, name)
     raise InvalidTensorError(f"{name} must be a torch.Tensor or numpy.ndarray, got {type(X).__name__}")
+
+
+def _read_lazy_array(X, name: str) -> torch.Tensor:
+    nbytes = int(np.prod(X.shape)) * np.dtype(X.dtype).itemsize
+    available = _available_memory()
+    if available is not None and nbytes > available // 4:
+        raise InvalidTensorError(
+            f"{name} is a {type(X).__name__} of {nbytes / 2**30:.1f} GiB, more than a quarter of the memory "
+            f"available ({available / 2**30:.1f} GiB); decompose it block by block with tf.tucker_sketch, "
+            "tf.tt_sketch, tf.cp_chunked or tf.gcp"
+        )
+    arr = X.compute() if hasattr(X, "compute") else X[...]
+    return torch.from_numpy(np.ascontiguousarray(arr))
+
+
+def _available_memory() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
 
 
 def check_tensor(
