@@ -29,13 +29,14 @@ from tensorfold.adapters.formats import (
     sites,
     zero_factor,
 )
+from tensorfold.core.tenalg import khatri_rao
 from tensorfold.errors import InvalidArgumentError, NotCompressibleError, RankError
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-FACTORED_CONV = ("lora", "tucker")
+FACTORED_CONV = ("lora", "tucker")  # methods with a conv chain that never builds the kernel-sized update
 # The overhead of one tensor operation (dispatch, allocation, autograd node) in opt_einsum's cost units
-# (2 x multiply-adds): about 10 microseconds on a CPU core that does ~20 GFLOP/s.
-OP_COST = 200_000  # methods with a conv chain that never builds the kernel-sized update
+# (2 x multiply-adds): about 30 microseconds on a CPU core doing ~20 GFLOP/s.
+OP_COST = 600_000
 
 
 class SharedFactors(nn.Module):
@@ -141,6 +142,7 @@ class AdapterLayer(nn.Module):
         )
         self._paths: dict[tuple[int, bool], str] = {}
         self._expressions: dict[int, object] = {}
+        self._build = None
         if init == "dota":
             if self.kind == "factorized":
                 raise InvalidArgumentError("init='dota' needs a dense base weight; a factorized layer has none")
@@ -165,7 +167,19 @@ class AdapterLayer(nn.Module):
 
     def delta_weight(self) -> torch.Tensor:
         """``delta W`` (unscaled), shaped like the base weight."""
-        return torch.einsum(self._dense_eq, *self._tensors()).reshape(self.weight_shape)
+        tensors = self._tensors()
+        if self.method == "cp":
+            # Khatri-Rao products of the out-mode and in-mode factors and one matmul: einsum keeps the shared
+            # rank index of all factors through every step (and its backward), several times slower here.
+            rank = tensors[0].shape[1]
+            sides = []
+            for out_side in (True, False):
+                mats = [t for f, t in zip(self.layout, tensors) if f.labels[0].startswith("o") == out_side]
+                sides.append(khatri_rao(mats) if mats else tensors[0].new_ones(1, rank))
+            return (sides[0] @ sides[1].T).reshape(self.weight_shape)
+        if self._build is None:  # the contraction order, found once (torch.einsum would search it every call)
+            self._build = opt_einsum.contract_expression(self._dense_eq, *[f.shape for f in self.layout])
+        return self._build(*tensors, backend="torch").reshape(self.weight_shape)
 
     @torch.no_grad()
     def _decompose(self, seed: int) -> list[torch.Tensor]:
