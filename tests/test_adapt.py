@@ -442,3 +442,29 @@ def test_unload_without_merge_gives_the_original_layers_back():
     dota = tf.adapt(net, AdapterConfig(method="cp", rank=3, target_modules=["fc1"], init="dota"))
     with pytest.raises(InvalidArgumentError, match="residual"):
         unload(dota, merge=False)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_conv1d_and_conv3d_paths_agree(method):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv1d(4, 6, 3, padding=1), nn.ReLU(), nn.Conv3d(6, 5, 2, stride=2))
+
+    class Lift(nn.Module):
+        def forward(self, x):
+            return x.reshape(x.shape[0], x.shape[1], 2, 2, -1)
+
+    model.insert(2, Lift())
+    x = torch.randn(2, 4, 16)
+    adapted = tf.adapt(model, AdapterConfig(method=method, rank=2, target_modules="all-conv"))
+    randomize(adapted)
+    outs = []
+    for mode in ("factored", "sum"):
+        for _, layer in adapter_layers(adapted):
+            layer.forward_mode = mode
+            layer._paths.clear()
+        with torch.no_grad():
+            outs.append(adapted(x))
+    torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        merge(adapted)
+        torch.testing.assert_close(adapted(x), outs[1], atol=1e-5, rtol=1e-5)
