@@ -44,7 +44,7 @@ from tensorfold.adapters import describe, trainable_parameters
 
 RANK_REF = 8
 TENSOR_METHODS = ("tt", "tucker", "cp", "tr")
-ALL_METHODS = ("peft-lora-8", "lora-8", "peft-lora-small", "tt", "tucker", "cp", "tr", "lotr")
+ALL_METHODS = ("peft-lora-8", "lora-8", "peft-lora-small", "tt", "tucker", "cp", "tr", "lotr", "head-only")
 N_CORES = {"tt": 3, "tr": 3, "tucker": 2, "cp": 3}
 
 
@@ -277,6 +277,13 @@ def build(task: Task, label: str, seed: int) -> tuple[nn.Module, int, str]:
         import copy
 
         return peft.get_peft_model(copy.deepcopy(task.model), config), rank, f"PEFT LoRA r={rank}"
+    if label == "head-only":  # the pair head alone: what the frozen encoder gives
+        import copy
+
+        model = copy.deepcopy(task.model)
+        for name, p in model.named_parameters():
+            p.requires_grad_(any(name.startswith(f"{s}.") for s in task.saved))
+        return model, 0, "no adapter, head trained"
     if label == "lora-8":
         return tf.adapt(task.model, _config(task, "lora", RANK_REF, seed)), RANK_REF, f"ours LoRA r={RANK_REF}"
     rank = best_rank(task, label, budget)
@@ -406,7 +413,8 @@ def _mean(values):
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--task", choices=sorted(TASKS))
-    parser.add_argument("--methods", default=",".join(ALL_METHODS))
+    parser.add_argument("--methods", default=",".join(m for m in ALL_METHODS if m != "head-only"),
+                        help="comma-separated; head-only (minilm: the pair head alone) is not in the default")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path, default=None)
