@@ -206,7 +206,7 @@ def minilm_task() -> Task:
         return out
 
     task = Task("minilm", model, ["query", "value"], batches(sentence_pairs("train"), 32, 0),
-                batches(sentence_pairs("test"), 100, 0), steps=75, lr=5e-3, saved=("head",))
+                batches(sentence_pairs("test"), 100, 0), steps=60, lr=5e-3, saved=("head",))
     return task
 
 
