@@ -389,10 +389,12 @@ def report(rows: list[dict]) -> str:
         # the interleaved timing when measured, else the training runs' median
         steps = {label: timing.get(label, _mean([r["step_s"] for r in rs])) for label, rs in groups.items()}
         ref_step, small_step = steps.get("peft-lora-8"), steps.get("peft-lora-small")
-        out.append(f"\n**{task}**\n")
-        out.append("| method | adapter params | accuracy (mean ± std, n) | step ms | step / PEFT LoRA-8 | "
+        ref_params = groups["peft-lora-8"][0]["params"] if "peft-lora-8" in groups else None
+        source = "interleaved --timing run" if timing else "median of the training runs"
+        out.append(f"\n**{task}** (step time: {source})\n")
+        out.append("| method | adapter params | / LoRA-8 | accuracy (mean ± std, n) | step ms | step / PEFT LoRA-8 | "
                    "step / PEFT LoRA equal-params |")
-        out.append("|---|---:|---|---:|---:|---:|")
+        out.append("|---|---:|---:|---|---:|---:|---:|")
         for label, rs in groups.items():
             accs = [r["accuracy"] for r in rs]
             spread = statistics.stdev(accs) if len(accs) > 1 else 0.0
@@ -400,8 +402,9 @@ def report(rows: list[dict]) -> str:
             ratio = f"{step / ref_step:.2f}" if step and ref_step else ""
             ratio_small = f"{step / small_step:.2f}" if step and small_step else ""
             ms = f"{1000 * step:.1f}" if step else ""
-            out.append(f"| {rs[0]['describe']} | {rs[0]['params']:,} | {statistics.mean(accs):.3f} ± {spread:.3f} "
-                       f"({len(accs)}) | {ms} | {ratio} | {ratio_small} |")
+            share = f"{rs[0]['params'] / ref_params:.2f}" if ref_params and rs[0]["params"] else ""
+            out.append(f"| {rs[0]['describe']} | {rs[0]['params']:,} | {share} | {statistics.mean(accs):.3f} ± "
+                       f"{spread:.3f} ({len(accs)}) | {ms} | {ratio} | {ratio_small} |")
     return "\n".join(out)
 
 
