@@ -346,12 +346,16 @@ def time_steps(task: Task, methods, rounds: int = 5, steps: int = 6) -> dict[str
 # ---- driver -----------------------------------------------------------------------------------------
 
 
-def run(task_name: str, methods, seeds: int, path: Path | None, lr: float | None = None) -> list[dict]:
+def run(task_name: str, methods, seeds: int, path: Path | None, lr: float | None = None,
+        steps: int | None = None) -> list[dict]:
     rows = json.loads(path.read_text()) if path and path.exists() else []
-    done = {(r["task"], r["method"], r["seed"]) for r in rows}
     task = load_task(task_name)
     if lr is not None:
         task.lr = lr
+    if steps is not None:  # a different training budget is a different table
+        task.steps = steps
+        task_name = f"{task_name}@{steps}steps"
+    done = {(r["task"], r["method"], r["seed"]) for r in rows}
     base_key = (task_name, "none", 0)
     if base_key not in done:
         rows.append({"task": task_name, "method": "none", "seed": 0, "accuracy": task.accuracy(task.model),
@@ -421,6 +425,7 @@ def main(argv=None) -> int:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--steps", type=int, default=None, help="override the task's training steps")
     parser.add_argument("--timing", action="store_true", help="interleaved step-time measurement only")
     parser.add_argument("--lr", type=float, default=None, help="override the task's learning rate")
     parser.add_argument("--report", type=Path, default=None, help="print the markdown table of a results file")
@@ -444,8 +449,8 @@ def main(argv=None) -> int:
         _save(rows, args.json)
         print(json.dumps(times))
         return 0
-    rows = run(args.task, methods, args.seeds, args.json, lr=args.lr)
-    print(report([r for r in rows if r["task"] == args.task]))
+    rows = run(args.task, methods, args.seeds, args.json, lr=args.lr, steps=args.steps)
+    print(report([r for r in rows if r["task"].split("@")[0] == args.task]))
     return 0
 
 
