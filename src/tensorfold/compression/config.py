@@ -21,16 +21,14 @@ tensorfold.errors.InvalidArgumentError: budget must be a fraction in (0, 1], got
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
-from typing import Any
+from dataclasses import dataclass
 
 from tensorfold.compression.methods import known_methods
-from tensorfold.core.validate import check_choice, check_count, check_positive
-from tensorfold.errors import FileFormatError, InvalidArgumentError
+from tensorfold.core.settings import Settings
+from tensorfold.core.validate import check_choice, check_count, check_positive, check_strings
+from tensorfold.errors import InvalidArgumentError
 
 TARGETS = ("params", "flops", "latency")
 ALLOCATORS = ("uniform", "energy", "balanced", "knapsack", "auto")
@@ -72,17 +70,7 @@ def check_methods(methods: Sequence[str] | str) -> tuple[str, ...]:
 
 def check_patterns(patterns, name: str) -> tuple[str, ...] | None:
     """Layer-name patterns (one string or several) as a tuple; None or empty means none."""
-    if patterns is None:
-        return None
-    if isinstance(patterns, str):
-        patterns = [patterns]
-    try:
-        out = tuple(patterns)
-    except TypeError:
-        raise InvalidArgumentError(f"{name} must be a pattern or a sequence of patterns, got {patterns!r}") from None
-    if any(not isinstance(p, str) or not p for p in out):
-        raise InvalidArgumentError(f"{name} patterns must be non-empty strings, got {out!r}")
-    return out or None
+    return None if patterns is None else (check_strings(patterns, name, "patterns") or None)
 
 
 def check_speedup(speedup) -> float | None:
@@ -93,55 +81,8 @@ def check_speedup(speedup) -> float | None:
     return float(speedup)
 
 
-class _Settings:
-    """Serialisation and keyword-building shared by the config classes (JSON-friendly fields only)."""
-
-    def to_dict(self) -> dict[str, Any]:
-        return {f.name: list(v) if isinstance(v := getattr(self, f.name), tuple) else v for f in fields(self)}
-
-    def to_json(self, indent: int | None = 1) -> str:
-        return json.dumps(self.to_dict(), indent=indent)
-
-    @classmethod
-    def from_dict(cls, d: dict):
-        """The config of ``d`` (unknown keys are an error: a file from a newer version is not guessed at)."""
-        if not isinstance(d, dict):
-            raise FileFormatError(f"a {cls.__name__} is a JSON object, got {type(d).__name__}")
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise FileFormatError(f"{cls.__name__} has no setting(s) {', '.join(unknown)}")
-        return cls(**d)
-
-    @classmethod
-    def from_json(cls, text: str):
-        try:
-            return cls.from_dict(json.loads(text))
-        except json.JSONDecodeError as exc:
-            raise FileFormatError(f"{cls.__name__} is not valid JSON: {exc}") from None
-
-    def replace(self, **changes):
-        """A copy with ``changes`` (validated like a new config)."""
-        return dataclasses.replace(self, **changes)
-
-    @classmethod
-    def build(cls, config=None, **settings):
-        """``config`` (a config, or None for the defaults) with ``settings`` replaced: what the keyword
-        entry points do with their arguments. Unknown settings are an InvalidArgumentError."""
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(settings) - names)
-        if unknown:
-            raise InvalidArgumentError(
-                f"unknown {cls.__name__} setting(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}")
-        if config is None:
-            return cls(**settings)
-        if not isinstance(config, cls):
-            raise InvalidArgumentError(f"config must be a {cls.__name__}, got {type(config).__name__}")
-        return dataclasses.replace(config, **settings) if settings else config
-
-
 @dataclass(frozen=True)
-class CompressConfig(_Settings):
+class CompressConfig(Settings):
     """What to compress, how far and how; validated when built (bad values raise InvalidArgumentError).
 
     budget: fraction in (0, 1] of the covered layers' ``target`` cost to keep.
@@ -221,7 +162,7 @@ DISTILL_LOSSES = ("kl", "mse", "cosine")
 
 
 @dataclass(frozen=True)
-class FinetuneConfig(_Settings):
+class FinetuneConfig(Settings):
     """Fine-tuning settings (in the spirit of transformers' ``TrainingArguments``); see
     :func:`tensorfold.finetune` for what each does.
 

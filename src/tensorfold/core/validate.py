@@ -146,6 +146,19 @@ def check_count(value, name: str, *, minimum: int = 0) -> int:
     return int(value)
 
 
+def check_strings(value, name: str, what: str = "names") -> tuple[str, ...]:
+    """One string or a sequence of non-empty strings (names, patterns) as a tuple."""
+    if isinstance(value, str):
+        value = (value,)
+    try:
+        items = tuple(value)
+    except TypeError:
+        raise InvalidArgumentError(f"{name} must be a string or a sequence of {what}, got {value!r}") from None
+    if any(not isinstance(v, str) or not v for v in items):
+        raise InvalidArgumentError(f"{name} {what} must be non-empty strings, got {items!r}")
+    return items
+
+
 def check_callback(callback, usage: str):
     """``None`` or a callable; ``usage`` shows how it is called, for the error message."""
     if callback is not None and not callable(callback):
