@@ -172,3 +172,41 @@ def test_cli_saves_the_fine_tuned_model_it_reports(tmp_path, monkeypatch):
     kept = metrics["finetune"]["quality_after" if metrics["finetune"]["kept"] == "fine-tuned" else "quality_before"]
     assert metrics["quality"] == kept
     sys.modules.pop("tf_guard_models", None)
+
+
+# --- every allocator's exact choice on a menu worked out by hand ----------------------------------
+def hand_menus():
+    """A: dense 100, svd ranks 1-4 cost 20r, errors .8 .5 .3 .1 (sensitivity 1);
+    B: dense 200, ranks 1-4 cost 30r, errors .6 .4 .2 .05 (sensitivity 4)."""
+    def menu(name, unit, dense, errors, sens):
+        opts = [Candidate("dense", None, dense, None, None, 0.0)]
+        opts += [Candidate("svd", r, unit * r, None, None, e) for r, e in enumerate(errors, start=1)]
+        return LayerMenu(name, None, "", None, opts, sensitivity=sens)
+
+    return [menu("a", 20, 100, (0.8, 0.5, 0.3, 0.1), 1.0), menu("b", 30, 200, (0.6, 0.4, 0.2, 0.05), 4.0)]
+
+
+@pytest.mark.parametrize("budget, allocator, ranks, total", [
+    # cap 150: uniform's largest common fraction < 0.6 gives (2, 3) = 130, then the slack upgrades a to 3
+    (0.5, "uniform", (3, 3), 150),
+    # energy: the smallest error threshold meeting the cap is 0.3 -> (3, 3)
+    (0.5, "energy", (3, 3), 150),
+    # balanced: sqrt(s / mean s)-weighted errors, threshold 0.253 -> (3, 3)
+    (0.5, "balanced", (3, 3), 150),
+    # knapsack: 1 * .3^2 + 4 * .2^2 = 0.25 is the least objective within 150
+    (0.5, "knapsack", (3, 3), 150),
+    # cap 135: uniform (2, 3) = 130 and no upgrade fits
+    (0.45, "uniform", (2, 3), 130),
+    # energy: threshold 0.4 picks (3, 2) = 120; nothing better fits in the 15 left
+    (0.45, "energy", (3, 2), 120),
+    # balanced: weighted threshold 0.316 -> (2, 3) = 130
+    (0.45, "balanced", (2, 3), 130),
+    # knapsack: (2, 3) objective .25 + .16 = 0.41 beats (3, 2) .73, (1, 3) .80, (dense, 1) 1.44
+    (0.45, "knapsack", (2, 3), 130),
+])
+def test_every_allocator_makes_the_choice_worked_out_by_hand(budget, allocator, ranks, total):
+    got = allocate(hand_menus(), budget, allocator=allocator)
+    assert tuple(c.rank for c in got.choices) == ranks
+    assert got.total == total and got.dense_total == 300
+    assert got.objective == pytest.approx(sum(m.sensitivity * c.error**2 for m, c in zip(hand_menus(),
+                                                                                        got.choices)))
