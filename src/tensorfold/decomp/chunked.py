@@ -139,7 +139,10 @@ def cp_chunked(
         for s in range(n_starts):
             run = cp(core, rank, init="svd" if s == 0 else "random", seed=int(torch.randint(0, 2**31 - 1, (1,),
                      generator=gen)), n_iter_max=500, tol=1e-10)
-            if best is None or run.info.fit_history[-1] > best.info.fit_history[-1]:
+            fit = run.info.fit_history[-1]
+            if best is not None and abs(fit - best.info.fit_history[-1]) < 1e-8 and fit > 0.9:
+                break  # a second start found the same good fit: further starts are not needed
+            if best is None or fit > best.info.fit_history[-1]:
                 best = run
     small = best
     factors = [Q.double() @ A for Q, A in zip(sketch.factors, small.factors)]
