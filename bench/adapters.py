@@ -385,7 +385,8 @@ def report(rows: list[dict]) -> str:
     out = []
     for task in dict.fromkeys(r["task"] for r in rows):
         mine = [r for r in rows if r["task"] == task and r["method"] != "timing"]
-        timing = next((r["step_s"] for r in rows if r["task"] == task and r["method"] == "timing"), {})
+        base = task.split("@")[0]  # a run with other --steps shares its task's step timing
+        timing = next((r["step_s"] for r in rows if r["task"] == base and r["method"] == "timing"), {})
         groups: dict[str, list[dict]] = {}
         for r in mine:
             groups.setdefault(r["method"], []).append(r)
@@ -444,8 +445,10 @@ def main(argv=None) -> int:
         task = load_task(args.task)
         times = time_steps(task, methods)
         rows = json.loads(args.json.read_text()) if args.json and args.json.exists() else []
-        rows = [r for r in rows if not (r["task"] == args.task and r["method"] == "timing")]
-        rows.append({"task": args.task, "method": "timing", "seed": 0, "step_s": times})
+        old = [r for r in rows if r["task"] == args.task and r["method"] == "timing"]
+        merged = {**(old[0]["step_s"] if old else {}), **times}  # methods timed again replace their entry
+        rows = [r for r in rows if r not in old]
+        rows.append({"task": args.task, "method": "timing", "seed": 0, "step_s": merged})
         _save(rows, args.json)
         print(json.dumps(times))
         return 0
