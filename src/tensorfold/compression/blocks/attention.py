@@ -29,6 +29,7 @@ projection.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -41,6 +42,15 @@ def input_gram(X: torch.Tensor) -> torch.Tensor:
     X = X.reshape(-1, X.shape[-1]).double()
     Xa = torch.cat([X, torch.ones(X.shape[0], 1, dtype=X.dtype)], dim=1)
     return Xa.T @ Xa
+
+
+def centered(gram: torch.Tensor) -> torch.Tensor:
+    """The ``[X 1]`` Gram of the centred rows ``X - mean`` (the constant's row and column become zero)."""
+    n = float(gram[-1, -1])
+    if n <= 0:
+        return gram
+    s = gram[:, -1]
+    return gram - torch.outer(s, s) / n
 
 
 def _aug(W: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
@@ -58,28 +68,63 @@ class QKFit:
     errors: torch.Tensor
 
 
-def _score_error(Cqs: list[torch.Tensor], Ck: torch.Tensor, S: list[int], ridge: float) -> float:
-    """Score error of the heads sharing ``Ck`` keeping dimensions ``S`` with the shared key refit."""
-    dh = Ck.shape[0]
-    eye = torch.eye(dh, dtype=torch.float64)
-    if not S:
-        return sum(float(torch.trace(Cq @ Ck)) for Cq in Cqs)
-    Cq = sum(Cqs)
-    idx = torch.tensor(S)
-    Css = Cq[idx][:, idx]
-    lam = ridge * float(Css.diagonal().mean().clamp_min(1e-300))
-    R = torch.linalg.solve(Css + lam * torch.eye(len(S), dtype=torch.float64), Cq[idx])
-    A = eye.clone()
-    A[idx] -= R  # I - E_S R
-    return sum(float(torch.trace(A @ Ck @ A.T @ Cq_h)) for Cq_h in Cqs)
+def _greedy_dims(Cq: torch.Tensor, Ck: torch.Tensor) -> tuple[list[int], torch.Tensor]:
+    """Greedy order of the query/key dimensions and the score error energy at every size.
+
+    The scores of the query rows ``Q`` (Gram ``Cq``, the group's query heads stacked) with the keys
+    (Gram ``Ck``) are ``Q K^T``; keeping dimensions ``S`` and refitting the keys leaves
+    ``||(I - P_S) Q M||^2`` with ``M M^T = Ck`` and ``P_S`` the projection on the kept query columns:
+    a pivoted Cholesky of ``Cq`` steered by the target ``Cq M`` (as :func:`~.mlp.select_neurons`).
+    Returns the order and ``residual[r]`` for r = 0..head_dim.
+    """
+    dh = Cq.shape[0]
+    evals, vecs = torch.linalg.eigh((Ck + Ck.T) / 2)
+    M = vecs * evals.clamp_min(0.0).sqrt()
+    B = Cq @ M
+    total = float(torch.trace(Cq @ Ck))
+    diag = Cq.diagonal().clone()
+    floor = 1e-12 * max(float(diag.max()), 1e-300)
+    L = torch.zeros(dh, dh, dtype=torch.float64)
+    taken = torch.zeros(dh, dtype=torch.bool)
+    order, residual = [], [total]
+    for t in range(dh):
+        score = (B * B).sum(dim=1) / diag.clamp_min(floor)
+        score[taken | (diag <= floor)] = -1.0
+        p = int(score.argmax())
+        if float(score[p]) < 0:  # the rest are combinations of the kept dimensions: nothing left to explain
+            rest = [j for j in range(dh) if not bool(taken[j])]
+            order += rest
+            residual += [residual[-1]] * len(rest)
+            break
+        dp = float(diag[p])
+        col = (Cq[:, p] - L[:, :t] @ L[p, :t]) / math.sqrt(dp)
+        L[:, t] = col
+        z = B[p] / math.sqrt(dp)
+        B = B - col[:, None] * z[None, :]
+        diag = diag - col * col
+        diag[p] = 0.0
+        taken[p] = True
+        order.append(p)
+        residual.append(residual[-1] - float(z @ z))
+    return order, torch.tensor(residual, dtype=torch.float64).clamp_min(0.0)
 
 
-def _key_refit(Cqs: list[torch.Tensor], S: list[int], ridge: float) -> torch.Tensor:
-    Cq = sum(Cqs)
+def _key_refit(Cq: torch.Tensor, S: list[int], ridge: float) -> torch.Tensor:
     idx = torch.tensor(S)
     Css = Cq[idx][:, idx]
     lam = ridge * float(Css.diagonal().mean().clamp_min(1e-300))
     return torch.linalg.solve(Css + lam * torch.eye(len(S), dtype=torch.float64), Cq[idx])  # (|S|, dh)
+
+
+def _group_grams(Qa, Ka, G, Gc, g: int, rep: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stacked query Gram of group ``g``'s query heads and its key Gram (keys centred)."""
+    Kg = Ka[g * head_dim:(g + 1) * head_dim]
+    # the keys' mean adds a constant to each query's scores, which the softmax ignores: errors and
+    # energies count the keys' variation only
+    Ck = Kg @ Gc @ Kg.T
+    Cq = sum(Qa[h * head_dim:(h + 1) * head_dim] @ G @ Qa[h * head_dim:(h + 1) * head_dim].T
+             for h in range(g * rep, (g + 1) * rep))
+    return Cq, Ck
 
 
 def qk_select(gram: torch.Tensor, Wq, bq, Wk, bk, *, heads: int, kv_heads: int, head_dim: int,
@@ -91,27 +136,16 @@ def qk_select(gram: torch.Tensor, Wq, bq, Wk, bk, *, heads: int, kv_heads: int, 
     """
     Qa, Ka = _aug(Wq, bq), _aug(Wk, bk)
     G = gram.double()
+    Gc = centered(G)
     rep = heads // kv_heads
-    orders, err_sq = [], torch.zeros(head_dim + 1, dtype=torch.float64)
-    total = 0.0
+    orders, residual = [], torch.zeros(head_dim + 1, dtype=torch.float64)
     for g in range(kv_heads):
-        Kg = Ka[g * head_dim:(g + 1) * head_dim]
-        Ck = Kg @ G @ Kg.T
-        Cqs = []
-        for h in range(g * rep, (g + 1) * rep):
-            Qh = Qa[h * head_dim:(h + 1) * head_dim]
-            Cqs.append(Qh @ G @ Qh.T)
-        full = _score_error(Cqs, Ck, [], ridge)
-        total += full
-        S: list[int] = []
-        err_sq[0] += full
-        for r in range(1, head_dim + 1):
-            best = min((j for j in range(head_dim) if j not in S),
-                       key=lambda j: _score_error(Cqs, Ck, [*S, j], ridge))
-            S.append(best)
-            err_sq[r] += 0.0 if r == head_dim else max(_score_error(Cqs, Ck, S, ridge), 0.0)
-        orders.append(S)
-    errors = (err_sq / total).clamp_min(0.0).sqrt() if total > 0 else torch.zeros_like(err_sq)
+        order, res = _greedy_dims(*_group_grams(Qa, Ka, G, Gc, g, rep, head_dim))
+        orders.append(order)
+        residual += res
+    residual[-1] = 0.0
+    total = float(residual[0])
+    errors = (residual / total).clamp_min(0.0).sqrt() if total > 0 else torch.zeros_like(residual)
     return QKFit(orders, errors)
 
 
@@ -122,17 +156,15 @@ def qk_weights(fit: QKFit, gram: torch.Tensor, Wq, bq, Wk, bk, *, heads: int, kv
         raise RankError(f"qk-select keeps 1 to {head_dim} dimensions per head, got {keep!r}")
     Qa, Ka = _aug(Wq, bq), _aug(Wk, bk)
     G = gram.double()
+    Gc = centered(G)
     rep = heads // kv_heads
     q_rows, k_rows = [], []
     for g in range(kv_heads):
         S = sorted(fit.orders[g][:keep])
         Kg = Ka[g * head_dim:(g + 1) * head_dim]
-        Cqs = []
-        for h in range(g * rep, (g + 1) * rep):
-            Qh = Qa[h * head_dim:(h + 1) * head_dim]
-            Cqs.append(Qh @ G @ Qh.T)
-            q_rows.append(Qh[S])
-        k_rows.append(_key_refit(Cqs, S, ridge) @ Kg if keep < head_dim else Kg)
+        Cq, _ = _group_grams(Qa, Ka, G, Gc, g, rep, head_dim)
+        q_rows += [Qa[h * head_dim:(h + 1) * head_dim][S] for h in range(g * rep, (g + 1) * rep)]
+        k_rows.append(_key_refit(Cq, S, ridge) @ Kg if keep < head_dim else Kg)
     Q, K = torch.cat(q_rows), torch.cat(k_rows)
     return Q[:, :-1], (Q[:, -1] if bq is not None else None), K[:, :-1], K[:, -1]
 

@@ -11,6 +11,7 @@ selected and refitted on the activations of its intermediate layer; any other la
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections.abc import Callable, Sequence
 
@@ -18,10 +19,16 @@ import torch
 from torch import nn
 
 from tensorfold.compression.blocks.attention import qk_select, qk_weights, vo_svd, vo_weights
-from tensorfold.compression.blocks.discover import AttentionGroup, Block, find_blocks, linear_weight, projection_shape
-from tensorfold.compression.blocks.menus import BLOCK_METHODS, capture_stats
-from tensorfold.compression.blocks.mlp import mlp_select
-from tensorfold.compression.calibration import GramStats, forward_order_and_shared_inputs, layer_input_grams
+from tensorfold.compression.blocks.discover import Block, find_blocks, linear_weight, projection_shape
+from tensorfold.compression.blocks.menus import BLOCK_METHODS, _rows, capture_stats
+from tensorfold.compression.blocks.mlp import ActivationStats, mlp_select
+from tensorfold.compression.calibration import (
+    GramStats,
+    call_model,
+    forward_order_and_shared_inputs,
+    layer_input_grams,
+    token_mask,
+)
 from tensorfold.compression.plan import LayerPlan, Plan
 from tensorfold.errors import InvalidArgumentError, ShapeError
 from tensorfold.nn.transformer import HeadAttention, SkipBlock
@@ -69,14 +76,78 @@ def _matrix(layer: nn.Module, lp: LayerPlan | None, stats: GramStats | None, rid
     return build_factored(layer, lp.method, lp.rank, stats, correct_upstream=False, ridge=ridge, options=lp.options)
 
 
-def _fit_attention(new: nn.Module, a: AttentionGroup, by_name: dict[str, LayerPlan], batches: list,
+class Inputs:
+    """Statistics of layer inputs in the partly compressed model ``new``.
+
+    Inside a block, the block's own inputs (the positional and keyword arguments it is called with, per
+    calibration batch) are captured once from the model as it is when the block's first unit is
+    fitted; every later capture inside the block then runs that block alone, not the model up to it.
+    Outside blocks, the model runs up to the layer.
+    """
+
+    def __init__(self, new: nn.Module, batches: list):
+        self.new, self.batches = new, batches
+        self._block: str | None = None
+        self._inputs: list = []
+
+    def _block_inputs(self, block: str) -> list:
+        from tensorfold.compression.calibration import _StopForward
+
+        if self._block != block:
+            module, inputs = self.new.get_submodule(block), []
+
+            def hook(mod, args, kwargs):
+                inputs.append((args, kwargs))
+                raise _StopForward
+
+            handle = module.register_forward_pre_hook(hook, with_kwargs=True)
+            try:
+                for batch in self.batches:
+                    with contextlib.suppress(_StopForward):
+                        call_model(self.new, batch)
+            finally:
+                handle.remove()
+            if len(inputs) != len(self.batches):
+                raise ShapeError(f"block {block!r} is not called once per forward pass")
+            self._block, self._inputs = block, [(a, k, token_mask(b)) for (a, k), b in zip(inputs, self.batches)]
+        return self._inputs
+
+    def stats(self, block: str | None, name: str) -> ActivationStats:
+        """``[X 1]`` Gram of the input of the layer ``name`` (inside ``block`` when given)."""
+        from tensorfold.compression.calibration import _StopForward
+
+        layer = self.new.get_submodule(name)
+        if block is None:
+            return capture_stats(self.new, {name: layer}, self.batches, stop_after=name)[name]
+        st = ActivationStats()
+        module = self.new.get_submodule(block)
+        for args, kwargs, mask in self._block_inputs(block):
+
+            def hook(mod, a, _mask=mask):
+                st.add(_rows(a[0], _mask))
+                raise _StopForward
+
+            handle = layer.register_forward_pre_hook(hook)
+            try:
+                with contextlib.suppress(_StopForward):
+                    module(*args, **kwargs)
+            finally:
+                handle.remove()
+        return st
+
+    def forget(self) -> None:
+        self._block, self._inputs = None, []
+
+
+def _fit_attention(new: nn.Module, block: Block, by_name: dict[str, LayerPlan], inputs: Inputs,
                    ridge: float) -> None:
     from tensorfold.core.modules import set_submodule
 
+    a = block.attention
     if not a.rebuildable:
         raise ShapeError(f"the attention {a.module!r} ({a.style}) cannot be rebuilt with smaller heads")
     q, k, v, o = (new.get_submodule(n) for n in a.layers)
-    stats = capture_stats(new, {a.q: q}, batches, stop_after=a.q)[a.q]
+    stats = inputs.stats(block.name, a.q)
     (Wq, bq), (Wk, bk), (Wv, bv), (Wo, bo) = (linear_weight(x) for x in (q, k, v, o))
     d = Wq.shape[1]
     lq, lk, lv, lo = (by_name.get(n) for n in a.layers)
@@ -101,15 +172,16 @@ def _fit_attention(new: nn.Module, a: AttentionGroup, by_name: dict[str, LayerPl
         set_submodule(new, a.o, o_new)
     elif lo is not None and lo.factored:
         o_layer = new.get_submodule(a.o)
-        set_submodule(new, a.o, _matrix(o_layer, lo, layer_input_grams(new, o_layer, batches), ridge))
+        st = inputs.stats(block.name, a.o)
+        set_submodule(new, a.o, _matrix(o_layer, lo, _gram_stats(st, st.features), ridge))
 
 
-def _fit_mlp(new: nn.Module, block: Block, keep: int, batches: list, ridge: float) -> None:
+def _fit_mlp(new: nn.Module, block: Block, keep: int, inputs: Inputs, ridge: float) -> None:
     from tensorfold.core.modules import set_submodule
 
     f = block.ffn
     down = new.get_submodule(f.down)
-    stats = capture_stats(new, {f.down: down}, batches, stop_after=f.down)[f.down]
+    stats = inputs.stats(block.name, f.down)
     ups = [new.get_submodule(u) for u in f.ups]
     new_ups, new_down, _ = mlp_select(ups, down, stats, int(keep), ridge=ridge)
     for name, layer in zip(f.ups, new_ups):
@@ -139,6 +211,7 @@ def apply_block_plan(model: nn.Module, plan: Plan | Sequence[LayerPlan], batches
             todo.sort(key=lambda lp: rank_of.get(lp.name, len(order)))
         done: set[str] = set()
         shared: dict[str, GramStats] = {}
+        inputs = Inputs(new, batches)
         for i, lp in enumerate(todo):
             if lp.name in done:
                 continue
@@ -148,13 +221,14 @@ def apply_block_plan(model: nn.Module, plan: Plan | Sequence[LayerPlan], batches
                 set_submodule(new, block.name, SkipBlock())
                 done.update(block.layers)
                 shared.clear()
+                inputs.forget()
             elif attn is not None and lp.name in attn.layers and any(
                     by_name[n].method in ATTENTION_METHODS for n in attn.layers if n in by_name):
-                _fit_attention(new, attn, by_name, batches, ridge)
+                _fit_attention(new, block, by_name, inputs, ridge)
                 done.update(attn.layers)
                 shared.clear()
             elif lp.method == "mlp-select":
-                _fit_mlp(new, block, lp.rank, batches, ridge)
+                _fit_mlp(new, block, lp.rank, inputs, ridge)
                 done.update(block.ffn.layers)
                 shared.clear()
             else:
@@ -163,7 +237,11 @@ def apply_block_plan(model: nn.Module, plan: Plan | Sequence[LayerPlan], batches
                 if batches:
                     key = leader.get(lp.name, lp.name)
                     if key not in shared:
-                        shared[key] = layer_input_grams(new, layer, batches)
+                        if block is not None and isinstance(layer, nn.Linear):
+                            st = inputs.stats(block.name, lp.name)
+                            shared[key] = _gram_stats(st, st.features)
+                        else:
+                            shared[key] = layer_input_grams(new, layer, batches)
                     stats = shared[key]
                 set_submodule(new, lp.name, _matrix(layer, lp, stats, ridge))
                 done.add(lp.name)

@@ -45,10 +45,14 @@ class ActivationStats:
     rows: int = 0
 
     def add(self, H: torch.Tensor) -> None:
-        H = H.detach().reshape(-1, H.shape[-1]).double()
+        H = H.detach().reshape(-1, H.shape[-1])
+        if H.dtype not in (torch.float32, torch.float64):
+            H = H.float()
         ones = torch.ones(H.shape[0], 1, dtype=H.dtype, device=H.device)
         Ha = torch.cat([H, ones], dim=1)
-        g = Ha.T @ Ha
+        # one batch's product in the activations' precision (a float32 GEMM is several times faster on
+        # CPU, and a batch holds at most a few thousand rows), accumulated over batches in float64
+        g = (Ha.T @ Ha).double()
         self.gram = g if self.gram is None else self.gram + g
         self.rows += H.shape[0]
 
@@ -95,7 +99,11 @@ def select_neurons(stats: ActivationStats, weight: torch.Tensor, bias: torch.Ten
         raise InvalidArgumentError(f"down projection of shape {tuple(weight.shape)} does not read {m} neurons")
     Wa = _target(weight, bias).to(C.device)
     B = C @ Wa.T  # (m+1, out): cross Gram of every column with the target
-    energy = float((Wa * B.T).sum())
+    total = float((Wa * B.T).sum())  # energy of the output, bias included
+    W = Wa[:, :m]
+    # errors are relative to the output without its bias (kept exactly by the refit), as the per-matrix
+    # methods' errors are: a large bias would otherwise make every selection look accurate
+    energy = float((W * (C[:m, :m] @ W.T).T).sum())
     steps = m if max_keep is None else max(0, min(int(max_keep), m))
     diag = C.diagonal().clone()
     scale = float(diag[:m].max()) if m else 1.0
@@ -140,17 +148,20 @@ def select_neurons(stats: ActivationStats, weight: torch.Tensor, bias: torch.Ten
         tail = score[rest] if len(order) else torch.zeros(len(rest), dtype=torch.float64)
         rest = [rest[i] for i in torch.argsort(tail, descending=True).tolist()]
     full_order = torch.tensor(order + rest, dtype=torch.int64)
-    errs = relative_errors(C, Wa, full_order, energy, known=explained)
+    errs = relative_errors(C, Wa, full_order, energy, known=explained, total=total)
     return NeuronSelection(full_order, errs)
 
 
 def relative_errors(C: torch.Tensor, Wa: torch.Tensor, order: torch.Tensor, energy: float,
-                    known: list[float] | None = None) -> torch.Tensor:
-    """Relative output error keeping the first ``k`` neurons of ``order`` (plus the constant), k = 0..m.
+                    known: list[float] | None = None, total: float | None = None) -> torch.Tensor:
+    """Relative output error keeping the first ``k`` neurons of ``order`` (plus the constant), k = 0..m:
+    ``sqrt((total - explained_k) / energy)``, ``total`` the output energy with the bias (default
+    ``energy``), ``energy`` the one the error is relative to.
 
     ``known[k]`` (explained energy from the greedy pass) is used where given; the rest comes from
     one Cholesky factorisation of ``C`` in that order (ridge-stabilised).
     """
+    total = energy if total is None else total
     m = C.shape[0] - 1
     explained = torch.zeros(m + 1, dtype=torch.float64)
     n_known = len(known) if known else 0
@@ -171,7 +182,7 @@ def relative_errors(C: torch.Tensor, Wa: torch.Tensor, order: torch.Tensor, ener
     if energy <= 0:
         return torch.zeros(m + 1, dtype=torch.float64)
     # the greedy's explained energy is monotone; clamp round-off
-    err = (1.0 - torch.cummax(explained, 0).values / energy).clamp_min(0.0).sqrt()
+    err = ((total - torch.cummax(explained, 0).values) / energy).clamp_min(0.0).sqrt()
     err[-1] = min(float(err[-1]), 1e-12) if m else 0.0
     return err
 
