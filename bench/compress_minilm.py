@@ -151,8 +151,9 @@ def main() -> None:
           "| speedup (b32, 2 thr) | compress s |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in sorted(rows, key=lambda r: (-r["budget"], r["method"], r["finetune"])):
-        print(f"| {r['budget']:.0%} | {r['method']} | {r['finetune']:.0f} | {r['fraction']:.3f} | {r['mean_cos']:.3f} | "
-              f"{r['min_cos']:.3f} | {r['nn_agreement']:.3f} | {r['para_mean_cos']:.3f} | {r['tech_mean_cos']:.3f} | "
+        print(f"| {r['budget']:.0%} | {r['method']} | {r['finetune']:.0f} | {r['fraction']:.3f} | "
+              f"{r['mean_cos']:.3f} | {r['min_cos']:.3f} | {r['nn_agreement']:.3f} | {r['para_mean_cos']:.3f} | "
+              f"{r['tech_mean_cos']:.3f} | "
               f"{r['speedup']:.2f}x | {r['seconds']:.0f} |")
     if args.json:
         with open(args.json, "w") as fh:

@@ -46,7 +46,7 @@ def test_registry(entry):
     again = entry.calibration(40, seed=0, batch_size=16)
     assert torch.equal(batches[0]["input_ids"], again[0]["input_ids"])
     with pytest.raises(InvalidArgumentError):
-        entry.calibration(10_000)
+        entry.calibration(1_000_000)
 
 
 def test_identity_metrics(model):
@@ -96,3 +96,19 @@ def test_budget_one_keeps_minilm(model, entry):
     small, p = tf.compress(model, 1.0, methods=("svd",), include=["*layer.0.*"], curve=False)
     assert len(p.layers) == 6 and not any(lp.factored for lp in p.layers)
     torch.testing.assert_close(minilm.embed(small, FEW), minilm.embed(model, FEW), rtol=0, atol=1e-6)
+
+
+def test_corpus_of_real_size_kept_apart_from_evaluation():
+    from tensorfold.zoo import corpus
+
+    scripture, technical = corpus.scripture_sentences(), corpus.technical_sentences()
+    assert len(scripture) >= 20_000 and len(set(scripture)) == len(scripture)
+    assert len(technical) >= 1_000
+    evaluation = set(minilm.eval_sentences()) | set(technical)
+    assert not evaluation & (set(scripture) | set(minilm.calibration_sentences()))
+    text = minilm.calibration_text(512, seed=0)
+    modern = set(minilm.calibration_sentences())
+    assert len(text) == 512 and sum(s in modern for s in text) == 128  # a quarter modern, the rest scripture
+    assert minilm.calibration_text(512, seed=0) == text and minilm.calibration_text(512, seed=1) != text
+    train, val = minilm.finetune_text(seed=0, max_train=1000)
+    assert len(train) == 1000 and not set(train) & set(val) and set(val) == modern  # validation: another kind

@@ -176,7 +176,8 @@ class Planner:
             if block_methods and batches and speedup is None:
                 menus = block_menus(model, find_blocks(model), menus, block_methods, batches, target=config.target,
                                     latency=latency, sens_batches=sens_batches or batches[:2], output_fn=output_fn,
-                                    matrix_methods=matrix_methods, progress=lambda d, t: report("blocks", d, t))
+                                    matrix_methods=matrix_methods, progress=lambda d, t: report("blocks", d, t),
+                                    budget=config.budget)
             if all(len(m.options) == 1 for m in menus):
                 raise NotCompressibleError("no layer has a factorisation that saves anything")
             self.speed = (SpeedCheck(model, menus, speed_sample, threads=latency.threads)

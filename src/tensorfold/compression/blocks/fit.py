@@ -139,6 +139,37 @@ class Inputs:
         self._block, self._inputs = None, []
 
 
+class FixedInputs:
+    """Input statistics given in advance (by layer name), for building one option in an otherwise
+    unchanged model."""
+
+    def __init__(self, stats: dict[str, ActivationStats]):
+        self._stats = stats
+
+    def stats(self, block: str | None, name: str) -> ActivationStats:
+        return self._stats[name]
+
+
+@torch.no_grad()
+def option_effect(model: nn.Module, block: Block, decisions: Sequence[LayerPlan], stats: dict[str, ActivationStats],
+                  batches: list, reference: list[torch.Tensor], output_fn=None, ridge: float = 1e-6) -> float:
+    """``||f'(x) - f(x)||^2 / ||f(x)||^2`` on ``batches`` with one block option (``decisions``: its layers'
+    block-method decisions, fitted with ``stats`` from the original model) and the rest of ``model`` as it is."""
+    from tensorfold.compression.calibration import output_tensor
+
+    work = copy.deepcopy(model).eval()
+    by_name = {lp.name: lp for lp in decisions}
+    fixed = FixedInputs(stats)
+    methods = {lp.method for lp in decisions}
+    if methods & set(ATTENTION_METHODS):
+        _fit_attention(work, block, by_name, fixed, ridge)
+    if "mlp-select" in methods:
+        _fit_mlp(work, block, int(by_name[block.ffn.down].rank), fixed, ridge)
+    diff = sum(float(((output_tensor(call_model(work, b), output_fn).double() - y) ** 2).sum())
+               for b, y in zip(batches, reference))
+    return diff / (sum(float((y**2).sum()) for y in reference) or 1.0)
+
+
 def _fit_attention(new: nn.Module, block: Block, by_name: dict[str, LayerPlan], inputs: Inputs,
                    ridge: float) -> None:
     from tensorfold.core.modules import set_submodule

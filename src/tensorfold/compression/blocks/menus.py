@@ -39,6 +39,7 @@ from tensorfold.compression.candidates import Candidate, LayerMenu
 BLOCK_METHODS = ("mlp-select", "qk-select", "vo-svd", "drop")
 MAX_GROUP_OPTIONS = 256  # options kept per merged menu (Pareto front thinned evenly in cost)
 MLP_GRID = 64  # mlp-select sizes per block
+SENSITIVITY_FLOOR = 1e-4  # as tensorfold.compression.sensitivity's
 
 
 @dataclass(frozen=True)
@@ -224,7 +225,7 @@ def _mlp_options(block: Block, model: nn.Module, menus: dict[str, LayerMenu], st
     d_in, m = projection_shape(ups[0])
     d_out = W.shape[0]
     up_bias = [getattr(u, "bias", None) is not None for u in ups]
-    s = menus[ffn.down].sensitivity
+    s = 1.0  # scaled by the measured sensitivity of the option (block_menus)
     step = max(8, int(round(m / MLP_GRID / 8)) * 8)
     ks = sorted({k for k in range(step, m, step)} | {max(1, m // 64)})
     out = []
@@ -251,7 +252,7 @@ def _attention_options(block: Block, model: nn.Module, menus: dict[str, LayerMen
     qk_opts, vo_opts = [], []
     if "qk-select" in methods:
         fit = qk_select(stats.gram, Wq, bq, Wk, bk, heads=a.heads, kv_heads=a.kv_heads, head_dim=a.head_dim)
-        s = 0.5 * (menus[a.q].sensitivity + menus[a.k].sensitivity)
+        s = 1.0
         for r in range(1, a.head_dim):
             err = float(fit.errors[r])
             pq = _linear_cost(_tokens(menus[a.q]), d, a.heads * r, bq is not None, latency, a.q,
@@ -262,7 +263,7 @@ def _attention_options(block: Block, model: nn.Module, menus: dict[str, LayerMen
             qk_opts.append(_make(parts, s * err**2, "qk-select"))
     if "vo-svd" in methods:
         fit = vo_svd(stats.gram, Wv, Wo, heads=a.heads, kv_heads=a.kv_heads, head_dim=a.head_dim)
-        s = menus[a.o].sensitivity
+        s = 1.0
         for r in range(1, a.head_dim):
             err = float(fit.errors[r])
             pv = _linear_cost(_tokens(menus[a.v]), d, a.kv_heads * r, False, latency, a.v, menus[a.v].input_shape,
@@ -287,6 +288,7 @@ def block_menus(
     output_fn: Callable | None = None,
     matrix_methods: Sequence[str] | None = None,
     progress: Callable[[int, int], None] | None = None,
+    budget: float = 0.5,
 ) -> list[LayerMenu]:
     """``menus`` with the layers of every recognised block merged into one menu per block (see module docs).
 
@@ -306,8 +308,27 @@ def block_menus(
         if b.attention is not None and b.attention.rebuildable and wanted & {"qk-select", "vo-svd"}:
             capture[b.attention.q] = model.get_submodule(b.attention.q)
     stats = capture_stats(model, capture, batches) if capture else {}
-    drops = (drop_errors(model, usable, sens_batches or batches[:2], output_fn) if "drop" in wanted
+    sens_batches = sens_batches or batches[:2]
+    drops = (drop_errors(model, usable, sens_batches, output_fn) if "drop" in wanted
              else [None] * len(usable))
+    with torch.no_grad():
+        reference = [output_tensor(call_model(model, b), output_fn).detach().double() for b in sens_batches]
+
+    def measured(b: Block, options: list[GroupCandidate]) -> list[GroupCandidate]:
+        """The options with their predicted error scaled by the sensitivity measured for one of them
+        (as the per-matrix sensitivities are): the size nearest the budget, fitted and run alone."""
+        from tensorfold.compression.blocks.fit import option_effect
+
+        if not options:
+            return options
+        dense = sum(by_name[p.name].dense.params for p in options[0].parts)
+        target_params = max(min(budget, 0.9), 0.1) * dense
+        ref = min(options, key=lambda c: abs(c.params - target_params))
+        if ref.error**2 <= 1e-12:
+            return options
+        effect = option_effect(model, b, expand_choice(ref, by_name), stats, sens_batches, reference, output_fn)
+        scale = max(effect / ref.error**2, SENSITIVITY_FLOOR)
+        return [_make(c.parts, scale * c.error**2, c.method) for c in options]
     merged_names: set[str] = set()
     new_menus: dict[str, LayerMenu] = {}
     for i, (b, drop_err) in enumerate(zip(usable, drops)):
@@ -320,6 +341,7 @@ def block_menus(
             vo = _combine(_matrix_options(by_name[a.v], allowed), _matrix_options(by_name[a.o], allowed), target)
             if a.q in stats:
                 qk_sel, vo_sel = _attention_options(b, model, by_name, stats[a.q], latency, wanted)
+                qk_sel, vo_sel = measured(b, qk_sel), measured(b, vo_sel)
                 qk, vo = _pareto(qk + qk_sel, target), _pareto(vo + vo_sel, target)
             group = _combine(qk, vo, target)
         if b.ffn is not None:
@@ -328,7 +350,7 @@ def block_menus(
             for name in f.layers:
                 ffn = _combine(ffn, _matrix_options(by_name[name], allowed), target)
             if f.down in stats:
-                ffn = _pareto(ffn + _mlp_options(b, model, by_name, stats[f.down], latency), target)
+                ffn = _pareto(ffn + measured(b, _mlp_options(b, model, by_name, stats[f.down], latency)), target)
             group = _combine(group, ffn, target)
         if drop_err is not None:
             parts = tuple(Part(n, "drop", None, 0, 0 if by_name[n].dense.flops is not None else None,
