@@ -159,7 +159,7 @@ def test_mlp_select_on_gpt2_conv1d_pair_keeps_the_model_exact():
     block = find_blocks(model)[0]
     batch = {"input_ids": torch.randint(1, 100, (2, 10), generator=torch.Generator().manual_seed(0))}
     before = _hidden(model, batch)
-    from tensorfold.compression.blocks.menus import capture_stats
+    from tensorfold.compression.blocks.stats import capture_stats
 
     down = model.get_submodule(block.ffn.down)
     stats = capture_stats(model, {"d": down}, [batch])["d"]

@@ -9,6 +9,6 @@
 """
 
 from tensorfold.compression.blocks.discover import AttentionGroup, Block, FFNPair, find_blocks
-from tensorfold.compression.blocks.menus import BLOCK_METHODS
+from tensorfold.compression.blocks.stats import BLOCK_METHODS
 
 __all__ = ["BLOCK_METHODS", "AttentionGroup", "Block", "FFNPair", "find_blocks"]

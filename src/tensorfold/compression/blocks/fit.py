@@ -20,8 +20,8 @@ from torch import nn
 
 from tensorfold.compression.blocks.attention import qk_select, qk_weights, vo_svd, vo_weights
 from tensorfold.compression.blocks.discover import Block, find_blocks, linear_weight, projection_shape
-from tensorfold.compression.blocks.menus import BLOCK_METHODS, _rows, capture_stats
 from tensorfold.compression.blocks.mlp import ActivationStats, mlp_select
+from tensorfold.compression.blocks.stats import BLOCK_METHODS, _rows, capture_stats
 from tensorfold.compression.calibration import (
     GramStats,
     call_model,

@@ -20,7 +20,6 @@ layer (method, rank, share of the cost, the group's error), so plans stay per la
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
 from collections.abc import Callable, Sequence
@@ -33,10 +32,10 @@ from torch import nn
 from tensorfold.compression.blocks.attention import qk_select, vo_svd
 from tensorfold.compression.blocks.discover import Block, linear_weight, projection_shape
 from tensorfold.compression.blocks.mlp import ActivationStats, select_neurons
-from tensorfold.compression.calibration import call_model, output_tensor, token_mask
+from tensorfold.compression.blocks.stats import BLOCK_METHODS, capture_stats
+from tensorfold.compression.calibration import call_model, output_tensor
 from tensorfold.compression.candidates import Candidate, LayerMenu
 
-BLOCK_METHODS = ("mlp-select", "qk-select", "vo-svd", "drop")
 MAX_GROUP_OPTIONS = 256  # options kept per merged menu (Pareto front thinned evenly in cost)
 MLP_GRID = 64  # mlp-select sizes per block
 SENSITIVITY_FLOOR = 1e-4  # as tensorfold.compression.sensitivity's
@@ -63,44 +62,6 @@ class GroupCandidate(Candidate):
 
 
 # ---- statistics ---------------------------------------------------------------------------------------
-
-
-def _rows(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    if mask is not None and x.ndim == 3 and tuple(x.shape[:2]) == tuple(mask.shape):
-        return x[mask.to(device=x.device).bool()]
-    return x.reshape(-1, x.shape[-1])
-
-
-def capture_stats(model: nn.Module, modules: dict[str, nn.Module], batches: list, *, stop_after: str | None = None
-                  ) -> dict[str, ActivationStats]:
-    """``[X 1]`` Gram matrices of the inputs of ``modules`` over ``batches`` (padding tokens left out).
-
-    With ``stop_after`` (one of the names), each forward pass ends once that module has been reached.
-    """
-    from tensorfold.compression.calibration import _StopForward
-
-    stats = {name: ActivationStats() for name in modules}
-    mask_ref: dict = {}
-    handles = []
-    for name, module in modules.items():
-
-        def hook(mod, args, _name=name):
-            if args and isinstance(args[0], torch.Tensor):
-                stats[_name].add(_rows(args[0], mask_ref.get("mask")))
-            if _name == stop_after:
-                raise _StopForward
-
-        handles.append(module.register_forward_pre_hook(hook))
-    try:
-        with torch.no_grad():
-            for batch in batches:
-                mask_ref["mask"] = token_mask(batch)
-                with contextlib.suppress(_StopForward):
-                    call_model(model, batch)
-    finally:
-        for h in handles:
-            h.remove()
-    return stats
 
 
 @torch.no_grad()
