@@ -286,3 +286,17 @@ def test_bad_method_and_budget_are_clear_errors():
     p = tf.plan(model, 0.6, methods=("mlp-select",), calib=_batches(2), curve=False)
     with pytest.raises(InvalidArgumentError, match="calib"):
         tf.apply(model, p)
+
+
+def test_gpt2_blocks_planned_with_mlp_select_and_drop(tmp_path):
+    model = _gpt2()
+    calib = [{"input_ids": b["input_ids"]} for b in _batches()]
+    p = tf.plan(model, 0.6, methods=("mlp-select", "drop"), calib=calib, curve=False)
+    assert {lp.method for lp in p.layers} - {"dense"} <= {"mlp-select", "drop"} and p.fraction <= 0.6
+    assert any(lp.layer.startswith("Conv1D") for lp in p.layers)
+    small = tf.apply(model, p, calib)
+    x = calib[0]
+    assert _hidden(small, x).shape == _hidden(model, x).shape
+    tf.save_compressed(small, p, tmp_path / "g")
+    again = tf.load_compressed(tmp_path / "g", base_model=model)
+    assert torch.allclose(_hidden(again, x), _hidden(small, x), atol=1e-6)

@@ -41,7 +41,7 @@ from tensorfold.compression.plan import Plan
 from tensorfold.compression.replace import replace_layers
 from tensorfold.compression.sensitivity import measure_sensitivities
 from tensorfold.compression.speed import SpeedCheck
-from tensorfold.compression.walk import find_layers
+from tensorfold.compression.walk import FoundLayers, find_layers
 from tensorfold.core.modules import eval_mode
 from tensorfold.core.validate import make_generator, randn
 from tensorfold.errors import InvalidArgumentError, NotCompressibleError
@@ -122,7 +122,12 @@ class Planner:
         matrix_methods = tuple(m for m in methods if m not in BLOCK_METHODS)
         # block methods merge the per-matrix menus; "svd" menus still measure the layers' sensitivities
         menu_methods = matrix_methods or ("svd",)
-        found = find_layers(model, methods=menu_methods, include=config.include, exclude=config.exclude)
+        try:
+            found = find_layers(model, methods=menu_methods, include=config.include, exclude=config.exclude)
+        except NotCompressibleError:
+            if not (block_methods and calib is not None and find_blocks(model)):
+                raise
+            found = FoundLayers()  # e.g. GPT-2: only Conv1D projections, which the block methods still cover
         layers = {ref.name: ref.module for ref in found.layers}
         batches = materialize(calib)
         report = progress or (lambda stage, done, total: None)
@@ -156,7 +161,7 @@ class Planner:
                 report("candidates", i + 1, len(layers))
             self.skipped = [(s.name, s.reason) for s in found.skipped]
             self.skipped += [(n, "never called on the given inputs") for n in unused]
-            if not menus or (all(len(m.options) == 1 for m in menus) and not (block_methods and batches)):
+            if (not menus or all(len(m.options) == 1 for m in menus)) and not (block_methods and batches):
                 raise NotCompressibleError("no layer has a factorisation that saves anything")
             self.calibrated = bool(batches)
             sens_batches: list = []
@@ -177,8 +182,8 @@ class Planner:
                 menus = block_menus(model, find_blocks(model), menus, block_methods, batches, target=config.target,
                                     latency=latency, sens_batches=sens_batches or batches[:2], output_fn=output_fn,
                                     matrix_methods=matrix_methods, progress=lambda d, t: report("blocks", d, t),
-                                    budget=config.budget)
-            if all(len(m.options) == 1 for m in menus):
+                                    budget=config.budget, layer_menus=self.layer_menus)
+            if not menus or all(len(m.options) == 1 for m in menus):
                 raise NotCompressibleError("no layer has a factorisation that saves anything")
             self.speed = (SpeedCheck(model, menus, speed_sample, threads=latency.threads)
                           if speedup is not None else None)

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from tensorfold.compression.blocks.attention import qk_select, vo_svd
-from tensorfold.compression.blocks.discover import Block, linear_weight, projection_shape
+from tensorfold.compression.blocks.discover import Block, is_conv1d, linear_weight, projection_shape
 from tensorfold.compression.blocks.mlp import ActivationStats, select_neurons
 from tensorfold.compression.blocks.stats import BLOCK_METHODS, capture_stats
 from tensorfold.compression.calibration import call_model, output_tensor
@@ -250,6 +250,7 @@ def block_menus(
     matrix_methods: Sequence[str] | None = None,
     progress: Callable[[int, int], None] | None = None,
     budget: float = 0.5,
+    layer_menus: dict[str, LayerMenu] | None = None,
 ) -> list[LayerMenu]:
     """``menus`` with the layers of every recognised block merged into one menu per block (see module docs).
 
@@ -259,6 +260,21 @@ def block_menus(
     wanted = set(methods) & set(BLOCK_METHODS)
     by_name = {m.name: m for m in menus}
     allowed = set(matrix_methods) if matrix_methods is not None else None
+    # GPT-2's Conv1D projections have no per-matrix methods: a dense-only menu lets the block methods
+    # (and drop) still cover their blocks
+    extra: list[LayerMenu] = []
+    for b in blocks:
+        for name in b.layers:
+            module = model.get_submodule(name)
+            if name not in by_name and is_conv1d(module):
+                d_in, d_out = projection_shape(module)
+                params = d_in * d_out + (d_out if getattr(module, "bias", None) is not None else 0)
+                menu = LayerMenu(name, module, f"Conv1D({d_in}, {d_out})", None,
+                                 [Candidate("dense", None, params, None, None, 0.0)])
+                by_name[name] = menu
+                extra.append(menu)
+    if layer_menus is not None:
+        layer_menus.update({m.name: m for m in extra})
     usable = [b for b in blocks if all(n in by_name for n in b.layers) and b.layers]
     if not usable or not wanted or not batches:
         return menus
@@ -328,7 +344,7 @@ def block_menus(
         new_menus[b.layers[0]] = menu
         merged_names.update(b.layers)
     out = []
-    for m in menus:
+    for m in [*menus, *(e for e in extra if e.name in new_menus)]:
         if m.name in new_menus:
             out.append(new_menus[m.name])
         elif m.name not in merged_names:
