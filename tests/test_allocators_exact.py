@@ -107,6 +107,32 @@ def test_knapsack_with_a_free_option_and_one_that_fills_the_cap():
     assert got.objective == pytest.approx(0.05)
 
 
+def test_uniform_fraction_above_one_half():
+    # cap 100 of 200. a: rank 1 10 params (error .9), rank 2 90 (.85); b: rank 1 10 (.3), rank 2 60 (.1).
+    # The largest common fraction below .9 takes b's rank 2 (from .6 on): (1, 2) = 70; the 30 left buys
+    # neither a's rank 2 (+80) nor b's dense layer (+40). A fraction stuck at or below .5 would give
+    # (1, 1) = 20, from which the slack step upgrades a instead: (2, 1) = 100.
+    a = menu("a", [("dense", None, 100, None, None, 0.0), ("svd", 1, 10, None, None, 0.9),
+                   ("svd", 2, 90, None, None, 0.85)])
+    b = menu("b", [("dense", None, 100, None, None, 0.0), ("svd", 1, 10, None, None, 0.3),
+                   ("svd", 2, 60, None, None, 0.1)])
+    got = allocate([a, b], 0.5, allocator="uniform")
+    assert [c.rank for c in got.choices] == [1, 2] and got.total == 70
+
+
+def test_knapsack_optimum_that_fills_the_cap_exactly():
+    # costs are whole multiples of the grid unit (cap 5000 / 20000 units = 0.25), so rounding must not
+    # push an exact fit over the cap. (3, 2) = 5000 with .1^2 + .5^2 = .26 is the optimum; (2, 2) = 4000
+    # (.34) would be upgraded by the slack step to b's rank 3 instead: (2, 3) = 5000 (.2925).
+    a = menu("a", [("dense", None, 5000, None, None, 0.0), ("svd", 1, 1000, None, None, 0.9),
+                   ("svd", 2, 1500, None, None, 0.3), ("svd", 3, 2500, None, None, 0.1)])
+    b = menu("b", [("dense", None, 5000, None, None, 0.0), ("svd", 1, 1000, None, None, 0.6),
+                   ("svd", 2, 2500, None, None, 0.5), ("svd", 3, 3500, None, None, 0.45)])
+    got = allocate([a, b], 0.5, allocator="knapsack")
+    assert [c.rank for c in got.choices] == [3, 2] and got.total == 5000
+    assert got.objective == pytest.approx(0.26)
+
+
 def latency_menus():
     """a: rank 1 (20 params, 4 ms, error .5) and rank 2 (40 params, 3 ms, .1); b's only factorisation
     (30 params, 11 ms) is slower than its dense layer (10 ms). Dense: 100 params, 10 ms each."""
