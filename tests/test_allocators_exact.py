@@ -120,6 +120,18 @@ def test_uniform_fraction_above_one_half():
     assert [c.rank for c in got.choices] == [1, 2] and got.total == 70
 
 
+def test_uniform_accepts_a_fraction_whose_total_is_exactly_the_cap():
+    # cap 75 of 250. a (dense 50): rank 1 5 params (error .9), rank 2 20 (.85); b (dense 200): rank 1 10
+    # (.3), rank 2 70 (.1). Fractions in [.35, .4) give (1, 2) = 75, exactly the cap: kept, and nothing
+    # else fits. Refusing the exact fit would leave (1, 1) = 15, which the slack step spends on a: (dense, 1).
+    a = menu("a", [("dense", None, 50, None, None, 0.0), ("svd", 1, 5, None, None, 0.9),
+                   ("svd", 2, 20, None, None, 0.85)])
+    b = menu("b", [("dense", None, 200, None, None, 0.0), ("svd", 1, 10, None, None, 0.3),
+                   ("svd", 2, 70, None, None, 0.1)])
+    got = allocate([a, b], 0.3, allocator="uniform")
+    assert [c.rank for c in got.choices] == [1, 2] and got.total == 75
+
+
 def test_knapsack_optimum_that_fills_the_cap_exactly():
     # costs are whole multiples of the grid unit (cap 5000 / 20000 units = 0.25), so rounding must not
     # push an exact fit over the cap. (3, 2) = 5000 with .1^2 + .5^2 = .26 is the optimum; (2, 2) = 4000
