@@ -146,28 +146,30 @@ def as_blocked(
     )
 
 
-def map_reduce(X: BlockedTensor, fn: BlockFn, *, progress: Callable[[int, int], None] | None = None) -> list:
+def map_reduce(
+    X: BlockedTensor, fn: BlockFn, *, progress: Callable[[int, int], None] | None = None, allow_nan: bool = False
+) -> list:
     """Sum ``fn(slices, block)`` over every block of ``X``; returns the list of summed torch tensors.
 
     ``fn`` receives the block as a torch tensor of ``X``'s dtype and the slices it covers; it must
     return a list of tensors (same shapes for every block). NaN/Inf entries raise
     :class:`InvalidTensorError` naming the block. ``progress(done, total)`` is called after each block
-    of a serial input.
+    of a serial input. ``allow_nan=True`` lets NaN through (missing entries, for masked fits).
     """
     if not X.is_dask:
         total = None
         grid = list(_block_grid(X.shape, X.chunks))
         for i, slices in enumerate(grid):
             block = X.data[slices]
-            part = _run_block(fn, slices, block, X.name)
+            part = _run_block(fn, slices, block, X.name, allow_nan)
             total = part if total is None else [a + b for a, b in zip(total, part)]
             if progress is not None:
                 progress(i + 1, len(grid))
         return total
-    return _dask_map_reduce(X, fn)
+    return _dask_map_reduce(X, fn, allow_nan)
 
 
-def _dask_map_reduce(X: BlockedTensor, fn: BlockFn) -> list:
+def _dask_map_reduce(X: BlockedTensor, fn: BlockFn, allow_nan: bool = False) -> list:
     import dask
     from dask import delayed
 
@@ -177,7 +179,7 @@ def _dask_map_reduce(X: BlockedTensor, fn: BlockFn) -> list:
     parts = []
     for idx in np.ndindex(*blocks.shape):
         slices = tuple(slice(int(o[i]), int(o[i + 1])) for o, i in zip(offsets, idx))
-        parts.append(delayed(_run_block_np, pure=True)(fn, slices, blocks[idx], X.name))
+        parts.append(delayed(_run_block_np, pure=True)(fn, slices, blocks[idx], X.name, allow_nan))
     while len(parts) > 1:
         parts = [delayed(_sum_parts, pure=True)(parts[i : i + _TREE_WIDTH]) for i in range(0, len(parts), _TREE_WIDTH)]
     scheduler = X.scheduler
@@ -188,7 +190,7 @@ def _dask_map_reduce(X: BlockedTensor, fn: BlockFn) -> list:
     return [torch.from_numpy(np.asarray(a)) for a in out]
 
 
-def _run_block(fn: BlockFn, slices, block, name: str) -> list[torch.Tensor]:
+def _run_block(fn: BlockFn, slices, block, name: str, allow_nan: bool = False) -> list[torch.Tensor]:
     if isinstance(block, torch.Tensor):
         T = block
     else:
@@ -198,15 +200,15 @@ def _run_block(fn: BlockFn, slices, block, name: str) -> list[torch.Tensor]:
         T = torch.from_numpy(arr)
     if T.dtype not in (torch.float32, torch.float64):
         raise InvalidTensorError(f"{name}: block {_fmt(slices)} has dtype {T.dtype}; float32/float64 needed")
-    if not bool(torch.isfinite(T.sum())) and not bool(torch.isfinite(T).all()):
+    if not bool(torch.isfinite(T.sum())) and not bool((torch.isfinite(T) | (allow_nan & torch.isnan(T))).all()):
         n_bad = int((~torch.isfinite(T)).sum())
         raise InvalidTensorError(f"{name}: block {_fmt(slices)} contains {n_bad} NaN or Inf entries")
     return fn(slices, T.contiguous())
 
 
-def _run_block_np(fn: BlockFn, slices, block, name: str) -> list[np.ndarray]:
+def _run_block_np(fn: BlockFn, slices, block, name: str, allow_nan: bool = False) -> list[np.ndarray]:
     # Dask tasks exchange numpy arrays: they serialise without torch on the scheduler side.
-    return [t.numpy() for t in _run_block(fn, slices, block, name)]
+    return [t.numpy() for t in _run_block(fn, slices, block, name, allow_nan)]
 
 
 def _sum_parts(parts: list[list[np.ndarray]]) -> list[np.ndarray]:
