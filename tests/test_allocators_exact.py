@@ -12,7 +12,7 @@ import pytest
 
 from tensorfold.compression.allocators import _fill_slack, allocate, fastest_latency
 from tensorfold.compression.candidates import Candidate, LayerMenu
-from tensorfold.errors import InvalidArgumentError
+from tensorfold.errors import InvalidArgumentError, NotCompressibleError
 
 
 def menu(name: str, rows, sensitivity: float = 1.0) -> LayerMenu:
@@ -186,6 +186,28 @@ def test_latency_cap_with_the_default_allocator():
     assert picks(got) == [("svd", 2), ("dense", None)]
     with pytest.raises(InvalidArgumentError, match="needs allocator='knapsack'"):
         allocate(latency_menus(), 0.7, allocator="balanced", latency_cap=0.65)
+
+
+def one_layer_for_latency():
+    """Dense 100 params, 10 ms; svd rank 1 20 params, 8 ms (error .3); tucker rank 1 20 params, 4 ms (.3);
+    svd rank 2 40 params, 9 ms (.1)."""
+    return [menu("a", [("dense", None, 100, None, 10.0, 0.0), ("svd", 1, 20, None, 8.0, 0.3),
+                       ("tucker", 1, 20, None, 4.0, 0.3), ("svd", 2, 40, None, 9.0, 0.1)])]
+
+
+def test_latency_cap_met_by_the_plain_knapsack_keeps_its_choice():
+    # 20 params: svd 1 and tucker 1 tie on the error (.3); the plain knapsack keeps the first listed, svd
+    # at 8 ms, which meets a cap of exactly 8 ms: no price on latency is needed, so none is applied
+    got = allocate(one_layer_for_latency(), 0.2, latency_cap=0.8)
+    assert picks(got) == [("svd", 1)]
+
+
+def test_latency_cap_reached_exactly_by_the_fastest_choice():
+    # 40 params: the plain optimum svd 2 (9 ms) misses a 4 ms cap; the fastest, tucker 1, is exactly 4 ms
+    got = allocate(one_layer_for_latency(), 0.4, latency_cap=0.4)
+    assert picks(got) == [("tucker", 1)]
+    with pytest.raises(NotCompressibleError, match="fastest choice is predicted at 0.400"):
+        allocate(one_layer_for_latency(), 0.4, latency_cap=0.39)
 
 
 # --- menus drawn at random (fixed) that told surviving mutants apart -------------------------------
