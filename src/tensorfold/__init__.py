@@ -79,6 +79,8 @@ _LAZY = {
     # tensorized adapters
     "adapt": "tensorfold.adapters.model",
     "AdapterConfig": "tensorfold.adapters.config",
+    # your own Hugging Face / sentence-transformers directory
+    "load_model": "tensorfold.zoo.hf",
 }
 _SUBMODULES = {"core", "decomp", "nn", "compression", "adapters", "testing", "io", "report"}
 

@@ -1,0 +1,89 @@
+"""Tiny randomly initialised Hugging Face models written to directories, for the tests (built offline).
+
+Each builder writes ``config.json``, ``model.safetensors`` and a small word-level tokenizer
+(``tokenizer.json``) with ``save_pretrained``; :func:`sentence_transformers_dir` wraps an encoder
+directory with mean pooling into a sentence-transformers directory (``modules.json``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+WORDS = ("the", "a", "cat", "dog", "bird", "sat", "on", "mat", "ran", "fast", "slow", "big", "small", "red", "blue",
+         "green", "house", "car", "tree", "park", "river", "sun", "moon", "day", "night", "runs", "jumps", "sleeps",
+         "eats", "sees", "happy", "sad", "old", "new")
+SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+
+
+def sentences(n: int, seed: int = 0, length: tuple[int, int] = (3, 9)) -> list[str]:
+    """``n`` distinct random sentences over the tiny vocabulary."""
+    gen = torch.Generator().manual_seed(seed)
+    out: dict[str, None] = {}
+    while len(out) < n:
+        k = int(torch.randint(length[0], length[1], (1,), generator=gen))
+        idx = torch.randint(len(WORDS), (k,), generator=gen).tolist()
+        out[" ".join(WORDS[i] for i in idx)] = None
+    return list(out)
+
+
+def tokenizer(cls_sep: bool = True):
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(SPECIALS + WORDS)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    if cls_sep:
+        tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]",
+                                                           special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
+                                   sep_token="[SEP]", mask_token="[MASK]", eos_token="[SEP]", bos_token="[CLS]",
+                                   model_max_length=64)
+
+
+VOCAB = len(SPECIALS) + len(WORDS)
+SMALL = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64}
+
+
+def _config(kind: str):
+    import transformers as t
+
+    common = {"vocab_size": VOCAB, "pad_token_id": 0, "bos_token_id": 2, "eos_token_id": 3}
+    if kind in ("bert", "bert-classifier"):
+        extra = {"num_labels": 3} if kind == "bert-classifier" else {}
+        return t.BertConfig(**SMALL, max_position_embeddings=64, **common, **extra)
+    if kind == "mpnet":
+        return t.MPNetConfig(**SMALL, max_position_embeddings=66, **common)
+    if kind == "gpt2":
+        return t.GPT2Config(n_embd=32, n_layer=2, n_head=2, n_positions=64, **common)
+    if kind == "llama":
+        return t.LlamaConfig(**SMALL, num_key_value_heads=1, max_position_embeddings=64, **common)
+    raise ValueError(kind)
+
+
+def model_dir(root: Path, kind: str, seed: int = 0) -> Path:
+    """Write the tiny ``kind`` model (bert, bert-classifier, mpnet, gpt2, llama) into ``root/kind``."""
+    import transformers as t
+
+    classes = {"bert": t.BertModel, "bert-classifier": t.BertForSequenceClassification, "mpnet": t.MPNetModel,
+               "gpt2": t.GPT2LMHeadModel, "llama": t.LlamaForCausalLM}
+    torch.manual_seed(seed)
+    model = classes[kind](_config(kind))
+    path = Path(root) / kind
+    model.save_pretrained(path)
+    tokenizer(cls_sep=kind not in ("gpt2", "llama")).save_pretrained(path)
+    return path
+
+
+def sentence_transformers_dir(root: Path, encoder: str = "bert") -> Path:
+    """A sentence-transformers directory: the tiny ``encoder`` with mean pooling."""
+    from sentence_transformers import SentenceTransformer, models
+
+    base = model_dir(Path(root) / "base", encoder)
+    transformer = models.Transformer(str(base))
+    pooling = models.Pooling(transformer.get_word_embedding_dimension(), "mean")
+    path = Path(root) / f"st-{encoder}"
+    SentenceTransformer(modules=[transformer, pooling], device="cpu").save(str(path))
+    return path
