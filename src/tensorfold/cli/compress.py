@@ -18,6 +18,8 @@ EPILOG = (
     "  tensorfold compress --model minilm --budget 0.5 --target params --calib 128 --out runs/minilm-50\n\n"
     "  tensorfold compress --model mypkg.models:build --weights model.safetensors --calib 0 --budget 0.3 "
     "--methods svd,tucker --out runs/mine\n\n"
+    "  tensorfold compress --model path/to/sentence-transformers-dir --calib-data texts.txt --budget 0.5 "
+    "--export onnx-int8 --out runs/mine\n\n"
     "Writes plan.json, weights.safetensors, metrics.json and report.html into --out (all or nothing)."
 )
 
@@ -52,7 +54,9 @@ def _floats(text: str | None, option: str) -> tuple[float, ...]:
 def compress(
     model: str = typer.Option(
         "minilm", "--model", "-m",
-        help="Built-in model (minilm, digits-cnn, resnet20-shapes) or 'module:factory': a Python file module.py in "
+        help="Built-in model (minilm, digits-cnn, resnet20-shapes), a local Hugging Face / sentence-transformers "
+             "directory (modules.json or config.json; loaded offline, never run as code), or 'module:factory': a "
+             "Python file module.py in "
              "the working directory (or an importable module) whose factory() returns the torch model; define "
              "calibration(n, seed) there too (a list of input batches, n samples in all) unless --calib 0. "
              "Fine-tuning data: --data module:function returning (train_batches, val_batches)."),
@@ -81,6 +85,14 @@ def compress(
     speedup: float = typer.Option(None, "--speedup",
                                   help="Also reach this whole-model speedup (e.g. 1.3), measured while planning "
                                        "(knapsack allocator)."),
+    calib_data: Path = typer.Option(None, "--calib-data",
+                                    help="Text for calibration, fine-tuning and held-out evaluation: .txt (a sample "
+                                         "a line), .jsonl or .csv (model directories and minilm)."),
+    text_field: str = typer.Option(None, "--text-field", help="The .jsonl field or .csv column holding the text."),
+    standalone: bool = typer.Option(False, "--standalone",
+                                    help="Copy the base model directory into --out (else its path is recorded)."),
+    export: str = typer.Option(None, "--export", help="Also write model.onnx (onnx) and model-int8.onnx "
+                                                       "(onnx-int8), verified and compared with PyTorch."),
 ) -> None:
     """Compress a model to a budget: per-layer plan, factorized weights, metrics and an HTML report."""
     from tensorfold.cli.common import check_output_path, stderr_console, stdout_console
@@ -99,7 +111,9 @@ def compress(
         raise InvalidArgumentError(_as_option(str(exc))) from None
     check_output_path(out, overwrite=overwrite, kind="dir")
     options = JobOptions(out=out, overwrite=overwrite, weights=weights, data=data,
-                         curve_budgets=_floats(curve, "--curve"), speed=not no_speed, threads=speed_threads)
+                         curve_budgets=_floats(curve, "--curve"), speed=not no_speed, threads=speed_threads,
+                         calib_data=str(calib_data) if calib_data is not None else None, text_field=text_field,
+                         standalone=standalone, export=export)
 
     import sys
 
@@ -136,6 +150,12 @@ def compress(
         from tensorfold.compression.evaluate import describe_speed
 
         console.print(describe_speed(speed))
+    for row in result.metrics.get("export", {}).get("variants", []):
+        console.print(f"{row['variant']}: {row['seconds'] * 1e3:.1f} ms, {row['speedup']:.2f}x, "
+                      + ", ".join(f"{k} {row[k]:.4f}" for k in row.get("quality_keys", [])))
+    memory = result.metrics.get("memory", {})
+    if memory:
+        console.print(f"peak memory {memory['peak_rss_mb']:.0f} MB")
     console.print(f"wrote {out}/plan.json, weights.safetensors, metrics.json, report.html")
 
 

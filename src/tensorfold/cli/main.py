@@ -18,7 +18,7 @@ from tensorfold import __version__
 from tensorfold.cli.common import DEBUG_ENV, TensorfoldGroup
 
 # Each name is a module tensorfold.cli.<name> with register(app); missing ones are skipped.
-COMMAND_MODULES = ("decompose", "compress", "sweep", "rank")
+COMMAND_MODULES = ("decompose", "compress", "sweep", "rank", "export")
 
 app = typer.Typer(
     name="tensorfold",

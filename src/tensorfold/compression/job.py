@@ -75,10 +75,42 @@ def load_weights(model: nn.Module, path: str) -> None:
     load_state(model, state, str(p))
 
 
-def resolve_model(spec: str, weights: str | None = None) -> ModelSource:
-    """A built-in model name (see ``tensorfold.zoo.names()``) or ``module:factory``."""
+def is_directory_spec(spec: str) -> bool:
+    """Whether ``--model spec`` names a model directory (or a hub name) rather than a built-in or a factory."""
     from tensorfold import zoo
 
+    if spec in zoo.names():
+        return False
+    return Path(spec).expanduser().is_dir() or ":" not in spec and spec.count("/") >= 1
+
+
+def _directory_source(path: str, weights: str | None, calib_data: str | None, text_field: str | None, calib: int,
+                      seed: int) -> ModelSource:
+    from tensorfold.zoo import hf
+
+    entry = hf.entry(path, calib_data, text_field=text_field, n_calib=calib, seed=seed)
+    model = entry.extra["model"]
+    if weights:
+        load_weights(model, weights)
+    return ModelSource(entry.name, model, entry, entry.calibration, tuple(entry.exclude), entry.output_fn)
+
+
+def resolve_model(spec: str, weights: str | None = None, *, calib_data: str | None = None,
+                  text_field: str | None = None, calib: int = 128, seed: int = 0) -> ModelSource:
+    """A built-in model name (see ``tensorfold.zoo.names()``), ``module:factory``, or a local Hugging Face /
+    sentence-transformers directory (``calib_data``: a text file to calibrate, fine-tune and evaluate on)."""
+    from tensorfold import zoo
+
+    if calib_data is not None and spec == "minilm":
+        # the built-in MiniLM is a sentence-transformers directory inside its package: the user's text applies
+        from tensorfold.zoo import minilm
+
+        spec = minilm.model_path()
+    if is_directory_spec(spec):
+        return _directory_source(spec, weights, calib_data, text_field, calib, seed)
+    if calib_data is not None or text_field is not None:
+        raise InvalidArgumentError("--calib-data/--text-field apply to a model directory (or minilm), not to "
+                                   f"{spec!r}")
     if spec in zoo.names():
         entry = zoo.get(spec)
         model = entry.load()
@@ -121,6 +153,8 @@ def _finetune(source: ModelSource, compressed: nn.Module, original: nn.Module, c
     defaults, changes = FinetuneConfig(), {}
     if source.output_fn is not None and config.distill_loss == defaults.distill_loss:
         changes["distill_loss"] = "cosine"
+    if source.entry is not None and config.distill_loss == defaults.distill_loss and "distill_loss" in source.entry.extra:
+        changes["distill_loss"] = source.entry.extra["distill_loss"]  # a model directory: KL on logits
     if source.entry is not None and "finetune_lr" in source.entry.extra and config.lr == defaults.lr:
         changes["lr"] = source.entry.extra["finetune_lr"]
     return finetune(compressed, train, config.replace(**changes), teacher=original, val_data=val,
@@ -170,6 +204,33 @@ def finetune_and_keep_better(source: ModelSource, compressed: nn.Module, origina
     return tuned, record
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far, in MB (Linux reports kilobytes, macOS bytes)."""
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024
+
+
+def _write_directory_model(tmp: Path, source: ModelSource, compressed: nn.Module, original: nn.Module, plan: Plan,
+                           metrics: dict, options: JobOptions, log: Callable[[str], None]) -> None:
+    """Output of a model directory: the changed tensors and hf.json (base recorded or copied), the ONNX
+    export and its comparison when asked, metrics.json last (it records the export)."""
+    from tensorfold.compression.hf_storage import write_hf_compressed
+
+    info = source.entry.extra
+    write_hf_compressed(compressed, original, plan, tmp, kind=info["kind"], base_path=info["path"],
+                        standalone=options.standalone)
+    if options.export:
+        from tensorfold.compression.export import export_directory
+
+        metrics["export"] = export_directory(
+            tmp, compressed, original, info["kind"], info["eval_batches"], source.entry.example_inputs(32),
+            int8=options.export == "onnx-int8", threads=options.threads, log=log)
+    (tmp / "metrics.json").write_text(json.dumps(metrics, indent=1))
+
+
 def evaluate_pair(source: ModelSource, original: nn.Module, compressed: nn.Module, batches: list) -> dict:
     """Quality metrics: the built-in evaluation, else output fidelity on ``batches`` (if any)."""
     if source.entry is not None:
@@ -193,7 +254,9 @@ class JobOptions:
     out: the output directory (None: write nothing); overwrite: replace it if it exists.
     weights: a state dict to load into the model first. data: fine-tuning data ("builtin" or
     "module:function"; only with a fine-tuning config). curve_budgets: extra budgets for the
-    quality-vs-budget curve. speed: measure the end-to-end speedup with ``threads`` CPU threads.
+    quality-vs-budget curve. speed: measure the end-to-end speedup with ``threads`` CPU threads. For a model
+    directory: calib_data (a .txt/.jsonl/.csv file; text_field its field or column), standalone (copy the
+    base directory into the output) and export ("onnx" or "onnx-int8").
     """
 
     out: str | Path | None = None
@@ -203,8 +266,14 @@ class JobOptions:
     curve_budgets: tuple[float, ...] = ()
     speed: bool = True
     threads: int = 2
+    calib_data: str | None = None
+    text_field: str | None = None
+    standalone: bool = False
+    export: str | None = None
 
     def __post_init__(self):
+        if self.export not in (None, "onnx", "onnx-int8"):
+            raise InvalidArgumentError(f"--export must be onnx or onnx-int8, got {self.export!r}")
         object.__setattr__(self, "curve_budgets", tuple(check_budget(b, "--curve budget") for b in self.curve_budgets))
         object.__setattr__(self, "out", Path(self.out) if self.out is not None else None)
         check_count(self.threads, "threads", minimum=1)
@@ -231,10 +300,18 @@ def run_job(
         check_output(out_path, overwrite=overwrite, kind="dir")
 
     t0 = time.perf_counter()
-    source = model if isinstance(model, ModelSource) else resolve_model(model, options.weights)
+    calib, seed = config.calib_samples, config.seed
+    source = model if isinstance(model, ModelSource) else resolve_model(
+        model, options.weights, calib_data=options.calib_data, text_field=options.text_field, calib=calib, seed=seed)
     original = source.model
     log(f"model {source.name}: {count_params(original):,} parameters")
-    calib, seed = config.calib_samples, config.seed
+    hf_info = source.entry.extra if source.entry is not None and "kind" in source.entry.extra else None
+    if hf_info is not None:
+        log(f"{hf_info['kind']} model; text from {hf_info['data']}: " +
+            ", ".join(f"{k} {v}" for k, v in hf_info["split"].items()) + " samples")
+    elif options.standalone or options.export:
+        raise InvalidArgumentError("--standalone and --export apply to a model directory (Hugging Face or "
+                                   "sentence-transformers)")
     batches = []
     if calib:
         if source.calibration is None:
@@ -286,11 +363,17 @@ def run_job(
         curve.append({"budget": b, "fraction": p_b.fraction, **evaluate_pair(source, original, c_b, eval_batches)})
     curve.sort(key=lambda r: r["budget"])
     metrics["quality_curve"] = curve
+    if hf_info is not None:
+        metrics["data"] = {"source": hf_info["data"], **hf_info["split"]}
+    metrics["memory"] = {"peak_rss_mb": peak_rss_mb()}
     metrics["seconds"]["total"] = time.perf_counter() - t0
     if out_path is not None:
         from tensorfold.report import write_report
 
         with atomic_directory(out_path, overwrite=overwrite) as tmp:
-            write_compressed(compressed, plan, tmp, {"metrics.json": json.dumps(metrics, indent=1)})
+            if hf_info is None:
+                write_compressed(compressed, plan, tmp, {"metrics.json": json.dumps(metrics, indent=1)})
+            else:
+                _write_directory_model(tmp, source, compressed, original, plan, metrics, options, log)
             write_report(tmp / "report.html", plan, metrics)
     return JobResult(plan, compressed, original, metrics, out_path, curve)

@@ -206,6 +206,11 @@ def load_compressed(directory: str | os.PathLike, base_model: nn.Module | None =
 
     directory = Path(directory)
     plan = Plan.load(directory / PLAN_FILE)
+    if base_model is None and (directory / "hf.json").is_file():
+        # a Hugging Face / sentence-transformers model: rebuilt from its base directory's data files
+        from tensorfold.compression.hf_storage import load_hf_compressed
+
+        return load_hf_compressed(directory, plan)
     weights_path = directory / WEIGHTS_FILE
     if not weights_path.is_file():
         raise FileFormatError(f"{weights_path}: no such file")

