@@ -53,7 +53,7 @@ def export(
     from rich.console import Console
 
     from tensorfold.cli.common import stderr_console, stdout_console
-    from tensorfold.compression.export import export_directory
+    from tensorfold.compression.export import ExportInputs, export_directory
     from tensorfold.compression.hf_storage import base_directory, read_info
     from tensorfold.compression.storage import load_compressed, read_metrics
     from tensorfold.io import write_text_atomic
@@ -72,8 +72,8 @@ def export(
     batches = hf.batches_of(tokenize, texts)
     example = tokenize([texts[i % len(texts)] for i in range(32)])
     err = stderr_console()
-    result = export_directory(directory, compressed, original, kind, batches, example, int8=int8, threads=threads,
-                              overwrite=overwrite, log=err.print)
+    result = export_directory(directory, compressed, original, ExportInputs(kind, batches, example, threads),
+                              int8=int8, overwrite=overwrite, log=err.print)
     metrics = read_metrics(directory)
     metrics["export"] = result
     write_text_atomic(directory / "metrics.json", json.dumps(metrics, indent=1))

@@ -25,6 +25,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -132,16 +133,27 @@ def _time(fn: Callable[[], object], repeats: int) -> list[float]:
     return out
 
 
-def compare_variants(original: nn.Module, compressed: nn.Module, kind: str, eval_batches: list[dict],
-                     example: dict, directory: str | Path, *, threads: int = 2, repeats: int = 10,
-                     log: Callable[[str], None] = lambda msg: None, extra: dict[str, nn.Module] | None = None
-                     ) -> list[dict]:
-    """Speed (batch ``example``, best of ``repeats``, interleaved) and quality on ``eval_batches`` of dense
-    fp32, dense int8, compressed fp32 and compressed int8 (plus ``extra`` models, each fp32 and int8).
-    Graphs are written into ``directory`` (``dense.onnx``, ``dense-int8.onnx``, ``model.onnx``,
+@dataclass(frozen=True)
+class ExportInputs:
+    """What the export is checked and timed on: the model's kind (see ``tensorfold.zoo.hf.KINDS``),
+    held-out batches for verification and quality, one batch to time and the CPU threads to use."""
+
+    kind: str
+    eval_batches: list = field(repr=False)
+    example: dict = field(repr=False)
+    threads: int = 2
+
+
+def compare_variants(original: nn.Module, compressed: nn.Module, inputs: ExportInputs, directory: str | Path, *,
+                     repeats: int = 10, log: Callable[[str], None] = lambda msg: None,
+                     extra: dict[str, nn.Module] | None = None) -> list[dict]:
+    """Speed (batch ``inputs.example``, best of ``repeats``, interleaved) and quality on ``inputs.eval_batches``
+    of dense fp32, dense int8, compressed fp32 and compressed int8 (plus ``extra`` models, each fp32 and
+    int8). Graphs are written into ``directory`` (``dense.onnx``, ``dense-int8.onnx``, ``model.onnx``,
     ``model-int8.onnx``, ``NAME.onnx`` ...)."""
     from tensorfold.zoo import hf
 
+    kind, eval_batches, example, threads = inputs.kind, inputs.eval_batches, inputs.example, inputs.threads
     directory = Path(directory)
     models = {"dense": original, "compressed": compressed, **(extra or {})}
     files = {"dense": "dense", "compressed": "model"}
@@ -180,9 +192,8 @@ def compare_variants(original: nn.Module, compressed: nn.Module, kind: str, eval
     return rows
 
 
-def export_directory(directory: str | Path, compressed: nn.Module, original: nn.Module, kind: str,
-                     eval_batches: list[dict], example: dict, *, int8: bool = True, threads: int = 2,
-                     overwrite: bool = True, log: Callable[[str], None] = lambda msg: None) -> dict:
+def export_directory(directory: str | Path, compressed: nn.Module, original: nn.Module, inputs: ExportInputs, *,
+                     int8: bool = True, overwrite: bool = True, log: Callable[[str], None] = lambda msg: None) -> dict:
     """Export ``compressed`` into ``directory`` (``model.onnx`` and with ``int8`` ``model-int8.onnx``) and
     measure the four variants; returns what metrics.json records under ``export``."""
     from tensorfold.errors import InvalidArgumentError
@@ -193,11 +204,11 @@ def export_directory(directory: str | Path, compressed: nn.Module, original: nn.
         if (directory / name).exists() and not overwrite:
             raise InvalidArgumentError(f"{directory / name} already exists; pass --overwrite to replace it")
     with tempfile.TemporaryDirectory(dir=directory) as scratch:
-        rows = compare_variants(original, compressed, kind, eval_batches, example, scratch, threads=threads, log=log)
+        rows = compare_variants(original, compressed, inputs, scratch, log=log)
         for name in keep:  # a rename inside one file system: each file appears whole or not at all
             (Path(scratch) / name).replace(directory / name)
-    return {"files": keep, "opset": OPSET, "ops": sorted(graph_ops(directory / ONNX_FILE)), "threads": threads,
-            "batch": len(example["input_ids"]), "variants": rows}
+    return {"files": keep, "opset": OPSET, "ops": sorted(graph_ops(directory / ONNX_FILE)),
+            "threads": inputs.threads, "batch": len(inputs.example["input_ids"]), "variants": rows}
 
 
-__all__ = ["compare_variants", "export_directory", "export_onnx", "quantize_int8", "verify"]
+__all__ = ["ExportInputs", "compare_variants", "export_directory", "export_onnx", "quantize_int8", "verify"]

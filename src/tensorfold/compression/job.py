@@ -153,7 +153,7 @@ def _finetune(source: ModelSource, compressed: nn.Module, original: nn.Module, c
     defaults, changes = FinetuneConfig(), {}
     if source.output_fn is not None and config.distill_loss == defaults.distill_loss:
         changes["distill_loss"] = "cosine"
-    if source.entry is not None and config.distill_loss == defaults.distill_loss and "distill_loss" in source.entry.extra:
+    if source.entry is not None and "distill_loss" in source.entry.extra and config.distill_loss == "kl":
         changes["distill_loss"] = source.entry.extra["distill_loss"]  # a model directory: KL on logits
     if source.entry is not None and "finetune_lr" in source.entry.extra and config.lr == defaults.lr:
         changes["lr"] = source.entry.extra["finetune_lr"]
@@ -223,11 +223,11 @@ def _write_directory_model(tmp: Path, source: ModelSource, compressed: nn.Module
     write_hf_compressed(compressed, original, plan, tmp, kind=info["kind"], base_path=info["path"],
                         standalone=options.standalone)
     if options.export:
-        from tensorfold.compression.export import export_directory
+        from tensorfold.compression.export import ExportInputs, export_directory
 
-        metrics["export"] = export_directory(
-            tmp, compressed, original, info["kind"], info["eval_batches"], source.entry.example_inputs(32),
-            int8=options.export == "onnx-int8", threads=options.threads, log=log)
+        inputs = ExportInputs(info["kind"], info["eval_batches"], source.entry.example_inputs(32), options.threads)
+        metrics["export"] = export_directory(tmp, compressed, original, inputs, int8=options.export == "onnx-int8",
+                                             log=log)
     (tmp / "metrics.json").write_text(json.dumps(metrics, indent=1))
 
 
