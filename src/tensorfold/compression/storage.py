@@ -206,7 +206,7 @@ def load_compressed(directory: str | os.PathLike, base_model: nn.Module | None =
 
     directory = Path(directory)
     plan = Plan.load(directory / PLAN_FILE)
-    if base_model is None and (directory / "hf.json").is_file():
+    if base_model is None and factory is None and (directory / "hf.json").is_file():
         # a Hugging Face / sentence-transformers model: rebuilt from its base directory's data files
         from tensorfold.compression.hf_storage import load_hf_compressed
 
