@@ -58,7 +58,7 @@ def test_compress_directory_end_to_end(root, kind, metric):
     model = tf.load_compressed(out)
     original = hf.load_model(path)
     assert type(model) is type(original)
-    assert any(type(m).__name__ == "LowRankLinear" for m in model.modules())
+    assert sum(p.numel() for p in model.parameters()) < sum(p.numel() for p in original.parameters())
     # the reloaded model computes what the job measured: same quality on the same held-out split
     e = hf.entry(path, root / "text.txt", n_calib=48, seed=0, model=original)
     again = e.evaluate(original, model)

@@ -41,6 +41,7 @@ RESULT_FILES = {
     "plan.json", "weights.safetensors", "metrics.json", "report.html",  # compress
     "sweep.json", "accuracy_vs_size.png", "accuracy_vs_latency.png", "index.html",  # sweep
     "adapter.safetensors", "adapter_config.json",  # tensorfold.adapters.save_adapter
+    "hf.json", "base", "model.onnx", "model-int8.onnx",  # compress/export of a Hugging Face directory
 }
 # ... and at least one of these marks the directory as a tensorfold result.
 RESULT_MARKERS = ("plan.json", "sweep.json", "adapter_config.json")

@@ -111,7 +111,8 @@ def load_hf_compressed(directory: str | os.PathLike, plan: Plan | None = None) -
     """Rebuild a model written by :func:`write_hf_compressed` (see the module docs)."""
     from safetensors.torch import load_file
 
-    from tensorfold.compression.storage import restructure
+    from tensorfold.compression.replace import replace_layers
+    from tensorfold.errors import ShapeError
     from tensorfold.zoo import hf
 
     directory = Path(directory)
@@ -123,7 +124,10 @@ def load_hf_compressed(directory: str | os.PathLike, plan: Plan | None = None) -
     base = base_directory(directory, info)
     model = hf.load_model(base)
     kept = set(model.state_dict())
-    model = restructure(model, plan)
+    try:
+        model = replace_layers(model, plan, "empty", inplace=True)
+    except ShapeError as exc:
+        raise FileFormatError(f"the saved plan does not fit the base model in {base}: {exc}") from None
     try:
         state = load_file(str(weights))
     except Exception as exc:  # safetensors raises its own error types for corrupt files
