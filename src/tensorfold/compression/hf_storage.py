@@ -123,7 +123,9 @@ def load_hf_compressed(directory: str | os.PathLike, plan: Plan | None = None) -
         raise FileFormatError(f"{directory} is incomplete: {WEIGHTS_FILE} is missing")
     base = base_directory(directory, info)
     model = hf.load_model(base)
-    kept = set(model.state_dict())
+    # the base tensors, kept alive through the restructuring: a rebuilt module may hold placeholders under
+    # the same names (e.g. a refitted bias), so every tensor not stored is copied back from here
+    base_state = dict(model.state_dict())
     try:
         model = replace_layers(model, plan, "empty", inplace=True)
     except ShapeError as exc:
@@ -132,13 +134,21 @@ def load_hf_compressed(directory: str | os.PathLike, plan: Plan | None = None) -
         state = load_file(str(weights))
     except Exception as exc:  # safetensors raises its own error types for corrupt files
         raise FileFormatError(f"{weights}: cannot read ({type(exc).__name__}: {exc})") from None
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    # tensors not stored must be ones the base model supplied; factored layers' tensors must all be stored
-    lost = [k for k in missing if k not in kept]
+    target = model.state_dict()
+    full, lost = {}, []
+    for key, value in target.items():
+        if key in state:
+            full[key] = state[key]
+        elif key in base_state and base_state[key].shape == value.shape:
+            full[key] = base_state[key]
+        else:
+            lost.append(key)
+    unexpected = sorted(set(state) - set(target))
     if unexpected or lost:
         names = ", ".join((unexpected or lost)[:3])
         raise FileFormatError(f"{weights} does not fit the rebuilt model ({'unexpected' if unexpected else 'missing'} "
                               f"tensors: {names})")
+    model.load_state_dict(full, strict=True)
     model.eval()
     return model
 
