@@ -154,7 +154,7 @@ def compress(
         console.print(f"{row['variant']}: {row['seconds'] * 1e3:.1f} ms, {row['speedup']:.2f}x, "
                       + ", ".join(f"{k} {row[k]:.4f}" for k in row.get("quality_keys", [])))
     memory = result.metrics.get("memory", {})
-    if memory:
+    if memory and "data" in result.metrics:  # a model directory: large models are where memory matters
         console.print(f"peak memory {memory['peak_rss_mb']:.0f} MB")
     console.print(f"wrote {out}/plan.json, weights.safetensors, metrics.json, report.html")
 
