@@ -22,6 +22,8 @@ stream passes through unchanged).
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -73,10 +75,30 @@ class HeadAttention(nn.Module):
 
 
 class SkipBlock(nn.Module):
-    """A removed residual block: returns its first argument unchanged."""
+    """A removed residual block: returns its first argument unchanged.
+
+    ``tuple_output`` mimics blocks that return ``(hidden_states, ...)`` (MPNet and older transformers
+    layers), whose caller reads ``outputs[0]``: a bare tensor there would be indexed by batch row.
+    """
+
+    def __init__(self, tuple_output: bool = False):
+        super().__init__()
+        self.tuple_output = tuple_output
+
+    @classmethod
+    def like(cls, block: nn.Module) -> SkipBlock:
+        """The skip for ``block``: layers that take ``output_attentions`` return tuples (transformers' convention)."""
+        try:
+            params = inspect.signature(block.forward).parameters
+        except (TypeError, ValueError):
+            params = {}
+        return cls(tuple_output="output_attentions" in params)
 
     def forward(self, hidden_states, *args, **kwargs):
-        return hidden_states
+        return (hidden_states,) if self.tuple_output else hidden_states
+
+    def extra_repr(self) -> str:
+        return "tuple_output=True" if self.tuple_output else ""
 
 
 __all__ = ["HeadAttention", "SkipBlock"]

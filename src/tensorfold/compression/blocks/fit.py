@@ -36,6 +36,17 @@ from tensorfold.nn.transformer import HeadAttention, SkipBlock
 ATTENTION_METHODS = ("qk-select", "vo-svd")
 
 
+# A decoder's key/value cache grows on every call: replaying a block on captured inputs must not use it.
+_CACHE_KWARGS = ("past_key_value", "past_key_values", "layer_past", "cache")
+
+
+def _without_cache(kwargs: dict) -> dict:
+    kept = {k: v for k, v in kwargs.items() if k not in _CACHE_KWARGS}
+    if "use_cache" in kept:
+        kept["use_cache"] = False
+    return kept
+
+
 def _decisions(plan: Plan | Sequence[LayerPlan]) -> list[LayerPlan]:
     return list(plan.layers if isinstance(plan, Plan) else plan)
 
@@ -97,7 +108,7 @@ class Inputs:
             module, inputs = self.new.get_submodule(block), []
 
             def hook(mod, args, kwargs):
-                inputs.append((args, kwargs))
+                inputs.append((args, _without_cache(kwargs)))
                 raise _StopForward
 
             handle = module.register_forward_pre_hook(hook, with_kwargs=True)
@@ -249,7 +260,7 @@ def apply_block_plan(model: nn.Module, plan: Plan | Sequence[LayerPlan], batches
             block = block_of.get(lp.name)
             attn = block.attention if block is not None else None
             if lp.method == "drop":
-                set_submodule(new, block.name, SkipBlock())
+                set_submodule(new, block.name, SkipBlock.like(new.get_submodule(block.name)))
                 done.update(block.layers)
                 shared.clear()
                 inputs.forget()
@@ -313,7 +324,7 @@ def restructure_blocks(model: nn.Module, plan: Plan | Sequence[LayerPlan], *,
             continue
         seen_blocks.add(block.name)
         if "drop" in methods:
-            set_submodule(model, block.name, SkipBlock())
+            set_submodule(model, block.name, SkipBlock.like(model.get_submodule(block.name)))
             handled.update(block.layers)
             continue
         f = block.ffn

@@ -77,7 +77,7 @@ def drop_errors(model: nn.Module, blocks: Sequence[Block], batches: list, output
     out = []
     for block in blocks:
         original = work.get_submodule(block.name)
-        set_submodule(work, block.name, SkipBlock())
+        set_submodule(work, block.name, SkipBlock.like(original))
         try:
             diff = sum(float(((output_tensor(call_model(work, b), output_fn).double() - y) ** 2).sum())
                        for b, y in zip(batches, ref))
