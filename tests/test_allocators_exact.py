@@ -174,7 +174,7 @@ def test_latency_target_drops_factorisations_not_faster_than_dense():
     assert picks(got) == [("svd", 2), ("dense", None)]
 
 
-@pytest.mark.parametrize("cap", [True, -0.5, "0.5"])
+@pytest.mark.parametrize("cap", [True, -0.5, 0.0, "0.5"])
 def test_latency_cap_must_be_a_positive_number(cap):
     with pytest.raises(InvalidArgumentError, match="latency_cap must be a positive fraction"):
         allocate(latency_menus(), 0.7, latency_cap=cap)
@@ -208,6 +208,37 @@ def test_latency_cap_reached_exactly_by_the_fastest_choice():
     assert picks(got) == [("tucker", 1)]
     with pytest.raises(NotCompressibleError, match="fastest choice is predicted at 0.400"):
         allocate(one_layer_for_latency(), 0.4, latency_cap=0.39)
+
+
+def test_budget_below_the_smallest_factorisations_is_refused_up_front():
+    # the smallest choices, a rank 1 (20) + b rank 1 (30) = 50 params, are a quarter of the dense 200
+    with pytest.raises(NotCompressibleError, match="smallest factorisations of the covered layers still need 0.250"):
+        allocate(latency_menus(), 0.2)
+
+
+def test_single_method_allocator_that_cannot_meet_the_budget_says_so():
+    # svd rank 1 (20) would fit in 25 params, but uniform keeps to tucker, whose smallest is 30
+    message = r"uniform allocator cannot meet budget 0.25 with its method \(0.300 at best\)"
+    with pytest.raises(NotCompressibleError, match=message):
+        allocate([two_method_menu()], 0.25, allocator="uniform", methods=("tucker",))
+
+
+def test_no_slower_drops_a_factorisation_as_slow_as_dense():
+    a, b = latency_menus()
+    b.options.append(Candidate("tucker", 1, 20, None, 10.0, 0.05))  # 10 ms, as slow as b's dense layer
+    # 120 params without b's tucker: a rank 1 (20) + b dense (100); with it a rank 2 + tucker would fit
+    got = allocate([a, b], 0.6, no_slower=True)
+    assert picks(got) == [("svd", 1), ("dense", None)]
+
+
+@pytest.mark.parametrize("allocator", ["balanced", "knapsack"])
+def test_all_sensitivities_zero(allocator):
+    # every choice has objective 0; the weights fall back to 1, so balanced and the slack step still work
+    menus = slack_menus()
+    for m in menus:
+        m.sensitivity = 0.0
+    got = allocate(menus, 0.3, allocator=allocator)
+    assert got.total <= 60 and got.objective == 0
 
 
 # --- menus drawn at random (fixed) that told surviving mutants apart -------------------------------
