@@ -99,7 +99,7 @@ def test_config_rejects_bad_values(kwargs, error, text):
 
 
 def test_config_from_dict_rejects_unknown_fields():
-    with pytest.raises(InvalidArgumentError, match="unknown adapter config field"):
+    with pytest.raises(FileFormatError, match="has no setting"):
         AdapterConfig.from_dict({"method": "lora", "lora_r": 8})
 
 

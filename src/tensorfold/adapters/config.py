@@ -10,12 +10,13 @@ True
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 
+from tensorfold.core.settings import Settings
+from tensorfold.core.validate import check_count, check_strings
 from tensorfold.errors import InvalidArgumentError, RankError
 
 METHODS = ("lora", "tt", "tucker", "cp", "tr")
@@ -26,7 +27,7 @@ SPECIAL_TARGETS = ("all-linear", "all-conv", "all")
 
 
 @dataclass(frozen=True)
-class AdapterConfig:
+class AdapterConfig(Settings):
     """How to adapt a model: which layers, which factorized update, which rank.
 
     Parameters
@@ -83,10 +84,9 @@ class AdapterConfig:
             raise InvalidArgumentError(f"dropout must lie in [0, 1), got {self.dropout!r}")
         object.__setattr__(self, "dropout", dropout)
         object.__setattr__(self, "target_modules", _check_targets(self.target_modules))
-        object.__setattr__(self, "exclude_modules", _names(self.exclude_modules, "exclude_modules"))
-        object.__setattr__(self, "modules_to_save", _names(self.modules_to_save, "modules_to_save"))
-        if isinstance(self.n_cores, bool) or not isinstance(self.n_cores, int) or self.n_cores < 1:
-            raise InvalidArgumentError(f"n_cores must be an int >= 1, got {self.n_cores!r}")
+        for field in ("exclude_modules", "modules_to_save"):
+            object.__setattr__(self, field, check_strings(getattr(self, field), field, "module names"))
+        check_count(self.n_cores, "n_cores", minimum=1)
         if not isinstance(self.share_factors, bool):
             raise InvalidArgumentError(f"share_factors must be True or False, got {self.share_factors!r}")
         if self.share_factors and self.method != "tucker":
@@ -107,35 +107,6 @@ class AdapterConfig:
         if self.alpha is None:
             return 1.0
         return self.alpha / max(self.rank if isinstance(self.rank, tuple) else (self.rank,))
-
-    def to_dict(self) -> dict:
-        data = asdict(self)
-        for key, value in data.items():
-            if isinstance(value, tuple):
-                data[key] = list(value)
-        return data
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> AdapterConfig:
-        if not isinstance(data, dict):
-            raise InvalidArgumentError(f"an adapter config must be a JSON object, got {type(data).__name__}")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise InvalidArgumentError(f"unknown adapter config field(s) {unknown}; known: {sorted(known)}")
-        values = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
-        return cls(**values)
-
-    @classmethod
-    def from_json(cls, text: str) -> AdapterConfig:
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise InvalidArgumentError(f"adapter config is not valid JSON: {exc}") from None
-        return cls.from_dict(data)
 
 
 def _check_choice(value, name: str, choices: Sequence[str]) -> None:
@@ -168,18 +139,6 @@ def _check_rank(rank) -> int | tuple[int, ...]:
     return one(rank)
 
 
-def _names(value, name: str) -> tuple[str, ...]:
-    if isinstance(value, str):
-        value = (value,)
-    try:
-        items = tuple(value)
-    except TypeError:
-        raise InvalidArgumentError(f"{name} must be a sequence of module names, got {value!r}") from None
-    if any(not isinstance(v, str) or not v for v in items):
-        raise InvalidArgumentError(f"{name} must hold non-empty module names, got {value!r}")
-    return items
-
-
 def _check_targets(value) -> str | tuple[str, ...]:
     if isinstance(value, str):
         if value not in SPECIAL_TARGETS:
@@ -189,7 +148,7 @@ def _check_targets(value) -> str | tuple[str, ...]:
                 raise InvalidArgumentError(
                     f"target_modules {value!r} is not a valid regular expression: {exc}") from None
         return value
-    items = _names(value, "target_modules")
+    items = check_strings(value, "target_modules", "module names")
     if not items:
         raise InvalidArgumentError("target_modules must name at least one module")
     return items
