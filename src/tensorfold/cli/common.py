@@ -293,6 +293,16 @@ def fit_progress(description: str, total: int | None = None) -> Iterator[Callabl
         yield callback
 
 
+def decomposition_rows(method: str, source: str, shape, summary: dict[str, Any]) -> list[tuple[str, Any]]:
+    """The first rows of a decomposition's summary table (in-memory and out-of-core runs alike)."""
+    return [
+        ("method", method),
+        ("input", f"{source} {tuple(shape)} {summary['input']['dtype']}"),
+        ("rank", summary["rank"]),
+        ("relative error", summary["relative_error"]),
+    ]
+
+
 def publish_result(
     result,
     summary: dict[str, Any],

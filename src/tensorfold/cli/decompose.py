@@ -26,6 +26,7 @@ from tensorfold.cli.common import (
     DTYPES,
     check_option_choice,
     check_outputs,
+    decomposition_rows,
     fit_progress,
     parse_rank,
     print_key_value_table,
@@ -418,12 +419,7 @@ def decompose(
     publish_result(
         result, summary, out=out, summary_path=summary_path, started=started, as_json=as_json,
         title=f"tensorfold decompose: {method}",
-        first_rows=[
-            ("method", method),
-            ("input", f"{source} {tuple(summary['input']['shape'])} {summary['input']['dtype']}"),
-            ("rank", summary["rank"]),
-            ("relative error", summary["relative_error"]),
-        ],
+        first_rows=decomposition_rows(method, source, summary["input"]["shape"], summary),
     )
 
 

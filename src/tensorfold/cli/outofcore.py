@@ -11,7 +11,14 @@ import contextlib
 import time
 from pathlib import Path
 
-from tensorfold.cli.common import check_outputs, fit_progress, parse_rank, publish_result, summary_path_for
+from tensorfold.cli.common import (
+    check_outputs,
+    decomposition_rows,
+    fit_progress,
+    parse_rank,
+    publish_result,
+    summary_path_for,
+)
 from tensorfold.errors import InvalidArgumentError, RankError
 
 METHODS = ("cp", "tucker")
@@ -124,10 +131,5 @@ def decompose_out_of_core(
     publish_result(
         result, summary, out=out, summary_path=summary_path, started=started, as_json=as_json,
         title=f"tensorfold decompose: {method} (out of core)",
-        first_rows=[
-            ("method", method),
-            ("input", f"{source} {tuple(result.shape)} {summary['input']['dtype']}"),
-            ("rank", summary["rank"]),
-            ("relative error", summary["relative_error"]),
-        ],
+        first_rows=decomposition_rows(method, source, result.shape, summary),
     )
