@@ -286,13 +286,19 @@ def run_entry(tmp_path, *args):
                           text=True, timeout=300, env=env)
 
 
-def test_factory_beside_the_user_and_its_name_printed_as_typed(tmp_path):
+def compress_beside(tmp_path, module: str, text: str):
+    """``tensorfold compress --model MODULE:factory --out run`` in tmp_path/project beside MODULE.py."""
     work = tmp_path / "project"
     work.mkdir()
-    (work / "mymodels.py").write_text(MODELS)
-    res = run_entry(work, "compress", "--model", "mymodels:factory", "--budget", "0.5", "--calib", "32",
+    (work / f"{module}.py").write_text(text)
+    res = run_entry(work, "compress", "--model", f"{module}:factory", "--budget", "0.5", "--calib", "32",
                     "--methods", "svd", "--no-speed", "--out", "run")
     assert res.returncode == 0, res.stderr
+    return work, res
+
+
+def test_factory_beside_the_user_and_its_name_printed_as_typed(tmp_path):
+    work, res = compress_beside(tmp_path, "mymodels", MODELS)
     assert "mymodels:factory:" in res.stderr and "\N{FACTORY}" not in res.stdout + res.stderr
     assert "mymodels:factory" in res.stdout  # the plan's title names the model as typed
     assert listing(work / "run") == ["metrics.json", "plan.json", "report.html", "weights.safetensors"]
@@ -312,6 +318,65 @@ def test_info_describes_a_compress_directory_and_its_weights(tmp_path, user_mode
     empty = tmp_path / "empty"
     empty.mkdir()
     assert "not a tensorfold compress result" in one_error_line(invoke("info", empty))
+
+
+# --- a directory names a factory: it runs only with --trust-factory ------------------------------
+MARKED_MODELS = MODELS + """
+
+import pathlib
+pathlib.Path(__file__).with_name("imported").write_text("yes")
+"""
+
+
+@pytest.mark.parametrize("source", ["user", "os:abort"])
+def test_info_check_runs_a_named_factory_only_with_trust_factory(tmp_path, source):
+    work, _ = compress_beside(tmp_path, "tf_marked_models", MARKED_MODELS)
+    (work / "imported").unlink()  # compress imported the module the user named on the command line
+    name = "tf_marked_models:factory"
+    if source == "os:abort":  # a directory from elsewhere whose plan names a function that kills the process
+        plan = json.loads((work / "run" / "plan.json").read_text())
+        plan["model_name"] = name = "os:abort"
+        (work / "run" / "plan.json").write_text(json.dumps(plan))
+    res = run_entry(work, "info", "run", "--check")
+    assert res.returncode == 2, (res.returncode, res.stderr)  # not -6 (SIGABRT): nothing was called
+    assert res.stderr.strip() == (f"error: run/plan.json names the model factory {name!r}; rebuilding the model "
+                                  "would import and run that code. Add --trust-factory (tensorfold info run --check "
+                                  "--trust-factory) only if you trust this directory")
+    assert not (work / "imported").exists()
+    res = run_entry(work, "info", "run", "--trust-factory")  # without --check nothing would use it
+    assert res.returncode == 2 and "only matters with --check" in res.stderr
+    if source == "user":
+        res = run_entry(work, "info", "run", "--check", "--trust-factory", "--json")
+        assert res.returncode == 0, res.stderr
+        assert (work / "imported").read_text() == "yes"
+        check = json.loads(res.stdout)["check"]
+        assert check == {"rebuilt": "Sequential", "parameters": check["plan_parameters"], "matches_plan": True,
+                         "plan_parameters": check["plan_parameters"], "factory_run": name}
+        assert check["parameters"] == 192  # of 412: the saved plan's count (its rel_error is checked elsewhere)
+        res = run_entry(work, "info", "run", "--check", "--trust-factory")
+        text = " ".join(res.stdout.replace("\N{BOX DRAWINGS LIGHT VERTICAL}", " ").split())  # table cells wrap
+        assert res.returncode == 0
+        assert "rebuilt a Sequential and loaded its weights: 192 parameters (as planned)" in text
+
+
+def test_info_check_rebuilds_a_builtin_model_without_trust(tmp_path):
+    out = tmp_path / "d"
+    res = invoke("compress", "--model", "digits-cnn", "--budget", "0.5", "--calib", "16", "--methods", "svd",
+                 "--no-speed", "--out", out)
+    assert res.exit_code == 0, res.output
+    res = invoke("info", out, "--check", "--json")
+    assert res.exit_code == 0, res.output
+    check = json.loads(res.stdout)["check"]
+    assert check["matches_plan"] and check["factory_run"] is None
+    assert check["parameters"] == json.loads(res.stdout)["plan"]["model_params_after"]
+    res = invoke("info", out / "weights.safetensors", "--check", "--json")  # its directory is rebuilt
+    assert res.exit_code == 0 and json.loads(res.stdout)["check"] == check
+
+
+def test_info_check_of_a_decomposition_is_refused(tmp_path, cube):
+    out = tmp_path / "c.safetensors"
+    assert invoke("decompose", cube, "-m", "cp", "-r", "2", "--out", out).exit_code == 0
+    assert "is a decomposition" in one_error_line(invoke("info", out, "--check"))
 
 
 def test_tt_rank_clipping_is_a_warning_in_the_summary(tmp_path, cube):

@@ -429,6 +429,10 @@ Examples:
   tensorfold info cp10.safetensors
 
   tensorfold info cp10.safetensors --json
+
+  tensorfold info runs/mlp-50 --check
+
+  tensorfold info runs/mine --check --trust-factory
 """
 
 
@@ -436,16 +440,26 @@ def info(
     path: Path = typer.Argument(..., metavar="FILE",
                                 help="A result saved by tensorfold (.safetensors), or a compress output directory."),
     as_json: bool = typer.Option(False, "--json", help="Print the stored header as JSON."),
+    check: bool = typer.Option(False, "--check", help="Compress directories: rebuild the model and load its weights "
+                                                      "(proves the directory is complete)."),
+    trust_factory: bool = typer.Option(False, "--trust-factory",
+                                       help="With --check: let the rebuild import and call the 'module:factory' "
+                                            "that plan.json names (runs that code; only for directories you trust)."),
 ) -> None:
     """Describe a saved decomposition from its header (type, shape, rank, size, how it was fitted), or a
     compress output directory (plan totals, quality, weights) and its weights.safetensors.
 
-    Only the header is read, so this is instant even for large files.
+    Only the header is read, so this is instant even for large files; --check rebuilds a compressed model.
     """
     from tensorfold.decomp.results import read_header
 
+    if trust_factory and not check:
+        raise InvalidArgumentError("--trust-factory only matters with --check (nothing else runs code)")
     if path.is_dir() or _compressed_weights(path):
-        return describe_compressed(path, as_json)
+        return describe_compressed(path, as_json, check=check, trust_factory=trust_factory)
+    if check:
+        raise InvalidArgumentError(f"--check rebuilds compressed models; {path} is a decomposition (its header "
+                                   "is all there is to check)")
     header = read_header(path)
     if as_json:
         typer.echo(json.dumps(header, indent=2))
@@ -485,9 +499,30 @@ def _compressed_weights(path: Path) -> bool:
         return False
 
 
-def describe_compressed(path: Path, as_json: bool) -> None:
+def rebuild_check(directory: Path, trust_factory: bool) -> dict[str, Any]:
+    """Rebuild the compressed model of ``directory`` as ``load_compressed`` does and count its parameters.
+
+    A user factory named in plan.json is imported and called only with ``trust_factory`` (the option
+    ``--trust-factory``); without it the refusal names the option, before anything is imported."""
+    from tensorfold.compression.storage import load_compressed, read_plan, user_factory_named
+
+    factory = user_factory_named(directory)
+    if factory is not None and not trust_factory:
+        raise InvalidArgumentError(
+            f"{directory}/plan.json names the model factory {factory!r}; rebuilding the model would import and "
+            f"run that code. Add --trust-factory (tensorfold info {directory} --check --trust-factory) only if "
+            "you trust this directory")
+    model = load_compressed(directory, trust_factory=trust_factory)
+    params = sum(p.numel() for p in model.parameters())
+    expected = read_plan(directory).totals()["model_params_after"]
+    return {"rebuilt": type(model).__name__, "parameters": params, "plan_parameters": expected,
+            "matches_plan": params == expected, "factory_run": factory}
+
+
+def describe_compressed(path: Path, as_json: bool, *, check: bool = False, trust_factory: bool = False) -> None:
     """``tensorfold info`` on a compress output directory or its ``weights.safetensors``: the plan's totals,
-    the recorded quality and speed, and the weights (tensor count, parameters, dtypes); nothing is run."""
+    the recorded quality and speed, and the weights (tensor count, parameters, dtypes); nothing is run unless
+    ``check`` (rebuild and load the weights; a user factory only with ``trust_factory``)."""
     from safetensors import safe_open
 
     from tensorfold.compression.storage import PLAN_FILE, WEIGHTS_FILE, read_metrics, read_plan
@@ -523,6 +558,10 @@ def describe_compressed(path: Path, as_json: bool) -> None:
         n = sum(math.prod(s) for s in shapes)
         info["weights"] = {"file": str(weights), "tensors": len(names), "values": n, "dtypes": dtypes,
                            "bytes": weights.stat().st_size}
+    if check:
+        if not has_plan:
+            raise FileFormatError(f"{directory}: no {PLAN_FILE} beside {weights.name}; nothing to rebuild")
+        info["check"] = rebuild_check(directory, trust_factory)
     if as_json:
         typer.echo(json.dumps(info, indent=2))
         return
@@ -552,6 +591,11 @@ def describe_compressed(path: Path, as_json: bool) -> None:
         w = info["weights"]
         rows.append(("weights", f"{w['file']}: {w['tensors']} tensors, {w['values']:,} values, "
                                 f"{', '.join(w['dtypes'])}, {w['bytes']:,} bytes"))
+    if "check" in info:
+        ck = info["check"]
+        same = "as planned" if ck["matches_plan"] else f"the plan says {ck['plan_parameters']:,}"
+        rows.append(("check", f"rebuilt a {ck['rebuilt']} and loaded its weights: {ck['parameters']:,} "
+                              f"parameters ({same})"))
     rows.append(("load it", "tensorfold.load_compressed(DIR, base_model=...) "
                             "(the model is rebuilt; a user factory runs only with trust_factory=True)"))
     print_key_value_table(f"tensorfold result: {path}", rows)

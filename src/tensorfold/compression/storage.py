@@ -65,6 +65,24 @@ def save_compressed(model: nn.Module, plan: Plan, directory: str | os.PathLike, 
         write_compressed(model, plan, tmp)
 
 
+def user_factory_named(directory: str | os.PathLike) -> str | None:
+    """The ``module:factory`` that loading ``directory`` without a base model would import and call, or None
+    (a built-in model, a Hugging Face directory rebuilt from its data files, or no model named).
+
+    Reads ``plan.json`` only: callers (a CLI command) can refuse before anything is rebuilt."""
+    directory = Path(directory)
+    if (directory / "hf.json").is_file():
+        return None
+    source = Plan.load(directory / PLAN_FILE).model_name
+    return source if _is_user_factory(source) else None
+
+
+def _is_user_factory(source: str | None) -> bool:
+    from tensorfold import zoo
+
+    return bool(source) and source not in zoo.names() and ":" in source
+
+
 def _base_from_source(source: str | None, trust_factory: bool = False) -> nn.Module:
     if not source:
         raise InvalidArgumentError("this plan does not name its model; pass base_model=")
@@ -72,7 +90,7 @@ def _base_from_source(source: str | None, trust_factory: bool = False) -> nn.Mod
 
     if source in zoo.names():
         return zoo.get(source).load()  # built from shipped data only
-    if ":" in source:
+    if _is_user_factory(source):
         if not trust_factory:
             raise InvalidArgumentError(
                 f"the saved plan names the model factory {source!r}; loading would import and run that code. "
@@ -247,4 +265,5 @@ def read_metrics(directory: str | os.PathLike) -> dict:
         raise FileFormatError(f"{path}: {exc}") from None
 
 
-__all__ = ["load_compressed", "save_compressed", "load_factory", "call_factory", "read_plan", "TensorfoldError"]
+__all__ = ["load_compressed", "save_compressed", "load_factory", "call_factory", "read_plan", "user_factory_named",
+           "TensorfoldError"]
