@@ -102,13 +102,23 @@ def test_corpus_of_real_size_kept_apart_from_evaluation():
     from tensorfold.zoo import corpus
 
     scripture, technical = corpus.scripture_sentences(), corpus.technical_sentences()
+    wikipedia = corpus.wikipedia_sentences()
     assert len(scripture) >= 20_000 and len(set(scripture)) == len(scripture)
+    assert 15_000 <= len(wikipedia) <= 18_000 and len(set(wikipedia)) == len(wikipedia)
+    # the markup filter_wiki leaves (headings, lists, tables, bold/italic marks, redirects) is gone
+    assert not [s for s in wikipedia if any(m in s for m in ("==", "''", "|", "[[", "{{", "#REDIRECT"))]
     assert len(technical) >= 1_000
     evaluation = set(minilm.eval_sentences()) | set(technical)
-    assert not evaluation & (set(scripture) | set(minilm.calibration_sentences()))
+    assert not evaluation & (set(scripture) | set(wikipedia) | set(minilm.calibration_sentences()))
     text = minilm.calibration_text(512, seed=0)
     modern = set(minilm.calibration_sentences())
-    assert len(text) == 512 and sum(s in modern for s in text) == 128  # a quarter modern, the rest scripture
+    assert len(text) == 512 and len(set(text)) == 512 and not evaluation & set(text)
+    # the mix: 60% Wikipedia, a quarter shipped modern sentences, the rest scripture
+    assert (sum(s in set(wikipedia) for s in text), sum(s in modern for s in text)) == (307, 128)
     assert minilm.calibration_text(512, seed=0) == text and minilm.calibration_text(512, seed=1) != text
+    # more than the shipped sentences hold: the shortfall comes from the larger kinds
+    big = minilm.calibration_text(2000, seed=0)
+    assert len(set(big)) == 2000 and sum(s in modern for s in big) == len(modern)
     train, val = minilm.finetune_text(seed=0, max_train=1000)
-    assert len(train) == 1000 and not set(train) & set(val) and set(val) == modern  # validation: another kind
+    assert len(train) == 1000 and sum(s in set(wikipedia) for s in train) == 750
+    assert not set(train) & set(val) and set(val) == modern  # validation: another kind

