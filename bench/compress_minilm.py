@@ -2,7 +2,7 @@
 
 Quality is measured on evaluation text never used for any choice (see ``tensorfold.zoo.minilm``): 282
 shipped sentences in paraphrase groups and ~1,200 sentences of the Python language reference (another
-kind of text than the calibration text: modern sentences plus King James scripture). Reported: mean and
+kind of text than the calibration text: Wikipedia, shipped modern sentences and King James scripture). Reported: mean and
 minimum cosine between original and compressed embeddings, nearest-neighbour agreement over all ~1,470
 evaluation sentences, the two kinds' mean cosine, the end-to-end speedup of the encoder (batch 32, 2
 threads, best of ``--repeats`` interleaved runs) and the compression time (planning + fitting).
@@ -14,12 +14,15 @@ Methods (all fitted to the same calibration sentences, knapsack allocation under
   the calibration sentences (exhaustive), the rest dense;
 - ``mlp-select``: feed-forward neuron selection with a refitted down projection only (attention dense);
 - ``modular``: the full default menu (per-matrix SVD and every block method in one knapsack);
-- each with ``--finetune S`` seconds of distillation (cosine loss on the embeddings, training text the
-  scripture corpus, early stopping on the modern sentences; 0 = none).
+- block plans (``mlp-select``, ``modular``) refit the layer ending each compressed sub-block toward the
+  original model's output (error correction, ``tensorfold.compression.blocks.fit``);
+- each with ``--finetune S`` seconds of distillation (cosine loss on the embeddings, training text
+  Wikipedia + scripture, validation every 50 steps on the shipped modern sentences, another kind of
+  text, keeping the best weights; 0 = none).
 
 Run: .venv/bin/python bench/compress_minilm.py [--calib 512] [--budgets 0.7,0.5,0.3]
      [--methods svd,drop,mlp-select,modular] [--finetune 300] [--finetune-methods modular]
-     [--markdown] [--json out.json]
+     [--json out.json]
 Compression runs with ``--threads`` threads (default 2); speed is measured with 2 threads.
 """
 
@@ -38,8 +41,10 @@ from tensorfold import zoo
 from tensorfold.compression.api import Planner
 from tensorfold.compression.calibration import call_model, output_tensor
 from tensorfold.compression.evaluate import measure_speedup
+from tensorfold.compression.finetune import FinetuneHistory
 from tensorfold.zoo import minilm
 
+EVAL_EVERY, PATIENCE = 50, 4  # fine-tuning: validation every 50 steps, stop after 4 without improvement
 METHODS = {
     "svd": ("svd",),
     "mlp-select": ("mlp-select",),
@@ -72,20 +77,31 @@ def best_drop(model, calib, budget, entry):
 
 
 def finetune(small, model, entry, seconds: float, seed: int = 0):
-    """Distil ``model`` into ``small`` for about ``seconds`` (cosine loss on embeddings, early stopping on
-    the modern sentences: another kind of text than the scripture it trains on)."""
-    train, val = minilm.finetune_data(batch_size=32, seed=seed)
-    # steps that fit the time: measure one training step first
+    """Distil ``model`` into ``small`` for about ``seconds`` (cosine loss on the embeddings, training text
+    Wikipedia + scripture, validation every ``EVAL_EVERY`` steps on the shipped modern sentences:
+    another kind of text; the best weights on it are kept)."""
+    lr = entry.extra["finetune_lr"]
+    probe_data, _ = minilm.finetune_data(batch_size=32, seed=seed + 1, max_train=96)
+    # steps that fit the time: time three training steps first (validation adds ~1/EVAL_EVERY of a pass)
     t0 = time.perf_counter()
-    probe = tf.finetune(small, train[:2], teacher=model, epochs=1, lr=5e-5, distill_loss="cosine",
-                        output_fn=entry.output_fn, seed=seed, progress=False)
-    per_step = (time.perf_counter() - t0) / 2
-    del probe
-    steps = max(1, int(seconds / max(per_step, 1e-3) * 0.8))
-    epochs = max(1, -(-steps // len(train)))
-    return tf.finetune(small, train, teacher=model, val_data=val, epochs=min(epochs, 3) if steps > len(train) else 1,
-                       max_steps=steps, lr=5e-5, distill_loss="cosine", output_fn=entry.output_fn, seed=seed,
-                       patience=2, progress=False)
+    tf.finetune(small, probe_data, teacher=model, epochs=1, lr=lr, distill_loss="cosine", output_fn=entry.output_fn,
+                seed=seed, progress=False)
+    per_step = (time.perf_counter() - t0) / len(probe_data)
+    steps = max(1, int(seconds / max(per_step, 1e-3) * 0.85))
+    train, val = minilm.finetune_data(batch_size=32, seed=seed, max_train=steps * 32)
+    history = FinetuneHistory()
+    tuned = tf.finetune(small, train, teacher=model, val_data=val, epochs=1, max_steps=steps, lr=lr,
+                        distill_loss="cosine", output_fn=entry.output_fn, seed=seed, patience=PATIENCE,
+                        eval_every=EVAL_EVERY, progress=False, history=history)
+    return tuned, history
+
+
+def _best_step(history) -> int:
+    """The step whose weights were kept (0: the compressed model as it was)."""
+    if not history.best_epoch:
+        return 0
+    best = [c["steps"] for c in history.checks if c["val_loss"] == history.best_val_loss]
+    return best[0] if best else history.steps
 
 
 def main() -> None:
@@ -141,20 +157,22 @@ def main() -> None:
             print(json.dumps(row), flush=True)
             if args.finetune > 0 and name in args.finetune_methods.split(","):
                 t = time.perf_counter()
-                tuned = finetune(small, model, entry, args.finetune)
+                tuned, history = finetune(small, model, entry, args.finetune)
+                t_ft = time.perf_counter() - t
                 qt = entry.evaluate(model, tuned)
-                row = dict(row, finetune=time.perf_counter() - t, **qt)
+                row = dict(row, finetune=t_ft, steps=history.steps, best_step=_best_step(history),
+                           load=os.getloadavg()[0], **qt)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     print()
     print("| budget | method | fine-tune s | kept | mean cos | min cos | NN agreement | paraphrase cos | technical cos "
-          "| speedup (b32, 2 thr) | compress s |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "| speedup (b32, 2 thr) | compress s | load |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in sorted(rows, key=lambda r: (-r["budget"], r["method"], r["finetune"])):
         print(f"| {r['budget']:.0%} | {r['method']} | {r['finetune']:.0f} | {r['fraction']:.3f} | "
               f"{r['mean_cos']:.3f} | {r['min_cos']:.3f} | {r['nn_agreement']:.3f} | {r['para_mean_cos']:.3f} | "
               f"{r['tech_mean_cos']:.3f} | "
-              f"{r['speedup']:.2f}x | {r['seconds']:.0f} |")
+              f"{r['speedup']:.2f}x | {r['seconds']:.0f} | {r['load']:.1f} |")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(rows, fh, indent=1)

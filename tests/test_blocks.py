@@ -300,3 +300,23 @@ def test_gpt2_blocks_planned_with_mlp_select_and_drop(tmp_path):
     tf.save_compressed(small, p, tmp_path / "g")
     again = tf.load_compressed(tmp_path / "g", base_model=model)
     assert torch.allclose(_hidden(again, x), _hidden(small, x), atol=1e-6)
+
+
+def test_correction_toward_the_original_lowers_the_error_on_held_out_inputs():
+    from tensorfold.compression.blocks.fit import apply_block_plan
+
+    model = _bert(layers=3)
+    calib, held = _batches(8), _batches(2, seed=7)
+
+    def error(small, batches):
+        return (sum(float(((_hidden(small, b) - _hidden(model, b)) ** 2).sum()) for b in batches)
+                / sum(float((_hidden(model, b) ** 2).sum()) for b in batches))
+
+    for methods in (("svd", "mlp-select"), ("svd", "vo-svd")):
+        p = tf.plan(model, 0.5, methods=methods, calib=calib, curve=False)
+        plain, corrected = (apply_block_plan(model, p, calib, correct=c) for c in (False, True))
+        # the layers ending each sub-block now aim at the original's output from the compressed inputs
+        assert error(corrected, calib) < 0.9 * error(plain, calib)
+        assert error(corrected, held) < error(plain, held)
+        # the same structure: only weights changed
+        assert [tuple(q.shape) for q in corrected.parameters()] == [tuple(q.shape) for q in plain.parameters()]

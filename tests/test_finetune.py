@@ -138,6 +138,32 @@ def test_early_stopping_restores_the_best_weights():
     assert len(history.epochs) == 2 == len(epochs_seen)
 
 
+def test_eval_every_validates_within_an_epoch_and_stops_on_patience():
+    # one long epoch of 12 batches: with eval_every=3 validation runs after steps 3, 6, ... and early
+    # stopping acts inside the epoch (lr so large that every step makes things worse)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 4, generator=gen)
+    w = torch.randn(2, 4, generator=gen)
+    model = nn.Linear(4, 2, bias=False)
+    with torch.no_grad():
+        model.weight.copy_(w)
+    data = [(x, x @ w.T)] * 12
+    history = FinetuneHistory()
+    tuned = finetune(model, data, teacher=None, epochs=1, lr=5.0, val_data=data[:1], patience=2, eval_every=3,
+                     progress=False, history=history)
+    assert [c["steps"] for c in history.checks] == [3, 6] and history.steps == 6 and history.stopped_early
+    assert torch.equal(tuned.weight, w)
+    # a good learning rate: the loss falls at every check and the last weights are kept
+    history = FinetuneHistory()
+    small = nn.Linear(4, 2, bias=False)
+    finetune(small, data, teacher=None, epochs=1, lr=1e-2, val_data=data[:1], eval_every=4, progress=False,
+             history=history, seed=0)
+    losses = [c["val_loss"] for c in history.checks]
+    assert len(losses) == 3 and losses == sorted(losses, reverse=True) and history.best_epoch == 1
+    with pytest.raises(InvalidArgumentError, match="eval_every"):
+        finetune(small, data, teacher=None, eval_every=0, progress=False)
+
+
 def test_dict_inputs_are_keyword_arguments_and_output_fn():
     class Keyworded(nn.Module):
         def __init__(self, width):

@@ -187,6 +187,7 @@ class FinetuneConfig(Settings):
     weight_decay: float = 0.0
     max_steps: int | None = None
     progress: bool = True
+    eval_every: int | None = None  # also validate every this many steps (long epochs), not only per epoch
 
     def __post_init__(self):
         put = object.__setattr__
@@ -208,3 +209,5 @@ class FinetuneConfig(Settings):
         if self.max_steps is not None:
             put(self, "max_steps", check_count(self.max_steps, "max_steps", minimum=1))
         check_flag(self.progress, "progress")
+        if self.eval_every is not None:
+            put(self, "eval_every", check_count(self.eval_every, "eval_every", minimum=1))

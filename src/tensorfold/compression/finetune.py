@@ -48,6 +48,7 @@ class FinetuneHistory:
     best_val_loss: float | None = None
     steps: int = 0
     stopped_early: bool = False
+    checks: list[dict[str, float]] = field(default_factory=list)  # validations between epochs (eval_every)
     on_epoch: Callable[[dict], object] | None = field(default=None, repr=False, compare=False)
 
 
@@ -140,7 +141,8 @@ def finetune(
           * task``. Without targets the loss is the distillation term alone.
         - temperature, distill_loss: softening of the KL on logits; "kl" (default), "mse" or "cosine" (for
           embeddings, e.g. with ``output_fn`` picking a sentence embedding).
-        - patience: with ``val_data``, training stops after this many epochs without improvement.
+        - patience: with ``val_data``, training stops after this many validations in a row without
+          improvement (one per epoch, and one every ``eval_every`` steps when set).
         - seed: seeds the batch order and any dropout (torch's global generator is restored afterwards).
         - max_steps: stop after this many optimizer steps in total; progress: a progress bar on stderr.
     teacher: the original model; its outputs are the distillation targets (it is run in eval mode and
@@ -200,7 +202,22 @@ def finetune(
                 best_val = objective.mean_loss(val_data, device)
                 best_state = copy.deepcopy(student.state_dict())
                 record.best_val_loss = best_val
-            bad_epochs = 0
+            bad = 0  # validations in a row without improvement
+
+            def validate(epoch: int) -> float:
+                nonlocal best_val, best_state, bad
+                val = objective.mean_loss(val_data, device)
+                if val < best_val:
+                    best_val, bad = val, 0
+                    best_state = copy.deepcopy(student.state_dict())
+                    record.best_epoch, record.best_val_loss = epoch, val
+                else:
+                    bad += 1
+                student.train()
+                return val
+
+            every = cfg.eval_every if val_data is not None else None
+            stop = False
             for epoch in range(1, epochs + 1):
                 student.train()
                 total, count = 0.0, 0
@@ -214,22 +231,21 @@ def finetune(
                     reporter.step(epoch, float(loss.detach()))
                     if max_steps is not None and record.steps >= max_steps:
                         break
+                    if every is not None and record.steps % every == 0:
+                        record.checks.append({"epoch": epoch, "steps": record.steps, "val_loss": validate(epoch)})
+                        if patience is not None and bad >= patience:
+                            stop = True
+                            break
                 entry = {"epoch": epoch, "train_loss": total / max(1, count), "steps": record.steps}
                 if val_data is not None:
-                    val = objective.mean_loss(val_data, device)
-                    entry["val_loss"] = val
-                    if val < best_val:
-                        best_val, bad_epochs = val, 0
-                        best_state = copy.deepcopy(student.state_dict())
-                        record.best_epoch, record.best_val_loss = epoch, val
-                    else:
-                        bad_epochs += 1
+                    checked = record.checks and record.checks[-1]["steps"] == record.steps
+                    entry["val_loss"] = record.checks[-1]["val_loss"] if checked else validate(epoch)
                 record.epochs.append(entry)
                 reporter.epoch(entry)
                 if max_steps is not None and record.steps >= max_steps:
                     break
-                if patience is not None and val_data is not None and bad_epochs >= patience:
-                    record.stopped_early = epoch < epochs
+                if stop or (patience is not None and val_data is not None and bad >= patience):
+                    record.stopped_early = stop or epoch < epochs
                     break
             if best_state is not None:
                 student.load_state_dict(best_state)

@@ -231,9 +231,126 @@ def _fit_mlp(new: nn.Module, block: Block, keep: int, inputs: Inputs, ridge: flo
     set_submodule(new, f.down, new_down)
 
 
+# Attention styles whose blocks add the residual stream AFTER each sub-block and normalise the sum
+# (post-norm: BERT, DistilBERT, MPNet): the stream a sub-block adds to is the input of its first layer.
+POST_NORM_STYLES = ("bert", "distilbert", "mpnet")
+CORRECTION_RIDGE = 1e-4  # relative to the mean diagonal of the refitted layer's input Gram
+
+
+def _last_linear(layer: nn.Module) -> nn.Linear | None:
+    """The Linear that produces ``layer``'s output: the layer itself, or a low-rank layer's second factor."""
+    if isinstance(layer, nn.Linear):
+        return layer
+    sides = getattr(layer, "lowrank_sides", None)
+    if callable(sides):
+        second = sides()[1]
+        if isinstance(second, nn.Linear):
+            return second
+    return None
+
+
+def _sub_block_input(block: Block, name: str) -> str | None:
+    """The first layer of the sub-block (attention or feed-forward) that ``name`` ends."""
+    if block.attention is not None and name == block.attention.o:
+        return block.attention.q
+    if block.ffn is not None and name == block.ffn.down:
+        return block.ffn.ups[0]
+    return None
+
+
+def _tap(module: nn.Module, args, kwargs, taps, mask, stop: str) -> dict[str, torch.Tensor]:
+    """Run ``module(*args, **kwargs)`` and return the rows (padding left out, float64) of the values
+    ``taps`` name: ``(key, submodule, "in" or "out")``; the run ends once ``stop`` is captured."""
+    from tensorfold.compression.calibration import _StopForward
+
+    seen: dict[str, torch.Tensor] = {}
+
+    def saver(key: str, when: str):
+        def hook(mod, a, out=None):
+            seen[key] = _rows(a[0] if when == "in" else out, mask).double()
+            if key == stop:
+                raise _StopForward
+        return hook
+
+    handles = [m.register_forward_pre_hook(saver(k, w)) if w == "in" else m.register_forward_hook(saver(k, w))
+               for k, m, w in taps]
+    try:
+        with contextlib.suppress(_StopForward):
+            module(*args, **kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    return seen
+
+
+def _sub_block_layers(block: Block, end: str) -> tuple[str, ...]:
+    if block.attention is not None and end == block.attention.o:
+        return tuple(block.attention.layers)
+    return tuple(block.ffn.layers)
+
+
+def _prior_layers(ends, block: Block):
+    """Every layer of the blocks up to ``block``: a change in any of them alters what ``block`` sees."""
+    for b, end in ends:
+        yield from _sub_block_layers(b, end)
+        if b is block and end == (block.ffn.down if block.ffn is not None else end):
+            return
+
+
+@torch.no_grad()
+def correct_toward_original(new: nn.Module, original: nn.Module, block: Block, name: str, inputs: Inputs,
+                            reference: Inputs, ridge: float = CORRECTION_RIDGE) -> bool:
+    """Refit the last linear piece of the layer ``name`` (which ends a sub-block of ``block``) so that,
+    on the partly compressed model's inputs, it reproduces the ORIGINAL model's output (ridge least
+    squares, float64): errors of the earlier blocks and of this sub-block are corrected, not copied.
+
+    In a post-norm block the residual stream is added to the layer's output before the norm, so the
+    target is ``y + x - x'`` (``y`` the original layer's output, ``x``/``x'`` the sub-block's input in the
+    original/compressed model): the sum the norm sees is then the original's. Returns False when the
+    layer has no linear output piece (nothing refitted).
+    """
+    last = _last_linear(new.get_submodule(name))
+    if last is None:
+        return False
+    first = _sub_block_input(block, name)
+    post_norm = block.attention is not None and block.attention.style in POST_NORM_STYLES and first is not None
+    bias = last.bias is not None
+    G = C = None
+    for (a_n, k_n, mask), (a_o, k_o, _) in zip(inputs._block_inputs(block.name), reference._block_inputs(block.name)):
+        taps_new = [("z", last, "in")] + ([("x_new", new.get_submodule(first), "in")] if post_norm else [])
+        taps_old = [("y", original.get_submodule(name), "out")] + (
+            [("x_old", original.get_submodule(first), "in")] if post_norm else [])
+        seen = {**_tap(new.get_submodule(block.name), a_n, k_n, taps_new, mask, stop="z"),
+                **_tap(original.get_submodule(block.name), a_o, k_o, taps_old, mask, stop="y")}
+        target = seen["y"] + (seen["x_old"] - seen["x_new"] if post_norm else 0.0)
+        Z = seen["z"]
+        if bias:
+            Z = torch.cat([Z, torch.ones(Z.shape[0], 1, dtype=Z.dtype)], dim=1)
+        G = Z.T @ Z if G is None else G + Z.T @ Z
+        C = Z.T @ target if C is None else C + Z.T @ target
+    # the ridge pulls toward the weights as fitted (not toward zero): where they already reproduce the
+    # original (a sub-block at full size after exact earlier blocks) the refit leaves them as they are
+    w = last.weight
+    X0 = w.detach().double().T
+    if bias:
+        X0 = torch.cat([X0, last.bias.detach().double()[None, :]])
+    lam = ridge * float(G.diagonal().mean().clamp_min(1e-300))
+    A = G + lam * torch.eye(G.shape[0], dtype=G.dtype)
+    C = C + lam * X0
+    Lc, info = torch.linalg.cholesky_ex(A)
+    X = torch.cholesky_solve(C, Lc) if int(info) == 0 else torch.linalg.lstsq(A, C).solution
+    w.copy_(X[: w.shape[1]].T.to(w.dtype))
+    if bias:
+        last.bias.copy_(X[-1].to(w.dtype))
+    return True
+
+
 def apply_block_plan(model: nn.Module, plan: Plan | Sequence[LayerPlan], batches: list, *, ridge: float = 1e-6,
-                     progress: Callable[[str, int, int], None] | None = None) -> nn.Module:
-    """A new model with ``plan`` applied, block methods included (``model`` is not modified)."""
+                     progress: Callable[[str, int, int], None] | None = None, correct: bool = True) -> nn.Module:
+    """A new model with ``plan`` applied, block methods included (``model`` is not modified).
+
+    ``correct``: refit the layer ending each compressed sub-block toward the original model's output
+    (:func:`correct_toward_original`); False fits every unit to its own input alone."""
     from tensorfold.core.modules import eval_mode, set_submodule
 
     needs_data = [lp.name for lp in _decisions(plan) if lp.method in ("mlp-select", *ATTENTION_METHODS)]
@@ -253,10 +370,28 @@ def apply_block_plan(model: nn.Module, plan: Plan | Sequence[LayerPlan], batches
             todo.sort(key=lambda lp: rank_of.get(lp.name, len(order)))
         done: set[str] = set()
         shared: dict[str, GramStats] = {}
-        inputs = Inputs(new, batches)
+        inputs, reference = Inputs(new, batches), Inputs(model, batches)
+
+        # the layers that end a sub-block (attention output, feed-forward down projection), in forward order
+        ends = [(b, n) for b in find_blocks(model) for n in (
+            (b.attention.o,) if b.attention is not None else ()) + ((b.ffn.down,) if b.ffn is not None else ())]
+        position = {n: j for j, (b, end) in enumerate(ends) for n in _sub_block_layers(b, end)}
+        corrected = [0]  # ends handled so far
+
+        def finish(upto: int) -> None:
+            """Correct the sub-block ends before position ``upto`` that are still to do."""
+            while corrected[0] < min(upto, len(ends)):
+                b, end = ends[corrected[0]]
+                corrected[0] += 1
+                if not (correct and batches) or isinstance(new.get_submodule(b.name), SkipBlock):
+                    continue
+                if end in by_name or (correct == "all" and any(n in done for n in _prior_layers(ends, b))):
+                    correct_toward_original(new, model, b, end, inputs, reference)
+
         for i, lp in enumerate(todo):
             if lp.name in done:
                 continue
+            finish(position.get(lp.name, 0))
             block = block_of.get(lp.name)
             attn = block.attention if block is not None else None
             if lp.method == "drop":
@@ -288,6 +423,7 @@ def apply_block_plan(model: nn.Module, plan: Plan | Sequence[LayerPlan], batches
                 set_submodule(new, lp.name, _matrix(layer, lp, stats, ridge))
                 done.add(lp.name)
             report("fitting", i + 1, len(todo))
+        finish(len(ends))
     return new
 
 
