@@ -2,10 +2,11 @@
 
 Quality is measured on evaluation text never used for any choice (see ``tensorfold.zoo.minilm``): 282
 shipped sentences in paraphrase groups and ~1,200 sentences of the Python language reference (another
-kind of text than the calibration text: Wikipedia, shipped modern sentences and King James scripture). Reported: mean and
-minimum cosine between original and compressed embeddings, nearest-neighbour agreement over all ~1,470
-evaluation sentences, the two kinds' mean cosine, the end-to-end speedup of the encoder (batch 32, 2
-threads, best of ``--repeats`` interleaved runs) and the compression time (planning + fitting).
+kind of text than the calibration text: Wikipedia, shipped modern sentences and King James scripture).
+Reported: mean and minimum cosine between original and compressed embeddings, nearest-neighbour
+agreement over all ~1,470 evaluation sentences, the two kinds' mean cosine, the end-to-end speedup of
+the encoder (batch 32, 2 threads, best of ``--repeats`` interleaved runs), the compression time
+(planning + fitting) and the load average when the row was measured.
 
 Methods (all fitted to the same calibration sentences, knapsack allocation under one budget):
 

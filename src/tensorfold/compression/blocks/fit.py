@@ -235,6 +235,7 @@ def _fit_mlp(new: nn.Module, block: Block, keep: int, inputs: Inputs, ridge: flo
 # (post-norm: BERT, DistilBERT, MPNet): the stream a sub-block adds to is the input of its first layer.
 POST_NORM_STYLES = ("bert", "distilbert", "mpnet")
 CORRECTION_RIDGE = 1e-4  # relative to the mean diagonal of the refitted layer's input Gram
+CORRECT_RESIDUAL = True  # in post-norm blocks, also aim at the residual stream's difference
 
 
 def _last_linear(layer: nn.Module) -> nn.Linear | None:
@@ -299,7 +300,7 @@ def _prior_layers(ends, block: Block):
 
 @torch.no_grad()
 def correct_toward_original(new: nn.Module, original: nn.Module, block: Block, name: str, inputs: Inputs,
-                            reference: Inputs, ridge: float = CORRECTION_RIDGE) -> bool:
+                            reference: Inputs, ridge: float | None = None) -> bool:
     """Refit the last linear piece of the layer ``name`` (which ends a sub-block of ``block``) so that,
     on the partly compressed model's inputs, it reproduces the ORIGINAL model's output (ridge least
     squares, float64): errors of the earlier blocks and of this sub-block are corrected, not copied.
@@ -313,7 +314,8 @@ def correct_toward_original(new: nn.Module, original: nn.Module, block: Block, n
     if last is None:
         return False
     first = _sub_block_input(block, name)
-    post_norm = block.attention is not None and block.attention.style in POST_NORM_STYLES and first is not None
+    post_norm = (CORRECT_RESIDUAL and block.attention is not None and block.attention.style in POST_NORM_STYLES
+                 and first is not None)
     bias = last.bias is not None
     G = C = None
     for (a_n, k_n, mask), (a_o, k_o, _) in zip(inputs._block_inputs(block.name), reference._block_inputs(block.name)):
@@ -334,7 +336,7 @@ def correct_toward_original(new: nn.Module, original: nn.Module, block: Block, n
     X0 = w.detach().double().T
     if bias:
         X0 = torch.cat([X0, last.bias.detach().double()[None, :]])
-    lam = ridge * float(G.diagonal().mean().clamp_min(1e-300))
+    lam = (CORRECTION_RIDGE if ridge is None else ridge) * float(G.diagonal().mean().clamp_min(1e-300))
     A = G + lam * torch.eye(G.shape[0], dtype=G.dtype)
     C = C + lam * X0
     Lc, info = torch.linalg.cholesky_ex(A)
