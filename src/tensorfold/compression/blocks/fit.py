@@ -47,6 +47,11 @@ def _without_cache(kwargs: dict) -> dict:
     return kept
 
 
+def _without_cache_args(args: tuple) -> tuple:
+    """``args`` with a key/value cache object passed positionally (GPT-2 blocks) replaced by None."""
+    return tuple(None if type(a).__name__.endswith("Cache") else a for a in args)
+
+
 def _decisions(plan: Plan | Sequence[LayerPlan]) -> list[LayerPlan]:
     return list(plan.layers if isinstance(plan, Plan) else plan)
 
@@ -108,7 +113,7 @@ class Inputs:
             module, inputs = self.new.get_submodule(block), []
 
             def hook(mod, args, kwargs):
-                inputs.append((args, _without_cache(kwargs)))
+                inputs.append((_without_cache_args(args), _without_cache(kwargs)))
                 raise _StopForward
 
             handle = module.register_forward_pre_hook(hook, with_kwargs=True)
