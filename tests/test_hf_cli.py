@@ -60,6 +60,13 @@ def test_compress_directory_end_to_end(root, kind, metric):
     model = tf.load_compressed(out)
     original = hf.load_model(path)
     assert type(model) is type(original)
+    # memory: the peak after each stage never falls, and the tensor sizes are the models' own
+    mem = metrics["memory"]
+    stages = [mem[f"peak_rss_mb_after_{s}"] for s in ("load", "plan", "apply", "evaluate")]
+    assert mem["peak_rss_mb_at_start"] <= stages[0] and stages == sorted(stages) and stages[-1] <= mem["peak_rss_mb"]
+    distinct = {p.data_ptr(): p for p in [*original.parameters(), *original.buffers()]}.values()
+    assert mem["model_mb"] == pytest.approx(sum(p.numel() * p.element_size() for p in distinct) / 2**20, rel=1e-9)
+    assert 0 < mem["compressed_mb"] < mem["model_mb"]
     assert sum(p.numel() for p in model.parameters()) < sum(p.numel() for p in original.parameters())
     # the reloaded model computes what the job measured: same quality on the same held-out split
     e = hf.entry(path, root / "text.txt", n_calib=48, seed=0, model=original)
@@ -166,16 +173,28 @@ def test_wrong_jsonl_field_and_hub_name(root, tmp_path):
 def test_export_command(root, tmp_path):
     out = tmp_path / "out"
     cli("compress", "--model", hf_tiny.model_dir(root, "gpt2"), "--calib-data", root / "text.txt", "--calib", 32,
-        "--no-speed", "--out", out)
-    proc = cli("export", out, "--onnx", "--int8", "--calib-data", root / "text.txt", "--threads", 1)
+        "--seed", 5, "--no-speed", "--out", out)
+    split = json.loads((out / "hf.json").read_text())["split"]
+    assert split["seed"] == 5 and split["path"] == str((root / "text.txt").resolve())
+    # no --calib-data: the compress run's own held-out part, re-read from the recorded file and seed
+    proc = cli("export", out, "--onnx", "--int8", "--threads", 1)
+    assert "held-out text: 24 samples, the compress run's held-out part" in proc.stderr
     assert "compressed int8" in proc.stdout and (out / "model-int8.onnx").is_file()
-    rows = {r["variant"]: r for r in json.loads((out / "metrics.json").read_text())["export"]["variants"]}
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["export"]["held_out"] == {"samples": 24, "same_as_compress": True}
+    rows = {r["variant"]: r for r in metrics["export"]["variants"]}
     assert rows["dense fp32"]["top1_agreement"] == 1.0
     assert rows["compressed int8"]["perplexity"] > 0
+    # the exported fp32 graph is the compressed model: same perplexity as the compress run measured
+    assert rows["compressed fp32"]["perplexity"] == pytest.approx(metrics["quality"]["perplexity"], rel=1e-6)
     again = cli("export", out, "--onnx", ok=False)
     assert again.returncode == 2 and "already exists" in again.stderr
     plain = cli("export", root, "--onnx", ok=False)
     assert plain.returncode == 2 and "no hf.json" in plain.stderr
+    other = tmp_path / "other.txt"
+    other.write_text("\n".join(hf_tiny.sentences(60, seed=9)) + "\n")
+    proc = cli("export", out, "--onnx", "--overwrite", "--calib-data", other, "--threads", 1)
+    assert "held-out text: 12 samples, NOT the compress run's held-out part" in proc.stderr
 
 
 def test_skip_block_keeps_the_replaced_blocks_output_convention():

@@ -127,6 +127,31 @@ def test_split_is_seeded_disjoint_and_sized():
         hf.split_texts(["x", "y", "z", "x"])
 
 
+def test_split_record_recreates_the_held_out_part(tmp_path):
+    data = tmp_path / "text.txt"
+    data.write_text("\n".join(f"sample number {i}" for i in range(60)))
+    split = hf.split_texts(hf.read_texts(data), n_calib=16, seed=7)
+    record = json.loads(json.dumps(hf.split_record(split, seed=7, n_calib=16, path=data)))  # survives JSON
+    assert record["seed"] == 7 and record["sizes"] == {"calibration": 16, "finetune": 32, "evaluation": 12}
+    texts, same = hf.held_out_texts(record)
+    assert texts == list(split.evaluation) and same is True
+    # seed 0 (what export used to re-derive) holds out other samples: the record is what makes it the same
+    assert hf.split_texts(hf.read_texts(data), seed=0).evaluation != split.evaluation
+    other = tmp_path / "other.txt"
+    other.write_text("\n".join(f"another line {i}" for i in range(40)))
+    texts, same = hf.held_out_texts(record, other)
+    assert len(texts) == 8 and same is False
+    assert hf.held_out_texts(None, other) == (list(hf.split_texts(hf.read_texts(other), seed=0).evaluation), None)
+    data.write_text(data.read_text() + "\none more line")
+    with pytest.raises(FileFormatError, match="has changed since compression"):
+        hf.held_out_texts(record)
+    data.unlink()
+    with pytest.raises(FileFormatError, match="is gone"):
+        hf.held_out_texts(record)
+    shipped = hf.TextSplit(("a",), (), tuple(hf.shipped_texts()[1]))
+    assert hf.held_out_texts(hf.split_record(shipped, seed=0, n_calib=1)) == (hf.shipped_texts()[1], True)
+
+
 # ---- quality by kind ----------------------------------------------------------------------------
 
 

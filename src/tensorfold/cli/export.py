@@ -28,8 +28,9 @@ def export(
     onnx: bool = typer.Option(False, "--onnx", help="Write DIR/model.onnx (required: the one format today)."),
     int8: bool = typer.Option(False, "--int8", help="Also write DIR/model-int8.onnx (dynamic int8 weights)."),
     calib_data: Path = typer.Option(None, "--calib-data",
-                                    help="Text to verify and compare on (its held-out part, seed 0); default: "
-                                         "tensorfold's shipped English sentences."),
+                                    help="Text to verify and compare on (its held-out part, split with the compress "
+                                         "run's seed); default: the compress run's own held-out part, recorded "
+                                         "in DIR/hf.json."),
     text_field: str = typer.Option(None, "--text-field", help="The .jsonl field or .csv column holding the text."),
     threads: int = typer.Option(2, "--threads", help="CPU threads for the speed comparison."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing ONNX files in DIR."),
@@ -64,18 +65,18 @@ def export(
     base = base_directory(directory, info)
     original = hf.load_model(base)
     kind = info["kind"]
-    if calib_data is not None:
-        texts = list(hf.split_texts(hf.read_texts(calib_data, text_field), seed=0).evaluation)
-    else:
-        texts = hf.shipped_texts()[1]
+    texts, same = hf.held_out_texts(info.get("split"), calib_data, text_field)
+    err = stderr_console()
+    err.print(f"held-out text: {len(texts)} samples, " + {True: "the compress run's held-out part",
+                                                         False: "NOT the compress run's held-out part",
+                                                         None: "split not recorded by the compress run"}[same])
     tokenize = hf.Tokenize(original, kind, base)
     batches = hf.batches_of(tokenize, texts)
     example = tokenize([texts[i % len(texts)] for i in range(32)])
-    err = stderr_console()
     result = export_directory(directory, compressed, original, ExportInputs(kind, batches, example, threads),
                               int8=int8, overwrite=overwrite, log=err.print)
     metrics = read_metrics(directory)
-    metrics["export"] = result
+    metrics["export"] = {**result, "held_out": {"samples": len(texts), "same_as_compress": same}}
     write_text_atomic(directory / "metrics.json", json.dumps(metrics, indent=1))
     # a pipe or a log file gets wide lines instead of ones folded into 80 columns
     console = stdout_console() if sys.stdout.isatty() else Console(highlight=False, width=150)

@@ -136,12 +136,14 @@ def _time(fn: Callable[[], object], repeats: int) -> list[float]:
 @dataclass(frozen=True)
 class ExportInputs:
     """What the export is checked and timed on: the model's kind (see ``tensorfold.zoo.hf.KINDS``),
-    held-out batches for verification and quality, one batch to time and the CPU threads to use."""
+    held-out batches for verification and quality, one batch to trace (and to time), the CPU threads to
+    use, and optionally several batches to time instead (one timed pass runs them all)."""
 
     kind: str
     eval_batches: list = field(repr=False)
     example: dict = field(repr=False)
     threads: int = 2
+    timing: list | None = field(default=None, repr=False)
 
 
 def compare_variants(original: nn.Module, compressed: nn.Module, inputs: ExportInputs, directory: str | Path, *,
@@ -175,11 +177,12 @@ def compare_variants(original: nn.Module, compressed: nn.Module, inputs: ExportI
         with torch.inference_mode():
             reference = [runners["dense fp32"](b) for b in eval_batches]
             outputs = {k: [run(b) for b in eval_batches] for k, run in runners.items()}
+            timing = inputs.timing or [example]
             for run in runners.values():  # warm-up
                 run(example)
             for _ in range(repeats):
                 for k, run in runners.items():
-                    times[k] += _time(lambda run=run: run(example), 1)
+                    times[k] += _time(lambda run=run: [run(b) for b in timing], 1)
     finally:
         torch.set_num_threads(old)
     base = min(times["dense fp32"])

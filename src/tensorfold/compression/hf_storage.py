@@ -59,9 +59,11 @@ def changed_tensors(model: nn.Module, base: nn.Module) -> dict[str, torch.Tensor
 
 def write_hf_compressed(model: nn.Module, original: nn.Module, plan: Plan, directory: Path, *, kind: str,
                         base_path: str | os.PathLike, standalone: bool = False,
-                        extra_files: dict[str, str] | None = None) -> dict:
+                        extra_files: dict[str, str] | None = None, split: dict | None = None) -> dict:
     """Write ``plan.json``, ``hf.json`` and the changed tensors into the existing ``directory`` (and copy the
-    base directory into ``directory/base`` when ``standalone``); returns what ``hf.json`` holds."""
+    base directory into ``directory/base`` when ``standalone``); returns what ``hf.json`` holds. ``split``:
+    the text split of the run (:func:`tensorfold.zoo.hf.split_record`), recorded so that ``tensorfold
+    export`` measures on the same held-out part."""
     from safetensors.torch import save_file
 
     base = Path(base_path).resolve()
@@ -72,6 +74,8 @@ def write_hf_compressed(model: nn.Module, original: nn.Module, plan: Plan, direc
         shutil.copytree(base, directory / BASE_DIR, symlinks=False)
     info = {"format": FORMAT, "kind": kind, "base": BASE_DIR if standalone else str(base),
             "standalone": bool(standalone), "fingerprint": fingerprint(base), "stored_tensors": len(tensors)}
+    if split is not None:
+        info["split"] = split
     (directory / HF_FILE).write_text(json.dumps(info, indent=1))
     for name, text in (extra_files or {}).items():
         (directory / name).write_text(text)

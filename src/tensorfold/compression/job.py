@@ -215,6 +215,33 @@ def peak_rss_mb() -> float:
     return peak / 2**20 if sys.platform == "darwin" else peak / 1024
 
 
+def tensor_mb(model: nn.Module) -> float:
+    """MB held by ``model``'s parameters and buffers (each storage counted once: tied weights share one)."""
+    seen, total = set(), 0
+    for t in [*model.parameters(), *model.buffers()]:
+        key = t.untyped_storage().data_ptr()
+        if key not in seen:
+            seen.add(key)
+            total += t.untyped_storage().nbytes()
+    return total / 2**20
+
+
+class MemoryLog:
+    """Peak resident memory after each stage of a job (the peak so far: stages only ever raise it), for
+    metrics.json's ``memory`` section: ``peak_rss_mb``, ``peak_rss_mb_after_<stage>``, ``model_mb`` and
+    ``compressed_mb`` (tensor bytes of the two models)."""
+
+    def __init__(self):
+        self.record: dict[str, float] = {"peak_rss_mb_at_start": peak_rss_mb()}
+
+    def stage(self, name: str) -> None:
+        self.record[f"peak_rss_mb_after_{name}"] = peak_rss_mb()
+
+    def result(self, original: nn.Module, compressed: nn.Module) -> dict[str, float]:
+        return {"peak_rss_mb": peak_rss_mb(), **self.record, "model_mb": tensor_mb(original),
+                "compressed_mb": tensor_mb(compressed)}
+
+
 def _write_directory_model(tmp: Path, source: ModelSource, compressed: nn.Module, original: nn.Module, plan: Plan,
                            metrics: dict, options: JobOptions, log: Callable[[str], None]) -> None:
     """Output of a model directory: the changed tensors and hf.json (base recorded or copied), the ONNX
@@ -223,13 +250,17 @@ def _write_directory_model(tmp: Path, source: ModelSource, compressed: nn.Module
 
     info = source.entry.extra
     write_hf_compressed(compressed, original, plan, tmp, kind=info["kind"], base_path=info["path"],
-                        standalone=options.standalone)
+                        standalone=options.standalone, split=info.get("split_record"))
     if options.export:
         from tensorfold.compression.export import ExportInputs, export_directory
 
         inputs = ExportInputs(info["kind"], info["eval_batches"], source.entry.example_inputs(32), options.threads)
         metrics["export"] = export_directory(tmp, compressed, original, inputs, int8=options.export == "onnx-int8",
                                              log=log)
+        metrics["export"]["held_out"] = {"samples": sum(len(b["input_ids"]) for b in info["eval_batches"]),
+                                         "same_as_compress": True}
+        if "memory" in metrics:  # exporting (tracing, ONNX Runtime sessions) can raise the peak
+            metrics["memory"].update(peak_rss_mb=peak_rss_mb(), peak_rss_mb_after_export=peak_rss_mb())
     (tmp / "metrics.json").write_text(json.dumps(metrics, indent=1))
 
 
@@ -302,10 +333,12 @@ def run_job(
         check_output(out_path, overwrite=overwrite, kind="dir")
 
     t0 = time.perf_counter()
+    memory = MemoryLog()
     calib, seed = config.calib_samples, config.seed
     source = model if isinstance(model, ModelSource) else resolve_model(
         model, options.weights, calib_data=options.calib_data, text_field=options.text_field, calib=calib, seed=seed)
     original = source.model
+    memory.stage("load")
     log(f"model {source.name}: {count_params(original):,} parameters")
     hf_info = source.entry.extra if source.entry is not None and "kind" in source.entry.extra else None
     if hf_info is not None:
@@ -329,13 +362,16 @@ def run_job(
                       output_fn=source.output_fn, model_name=source.name, progress=progress)
     plan = planner.plan()
     t_plan = time.perf_counter()
+    memory.stage("plan")
     compressed = apply(original, plan, batches or None, progress=progress)
     t_apply = time.perf_counter()
+    memory.stage("apply")
     eval_batches = evaluation_batches(source, calib, seed)
     tuning = None
     if finetune is not None:
         compressed, tuning = finetune_and_keep_better(source, compressed, original, finetune, options.data,
                                                       eval_batches, log)
+        memory.stage("finetune")
     quality = tuning["quality_after" if tuning["kept"] == "fine-tuned" else "quality_before"] if tuning else \
         evaluate_pair(source, original, compressed, eval_batches)
     metrics = {
@@ -366,8 +402,11 @@ def run_job(
     curve.sort(key=lambda r: r["budget"])
     metrics["quality_curve"] = curve
     if hf_info is not None:
-        metrics["data"] = {"source": hf_info["data"], **hf_info["split"]}
-    metrics["memory"] = {"peak_rss_mb": peak_rss_mb()}
+        record = hf_info.get("split_record") or {}
+        metrics["data"] = {"source": hf_info["data"], **hf_info["split"],
+                           **{k: record[k] for k in ("seed", "sha256", "evaluation_sha256") if k in record}}
+    memory.stage("evaluate")
+    metrics["memory"] = memory.result(original, compressed)
     metrics["seconds"]["total"] = time.perf_counter() - t0
     if out_path is not None:
         from tensorfold.report import write_report

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import hashlib
 import io
 import json
 import math
@@ -358,6 +359,60 @@ def split_texts(texts, n_calib: int | None = None, seed: int = 0, eval_fraction:
     return TextSplit(tuple(rest[:n_cal]), tuple(rest[n_cal:]), tuple(evaluation))
 
 
+def texts_digest(texts) -> str:
+    """SHA-256 of the samples ``texts`` in order (one sample a line): names a held-out part exactly."""
+    h = hashlib.sha256()
+    for t in texts:
+        h.update(t.encode("utf-8") + b"\n")
+    return h.hexdigest()
+
+
+def split_record(split: TextSplit, *, seed: int, n_calib: int, path: str | os.PathLike | None = None,
+                 text_field: str | None = None) -> dict:
+    """What re-creates ``split`` later (kept in ``hf.json`` and metrics.json): the text file (absolute path and
+    SHA-256 of its bytes; ``source: shipped`` for tensorfold's own sentences), field, seed, calibration size,
+    part sizes and the SHA-256 of the held-out samples."""
+    record: dict = {"source": "shipped"}
+    if path is not None:
+        p = Path(path).expanduser().resolve()
+        record = {"source": "file", "path": str(p), "sha256": hashlib.sha256(p.read_bytes()).hexdigest(),
+                  "text_field": text_field}
+    return {**record, "seed": int(seed), "n_calib": int(n_calib), "sizes": split.sizes(),
+            "evaluation_sha256": texts_digest(split.evaluation)}
+
+
+def held_out_texts(record: dict | None, data: str | os.PathLike | None = None, text_field: str | None = None
+                   ) -> tuple[list[str], bool | None]:
+    """The held-out samples of a compress run from its :func:`split_record`, and whether they are exactly
+    the run's (its digest matches).
+
+    Without ``data`` the recorded file is read again (a file that is gone or has changed since is an error
+    that says so); ``data`` evaluates on another file, split with the recorded seed. ``record=None`` (a
+    directory written before splits were recorded): ``data``'s held-out part with seed 0, else the
+    shipped held-out sentences; the second value is then None (unknown).
+    """
+    if record is None:
+        if data is None:
+            return shipped_texts()[1], None
+        return list(split_texts(read_texts(data, text_field), seed=0).evaluation), None
+    seed, n_calib = int(record.get("seed", 0)), record.get("n_calib")
+    if data is None and record.get("source") == "file":
+        p = Path(record["path"])
+        if not p.is_file():
+            raise FileFormatError(f"the compress run's text file {p} is gone (moved or deleted); put it back or pass "
+                                  f"--calib-data FILE to evaluate on other text")
+        if hashlib.sha256(p.read_bytes()).hexdigest() != record.get("sha256"):
+            raise FileFormatError(f"the compress run's text file {p} has changed since compression, so its held-out "
+                                  f"part is not the one the run kept apart; pass --calib-data FILE to evaluate on it "
+                                  f"anyway")
+        data, text_field = p, record.get("text_field")
+    if data is None:
+        texts = shipped_texts()[1]
+    else:
+        texts = list(split_texts(read_texts(data, text_field), n_calib, seed).evaluation)
+    return texts, texts_digest(texts) == record.get("evaluation_sha256")
+
+
 def shipped_texts() -> tuple[list[str], list[str]]:
     """tensorfold's shipped English sentences: (calibration pool, held-out evaluation sentences)."""
     from tensorfold.zoo import minilm
@@ -477,13 +532,15 @@ def entry(path: str | os.PathLike, data: str | os.PathLike | None = None, *, tex
     """A :class:`~tensorfold.zoo.BuiltinModel` for the directory ``path`` with the text of ``data``
     (split by :func:`split_texts`; without a file, tensorfold's shipped English sentences).
 
-    ``extra`` holds ``kind``, ``path`` (the resolved directory), ``data`` and ``split`` (part sizes).
+    ``extra`` holds ``kind``, ``path`` (the resolved directory), ``data``, ``split`` (part sizes) and
+    ``split_record`` (what re-creates the split: :func:`split_record`).
     """
     p = resolve_path(path)
     kind = detect_kind(p)
     if data is not None:
         split = split_texts(read_texts(data, text_field), n_calib, seed)
         source = str(Path(data).expanduser().resolve())
+        record = split_record(split, seed=seed, n_calib=n_calib, path=data, text_field=text_field)
     else:
         if text_field is not None:
             raise InvalidArgumentError("--text-field needs --calib-data FILE")
@@ -493,6 +550,7 @@ def entry(path: str | os.PathLike, data: str | os.PathLike | None = None, *, tex
         n = min(n_calib, len(pool))
         split = TextSplit(tuple(pool[:n]), tuple(pool[n:]), tuple(held_out))
         source = "tensorfold's shipped English sentences"
+        record = split_record(split, seed=seed, n_calib=n_calib)
     loaded = model if model is not None else load_model(p)
     tokenize = Tokenize(loaded, kind, p)
     eval_batches = batches_of(tokenize, split.evaluation)
@@ -529,11 +587,12 @@ def entry(path: str | os.PathLike, data: str | os.PathLike | None = None, *, tex
         finetune_data=finetune_data,
         exclude=EXCLUDE[kind],
         output_fn=output_fn_for(kind),
-        extra={"kind": kind, "path": str(p), "data": source, "split": split.sizes(), "model": loaded,
+        extra={"kind": kind, "path": str(p), "data": source, "split": split.sizes(), "split_record": record,
+               "model": loaded,
                "eval_batches": eval_batches,
                "distill_loss": "cosine" if kind in ("sentence-transformers", "encoder") else "kl"},
     )
 
 
-__all__ = ["KINDS", "TextSplit", "detect_kind", "entry", "load_model", "quality", "read_texts", "resolve_path",
-           "split_texts"]
+__all__ = ["KINDS", "TextSplit", "detect_kind", "entry", "held_out_texts", "load_model", "quality", "read_texts",
+           "resolve_path", "split_record", "split_texts"]
