@@ -59,7 +59,7 @@ def changed_tensors(model: nn.Module, base: nn.Module) -> dict[str, torch.Tensor
 
 def write_hf_compressed(model: nn.Module, original: nn.Module, plan: Plan, directory: Path, *, kind: str,
                         base_path: str | os.PathLike, standalone: bool = False,
-                        extra_files: dict[str, str] | None = None, split: dict | None = None) -> dict:
+                        split: dict | None = None) -> dict:
     """Write ``plan.json``, ``hf.json`` and the changed tensors into the existing ``directory`` (and copy the
     base directory into ``directory/base`` when ``standalone``); returns what ``hf.json`` holds. ``split``:
     the text split of the run (:func:`tensorfold.zoo.hf.split_record`), recorded so that ``tensorfold
@@ -77,8 +77,6 @@ def write_hf_compressed(model: nn.Module, original: nn.Module, plan: Plan, direc
     if split is not None:
         info["split"] = split
     (directory / HF_FILE).write_text(json.dumps(info, indent=1))
-    for name, text in (extra_files or {}).items():
-        (directory / name).write_text(text)
     return info
 
 
