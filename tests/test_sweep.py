@@ -57,6 +57,23 @@ def test_write_sweep_files_atomically(digits_sweep, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no temporary leftovers
 
 
+def test_sweep_points_are_the_plans_of_plan_and_apply(digits_sweep):
+    """The sweep plans each budget once for all its allocators: every point is still exactly what
+    plan() + apply() give for that budget and allocator on the same calibration batches."""
+    from tensorfold import zoo
+
+    entry = zoo.get("digits-cnn")
+    original, calib = entry.load(), entry.calibration(128, 0)
+    for point in digits_sweep.points:
+        config = tf.CompressConfig(budget=point.budget, allocator=point.allocator, methods=("svd",), curve=False,
+                                   calib_samples=128)
+        small, p = compress(original, config, calib=calib, example_inputs=entry.example_inputs(32))
+        assert (point.params, point.fraction) == (p.model_params_after, p.fraction)
+        assert point.metrics == entry.evaluate(original, small)
+    assert [(p.allocator, p.budget) for p in digits_sweep.points] == [
+        ("uniform", 0.7), ("uniform", 0.3), ("knapsack", 0.7), ("knapsack", 0.3)]
+
+
 def test_sweep_bad_arguments():
     with pytest.raises(InvalidArgumentError):
         sweep("digits-cnn", budgets=(1.5,), progress=False)

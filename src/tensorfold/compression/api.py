@@ -41,6 +41,7 @@ from tensorfold.compression.plan import Plan
 from tensorfold.compression.replace import replace_layers
 from tensorfold.compression.sensitivity import measure_sensitivities
 from tensorfold.compression.speed import SpeedCheck
+from tensorfold.compression.threads import fitting_threads
 from tensorfold.compression.walk import FoundLayers, find_layers
 from tensorfold.core.modules import eval_mode
 from tensorfold.core.validate import make_generator, randn
@@ -132,7 +133,7 @@ class Planner:
         batches = materialize(calib)
         report = progress or (lambda stage, done, total: None)
         self.model_params = sum(p.numel() for p in model.parameters())
-        with eval_mode(model), torch.no_grad():
+        with fitting_threads(), eval_mode(model), torch.no_grad():  # one thread unless waiting threads sleep
             grams: dict[str, GramStats] = {}
             if batches:
                 grams = collect_grams(model, layers, batches,
@@ -331,7 +332,8 @@ def apply(model: nn.Module, plan: Plan, calib=None, *, progress: Progress | None
         raise InvalidArgumentError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(plan, Plan):
         raise InvalidArgumentError(f"plan must be a tensorfold Plan, got {type(plan).__name__}")
-    return replace_layers(model, plan, "fitted", calib=calib, progress=progress)
+    with fitting_threads():
+        return replace_layers(model, plan, "fitted", calib=calib, progress=progress)
 
 
 def compress(

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from tensorfold.compression.api import apply, plan
+from tensorfold.compression.api import Planner, apply
 from tensorfold.compression.config import ALLOCATORS, CompressConfig, FinetuneConfig, check_budget
 from tensorfold.compression.evaluate import paired_timing
 from tensorfold.compression.finetune import finetune as run_finetune
@@ -86,6 +86,7 @@ class SweepResult:
     batch_size: int
     points: list[SweepPoint] = field(default_factory=list)
     dense_latency_spread: tuple[float, float] | None = None  # interquartile range of the dense timing
+    calib_samples: int | None = None  # calibration samples each point was planned and fitted with
 
     def curve(self, allocator: str) -> list[SweepPoint]:
         """The points of one allocator, largest budget first."""
@@ -214,6 +215,7 @@ def sweep(
         model=entry.name, target=target, methods=tuple(methods), budgets=budgets, allocators=allocators,
         metric=metric, dense_metrics=dense_metrics, dense_params=sum(p.numel() for p in original.parameters()),
         dense_latency=None, finetune_epochs=finetune_epochs, threads=threads, batch_size=batch_size,
+        calib_samples=config.calib_samples,
     )
     data = entry.finetune_data(64, seed) if finetune is not None else None
     if latency:  # the dense reference, measured once (paired with itself for its spread)
@@ -221,13 +223,25 @@ def sweep(
         result.dense_latency = ref["first_median"]
         q = sorted([ref["first_median"] * ref["ratio_q1"], ref["first_median"] * ref["ratio_q3"]])
         result.dense_latency_spread = (q[0], q[1])
-    for allocator in allocators:
-        for budget in budgets:
+    # Budget by budget: the planner's calibration statistics, menus and sensitivities (measured at the
+    # budget) are shared by the allocators, as in plan(); only allocators with a speedup goal need their own.
+    for budget in budgets:
+        planners: dict[float | None, Planner | TensorfoldError] = {}
+        for allocator in allocators:
             start = time.perf_counter()
             try:
                 point_config = config.replace(budget=budget, allocator=allocator, curve=False,
                                               speedup=config.speedup if allocator in ("knapsack", "auto") else None)
-                p = plan(original, point_config, calib=calib, example_inputs=inputs, model_name=entry.name)
+                if point_config.speedup not in planners:
+                    try:
+                        planners[point_config.speedup] = Planner(original, point_config, calib=calib,
+                                                                 example_inputs=inputs, model_name=entry.name)
+                    except TensorfoldError as exc:  # the same for every allocator of this budget
+                        planners[point_config.speedup] = exc
+                planner = planners[point_config.speedup]
+                if isinstance(planner, TensorfoldError):
+                    raise planner
+                p = planner.plan(allocator=allocator)
                 small = apply(original, p, calib)
             except TensorfoldError as exc:
                 result.points.append(SweepPoint(allocator, budget, None, None, 0, None, {},
@@ -256,6 +270,8 @@ def sweep(
                 shown = point.metrics_finetuned or point.metrics
                 speed = f", speedup {point.speedup:.2f}x" if point.speedup else ""
                 say(f"{allocator} @ {budget:g}: fraction {point.fraction:.3f}, {metric} {shown[metric]:.4f}{speed}")
+    # reported allocator by allocator, budgets in the order given
+    result.points.sort(key=lambda pt: (allocators.index(pt.allocator), budgets.index(pt.budget)))
     return result
 
 
