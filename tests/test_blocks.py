@@ -8,7 +8,15 @@ from torch import nn
 
 import tensorfold as tf
 from tensorfold.compression.blocks import find_blocks
-from tensorfold.compression.blocks.attention import input_gram, qk_select, qk_weights, vo_svd, vo_weights
+from tensorfold.compression.blocks.attention import (
+    HeadLayout,
+    Projection,
+    input_gram,
+    qk_select,
+    qk_weights,
+    vo_svd,
+    vo_weights,
+)
 from tensorfold.compression.blocks.mlp import ActivationStats, mlp_select, select_neurons
 from tensorfold.errors import InvalidArgumentError, RankError
 
@@ -181,10 +189,11 @@ def test_qk_select_and_vo_svd_exact_at_full_size_gqa():
     bq, bk = torch.randn(heads * dh, generator=g, dtype=torch.float64), torch.randn(kv * dh, generator=g,
                                                                                     dtype=torch.float64)
     G = input_gram(X)
-    fit = qk_select(G, Wq, bq, Wk, bk, heads=heads, kv_heads=kv, head_dim=dh)
+    layout, query, key = HeadLayout(heads, kv, dh), Projection(Wq, bq), Projection(Wk, bk)
+    fit = qk_select(G, query, key, layout)
     assert float(fit.errors[0]) == pytest.approx(1.0) and float(fit.errors[-1]) == 0.0
     assert bool((fit.errors[1:] <= fit.errors[:-1] + 1e-12).all())
-    nq, nbq, nk, nbk = qk_weights(fit, G, Wq, bq, Wk, bk, heads=heads, kv_heads=kv, head_dim=dh, keep=dh)
+    nq, nbq, nk, nbk = qk_weights(fit, G, query, key, layout, keep=dh)
     Xa = torch.cat([X, torch.ones(300, 1, dtype=X.dtype)], 1)
 
     def scores(Wq_, bq_, Wk_, bk_, r):
@@ -194,7 +203,7 @@ def test_qk_select_and_vo_svd_exact_at_full_size_gqa():
         return torch.einsum("ihr,jhr->hij", Q, K)
 
     assert torch.allclose(scores(nq, nbq, nk, nbk, dh), scores(Wq, bq, Wk, bk, dh), atol=1e-8)
-    nq, nbq, nk, nbk = qk_weights(fit, G, Wq, bq, Wk, bk, heads=heads, kv_heads=kv, head_dim=dh, keep=2)
+    nq, nbq, nk, nbk = qk_weights(fit, G, query, key, layout, keep=2)
     S, S2 = scores(Wq, bq, Wk, bk, dh), scores(nq, nbq, nk, nbk, 2)
     measured = float((S - S2).norm() / S.norm())
     assert measured == pytest.approx(float(fit.errors[2]), rel=1e-6)  # predicted = measured on its data
@@ -203,9 +212,9 @@ def test_qk_select_and_vo_svd_exact_at_full_size_gqa():
     Wv, Wo = torch.randn(kv * dh, d, generator=g, dtype=torch.float64), torch.randn(d, heads * dh, generator=g,
                                                                                     dtype=torch.float64)
     bv, bo = torch.randn(kv * dh, generator=g, dtype=torch.float64), torch.randn(d, generator=g, dtype=torch.float64)
-    vfit = vo_svd(G, Wv, Wo, heads=heads, kv_heads=kv, head_dim=dh)
+    vfit = vo_svd(G, Wv, Wo, layout)
     assert float(vfit.errors[-1]) < 1e-9 and float(vfit.errors[0]) == pytest.approx(1.0)
-    nv, no, nbo = vo_weights(vfit, Wo, bo, bv, heads=heads, kv_heads=kv, head_dim=dh, keep=dh)
+    nv, no, nbo = vo_weights(vfit, Wo, bo, bv, layout, keep=dh)
 
     def vo_out(Wv_, bv_, Wo_, bo_, r):  # uniform attention over all tokens: output = O (mean of V) per head
         V = (X @ Wv_.T + (bv_ if bv_ is not None else 0)).reshape(300, kv, r).repeat_interleave(heads // kv, dim=1)

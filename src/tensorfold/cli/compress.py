@@ -153,6 +153,10 @@ def compress(
     for row in result.metrics.get("export", {}).get("variants", []):
         console.print(f"{row['variant']}: {row['seconds'] * 1e3:.1f} ms, {row['speedup']:.2f}x, "
                       + ", ".join(f"{k} {row[k]:.4f}" for k in row.get("quality_keys", [])))
+    seconds = result.metrics.get("seconds", {})
+    if seconds.get("stages"):
+        console.print(f"time: compression {seconds['compression']:.1f} s (" + ", ".join(
+            f"{k} {v:.1f}" for k, v in seconds["stages"].items()) + f"), total {seconds['total']:.1f} s")
     memory = result.metrics.get("memory", {})
     if memory and "data" in result.metrics:  # a model directory: large models are where memory matters
         console.print(f"peak memory {memory['peak_rss_mb']:.0f} MB")

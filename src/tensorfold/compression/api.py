@@ -18,6 +18,8 @@ torch.Size([64, 10])
 
 from __future__ import annotations
 
+import math
+import time
 import warnings
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
@@ -27,7 +29,13 @@ from torch import nn
 
 from tensorfold.compression.allocators import allocate
 from tensorfold.compression.blocks import BLOCK_METHODS, find_blocks
-from tensorfold.compression.blocks.menus import GroupCandidate, block_menus, expand_choice
+from tensorfold.compression.blocks.menus import (
+    BlockData,
+    BlockMenuSettings,
+    GroupCandidate,
+    block_menus,
+    expand_choice,
+)
 from tensorfold.compression.calibration import (
     GramStats,
     batch_input,
@@ -38,6 +46,7 @@ from tensorfold.compression.calibration import (
 from tensorfold.compression.candidates import LatencyModel, layer_menu
 from tensorfold.compression.config import DEFAULT_METHODS, CompressConfig
 from tensorfold.compression.plan import Plan
+from tensorfold.compression.probe import OutputProbe
 from tensorfold.compression.replace import replace_layers
 from tensorfold.compression.sensitivity import measure_sensitivities
 from tensorfold.compression.speed import SpeedCheck
@@ -58,6 +67,28 @@ Progress = Callable[[str, int, int], None]
 class Compressed(NamedTuple):
     model: nn.Module
     plan: Plan
+
+
+class Stopwatch:
+    """Seconds per stage: :meth:`lap` closes the stage running since the last lap (summed by name)."""
+
+    def __init__(self):
+        self.laps: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.laps[stage] = self.laps.get(stage, 0.0) + now - self._last
+        self._last = now
+
+
+def sensitivity_batches(batches: list, samples: int = SENSITIVITY_SAMPLES) -> list:
+    """Batches holding about ``samples`` samples, spread evenly over ``batches`` (calibration batches may
+    be sorted by length: the first ones alone would hold only the shortest sentences)."""
+    sizes = [_count_samples(b) for b in batches]
+    mean = max(sum(sizes) / max(len(sizes), 1), 1.0)
+    k = min(len(batches), max(1, math.ceil(samples / mean)))
+    return [batches[int((j + 0.5) * len(batches) / k)] for j in range(k)]
 
 
 def _count_samples(batch) -> int:
@@ -133,11 +164,13 @@ class Planner:
         batches = materialize(calib)
         report = progress or (lambda stage, done, total: None)
         self.model_params = sum(p.numel() for p in model.parameters())
+        clock = Stopwatch()
         with fitting_threads(), eval_mode(model), torch.no_grad():  # one thread unless waiting threads sleep
             grams: dict[str, GramStats] = {}
             if batches:
                 grams = collect_grams(model, layers, batches,
                                       progress=lambda i: report("calibration", i, len(batches)))
+                clock.lap("calibration")
                 shapes = {name: st.input_shape for name, st in grams.items()}
                 if example_inputs is not None or input_shape is not None:
                     shapes = _input_shapes(model, layers, [], example_inputs, input_shape)
@@ -165,30 +198,31 @@ class Planner:
             if (not menus or all(len(m.options) == 1 for m in menus)) and not (block_methods and batches):
                 raise NotCompressibleError("no layer has a factorisation that saves anything")
             self.calibrated = bool(batches)
-            sens_batches: list = []
+            clock.lap("menus")
+            blocks = find_blocks(model) if block_methods and batches else []
+            probe = None
+            if self.calibrated and (config.sensitivity or blocks):
+                probe = OutputProbe(model, sensitivity_batches(batches), output_fn, stages=[b.name for b in blocks])
             if self.calibrated and config.sensitivity:
-                n = 0
-                for b in batches:
-                    sens_batches.append(b)
-                    n += _count_samples(b)
-                    if n >= SENSITIVITY_SAMPLES:
-                        break
-                values = measure_sensitivities(model, menus, sens_batches, budget=config.budget, methods=menu_methods,
-                                               grams=grams, output_fn=output_fn,
+                values = measure_sensitivities(probe, menus, budget=config.budget, methods=menu_methods, grams=grams,
                                                progress=lambda d, t: report("sensitivity", d, t))
                 for m, s in zip(menus, values):
                     m.sensitivity = s
+                clock.lap("sensitivities")
             self.layer_menus = {m.name: m for m in menus}
-            if block_methods and batches and speedup is None:
-                menus = block_menus(model, find_blocks(model), menus, block_methods, batches, target=config.target,
-                                    latency=latency, sens_batches=sens_batches or batches[:2], output_fn=output_fn,
-                                    matrix_methods=matrix_methods, progress=lambda d, t: report("blocks", d, t),
-                                    budget=config.budget, layer_menus=self.layer_menus)
+            if blocks and speedup is None:
+                settings = BlockMenuSettings(block_methods, config.target, config.budget, matrix_methods)
+                menus = block_menus(model, blocks, menus, settings, BlockData(batches, probe, grams), latency=latency,
+                                    progress=lambda d, t: report("blocks", d, t), layer_menus=self.layer_menus)
+                clock.lap("block menus")
             if not menus or all(len(m.options) == 1 for m in menus):
                 raise NotCompressibleError("no layer has a factorisation that saves anything")
             self.speed = (SpeedCheck(model, menus, speed_sample, threads=latency.threads)
                           if speedup is not None else None)
+            if self.speed is not None:
+                clock.lap("speed check")
         self.menus = menus
+        self.seconds = clock.laps
 
     def plan(self, budget: float | None = None, allocator: str | None = None, *, curve: bool | None = None) -> Plan:
         """The plan for ``budget`` with ``allocator`` (defaults: the config's); ``curve`` overrides

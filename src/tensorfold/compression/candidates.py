@@ -149,10 +149,12 @@ def _output_error(layer: nn.Module, approx: torch.Tensor, gram: GramStats | None
     return (math.sqrt(float((D**2).sum()) / den) if den > 0 else 0.0), False
 
 
-def _measured_candidates(method, cls, layer, opts, gram):
-    """(rank, error, calibrated) for Tucker/CP/TT layers built at a grid of parameter fractions."""
-    seen, out = set(), []
-    for frac in MEASURED_FRACTIONS.get(method, (0.1, 0.25, 0.5, 0.75)):
+def _measured_candidates(method, cls, layer, opts, gram, fractions=None, seen=None):
+    """(rank, error, calibrated) for Tucker/CP/TT layers built at a grid of parameter fractions
+    (``fractions``, default the method's grid; ranks in ``seen`` are skipped, and added to it)."""
+    seen = set() if seen is None else seen
+    out = []
+    for frac in fractions or MEASURED_FRACTIONS.get(method, (0.1, 0.25, 0.5, 0.75)):
         try:
             rank = cls.resolve_rank(layer, frac, **opts)
         except TensorfoldError:
@@ -256,6 +258,28 @@ class LatencyModel:
         return out  # type: ignore[return-value]
 
 
+def _dominated(cost, error: float, options: Sequence[Candidate], with_flops: bool) -> bool:
+    """Whether an option already in the menu is at most as costly (params, and FLOPs when known) and at
+    most as wrong: then no budget in those costs would choose the new one."""
+    return any(c.method != "dense" and c.params <= cost.params and c.error <= error
+               and (not with_flops or (c.flops is not None and c.flops <= cost.flops)) for c in options)
+
+
+def _unless_dominated(method, cls, layer, opts, gram, options, shape):
+    """The measured candidates of ``method``, pruned: two sizes of its grid (at a third and two thirds) are
+    built first, and when the menu's other options (the SVD's) dominate both, the method is left out:
+    building Tucker/TT/CP layers at every size was most of the menus' time (a TT of a 384x1536 Linear:
+    12 sizes, 24 SVDs of its unfoldings) for options that, on trained Linear layers, no plan chose."""
+    grid = MEASURED_FRACTIONS.get(method, (0.1, 0.25, 0.5, 0.75))
+    probes = (grid[len(grid) // 3], grid[(2 * len(grid)) // 3])
+    seen: set = set()
+    rows = _measured_candidates(method, cls, layer, opts, gram, fractions=probes, seen=seen)
+    where = shape if shape is not None else _shape_for_params(layer)
+    if rows and all(_dominated(cls.cost(layer, r, where, **opts), e, options, shape is not None) for r, e, _ in rows):
+        return []
+    return rows + _measured_candidates(method, cls, layer, opts, gram, seen=seen)
+
+
 def layer_menu(
     name: str,
     layer: nn.Module,
@@ -289,6 +313,8 @@ def layer_menu(
             if method == "svd" and menu.spectrum is None:
                 menu.spectrum = [float(s) for s in spectrum]
                 menu.calibrated = calibrated
+        elif latency is None and len(options) > 1:
+            rows = _unless_dominated(method, cls, layer, opts, gram, options, shape)
         else:
             rows = _measured_candidates(method, cls, layer, opts, gram)
         if not rows:

@@ -357,6 +357,7 @@ def run_job(
         batches = materialize(source.calibration(calib, seed))
     if source.exclude and not config.include:  # the model's own exclusions (e.g. a classifier head)
         config = config.replace(exclude=(*(config.exclude or ()), *source.exclude))
+    t_load = time.perf_counter()
     planner = Planner(original, config, calib=batches or None,
                       example_inputs=source.entry.example_inputs(32) if source.entry is not None else None,
                       output_fn=source.output_fn, model_name=source.name, progress=progress)
@@ -372,8 +373,10 @@ def run_job(
         compressed, tuning = finetune_and_keep_better(source, compressed, original, finetune, options.data,
                                                       eval_batches, log)
         memory.stage("finetune")
+    t_tune = time.perf_counter()
     quality = tuning["quality_after" if tuning["kept"] == "fine-tuned" else "quality_before"] if tuning else \
         evaluate_pair(source, original, compressed, eval_batches)
+    t_eval = time.perf_counter()
     metrics = {
         "model": source.name,
         "budget": config.budget,
@@ -384,7 +387,11 @@ def run_job(
         "params_compressed": count_params(compressed),
         "quality": quality,
         "plan_totals": plan.totals(),
-        "seconds": {"plan": t_plan - t0, "apply": t_apply - t_plan},
+        # compression = plan + apply; the stages say where the time went
+        "seconds": {"plan": t_plan - t0, "apply": t_apply - t_plan, "compression": t_apply - t_load,
+                    "stages": {"load": t_load - t0, **planner.seconds, "fitting": t_apply - t_plan,
+                               **({"fine-tuning": t_tune - t_apply} if tuning is not None else {}),
+                               "evaluation": t_eval - t_tune}},
     }
     if tuning is not None:
         metrics["finetune"] = tuning
@@ -392,7 +399,9 @@ def run_job(
         example = (source.entry.example_inputs(32) if source.entry is not None
                    else (eval_batches[0] if eval_batches else None))
         if example is not None:
+            t_speed = time.perf_counter()
             metrics["speed"] = measure_speedup(original, compressed, example, threads=options.threads)
+            metrics["seconds"]["stages"]["speed"] = time.perf_counter() - t_speed
     budget = config.budget
     curve = [{"budget": budget, "fraction": plan.fraction, **quality}]
     for b in sorted(set(options.curve_budgets) - {budget}):

@@ -6,19 +6,19 @@ budget, and measure the squared relative change of the model output on a few cal
 ``s = ||f_compressed(x) - f(x)||^2 / ||f(x)||^2 / e^2`` with ``e`` the layer's predicted relative
 error. The allocators then minimise ``sum_i s_i e_i^2``, a first-order estimate of the output
 error when several layers are compressed. It measures the real, structured truncation error
-(not isotropic noise) and costs one forward pass per layer on a small batch.
+(not isotropic noise) and costs one forward pass per layer on a small batch, less where the
+:class:`~tensorfold.compression.probe.OutputProbe` replays the transformer blocks before the layer.
 """
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable, Sequence
 
 import torch
-from torch import nn
 
-from tensorfold.compression.calibration import GramStats, call_model, output_tensor
+from tensorfold.compression.calibration import GramStats
 from tensorfold.compression.candidates import Candidate, LayerMenu
+from tensorfold.compression.probe import OutputProbe
 from tensorfold.compression.replace import replace_layers, set_submodule
 
 SENSITIVITY_FLOOR = 1e-6
@@ -36,21 +36,17 @@ def reference_candidate(menu: LayerMenu, budget: float, methods: Sequence[str]) 
 
 @torch.no_grad()
 def measure_sensitivities(
-    model: nn.Module,
+    probe: OutputProbe,
     menus: Sequence[LayerMenu],
-    batches: list,
     *,
     budget: float,
     methods: Sequence[str],
     grams: dict[str, GramStats] | None = None,
-    output_fn: Callable | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> list[float]:
-    """Sensitivity of each menu's layer (see the module docs); ``model`` is not modified."""
-    work = copy.deepcopy(model)
-    work.eval()
-    reference = [output_tensor(call_model(work, b), output_fn).detach().double() for b in batches]
-    ref_sq = sum(float((y**2).sum()) for y in reference) or 1.0
+    """Sensitivity of each menu's layer (see the module docs), measured on ``probe`` (its model is left
+    as it was)."""
+    work = probe.work
     out = []
     for i, menu in enumerate(menus):
         cand = reference_candidate(menu, max(min(budget, 0.9), 0.1), methods)
@@ -61,13 +57,10 @@ def measure_sensitivities(
         # this layer alone in the dense model: its input statistics are the planner's
         replace_layers(work, [menu.decision(cand)], "fitted", stats=grams or {}, inplace=True)
         try:
-            diff = sum(
-                float(((output_tensor(call_model(work, b), output_fn).double() - y) ** 2).sum())
-                for b, y in zip(batches, reference)
-            )
+            change = probe.change(start=menu.name)
         finally:
             set_submodule(work, menu.name, original)
-        out.append(max(diff / ref_sq / cand.error**2, SENSITIVITY_FLOOR))
+        out.append(max(change / cand.error**2, SENSITIVITY_FLOOR))
         if progress is not None:
             progress(i + 1, len(menus))
     return out

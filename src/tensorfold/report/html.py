@@ -159,6 +159,11 @@ def _hf_sections(metrics: dict) -> list[str]:
                                  "speed and quality of the export variants"))
     if metrics.get("memory"):
         parts.append("<h2>Memory</h2>" + kv_html(metrics["memory"]))
+    seconds = metrics.get("seconds") or {}
+    if seconds.get("stages"):
+        parts.append("<h2>Time per stage (seconds)</h2>" + kv_html(
+            {**seconds["stages"], "compression (plan + apply)": seconds.get("compression"),
+             "total": seconds.get("total")}))
     return parts
 
 

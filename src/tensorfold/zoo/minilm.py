@@ -167,8 +167,10 @@ def calibration_text(n: int = 128, seed: int = 0) -> list[str]:
 
 
 def calibration(n: int = 128, seed: int = 0, batch_size: int = 32) -> list[dict]:
-    """``n`` calibration sentences (:func:`calibration_text`) as tokenized batches of ``batch_size``."""
-    chosen = calibration_text(n, seed)
+    """``n`` calibration sentences (:func:`calibration_text`) as tokenized batches of ``batch_size``,
+    sentences of similar length together (drawn at random, padding to the longest of a batch was 56% of
+    the tokens every calibration pass computed; sorted, 21%)."""
+    chosen = sorted(calibration_text(n, seed), key=len)
     return [tokenize(chosen[i : i + batch_size]) for i in range(0, n, batch_size)]
 
 

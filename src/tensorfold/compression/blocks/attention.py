@@ -22,7 +22,7 @@ projection.
 >>> g = torch.Generator().manual_seed(0)
 >>> X = torch.randn(400, 8, generator=g, dtype=torch.float64)
 >>> Wq, Wk = torch.randn(8, 8, generator=g, dtype=torch.float64), torch.randn(8, 8, generator=g, dtype=torch.float64)
->>> fit = qk_select(input_gram(X), Wq, None, Wk, None, heads=2, kv_heads=2, head_dim=4)
+>>> fit = qk_select(input_gram(X), Projection(Wq), Projection(Wk), HeadLayout(heads=2, kv_heads=2, head_dim=4))
 >>> [round(float(e), 6) for e in fit.errors[[0, 4]]]
 [1.0, 0.0]
 """
@@ -31,10 +31,33 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
 from tensorfold.errors import RankError
+
+
+@dataclass(frozen=True)
+class HeadLayout:
+    """The heads of an attention: ``heads`` query heads, ``kv_heads`` key/value heads (grouped-query
+    attention when fewer; each shared by ``heads // kv_heads`` query heads), ``head_dim`` dimensions each."""
+
+    heads: int
+    kv_heads: int
+    head_dim: int
+
+    @property
+    def rep(self) -> int:
+        """Query heads per key/value head."""
+        return self.heads // self.kv_heads
+
+
+class Projection(NamedTuple):
+    """A projection's ``weight (out, in)`` and ``bias`` (or None)."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None = None
 
 
 def input_gram(X: torch.Tensor) -> torch.Tensor:
@@ -127,17 +150,16 @@ def _group_grams(Qa, Ka, G, Gc, g: int, rep: int, head_dim: int) -> tuple[torch.
     return Cq, Ck
 
 
-def qk_select(gram: torch.Tensor, Wq, bq, Wk, bk, *, heads: int, kv_heads: int, head_dim: int,
-              ridge: float = 1e-8) -> QKFit:
+def qk_select(gram: torch.Tensor, query: Projection, key: Projection, layout: HeadLayout) -> QKFit:
     """Greedy per-group dimension order and the relative score error at every size (see module docs).
 
-    ``gram``: ``[X 1]^T [X 1]`` of the attention input; ``Wq (heads*head_dim, d)``, ``Wk
-    (kv_heads*head_dim, d)`` and their biases (or None).
+    ``gram``: ``[X 1]^T [X 1]`` of the attention input; ``query`` (weight ``(heads*head_dim, d)``) and
+    ``key`` (weight ``(kv_heads*head_dim, d)``) with their biases (or None).
     """
-    Qa, Ka = _aug(Wq, bq), _aug(Wk, bk)
+    Qa, Ka = _aug(*query), _aug(*key)
     G = gram.double()
     Gc = centered(G)
-    rep = heads // kv_heads
+    kv_heads, head_dim, rep = layout.kv_heads, layout.head_dim, layout.rep
     orders, residual = [], torch.zeros(head_dim + 1, dtype=torch.float64)
     for g in range(kv_heads):
         order, res = _greedy_dims(*_group_grams(Qa, Ka, G, Gc, g, rep, head_dim))
@@ -149,15 +171,16 @@ def qk_select(gram: torch.Tensor, Wq, bq, Wk, bk, *, heads: int, kv_heads: int, 
     return QKFit(orders, errors)
 
 
-def qk_weights(fit: QKFit, gram: torch.Tensor, Wq, bq, Wk, bk, *, heads: int, kv_heads: int, head_dim: int,
+def qk_weights(fit: QKFit, gram: torch.Tensor, query: Projection, key: Projection, layout: HeadLayout, *,
                keep: int, ridge: float = 1e-8):
-    """``(Wq', bq', Wk', bk')`` keeping ``keep`` dimensions per head (float64; biases may be None)."""
+    """``(Wq', bq', Wk', bk')`` keeping ``keep`` dimensions per head (float64; ``bq'`` is None when the
+    query had no bias)."""
+    kv_heads, head_dim, rep = layout.kv_heads, layout.head_dim, layout.rep
     if isinstance(keep, bool) or not isinstance(keep, int) or not 1 <= keep <= head_dim:
         raise RankError(f"qk-select keeps 1 to {head_dim} dimensions per head, got {keep!r}")
-    Qa, Ka = _aug(Wq, bq), _aug(Wk, bk)
+    Qa, Ka = _aug(*query), _aug(*key)
     G = gram.double()
     Gc = centered(G)
-    rep = heads // kv_heads
     q_rows, k_rows = [], []
     for g in range(kv_heads):
         S = sorted(fit.orders[g][:keep])
@@ -166,7 +189,7 @@ def qk_weights(fit: QKFit, gram: torch.Tensor, Wq, bq, Wk, bk, *, heads: int, kv
         q_rows += [Qa[h * head_dim:(h + 1) * head_dim][S] for h in range(g * rep, (g + 1) * rep)]
         k_rows.append(_key_refit(Cq, S, ridge) @ Kg if keep < head_dim else Kg)
     Q, K = torch.cat(q_rows), torch.cat(k_rows)
-    return Q[:, :-1], (Q[:, -1] if bq is not None else None), K[:, :-1], K[:, -1]
+    return Q[:, :-1], (Q[:, -1] if query.bias is not None else None), K[:, :-1], K[:, -1]
 
 
 @dataclass(frozen=True)
@@ -179,8 +202,7 @@ class VOFit:
     errors: torch.Tensor
 
 
-def vo_svd(gram: torch.Tensor, Wv, Wo, *, heads: int, kv_heads: int, head_dim: int,
-           ridge: float = 1e-6) -> VOFit:
+def vo_svd(gram: torch.Tensor, Wv, Wo, layout: HeadLayout, ridge: float = 1e-6) -> VOFit:
     """Whitened SVD of every group's value-output product (see the module docs).
 
     ``gram``: ``X^T X`` (or the ``[X 1]`` Gram; the constant is dropped) of the attention input;
@@ -197,7 +219,7 @@ def vo_svd(gram: torch.Tensor, Wv, Wo, *, heads: int, kv_heads: int, head_dim: i
     else:
         L, L_inv = factors
     V, O = Wv.detach().double(), Wo.detach().double()
-    rep = heads // kv_heads
+    kv_heads, head_dim, rep = layout.kv_heads, layout.head_dim, layout.rep
     lefts, rights, tails, total = [], [], torch.zeros(head_dim + 1, dtype=torch.float64), 0.0
     for g in range(kv_heads):
         Vg = V[g * head_dim:(g + 1) * head_dim]  # (dh, d)
@@ -214,19 +236,19 @@ def vo_svd(gram: torch.Tensor, Wv, Wo, *, heads: int, kv_heads: int, head_dim: i
     return VOFit(lefts, rights, errors)
 
 
-def vo_weights(fit: VOFit, Wo, bo, bv, *, heads: int, kv_heads: int, head_dim: int, keep: int):
+def vo_weights(fit: VOFit, Wo, bo, bv, layout: HeadLayout, *, keep: int):
     """``(Wv' (kv_heads*keep, d), Wo' (d_out, heads*keep), bo')`` at rank ``keep`` per group (float64);
     the value bias (or None) is folded into the output bias."""
+    kv_heads, head_dim, rep = layout.kv_heads, layout.head_dim, layout.rep
     if isinstance(keep, bool) or not isinstance(keep, int) or not 1 <= keep <= head_dim:
         raise RankError(f"vo-svd keeps rank 1 to {head_dim} per head, got {keep!r}")
     O = Wo.detach().double()
     d_out = O.shape[0]
-    rep = heads // kv_heads
     bias = bo.detach().double().clone() if bo is not None else torch.zeros(d_out, dtype=torch.float64)
     if bv is not None:
         per_head = bv.detach().double().reshape(kv_heads, head_dim).repeat_interleave(rep, dim=0).reshape(-1)
         bias += O @ per_head
-    v_rows, o_cols = [], [None] * heads
+    v_rows, o_cols = [], [None] * layout.heads
     for g in range(kv_heads):
         v_rows.append(fit.rights[g][:keep])
         left = fit.lefts[g][:, :keep]  # (rep*d_out, keep)
@@ -235,13 +257,5 @@ def vo_weights(fit: VOFit, Wo, bo, bv, *, heads: int, kv_heads: int, head_dim: i
     return torch.cat(v_rows), torch.cat(o_cols, dim=1), bias
 
 
-def attention_params(d: int, d_out: int, heads: int, kv_heads: int, qk: int, v: int, *, q_bias: bool = True,
-                     k_bias: bool = True, o_bias: bool = True) -> tuple[int, int]:
-    """``(query+key params, value+output params)`` with ``qk`` query/key and ``v`` value dims per head
-    (the value bias is folded into the output bias)."""
-    qk_p = heads * qk * (d + int(q_bias)) + kv_heads * qk * (d + int(k_bias))
-    vo_p = kv_heads * v * d + d_out * heads * v + int(o_bias) * d_out
-    return qk_p, vo_p
-
-
-__all__ = ["QKFit", "VOFit", "attention_params", "input_gram", "qk_select", "qk_weights", "vo_svd", "vo_weights"]
+__all__ = ["HeadLayout", "Projection", "QKFit", "VOFit", "input_gram", "qk_select", "qk_weights", "vo_svd",
+           "vo_weights"]

@@ -18,7 +18,14 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from tensorfold.compression.blocks.attention import qk_select, qk_weights, vo_svd, vo_weights
+from tensorfold.compression.blocks.attention import (
+    HeadLayout,
+    Projection,
+    qk_select,
+    qk_weights,
+    vo_svd,
+    vo_weights,
+)
 from tensorfold.compression.blocks.discover import Block, find_blocks, linear_weight, projection_shape
 from tensorfold.compression.blocks.mlp import ActivationStats, mlp_select
 from tensorfold.compression.blocks.stats import BLOCK_METHODS, _rows, capture_stats
@@ -30,6 +37,7 @@ from tensorfold.compression.calibration import (
     token_mask,
 )
 from tensorfold.compression.plan import LayerPlan, Plan
+from tensorfold.compression.probe import OutputProbe
 from tensorfold.errors import InvalidArgumentError, ShapeError
 from tensorfold.nn.transformer import HeadAttention, SkipBlock
 
@@ -99,15 +107,23 @@ class Inputs:
     calibration batch) are captured once from the model as it is when the block's first unit is
     fitted; every later capture inside the block then runs that block alone, not the model up to it.
     Outside blocks, the model runs up to the layer.
+
+    ``blocks`` (names in forward order): the outputs of the blocks before the one whose inputs are
+    captured are recorded on the way (they are fitted already, so they no longer change) and replayed
+    in later captures, so reaching block k runs one block, not k.
     """
 
-    def __init__(self, new: nn.Module, batches: list):
+    def __init__(self, new: nn.Module, batches: list, blocks: Sequence[str] = ()):
         self.new, self.batches = new, batches
+        self.blocks = list(blocks)
         self._block: str | None = None
         self._inputs: list = []
+        self._outputs: dict[str, list] = {}
 
     def _block_inputs(self, block: str) -> list:
         from tensorfold.compression.calibration import _StopForward
+        from tensorfold.compression.probe import Replay
+        from tensorfold.core.modules import set_submodule
 
         if self._block != block:
             module, inputs = self.new.get_submodule(block), []
@@ -116,13 +132,27 @@ class Inputs:
                 inputs.append((_without_cache_args(args), _without_cache(kwargs)))
                 raise _StopForward
 
-            handle = module.register_forward_pre_hook(hook, with_kwargs=True)
+            before = self.blocks[: self.blocks.index(block)] if block in self.blocks else []
+            recording = {name: [] for name in before if name not in self._outputs}
+            position = {"batch": 0}
+            replayed = {name: self.new.get_submodule(name) for name in before if name in self._outputs}
+            handles = [module.register_forward_pre_hook(hook, with_kwargs=True)]
+            for name, outs in recording.items():
+                handles.append(self.new.get_submodule(name).register_forward_hook(
+                    lambda mod, args, out, _outs=outs: _outs.append(out)))
+            for name in replayed:
+                set_submodule(self.new, name, Replay(self._outputs[name], position))
             try:
-                for batch in self.batches:
+                for i, batch in enumerate(self.batches):
+                    position["batch"] = i
                     with contextlib.suppress(_StopForward):
                         call_model(self.new, batch)
             finally:
-                handle.remove()
+                for h in handles:
+                    h.remove()
+                for name, original in replayed.items():
+                    set_submodule(self.new, name, original)
+            self._outputs.update({name: outs for name, outs in recording.items() if len(outs) == len(self.batches)})
             if len(inputs) != len(self.batches):
                 raise ShapeError(f"block {block!r} is not called once per forward pass")
             self._block, self._inputs = block, [(a, k, token_mask(b)) for (a, k), b in zip(inputs, self.batches)]
@@ -167,23 +197,27 @@ class FixedInputs:
 
 
 @torch.no_grad()
-def option_effect(model: nn.Module, block: Block, decisions: Sequence[LayerPlan], stats: dict[str, ActivationStats],
-                  batches: list, reference: list[torch.Tensor], output_fn=None, ridge: float = 1e-6) -> float:
-    """``||f'(x) - f(x)||^2 / ||f(x)||^2`` on ``batches`` with one block option (``decisions``: its layers'
-    block-method decisions, fitted with ``stats`` from the original model) and the rest of ``model`` as it is."""
-    from tensorfold.compression.calibration import output_tensor
+def option_effect(probe: OutputProbe, block: Block, decisions: Sequence[LayerPlan],
+                  stats: dict[str, ActivationStats], ridge: float = 1e-6) -> float:
+    """``||f'(x) - f(x)||^2 / ||f(x)||^2`` on the probe's batches with one block option (``decisions``: its
+    layers' block-method decisions, fitted with ``stats`` from the original model) and the rest of the
+    probe's model as it is (which is left unchanged)."""
+    from tensorfold.core.modules import set_submodule
 
-    work = copy.deepcopy(model).eval()
-    by_name = {lp.name: lp for lp in decisions}
-    fixed = FixedInputs(stats)
-    methods = {lp.method for lp in decisions}
-    if methods & set(ATTENTION_METHODS):
-        _fit_attention(work, block, by_name, fixed, ridge)
-    if "mlp-select" in methods:
-        _fit_mlp(work, block, int(by_name[block.ffn.down].rank), fixed, ridge)
-    diff = sum(float(((output_tensor(call_model(work, b), output_fn).double() - y) ** 2).sum())
-               for b, y in zip(batches, reference))
-    return diff / (sum(float((y**2).sum()) for y in reference) or 1.0)
+    work = probe.work
+    original = work.get_submodule(block.name)
+    set_submodule(work, block.name, copy.deepcopy(original))
+    try:
+        by_name = {lp.name: lp for lp in decisions}
+        fixed = FixedInputs(stats)
+        methods = {lp.method for lp in decisions}
+        if methods & set(ATTENTION_METHODS):
+            _fit_attention(work, block, by_name, fixed, ridge)
+        if "mlp-select" in methods:
+            _fit_mlp(work, block, int(by_name[block.ffn.down].rank), fixed, ridge)
+        return probe.change(start=block.name)
+    finally:
+        set_submodule(work, block.name, original)
 
 
 def _fit_attention(new: nn.Module, block: Block, by_name: dict[str, LayerPlan], inputs: Inputs,
@@ -198,18 +232,19 @@ def _fit_attention(new: nn.Module, block: Block, by_name: dict[str, LayerPlan], 
     (Wq, bq), (Wk, bk), (Wv, bv), (Wo, bo) = (linear_weight(x) for x in (q, k, v, o))
     d = Wq.shape[1]
     lq, lk, lv, lo = (by_name.get(n) for n in a.layers)
-    shape = dict(heads=a.heads, kv_heads=a.kv_heads, head_dim=a.head_dim)
+    layout = HeadLayout(a.heads, a.kv_heads, a.head_dim)
     if lq is not None and lq.method == "qk-select":
-        fit = qk_select(stats.gram, Wq, bq, Wk, bk, **shape)
-        nq, nbq, nk, nbk = qk_weights(fit, stats.gram, Wq, bq, Wk, bk, keep=int(lq.rank), **shape)
+        query, key = Projection(Wq, bq), Projection(Wk, bk)
+        fit = qk_select(stats.gram, query, key, layout)
+        nq, nbq, nk, nbk = qk_weights(fit, stats.gram, query, key, layout, keep=int(lq.rank))
         q_new, k_new, qk_dim = _linear(nq, nbq, Wq), _linear(nk, nbk if bk is not None else None, Wq), int(lq.rank)
     else:
         gs = _gram_stats(stats, d)
         q_new, k_new, qk_dim = _matrix(q, lq, gs, ridge), _matrix(k, lk, gs, ridge), a.head_dim
     o_new = None
     if lv is not None and lv.method == "vo-svd":
-        fit = vo_svd(stats.gram, Wv, Wo, **shape)
-        nv, no, nbo = vo_weights(fit, Wo, bo, bv, keep=int(lv.rank), **shape)
+        fit = vo_svd(stats.gram, Wv, Wo, layout)
+        nv, no, nbo = vo_weights(fit, Wo, bo, bv, layout, keep=int(lv.rank))
         v_new, o_new, v_dim = _linear(nv, None, Wv), _linear(no, nbo, Wo), int(lv.rank)
     else:
         v_new, v_dim = _matrix(v, lv, _gram_stats(stats, d), ridge), a.head_dim
@@ -377,7 +412,9 @@ def apply_block_plan(model: nn.Module, plan: Plan | Sequence[LayerPlan], batches
             todo.sort(key=lambda lp: rank_of.get(lp.name, len(order)))
         done: set[str] = set()
         shared: dict[str, GramStats] = {}
-        inputs, reference = Inputs(new, batches), Inputs(model, batches)
+        # the blocks in forward order: captures replay the finished ones (see Inputs)
+        names = [blk.name for blk in sorted(set(block_of.values()), key=lambda blk: blk.index)]
+        inputs, reference = Inputs(new, batches, names), Inputs(model, batches, names)
 
         # the layers that end a sub-block (attention output, feed-forward down projection), in forward order
         ends = [(b, n) for b in find_blocks(model) for n in (

@@ -20,24 +20,25 @@ layer (method, rank, share of the cost, the group's error), so plans stay per la
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from torch import nn
 
-from tensorfold.compression.blocks.attention import qk_select, vo_svd
+from tensorfold.compression.blocks.attention import HeadLayout, Projection, qk_select, vo_svd
 from tensorfold.compression.blocks.discover import Block, is_conv1d, linear_weight, projection_shape
 from tensorfold.compression.blocks.mlp import ActivationStats, select_neurons
 from tensorfold.compression.blocks.stats import BLOCK_METHODS, capture_stats
-from tensorfold.compression.calibration import call_model, output_tensor
+from tensorfold.compression.calibration import GramStats
 from tensorfold.compression.candidates import Candidate, LayerMenu
+from tensorfold.compression.probe import OutputProbe
 
 MAX_GROUP_OPTIONS = 256  # options kept per merged menu (Pareto front thinned evenly in cost)
 MLP_GRID = 64  # mlp-select sizes per block
+MLP_GREEDY = 0.8  # fraction of the neurons the menu's greedy selection orders (the rest by their scores)
 SENSITIVITY_FLOOR = 1e-4  # as tensorfold.compression.sensitivity's
 
 
@@ -65,25 +66,31 @@ class GroupCandidate(Candidate):
 
 
 @torch.no_grad()
-def drop_errors(model: nn.Module, blocks: Sequence[Block], batches: list, output_fn: Callable | None = None
-                ) -> list[float]:
-    """For each block, ``||f'(x) - f(x)||^2 / ||f(x)||^2`` on ``batches`` with the block removed."""
+def drop_errors(probe: OutputProbe, blocks: Sequence[Block]) -> list[float]:
+    """For each block, ``||f'(x) - f(x)||^2 / ||f(x)||^2`` on the probe's batches with the block removed."""
     from tensorfold.core.modules import set_submodule
     from tensorfold.nn.transformer import SkipBlock
 
-    work = copy.deepcopy(model).eval()
-    ref = [output_tensor(call_model(work, b), output_fn).detach().double() for b in batches]
-    ref_sq = sum(float((y**2).sum()) for y in ref) or 1.0
+    work = probe.work
     out = []
     for block in blocks:
         original = work.get_submodule(block.name)
         set_submodule(work, block.name, SkipBlock.like(original))
         try:
-            diff = sum(float(((output_tensor(call_model(work, b), output_fn).double() - y) ** 2).sum())
-                       for b, y in zip(batches, ref))
+            out.append(probe.change(start=block.name))
         finally:
             set_submodule(work, block.name, original)
-        out.append(diff / ref_sq)
+    return out
+
+
+def block_stats(model: nn.Module, modules: dict[str, nn.Module], data: BlockData) -> dict[str, ActivationStats]:
+    """``[X 1]`` statistics of the inputs of ``modules``: from the planner's calibration pass where it
+    recorded them (one pass over the data serves both), else captured in one more pass."""
+    out = {name: ActivationStats.of_gram(data.grams[name]) for name in modules
+           if name in data.grams and data.grams[name].sums is not None}
+    missing = {name: m for name, m in modules.items() if name not in out}
+    if missing:
+        out.update(capture_stats(model, missing, data.batches))
     return out
 
 
@@ -181,7 +188,10 @@ def _mlp_options(block: Block, model: nn.Module, menus: dict[str, LayerMenu], st
     ffn = block.ffn
     down = model.get_submodule(ffn.down)
     W, b = linear_weight(down)
-    sel = select_neurons(stats, W, b)
+    # greedy steps up to MLP_GREEDY of the neurons: the steps cost more as they go (a 1536-neuron FFN: 2.4 s
+    # for all, 1.5 s for 80%); larger sizes take the rest in the order of their last scores (their errors
+    # still exact for that order), and apply() runs the greedy to the size chosen
+    sel = select_neurons(stats, W, b, max_keep=math.ceil(MLP_GREEDY * W.shape[1]))
     ups = [model.get_submodule(u) for u in ffn.ups]
     d_in, m = projection_shape(ups[0])
     d_out = W.shape[0]
@@ -210,9 +220,10 @@ def _attention_options(block: Block, model: nn.Module, menus: dict[str, LayerMen
     q, k, v, o = (model.get_submodule(n) for n in a.layers)
     (Wq, bq), (Wk, bk), (Wv, bv), (Wo, bo) = (linear_weight(x) for x in (q, k, v, o))
     d, d_out = Wq.shape[1], Wo.shape[0]
+    layout = HeadLayout(a.heads, a.kv_heads, a.head_dim)
     qk_opts, vo_opts = [], []
     if "qk-select" in methods:
-        fit = qk_select(stats.gram, Wq, bq, Wk, bk, heads=a.heads, kv_heads=a.kv_heads, head_dim=a.head_dim)
+        fit = qk_select(stats.gram, Projection(Wq, bq), Projection(Wk, bk), layout)
         s = 1.0
         for r in range(1, a.head_dim):
             err = float(fit.errors[r])
@@ -223,7 +234,7 @@ def _attention_options(block: Block, model: nn.Module, menus: dict[str, LayerMen
             parts = (Part(a.q, "qk-select", r, *pq, err), Part(a.k, "qk-select", r, *pk, err))
             qk_opts.append(_make(parts, s * err**2, "qk-select"))
     if "vo-svd" in methods:
-        fit = vo_svd(stats.gram, Wv, Wo, heads=a.heads, kv_heads=a.kv_heads, head_dim=a.head_dim)
+        fit = vo_svd(stats.gram, Wv, Wo, layout)
         s = 1.0
         for r in range(1, a.head_dim):
             err = float(fit.errors[r])
@@ -236,30 +247,46 @@ def _attention_options(block: Block, model: nn.Module, menus: dict[str, LayerMen
     return qk_opts, vo_opts
 
 
+@dataclass(frozen=True)
+class BlockMenuSettings:
+    """What the block menus offer: ``methods``, the block methods wanted; ``matrix_methods``, the
+    per-matrix methods whose options may be combined (None: every one in the menus, which may hold
+    more, e.g. "svd" built only to measure sensitivities); ``target``, the cost the Pareto fronts are
+    drawn in; ``budget``, the size whose option is fitted to measure an option family's effect."""
+
+    methods: tuple[str, ...]
+    target: str = "params"
+    budget: float = 0.5
+    matrix_methods: tuple[str, ...] | None = None
+
+
+@dataclass
+class BlockData:
+    """What the block menus are measured from: ``batches`` (input statistics), ``probe`` (measured
+    output changes on the sensitivity batches) and ``grams`` (the planner's calibration statistics,
+    reused for the layers they cover)."""
+
+    batches: list
+    probe: OutputProbe
+    grams: dict[str, GramStats] = field(default_factory=dict)
+
+
 def block_menus(
     model: nn.Module,
     blocks: Sequence[Block],
     menus: list[LayerMenu],
-    methods: Sequence[str],
-    batches: list,
+    settings: BlockMenuSettings,
+    data: BlockData,
     *,
-    target: str,
     latency=None,
-    sens_batches: list | None = None,
-    output_fn: Callable | None = None,
-    matrix_methods: Sequence[str] | None = None,
     progress: Callable[[int, int], None] | None = None,
-    budget: float = 0.5,
     layer_menus: dict[str, LayerMenu] | None = None,
 ) -> list[LayerMenu]:
-    """``menus`` with the layers of every recognised block merged into one menu per block (see module docs).
-
-    ``methods``: the block methods wanted; ``matrix_methods``: the per-matrix methods whose options may
-    be combined (the menus may hold more, e.g. "svd" built only to measure sensitivities).
-    """
-    wanted = set(methods) & set(BLOCK_METHODS)
+    """``menus`` with the layers of every recognised block merged into one menu per block (see module docs)."""
+    wanted = set(settings.methods) & set(BLOCK_METHODS)
+    target, budget, batches = settings.target, settings.budget, data.batches
     by_name = {m.name: m for m in menus}
-    allowed = set(matrix_methods) if matrix_methods is not None else None
+    allowed = set(settings.matrix_methods) if settings.matrix_methods is not None else None
     # GPT-2's Conv1D projections have no per-matrix methods: a dense-only menu lets the block methods
     # (and drop) still cover their blocks
     extra: list[LayerMenu] = []
@@ -284,12 +311,8 @@ def block_menus(
             capture[b.ffn.down] = model.get_submodule(b.ffn.down)
         if b.attention is not None and b.attention.rebuildable and wanted & {"qk-select", "vo-svd"}:
             capture[b.attention.q] = model.get_submodule(b.attention.q)
-    stats = capture_stats(model, capture, batches) if capture else {}
-    sens_batches = sens_batches or batches[:2]
-    drops = (drop_errors(model, usable, sens_batches, output_fn) if "drop" in wanted
-             else [None] * len(usable))
-    with torch.no_grad():
-        reference = [output_tensor(call_model(model, b), output_fn).detach().double() for b in sens_batches]
+    stats = block_stats(model, capture, data) if capture else {}
+    drops = drop_errors(data.probe, usable) if "drop" in wanted else [None] * len(usable)
 
     def measured(b: Block, options: list[GroupCandidate]) -> list[GroupCandidate]:
         """The options with their predicted error scaled by the sensitivity measured for one of them
@@ -303,7 +326,7 @@ def block_menus(
         ref = min(options, key=lambda c: abs(c.params - target_params))
         if ref.error**2 <= 1e-12:
             return options
-        effect = option_effect(model, b, expand_choice(ref, by_name), stats, sens_batches, reference, output_fn)
+        effect = option_effect(data.probe, b, expand_choice(ref, by_name), stats)
         scale = max(effect / ref.error**2, SENSITIVITY_FLOOR)
         return [_make(c.parts, scale * c.error**2, c.method) for c in options]
     merged_names: set[str] = set()
@@ -370,4 +393,5 @@ def expand_choice(choice: GroupCandidate, layer_menus: dict[str, LayerMenu]) -> 
     return out
 
 
-__all__ = ["BLOCK_METHODS", "expand_choice", "GroupCandidate", "Part", "block_menus", "capture_stats", "drop_errors"]
+__all__ = ["BLOCK_METHODS", "BlockData", "BlockMenuSettings", "GroupCandidate", "Part", "block_menus", "block_stats",
+           "capture_stats", "drop_errors", "expand_choice"]
