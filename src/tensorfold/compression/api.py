@@ -210,7 +210,7 @@ class Planner:
                     m.sensitivity = s
                 clock.lap("sensitivities")
             self.layer_menus = {m.name: m for m in menus}
-            if blocks and speedup is None:
+            if blocks:
                 settings = BlockMenuSettings(block_methods, config.target, config.budget, matrix_methods)
                 menus = block_menus(model, blocks, menus, settings, BlockData(batches, probe, grams), latency=latency,
                                     progress=lambda d, t: report("blocks", d, t), layer_menus=self.layer_menus)
@@ -295,12 +295,12 @@ class Planner:
                     f"with the latencies measured inside the model, {exc}; the plans tried measured at most "
                     f"{best[2]:.2f}x"
                 ) from None
-            measured = speed.check(menus, self._plan_of(alloc, config))
+            measured = speed.check(menus, self._plan_of(alloc, config), alloc.choices)
             if best is None or measured > best[2]:
                 best = (alloc, cap, measured)
             if measured >= speedup:
                 return alloc, cap, measured
-            keys = [(c.method, c.rank) for c in alloc.choices]
+            keys = [(c.method, c.rank, getattr(c, "parts", None)) for c in alloc.choices]
             if keys == previous:
                 tighten *= measured / speedup
             previous = keys

@@ -27,7 +27,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from tensorfold.compression.calibration import call_model, output_tensor
+from tensorfold.compression.calibration import call_model, output_tensor, token_mask
 from tensorfold.core.modules import set_submodule
 
 
@@ -66,13 +66,18 @@ class OutputProbe:
         self.work = copy.deepcopy(model).eval()
         self.batches, self.output_fn = list(batches), output_fn
         outputs: dict[str, list] = {name: [] for name in stages}
+        inputs: dict[str, list] = {name: [] for name in stages}
         handles = []
         for name in stages:
+
+            def pre(mod, args, kwargs, _name=name):
+                inputs[_name].append((without_cache_args(args), without_cache(kwargs)))
 
             def hook(mod, args, out, _name=name):
                 outputs[_name].append(out)
 
-            handles.append(self.work.get_submodule(name).register_forward_hook(hook))
+            module = self.work.get_submodule(name)
+            handles += [module.register_forward_pre_hook(pre, with_kwargs=True), module.register_forward_hook(hook)]
         try:
             with torch.no_grad():
                 self.reference = [output_tensor(call_model(self.work, b), output_fn).detach().double()
@@ -82,8 +87,10 @@ class OutputProbe:
                 h.remove()
         self._ref_sq = sum(float((y**2).sum()) for y in self.reference) or 1.0
         self.stages = [name for name in stages if len(outputs[name]) == len(self.batches)]
-        self._outputs = outputs
+        self._outputs, self._inputs = outputs, inputs
+        self._masks = [token_mask(b) for b in self.batches]
         self._position = {"batch": 0}
+        self.gains: dict[str, float] = {}
 
     def stage_of(self, name: str) -> str | None:
         """The stage that holds the module ``name`` (or is it), if any."""
@@ -113,5 +120,70 @@ class OutputProbe:
                 set_submodule(self.work, name, module)
         return diff / self._ref_sq
 
+    @torch.no_grad()
+    def local_change(self, stage: str) -> float:
+        """``||s'(x) - s(x)||^2 / ||s(x)||^2`` of the stage ``stage`` of ``work`` run alone on the inputs it
+        had in the unchanged model (real tokens only, where the batches carry an attention mask)."""
+        module = self.work.get_submodule(stage)
+        diff = total = 0.0
+        for (args, kwargs), ref, mask in zip(self._inputs[stage], self._outputs[stage], self._masks):
+            y, y0 = _rows(_first_tensor(module(*args, **kwargs)), mask), _rows(_first_tensor(ref), mask)
+            diff += float(((y.double() - y0.double()) ** 2).sum())
+            total += float((y0.double() ** 2).sum())
+        return diff / (total or 1.0)
 
-__all__ = ["OutputProbe", "Replay"]
+    def effect(self, name: str) -> float:
+        """The relative output change (as :meth:`change`) of a change made only inside the stage that
+        holds the module ``name``, estimated as the stage's own change times the stage's gain (model
+        output change per stage output change). The first call for a stage measures the change through
+        the model and sets the gain from it; a module in no stage is always measured through the model.
+
+        Measuring each change through the rest of the model made the planner's cost grow with the
+        square of the number of blocks; this way each block is run through the model once."""
+        stage = self.stage_of(name)
+        if stage is None:
+            return self.change(start=name)
+        local = self.local_change(stage)
+        if stage in self.gains:
+            return local * self.gains[stage]
+        full = self.change(start=name)
+        if local > GAIN_FLOOR:
+            self.gains[stage] = full / local
+        return full
+
+
+GAIN_FLOOR = 1e-10  # a stage change below this is too small to set a gain from
+
+
+def without_cache(kwargs: dict) -> dict:
+    """A block call's keyword arguments without a decoder's key/value cache (it grows on every call:
+    replaying a block on recorded inputs must not use it)."""
+    kept = {k: v for k, v in kwargs.items() if k not in _CACHE_KWARGS}
+    if "use_cache" in kept:
+        kept["use_cache"] = False
+    return kept
+
+
+def without_cache_args(args: tuple) -> tuple:
+    """``args`` with a key/value cache object passed positionally (GPT-2 blocks) replaced by None."""
+    return tuple(None if type(a).__name__.endswith("Cache") else a for a in args)
+
+
+_CACHE_KWARGS = ("past_key_value", "past_key_values", "layer_past", "cache")
+
+
+def _first_tensor(out) -> torch.Tensor:
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    return output_tensor(out)
+
+
+def _rows(y: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    if mask is not None and y.ndim == 3 and tuple(y.shape[:2]) == tuple(mask.shape):
+        return y[mask.to(device=y.device).bool()]
+    return y.reshape(-1, y.shape[-1]) if y.ndim else y.reshape(1, 1)
+
+
+__all__ = ["OutputProbe", "Replay", "without_cache", "without_cache_args"]

@@ -6,8 +6,9 @@ budget, and measure the squared relative change of the model output on a few cal
 ``s = ||f_compressed(x) - f(x)||^2 / ||f(x)||^2 / e^2`` with ``e`` the layer's predicted relative
 error. The allocators then minimise ``sum_i s_i e_i^2``, a first-order estimate of the output
 error when several layers are compressed. It measures the real, structured truncation error
-(not isotropic noise) and costs one forward pass per layer on a small batch, less where the
-:class:`~tensorfold.compression.probe.OutputProbe` replays the transformer blocks before the layer.
+(not isotropic noise) and costs one forward pass per layer on a small batch; inside a transformer
+block, the block alone on its recorded inputs, scaled by the block's measured gain (see
+:meth:`~tensorfold.compression.probe.OutputProbe.effect`).
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ def measure_sensitivities(
         # this layer alone in the dense model: its input statistics are the planner's
         replace_layers(work, [menu.decision(cand)], "fitted", stats=grams or {}, inplace=True)
         try:
-            change = probe.change(start=menu.name)
+            change = probe.effect(menu.name)
         finally:
             set_submodule(work, menu.name, original)
         out.append(max(change / cand.error**2, SENSITIVITY_FLOOR))

@@ -29,6 +29,7 @@ from dataclasses import replace
 import torch
 from torch import nn
 
+from tensorfold.compression.blocks.menus import GroupCandidate
 from tensorfold.compression.calibration import call_model
 from tensorfold.compression.plan import Plan
 from tensorfold.compression.replace import replace_layers
@@ -83,38 +84,56 @@ def _shape_key(menu) -> tuple:
     return (menu.description, tuple(menu.input_shape) if menu.input_shape is not None else None)
 
 
+def _is_block(menu) -> bool:
+    return isinstance(menu.options[0], GroupCandidate)
+
+
 class SpeedCheck:
     """The dense model's measured time, its layers' times inside it, and corrections of the menus'
     predicted latencies from timing plans inside the model.
 
     ``rest`` is the part of the model's time outside the covered layers (norms, activations,
     pooling, residual adds), which no factorisation changes.
+
+    A transformer block's menu (block methods merged) is timed as the whole block: its dense option
+    takes the block's time inside the model, every other option the block's time outside its Linear
+    layers (attention scores, softmax, norms, activation: the "core") plus its layers' predicted
+    latencies, and ``drop`` nothing at all (removing a block removes its core too).
     """
 
     def __init__(self, model: nn.Module, menus, sample, *, threads: int = 2, repeats: int = 20):
         self.model, self.sample, self.threads, self.repeats = model, sample, threads, repeats
         names = [m.name for m in menus]
-        self.dense_total, per = layer_times(model, names, sample, threads=threads, repeats=repeats)
-        self.rest = max(self.dense_total - sum(per.values()), 0.0)
+        parts = {p.name for m in menus if _is_block(m) for p in m.options[0].parts}
+        self.dense_total, per = layer_times(model, [*names, *sorted(parts)], sample, threads=threads,
+                                            repeats=repeats)
+        self.rest = max(self.dense_total - sum(per[name] for name in names), 0.0)
         self._corrected: set[tuple] = set()  # (layer shape, input shape, method) whose latencies were corrected
         # the dense candidates take their in-model times; factored ones keep the isolated prediction
         # until a check measures their kind inside the model
         for m in menus:
             m.options[0] = replace(m.options[0], latency=per[m.name])
+            if _is_block(m):
+                core = max(per[m.name] - sum(per[p.name] for p in m.options[0].parts), 0.0)
+                m.options[1:] = [c if c.latency is None else replace(
+                    c, latency=0.0 if c.method == "drop" else c.latency + core) for c in m.options[1:]]
 
     def cap(self, menus, speedup: float) -> float:
         """The covered layers' latency fraction of dense that gives ``speedup`` of the whole model."""
         dense = sum(m.dense.latency for m in menus)
         return (self.dense_total / speedup - self.rest) / dense
 
-    def check(self, menus, plan: Plan, *, rounds: int = 3) -> float:
+    def check(self, menus, plan: Plan, choices=None, *, rounds: int = 3) -> float:
         """Measured whole-model speedup of ``plan``'s structure (dense and compressed alternately, the
         best of ``rounds`` medians each); corrects the predicted latency of every menu option of the
         same layer shape and method as a factored layer of the plan by the ratio measured for it, and
         the options of kinds never measured yet by the median ratio of this check (isolated timings
         are optimistic for every kind; correcting only the chosen ones made the next round switch to
-        the uncorrected kinds, round after round)."""
-        names = [lp.name for lp in plan.layers]
+        the uncorrected kinds, round after round). ``choices`` (the allocation's choice per menu) lets
+        a block menu be corrected as a whole: its options by the ratio measured for its chosen one."""
+        blocks = {m.name: c for m, c in zip(menus, choices or ()) if _is_block(m)}
+        inside = {p.name for m in menus if m.name in blocks for p in m.options[0].parts}
+        names = [lp.name for lp in plan.layers if lp.name not in inside] + list(blocks)
         skeleton = skeleton_model(self.model, plan)
         best_dense = best_small = float("inf")
         in_model: dict[str, list[float]] = {}
@@ -127,16 +146,21 @@ class SpeedCheck:
         ratios: dict[tuple, list[float]] = {}
         by_name = {m.name: m for m in menus}
         for lp in plan.layers:
-            if lp.factored and lp.latency:
+            if lp.factored and lp.latency and lp.name in by_name:
                 key = (*_shape_key(by_name[lp.name]), lp.method)
                 ratios.setdefault(key, []).append(min(in_model[lp.name]) / lp.latency)
+        for name, choice in blocks.items():
+            if choice.method != "dense" and choice.latency:
+                ratios.setdefault((name, "block"), []).append(min(in_model[name]) / choice.latency)
         factors = {key: statistics.median(v) for key, v in ratios.items()}
         default = statistics.median([r for v in ratios.values() for r in v]) if ratios else None
         for m in menus:
             for i, c in enumerate(m.options):
-                key = (*_shape_key(m), c.method)
+                key = (m.name, "block") if _is_block(m) else (*_shape_key(m), c.method)
                 factor = factors.get(key, default if key not in self._corrected else None)
                 if i > 0 and factor is not None and c.latency is not None:
                     m.options[i] = replace(c, latency=c.latency * factor)
-        self._corrected |= {(*_shape_key(m), c.method) for m in menus for c in m.options[1:]} if ratios else set()
+        if ratios:
+            self._corrected |= {(m.name, "block") if _is_block(m) else (*_shape_key(m), c.method)
+                                for m in menus for c in m.options[1:]}
         return best_dense / best_small

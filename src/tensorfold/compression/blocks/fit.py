@@ -37,27 +37,11 @@ from tensorfold.compression.calibration import (
     token_mask,
 )
 from tensorfold.compression.plan import LayerPlan, Plan
-from tensorfold.compression.probe import OutputProbe
+from tensorfold.compression.probe import OutputProbe, without_cache, without_cache_args
 from tensorfold.errors import InvalidArgumentError, ShapeError
 from tensorfold.nn.transformer import HeadAttention, SkipBlock
 
 ATTENTION_METHODS = ("qk-select", "vo-svd")
-
-
-# A decoder's key/value cache grows on every call: replaying a block on captured inputs must not use it.
-_CACHE_KWARGS = ("past_key_value", "past_key_values", "layer_past", "cache")
-
-
-def _without_cache(kwargs: dict) -> dict:
-    kept = {k: v for k, v in kwargs.items() if k not in _CACHE_KWARGS}
-    if "use_cache" in kept:
-        kept["use_cache"] = False
-    return kept
-
-
-def _without_cache_args(args: tuple) -> tuple:
-    """``args`` with a key/value cache object passed positionally (GPT-2 blocks) replaced by None."""
-    return tuple(None if type(a).__name__.endswith("Cache") else a for a in args)
 
 
 def _decisions(plan: Plan | Sequence[LayerPlan]) -> list[LayerPlan]:
@@ -129,7 +113,7 @@ class Inputs:
             module, inputs = self.new.get_submodule(block), []
 
             def hook(mod, args, kwargs):
-                inputs.append((_without_cache_args(args), _without_cache(kwargs)))
+                inputs.append((without_cache_args(args), without_cache(kwargs)))
                 raise _StopForward
 
             before = self.blocks[: self.blocks.index(block)] if block in self.blocks else []
@@ -215,7 +199,7 @@ def option_effect(probe: OutputProbe, block: Block, decisions: Sequence[LayerPla
             _fit_attention(work, block, by_name, fixed, ridge)
         if "mlp-select" in methods:
             _fit_mlp(work, block, int(by_name[block.ffn.down].rank), fixed, ridge)
-        return probe.change(start=block.name)
+        return probe.effect(block.name)
     finally:
         set_submodule(work, block.name, original)
 

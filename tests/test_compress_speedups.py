@@ -1,0 +1,195 @@
+"""The planner's shortcuts compute what the long way computes: shared calibration statistics, replayed
+blocks, block-local effects with a measured gain, cached neuron selections, pruned menus."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import tensorfold as tf
+from tensorfold.compression.api import Planner, sensitivity_batches
+from tensorfold.compression.blocks import find_blocks
+from tensorfold.compression.blocks import fit as block_fit
+from tensorfold.compression.blocks.mlp import ActivationStats, select_neurons
+from tensorfold.compression.calibration import GramStats, collect_grams
+from tensorfold.compression.candidates import layer_menu
+from tensorfold.compression.probe import OutputProbe
+from tensorfold.compression.replace import set_submodule
+
+transformers = pytest.importorskip("transformers")
+
+
+def _bert(layers=3, hidden=32, heads=4, inter=64):
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                                  intermediate_size=inter, vocab_size=100, max_position_embeddings=64)
+    return transformers.BertModel(cfg, add_pooling_layer=False).eval()
+
+
+def _batches(n=4, batch=8, length=12, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(1, 100, (batch, length), generator=g)
+        mask = torch.ones(batch, length, dtype=torch.int64)
+        mask[: batch // 2, length - 3:] = 0
+        out.append({"input_ids": ids, "attention_mask": mask})
+    return out
+
+
+def _hidden(output):
+    return output.last_hidden_state
+
+
+def test_gram_stats_carry_the_column_sums_and_shared_inputs_share_one_product():
+    model, batches = _bert(), _batches()
+    names = ["encoder.layer.0.attention.self.query", "encoder.layer.0.attention.self.key",
+             "encoder.layer.0.intermediate.dense"]
+    grams = collect_grams(model, {n: model.get_submodule(n) for n in names}, batches)
+    q, k = grams[names[0]], grams[names[1]]
+    assert torch.equal(q.gram, k.gram) and torch.equal(q.sums, k.sums) and q.rows == k.rows == 4 * (8 * 12 - 4 * 3)
+    rows = []  # the same rows captured by hand, in float64
+    hook = model.get_submodule(names[0]).register_forward_pre_hook(
+        lambda m, a: rows.append(a[0][masks[-1].bool()].double()))
+    masks = []
+    with torch.no_grad():
+        for b in batches:
+            masks.append(b["attention_mask"])
+            model(**b)
+    hook.remove()
+    X = torch.cat(rows)
+    assert torch.allclose(q.gram, X.T @ X, rtol=1e-5, atol=1e-4)
+    assert torch.allclose(q.sums, X.sum(0), rtol=1e-6, atol=1e-5)
+    augmented = ActivationStats.of_gram(q)
+    direct = ActivationStats.of(X)
+    assert augmented.rows == direct.rows and torch.allclose(augmented.gram, direct.gram, rtol=1e-5, atol=1e-4)
+
+
+def test_probe_replay_is_exact_and_the_first_effect_of_a_block_sets_its_gain():
+    model, batches = _bert(), _batches()
+    stages = [b.name for b in find_blocks(model)]
+    probe = OutputProbe(model, batches[:2], _hidden, stages=stages)
+    assert probe.stages == stages and probe.change() == 0.0
+    layer = "encoder.layer.2.intermediate.dense"
+    original = probe.work.get_submodule(layer)
+    changed = nn.Linear(original.in_features, original.out_features)
+    with torch.no_grad():
+        changed.weight.copy_(original.weight * 0.9)
+        changed.bias.copy_(original.bias)
+    set_submodule(probe.work, layer, changed)
+    full = probe.change()
+    assert full > 0
+    assert probe.change(start=layer) == pytest.approx(full, rel=1e-12)  # blocks 0 and 1 replayed, exactly
+    assert probe.effect(layer) == pytest.approx(full, rel=1e-12)  # first effect in block 2: measured
+    gain = probe.gains["encoder.layer.2"]
+    local = probe.local_change("encoder.layer.2")
+    assert gain == pytest.approx(full / local, rel=1e-12)
+    assert probe.effect(layer) == pytest.approx(local * gain, rel=1e-12)  # later ones: local x gain
+    set_submodule(probe.work, layer, original)
+    assert probe.change() == 0.0
+
+
+def test_sensitivity_batches_spread_over_sorted_batches():
+    batches = [torch.zeros(32, 4) + i for i in range(16)]
+    picked = sensitivity_batches(batches, samples=64)
+    assert [int(b[0, 0]) for b in picked] == [4, 12]
+    assert [int(b[0, 0]) for b in sensitivity_batches(batches[:1], samples=64)] == [0]
+
+
+def test_select_neurons_reuses_a_longer_greedy_on_the_same_statistics():
+    g = torch.Generator().manual_seed(0)
+    H = torch.randn(300, 24, generator=g, dtype=torch.float64).relu()
+    W, b = torch.randn(6, 24, generator=g, dtype=torch.float64), torch.randn(6, generator=g, dtype=torch.float64)
+    stats = ActivationStats.of(H)
+    full = select_neurons(stats, W, b)
+    assert select_neurons(stats, W, b, max_keep=10) is full  # the full greedy's first 10 are the 10-step greedy's
+    fresh = select_neurons(ActivationStats.of(H), W, b, max_keep=10)
+    assert fresh.order[:10].tolist() == full.order[:10].tolist()
+    other = select_neurons(stats, W * 2, b, max_keep=10)  # another weight: selected anew
+    assert other is not full
+
+
+def test_fitting_with_replayed_blocks_equals_fitting_through_the_model(monkeypatch):
+    model, batches = _bert(), _batches()
+    plan = tf.plan(model, budget=0.5, calib=batches, output_fn=_hidden)
+    fast = block_fit.apply_block_plan(model, plan, batches)
+    original_init = block_fit.Inputs.__init__
+    monkeypatch.setattr(block_fit.Inputs, "__init__", lambda self, new, b, blocks=(): original_init(self, new, b, ()))
+    slow = block_fit.apply_block_plan(model, plan, batches)
+    with torch.no_grad():
+        for batch in batches:
+            assert torch.equal(fast(**batch).last_hidden_state, slow(**batch).last_hidden_state)
+
+
+def test_measured_menus_left_out_only_when_the_svd_dominates():
+    g = torch.Generator().manual_seed(0)
+    layer = nn.Linear(64, 64)
+    X = torch.randn(2000, 64, generator=g)
+    gram = GramStats()
+    gram.add(X)
+    with torch.no_grad():  # a low-rank weight: the SVD wins at every size
+        layer.weight.copy_(torch.randn(64, 4, generator=g) @ torch.randn(4, 64, generator=g))
+    menu = layer_menu("fc", layer, ("svd", "tt"), input_shape=(8, 64), gram=gram)
+    assert {c.method for c in menu.options} == {"dense", "svd"}
+    with torch.no_grad():  # a Kronecker product is a rank-1 TT but full rank as a matrix: TT wins
+        layer.weight.copy_(torch.kron(torch.randn(8, 8, generator=g), torch.randn(8, 8, generator=g)))
+    menu = layer_menu("fc", layer, ("svd", "tt"), input_shape=(8, 64), gram=gram)
+    assert "tt" in {c.method for c in menu.options}
+    # no pruning where latency decides (its costs are not known before measuring)
+    unpruned = layer_menu("fc", layer, ("tt",), input_shape=(8, 64), gram=gram)
+    assert len([c for c in menu.options if c.method == "tt"]) == len(unpruned.options) - 1
+
+
+def test_planner_records_the_time_of_every_stage():
+    model, batches = _bert(layers=2), _batches()
+    planner = Planner(model, tf.CompressConfig(budget=0.5), calib=batches, output_fn=_hidden)
+    assert list(planner.seconds) == ["calibration", "menus", "sensitivities", "block menus"]
+    assert all(v >= 0 for v in planner.seconds.values())
+
+
+# ---- speed goals with block menus (a fake clock: seconds proportional to the Linear weights run) ----------
+
+SEC_PER_WEIGHT, CORE, REST = 1e-9, 2e-5, 5e-5
+
+
+def _fake_time(module) -> float:
+    from tensorfold.nn.transformer import SkipBlock
+
+    if isinstance(module, SkipBlock):
+        return 0.0
+    blocks = sum(1 for m in module.modules() if type(m).__name__ == "BertLayer")
+    return SEC_PER_WEIGHT * sum(m.weight.numel() for m in module.modules() if isinstance(m, nn.Linear)) \
+        + CORE * blocks
+
+
+def _fake_layer_times(model, names, sample, *, threads=2, repeats=20, warmup=3):
+    return REST + _fake_time(model), {n: _fake_time(model.get_submodule(n)) for n in names}
+
+
+def test_speedup_plans_merge_block_menus_priced_as_whole_blocks(monkeypatch):
+    from tensorfold.compression import speed as speed_module
+    from tensorfold.compression.blocks.menus import GroupCandidate
+    from tensorfold.compression.candidates import LatencyModel
+
+    monkeypatch.setattr(speed_module, "layer_times", _fake_layer_times)
+    monkeypatch.setattr(LatencyModel, "_measure", lambda self, module, shape: _fake_time(module))
+    monkeypatch.setattr(LatencyModel, "__init__", lambda self, threads=2, repeats=10, probe_seconds=1.5: (
+        setattr(self, "threads", threads), setattr(self, "repeats", repeats), setattr(self, "probe_seconds", 1.5),
+        setattr(self, "table", None), setattr(self, "_cache", {})) and None)
+    model, batches = _bert(layers=3, hidden=64, inter=256), _batches()
+    planner = Planner(model, tf.CompressConfig(budget=0.5, speedup=1.6), calib=batches, output_fn=_hidden)
+    blocks = [m for m in planner.menus if isinstance(m.options[0], GroupCandidate)]
+    assert len(blocks) == 3 and planner.speed.rest == pytest.approx(REST)
+    block_time = _fake_time(model.get_submodule("encoder.layer.0"))
+    for m in blocks:
+        assert m.dense.latency == pytest.approx(block_time)
+        methods = {p.method for c in m.options for p in c.parts}
+        assert {"drop", "mlp-select"} <= methods
+    p = planner.plan(curve=False)
+    assert p.fraction <= 0.5 + 1e-9 and p.measured_speedup >= 1.6
+    assert any(lp.method in ("mlp-select", "qk-select", "vo-svd", "drop") for lp in p.layers)
+    # the fake clock is the model's: what the plan predicts is what it measures
+    assert p.predicted_speedup == pytest.approx(p.measured_speedup, rel=1e-6)
+    small = tf.apply(model, p, batches)
+    assert _fake_time(small) + REST == pytest.approx((REST + _fake_time(model)) / p.measured_speedup, rel=1e-6)
