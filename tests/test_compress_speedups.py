@@ -197,3 +197,17 @@ def test_speedup_plans_merge_block_menus_priced_as_whole_blocks(monkeypatch):
     assert p.predicted_speedup == pytest.approx(p.measured_speedup, rel=1e-6)
     small = tf.apply(model, p, batches)
     assert _fake_time(small) + REST == pytest.approx((REST + _fake_time(model)) / p.measured_speedup, rel=1e-6)
+
+
+def test_whitening_is_computed_once_per_gram_tensor():
+    from tensorfold.compression.calibration import whitening_factor
+
+    X = torch.randn(200, 6, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    G = X.T @ X
+    L, L_inv = whitening_factor(G)
+    assert whitening_factor(G) is whitening_factor(G)
+    assert torch.allclose(L @ L.T, G + 1e-6 * G.diagonal().mean() * torch.eye(6), atol=1e-9)
+    G.mul_(4.0)  # changed in place: factored anew
+    L4, _ = whitening_factor(G)
+    assert torch.allclose(L4, 2.0 * L, atol=1e-9)
+    assert whitening_factor(G.clone())[0] is not L4
