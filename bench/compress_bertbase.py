@@ -20,7 +20,10 @@ import resource
 import time
 from collections import Counter
 
-import torch
+# idle OpenMP threads sleep instead of spinning (as the tensorfold command sets): read when torch loads
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
 
 
 def pooled(model, batches) -> torch.Tensor:

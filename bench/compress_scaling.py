@@ -23,7 +23,10 @@ import os
 import time
 from pathlib import Path
 
-import torch
+# idle OpenMP threads sleep instead of spinning (as the tensorfold command sets): read when torch loads
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
 
 WIDTH = {"hidden_size": 384, "num_attention_heads": 12, "intermediate_size": 1536}
 
