@@ -23,7 +23,7 @@ Methods (all fitted to the same calibration sentences, knapsack allocation under
 
 Run: .venv/bin/python bench/compress_minilm.py [--calib 512] [--budgets 0.7,0.5,0.3]
      [--methods svd,drop,mlp-select,modular] [--finetune 300] [--finetune-methods modular]
-     [--json out.json]
+     [--json out.json] [--table a.json,b.json] [--plans DIR [--plan-only]]
 Compression runs with ``--threads`` threads (default 2); speed is measured with 2 threads.
 """
 
@@ -43,6 +43,7 @@ from tensorfold.compression.api import Planner
 from tensorfold.compression.calibration import call_model, output_tensor
 from tensorfold.compression.evaluate import measure_speedup
 from tensorfold.compression.finetune import FinetuneHistory
+from tensorfold.compression.plan import Plan
 from tensorfold.zoo import minilm
 
 EVAL_EVERY, PATIENCE = 50, 4  # fine-tuning: validation every 50 steps, stop after 4 without improvement
@@ -105,6 +106,41 @@ def _best_step(history) -> int:
     return best[0] if best else history.steps
 
 
+def planned(name: str, budget: float, planner, plans: str | None, model, calib, entry):
+    """``(plan, planning seconds, planner)`` for ``name`` at ``budget``: one Planner per method (its menus
+    built once, the time counted with the first budget); with ``plans`` a directory, plans are read from
+    it when there (with the planning time recorded beside them) and written to it otherwise, so a long
+    table splits into locked runs that plan once and fit later."""
+    path = os.path.join(plans, f"{name}-{budget}") if plans else None
+    if path and os.path.exists(path + ".json"):
+        with open(path + ".seconds") as fh:
+            return Plan.load(path + ".json"), float(fh.read()), planner
+    t = time.perf_counter()
+    if planner is None:
+        planner = Planner(model, tf.CompressConfig(budget, methods=METHODS[name], exclude=entry.exclude),
+                          calib=calib, output_fn=entry.output_fn)
+    p = planner.plan(budget, curve=False)
+    seconds = time.perf_counter() - t
+    if path:
+        os.makedirs(plans, exist_ok=True)
+        p.save(path + ".json")
+        with open(path + ".seconds", "w") as fh:
+            fh.write(f"{seconds:.1f}")
+    return p, seconds, planner
+
+
+def print_table(rows: list[dict]) -> None:
+    """The markdown table of ``rows`` (budget, then method, then without/with fine-tuning)."""
+    print("| budget | method | fine-tune s | kept | mean cos | min cos | NN agreement | paraphrase cos | technical cos "
+          "| speedup (b32, 2 thr) | compress s | load |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in sorted(rows, key=lambda r: (-r["budget"], r["method"], r["finetune"])):
+        print(f"| {r['budget']:.0%} | {r['method']} | {r['finetune']:.0f} | {r['fraction']:.3f} | "
+              f"{r['mean_cos']:.3f} | {r['min_cos']:.3f} | {r['nn_agreement']:.3f} | {r['para_mean_cos']:.3f} | "
+              f"{r['tech_mean_cos']:.3f} | "
+              f"{r['speedup']:.2f}x | {r['seconds']:.0f} | {r['load']:.1f} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--calib", type=int, default=512)
@@ -115,7 +151,18 @@ def main() -> None:
     ap.add_argument("--finetune", type=float, default=0.0, help="seconds of distillation per model (0: none)")
     ap.add_argument("--finetune-methods", default="svd,drop,mlp-select,modular")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--plans", default=None, help="directory of saved plans: read when there, written otherwise")
+    ap.add_argument("--plan-only", action="store_true", help="plan (and save with --plans), no fitting")
+    ap.add_argument("--table", default=None, help="comma-separated --json files of earlier runs: print their rows "
+                    "as one table and exit (runs split per method/budget under the CPU lock)")
     args = ap.parse_args()
+    if args.table:
+        rows = []
+        for path in args.table.split(","):
+            with open(path) as fh:
+                rows += json.load(fh)
+        print_table(rows)
+        return
     torch.set_num_threads(args.threads)
     entry = zoo.get("minilm")
     model = entry.load()
@@ -127,30 +174,31 @@ def main() -> None:
           f"{len(minilm.eval_sentences())} paraphrase-group + {len(minilm.technical_sentences())} technical "
           f"sentences; load {os.getloadavg()[0]:.1f}", flush=True)
     rows = []
+    cache: dict = {}  # the original's evaluation embeddings, computed once
     budgets = [float(b) for b in args.budgets.split(",")]
     for name in args.methods.split(","):
         planner = None
         for budget in budgets:
             t = time.perf_counter()
             note = ""
+            if name == "drop" and args.plan_only:
+                continue
             if name == "drop":
                 small, fraction, dropped = best_drop(model, calib, budget, entry)
                 note = f"dropped blocks {list(dropped)}"
             else:
-                if planner is None:
-                    planner = Planner(model, tf.CompressConfig(budget, methods=METHODS[name], exclude=entry.exclude),
-                                      calib=calib, output_fn=entry.output_fn)
-                    t_plan = time.perf_counter() - t
-                    t = time.perf_counter()
-                p = planner.plan(budget, curve=False)
+                p, t_plan, planner = planned(name, budget, planner, args.plans, model, calib, entry)
+                if args.plan_only:
+                    continue
+                t = time.perf_counter()
                 small = tf.apply(model, p, calib)
                 fraction = p.fraction
                 used: dict[str, float] = {}
                 for lp in p.layers:
                     used[lp.method] = used.get(lp.method, 0) + lp.params / p.dense_params
                 note = ", ".join(f"{k} {v:.2f}" for k, v in sorted(used.items()))
-            seconds = time.perf_counter() - t + (t_plan if name != "drop" and budget == budgets[0] else 0.0)
-            q = entry.evaluate(model, small)
+            seconds = time.perf_counter() - t + (t_plan if name != "drop" else 0.0)
+            q = entry.evaluate(model, small, cache=cache)
             speed = measure_speedup(model, small, example, threads=2, repeats=args.repeats)
             row = dict(method=name, budget=budget, fraction=fraction, finetune=0.0, seconds=seconds,
                        speedup=speed["speedup"], note=note, load=os.getloadavg()[0], **q)
@@ -160,20 +208,13 @@ def main() -> None:
                 t = time.perf_counter()
                 tuned, history = finetune(small, model, entry, args.finetune)
                 t_ft = time.perf_counter() - t
-                qt = entry.evaluate(model, tuned)
+                qt = entry.evaluate(model, tuned, cache=cache)
                 row = dict(row, finetune=t_ft, steps=history.steps, best_step=_best_step(history),
                            load=os.getloadavg()[0], **qt)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     print()
-    print("| budget | method | fine-tune s | kept | mean cos | min cos | NN agreement | paraphrase cos | technical cos "
-          "| speedup (b32, 2 thr) | compress s | load |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for r in sorted(rows, key=lambda r: (-r["budget"], r["method"], r["finetune"])):
-        print(f"| {r['budget']:.0%} | {r['method']} | {r['finetune']:.0f} | {r['fraction']:.3f} | "
-              f"{r['mean_cos']:.3f} | {r['min_cos']:.3f} | {r['nn_agreement']:.3f} | {r['para_mean_cos']:.3f} | "
-              f"{r['tech_mean_cos']:.3f} | "
-              f"{r['speedup']:.2f}x | {r['seconds']:.0f} | {r['load']:.1f} |")
+    print_table(rows)
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(rows, fh, indent=1)

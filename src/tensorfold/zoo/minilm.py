@@ -246,21 +246,30 @@ def technical_sentences() -> tuple[str, ...]:
     return tech()
 
 
-def evaluate(original, compressed, *, max_groups: int | None = None, technical: bool | None = None
-             ) -> dict[str, float]:
+def evaluate(original, compressed, *, max_groups: int | None = None, technical: bool | None = None,
+             cache: dict | None = None) -> dict[str, float]:
     """Quality of ``compressed`` against ``original`` on the evaluation sentences (see module docs).
 
     ``max_groups`` limits the paraphrase groups (for quick checks; the technical sentences are then
     left out unless ``technical=True``). Keys: ``mean_cos``, ``min_cos``, ``nn_agreement`` (over all
     evaluation sentences), ``group_recall``, ``group_recall_original``, and per kind
     ``para_mean_cos``, ``para_nn_agreement``, ``tech_mean_cos``, ``tech_nn_agreement``, ``n_sentences``.
+    ``cache``: a dict that keeps the original's embeddings between calls with the same ``original``
+    (a benchmark evaluating many compressed models embeds the evaluation text once).
     """
     groups = eval_groups()[:max_groups] if max_groups else eval_groups()
     para = [s for g in groups for s in g]
     group_ids = [i for i, g in enumerate(groups) for _ in g]
     use_tech = (max_groups is None) if technical is None else bool(technical)
     tech = list(technical_sentences()) if use_tech else []
-    ref, cand = embed(original, para + tech), embed(compressed, para + tech)
+    key = (id(original), len(para), len(tech))
+    if cache is not None and key in cache:
+        ref = cache[key]
+    else:
+        ref = embed(original, para + tech)
+        if cache is not None:
+            cache[key] = ref
+    cand = embed(compressed, para + tech)
     n = len(para)
     out = embedding_metrics(ref[:n], cand[:n], group_ids)
     out = {**out, "para_mean_cos": out["mean_cos"], "para_nn_agreement": out["nn_agreement"]}
