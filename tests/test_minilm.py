@@ -30,10 +30,12 @@ def model(entry):
 def test_data_files_are_separate_and_varied():
     groups = minilm.eval_groups()
     evaluation = minilm.eval_sentences()
-    calibration = minilm.calibration_sentences()
+    shipped, calibration, validation = (minilm.shipped_sentences(), minilm.calibration_sentences(),
+                                        minilm.validation_sentences())
     assert len(evaluation) >= 250 and len(groups) >= 80 and all(len(g) >= 2 for g in groups)
-    assert len(calibration) >= 128
-    assert not set(evaluation) & set(calibration)
+    assert (len(shipped), len(calibration), len(validation)) == (197, 99, 98)
+    assert not set(calibration) & set(validation) and set(calibration) | set(validation) == set(shipped)
+    assert not set(evaluation) & set(shipped)
     assert len(set(evaluation)) == len(evaluation)
 
 
@@ -111,14 +113,14 @@ def test_corpus_of_real_size_kept_apart_from_evaluation():
     evaluation = set(minilm.eval_sentences()) | set(technical)
     assert not evaluation & (set(scripture) | set(wikipedia) | set(minilm.calibration_sentences()))
     text = minilm.calibration_text(512, seed=0)
-    modern = set(minilm.calibration_sentences())
-    assert len(text) == 512 and len(set(text)) == 512 and not evaluation & set(text)
-    # the mix: 60% Wikipedia, a quarter shipped modern sentences, the rest scripture
-    assert (sum(s in set(wikipedia) for s in text), sum(s in modern for s in text)) == (307, 128)
+    modern, validation = set(minilm.calibration_sentences()), set(minilm.validation_sentences())
+    assert len(text) == 512 and len(set(text)) == 512 and not (evaluation | validation) & set(text)
+    # the mix: 60% Wikipedia (308), 20% modern (all 99, 3 short: from Wikipedia), 20% scripture (102)
+    assert (sum(s in set(wikipedia) for s in text), sum(s in modern for s in text)) == (311, 99)
     assert minilm.calibration_text(512, seed=0) == text and minilm.calibration_text(512, seed=1) != text
-    # more than the shipped sentences hold: the shortfall comes from the larger kinds
     big = minilm.calibration_text(2000, seed=0)
-    assert len(set(big)) == 2000 and sum(s in modern for s in big) == len(modern)
+    assert len(set(big)) == 2000 and sum(s in modern for s in big) == len(modern) and not validation & set(big)
     train, val = minilm.finetune_text(seed=0, max_train=1000)
     assert len(train) == 1000 and sum(s in set(wikipedia) for s in train) == 750
-    assert not set(train) & set(val) and set(val) == modern  # validation: another kind
+    # validation: another kind than the training text, and never calibration text
+    assert not set(train) & set(val) and set(val) == validation

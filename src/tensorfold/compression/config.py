@@ -188,6 +188,7 @@ class FinetuneConfig(Settings):
     max_steps: int | None = None
     progress: bool = True
     eval_every: int | None = None  # also validate every this many steps (long epochs), not only per epoch
+    train_mode: bool = True  # False: train in eval mode (no dropout)
 
     def __post_init__(self):
         put = object.__setattr__
@@ -211,3 +212,4 @@ class FinetuneConfig(Settings):
         check_flag(self.progress, "progress")
         if self.eval_every is not None:
             put(self, "eval_every", check_count(self.eval_every, "eval_every", minimum=1))
+        check_flag(self.train_mode, "train_mode")

@@ -145,6 +145,10 @@ def finetune(
           improvement (one per epoch, and one every ``eval_every`` steps when set).
         - seed: seeds the batch order and any dropout (torch's global generator is restored afterwards).
         - max_steps: stop after this many optimizer steps in total; progress: a progress bar on stderr.
+        - eval_every: with ``val_data``, also validate every this many steps (epochs longer than the time).
+        - train_mode: False trains the student in eval mode (no dropout, batch norm on its running
+          statistics): a short distillation that repairs a compressed model matches the teacher's
+          deterministic outputs better without dropout noise.
     teacher: the original model; its outputs are the distillation targets (it is run in eval mode and
         left as it was).
     val_data: batches for early stopping: the validation loss (same objective) is measured before
@@ -213,13 +217,13 @@ def finetune(
                     record.best_epoch, record.best_val_loss = epoch, val
                 else:
                     bad += 1
-                student.train()
+                student.train(cfg.train_mode)
                 return val
 
             every = cfg.eval_every if val_data is not None else None
             stop = False
             for epoch in range(1, epochs + 1):
-                student.train()
+                student.train(cfg.train_mode)
                 total, count = 0.0, 0
                 for item in _epoch_order(data, generator):
                     loss = objective.loss(split_batch(item).to(device))

