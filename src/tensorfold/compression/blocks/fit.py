@@ -260,7 +260,6 @@ def _fit_mlp(new: nn.Module, block: Block, keep: int, inputs: Inputs, ridge: flo
 POST_NORM_STYLES = ("bert", "distilbert", "mpnet")
 CORRECTION_RIDGE = 1e-4  # relative to the mean diagonal of the refitted layer's input Gram
 CORRECT_RESIDUAL = True  # in post-norm blocks, also aim at the residual stream's difference
-CORRECT_INPUTS = False  # also map the sub-block's compressed input onto the original's for its first layers
 
 
 def _last_linear(layer: nn.Module) -> nn.Linear | None:
@@ -313,61 +312,6 @@ def _sub_block_layers(block: Block, end: str) -> tuple[str, ...]:
     if block.attention is not None and end == block.attention.o:
         return tuple(block.attention.layers)
     return tuple(block.ffn.layers)
-
-
-def _prior_layers(ends, block: Block):
-    """Every layer of the blocks up to ``block``: a change in any of them alters what ``block`` sees."""
-    for b, end in ends:
-        yield from _sub_block_layers(b, end)
-        if b is block and end == (block.ffn.down if block.ffn is not None else end):
-            return
-
-
-def _input_layers(block: Block, end: str) -> tuple[str, ...]:
-    if block.attention is not None and end == block.attention.o:
-        return (block.attention.q, block.attention.k, block.attention.v)
-    return tuple(block.ffn.ups)
-
-
-def _augmented(X: torch.Tensor) -> torch.Tensor:
-    return torch.cat([X, torch.ones(X.shape[0], 1, dtype=X.dtype)], dim=1)
-
-
-@torch.no_grad()
-def correct_inputs(new: nn.Module, original: nn.Module, block: Block, end: str, names: Sequence[str],
-                   inputs: Inputs, reference: Inputs, ridge: float | None = None) -> None:
-    """Make the layers ``names`` (reading the input of the sub-block that ``end`` ends) respond to the
-    compressed model's input as the original's respond to theirs: with ``A`` the ridge least-squares map
-    of ``[X' 1]`` onto ``[X 1]`` (``X'``/``X`` the sub-block's input in the compressed/original model),
-    each first linear piece ``[W b]`` becomes ``[W b] A^T`` (an induced bias of a bias-free low-rank
-    first factor moves to its second factor)."""
-    first = _sub_block_input(block, end)
-    G = C = None
-    for (a_n, k_n, mask), (a_o, k_o, _) in zip(inputs._block_inputs(block.name), reference._block_inputs(block.name)):
-        Xn = _augmented(_tap(new.get_submodule(block.name), a_n, k_n, [("x", new.get_submodule(first), "in")],
-                             mask, stop="x")["x"])
-        Xo = _augmented(_tap(original.get_submodule(block.name), a_o, k_o,
-                             [("x", original.get_submodule(first), "in")], mask, stop="x")["x"])
-        G = Xn.T @ Xn if G is None else G + Xn.T @ Xn
-        C = Xn.T @ Xo if C is None else C + Xn.T @ Xo
-    lam = (CORRECTION_RIDGE if ridge is None else ridge) * float(G.diagonal().mean().clamp_min(1e-300))
-    eye = torch.eye(G.shape[0], dtype=G.dtype)
-    A = torch.linalg.solve(G + lam * eye, C + lam * eye)  # pulled toward the identity
-    d = A.shape[0] - 1
-    for name in names:
-        layer = new.get_submodule(name)
-        sides = getattr(layer, "lowrank_sides", None)
-        piece, after = (layer, None) if isinstance(layer, nn.Linear) else (sides() if callable(sides) else (None, None))
-        if not isinstance(piece, nn.Linear) or piece.in_features != d:
-            continue
-        W = piece.weight.detach().double()
-        b = piece.bias.detach().double() if piece.bias is not None else torch.zeros(W.shape[0], dtype=W.dtype)
-        Wa = torch.cat([W, b[:, None]], dim=1) @ A.T
-        piece.weight.copy_(Wa[:, :d].to(piece.weight.dtype))
-        if piece.bias is not None:
-            piece.bias.copy_(Wa[:, d].to(piece.bias.dtype))
-        elif isinstance(after, nn.Linear) and after.bias is not None:
-            after.bias.add_((after.weight.detach().double() @ Wa[:, d]).to(after.bias.dtype))
 
 
 @torch.no_grad()
@@ -461,11 +405,7 @@ def apply_block_plan(model: nn.Module, plan: Plan | Sequence[LayerPlan], batches
                 corrected[0] += 1
                 if not (correct and batches) or isinstance(new.get_submodule(b.name), SkipBlock):
                     continue
-                if CORRECT_INPUTS:
-                    firsts = [n for n in _input_layers(b, end) if n in by_name]
-                    if firsts:
-                        correct_inputs(new, model, b, end, firsts, inputs, reference)
-                if end in by_name or (correct == "all" and any(n in done for n in _prior_layers(ends, b))):
+                if end in by_name:  # refitting dense ends too was measured worse on held-out text
                     correct_toward_original(new, model, b, end, inputs, reference)
 
         for i, lp in enumerate(todo):
