@@ -44,6 +44,7 @@ from tensorfold.compression.calibration import call_model, output_tensor
 from tensorfold.compression.evaluate import measure_speedup
 from tensorfold.compression.finetune import FinetuneHistory
 from tensorfold.compression.plan import Plan
+from tensorfold.errors import NotCompressibleError
 from tensorfold.zoo import minilm
 
 EVAL_EVERY, PATIENCE = 50, 4  # fine-tuning: validation every 50 steps, stop after 4 without improvement
@@ -115,6 +116,8 @@ def planned(name: str, budget: float, planner, plans: str | None, model, calib, 
     if path and os.path.exists(path + ".json"):
         with open(path + ".seconds") as fh:
             return Plan.load(path + ".json"), float(fh.read()), planner
+    if path and os.path.exists(path + ".seconds"):
+        raise NotCompressibleError("an earlier planning run found this budget out of reach")
     t = time.perf_counter()
     if planner is None:
         planner = Planner(model, tf.CompressConfig(budget, methods=METHODS[name], exclude=entry.exclude),
@@ -187,7 +190,14 @@ def main() -> None:
                 small, fraction, dropped = best_drop(model, calib, budget, entry)
                 note = f"dropped blocks {list(dropped)}"
             else:
-                p, t_plan, planner = planned(name, budget, planner, args.plans, model, calib, entry)
+                try:
+                    p, t_plan, planner = planned(name, budget, planner, args.plans, model, calib, entry)
+                except NotCompressibleError as exc:  # e.g. mlp-select alone cannot reach 30% (attention is 1/3)
+                    print(f"{name} at {budget:.0%}: {exc}", flush=True)
+                    if args.plans:
+                        with open(os.path.join(args.plans, f"{name}-{budget}.seconds"), "w") as fh:
+                            fh.write("0")  # no plan beside it: out of reach
+                    continue
                 if args.plan_only:
                     continue
                 t = time.perf_counter()
