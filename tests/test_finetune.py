@@ -164,6 +164,20 @@ def test_eval_every_validates_within_an_epoch_and_stops_on_patience():
         finetune(small, data, teacher=None, eval_every=0, progress=False)
 
 
+def test_train_mode_false_trains_without_dropout():
+    # a student with heavy dropout: in eval mode it trains exactly as the same student without the dropout
+    gen = torch.Generator().manual_seed(0)
+    data = [torch.randn(16, 4, generator=gen) for _ in range(5)]
+    teacher = nn.Linear(4, 3)
+    plain = nn.Sequential(nn.Linear(4, 3))
+    noisy = nn.Sequential(copy.deepcopy(plain[0]), nn.Dropout(0.9))
+    kw = dict(teacher=teacher, epochs=2, lr=1e-2, distill_loss="mse", seed=0, progress=False)
+    a = finetune(plain, data, **kw)
+    b = finetune(noisy, data, train_mode=False, **kw)
+    c = finetune(noisy, data, **kw)
+    assert torch.equal(a[0].weight, b[0].weight) and not torch.equal(a[0].weight, c[0].weight)
+
+
 def test_dict_inputs_are_keyword_arguments_and_output_fn():
     class Keyworded(nn.Module):
         def __init__(self, width):
