@@ -31,7 +31,7 @@ def two_threads_two_cores(monkeypatch):
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     monkeypatch.setattr(th, "_usable_cores", lambda: 2)
-    monkeypatch.setattr(th, "SETTLE_SECONDS", 0.0)
+    monkeypatch.setattr(th, "_own_running", lambda: 1)  # only the reading thread of this process runs
     yield
     torch.set_num_threads(before)
 
@@ -70,8 +70,20 @@ def test_fitting_threads_by_wait_policy_and_free_cores(monkeypatch, two_threads_
 
 
 def test_free_cores_of_this_machine_is_a_core_count():
-    free = th.free_cores(settle=0.0, samples=3)
+    free = th.free_cores(samples=3)
     assert free is None or 0 <= free <= th._usable_cores()
+    assert th._own_running() >= 1
+
+
+def test_this_process_spinning_threads_are_not_counted_as_load(monkeypatch, two_threads_two_cores):
+    """Our own idle OpenMP threads may still spin (runnable) after a parallel region: not other load."""
+    machine(monkeypatch, None, [3])
+    monkeypatch.setattr(th, "_own_running", lambda: 3)  # the reader and two spinning workers
+    with th.fitting_threads():
+        assert torch.get_num_threads() == 2
+    monkeypatch.setattr(th, "_own_running", lambda: 2)  # one of them, and one other process
+    with th.fitting_threads():
+        assert torch.get_num_threads() == 1
 
 
 @pytest.mark.parametrize("runnable, inside", [([1], 2), ([2], 1)])

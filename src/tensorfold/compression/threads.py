@@ -5,10 +5,11 @@ OpenMP threads ends at a barrier where, under the runtime's default wait policy,
 beside another busy process the thread it waits for may not even be running (the plan of a 3-layer MLP
 took 12.7 s instead of 0.2 s in the issue that asked for this). The policy is read once, when torch
 loads, so a library called after ``import torch`` cannot change it. What it can change is the thread
-count: at the start of each planning or fitting call, tensorfold counts the other runnable processes
-(Linux ``/proc/stat``) and, if fewer cores are free than torch would use, fits on the free ones (at least
-one). On a quiet machine nothing changes (one thread was measured 25-30% slower there); beside a busy
-process the fit runs on one thread and does not collapse. Figures: docs/performance.md.
+count: at the start of each planning or fitting call, tensorfold counts the runnable tasks of other
+processes (Linux ``/proc/stat`` minus this process's running threads) and, if fewer cores are free than
+torch would use, fits on the free ones (at least one). On a quiet machine nothing changes (one thread
+always was measured 24-30% slower there); beside a busy process the fit runs on one thread and does not
+collapse. The count costs about 5 ms per call. Figures: docs/performance.md.
 
 With ``OMP_WAIT_POLICY=PASSIVE`` (which the ``tensorfold`` command sets before torch loads, and
 ``make test`` sets) waiting threads sleep, sharing is already cheap, and the caller's count is kept.
@@ -33,9 +34,7 @@ import torch
 
 __all__ = ["fitting_threads", "free_cores", "passive_waiting"]
 
-# the runtime's default spin before a waiting thread sleeps is a few milliseconds: let our own idle
-# OpenMP threads stop spinning before counting runnable tasks, then take the median of a few counts
-SETTLE_SECONDS = 0.02
+# the median of a few instantaneous counts, a millisecond apart (a few milliseconds per call)
 SAMPLES = 5
 
 
@@ -63,18 +62,35 @@ def _runnable_tasks() -> int | None:
     return None
 
 
-def free_cores(settle: float = SETTLE_SECONDS, samples: int = SAMPLES) -> int | None:
-    """Cores not taken by other runnable tasks right now (median of ``samples`` counts), or None where the
-    count is not available (not Linux)."""
-    time.sleep(settle)
+def _own_running() -> int:
+    """This process's threads that are running or runnable now (its idle OpenMP threads may still spin)."""
+    n = 0
+    try:
+        tasks = os.listdir("/proc/self/task")
+    except OSError:
+        return 1
+    for tid in tasks:
+        try:
+            with open(f"/proc/self/task/{tid}/stat") as f:
+                state = f.read().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        n += state == "R"
+    return max(n, 1)  # the reading thread runs
+
+
+def free_cores(samples: int = SAMPLES) -> int | None:
+    """Cores not taken by other processes' runnable tasks right now (median of ``samples`` counts), or None
+    where the count is not available (not Linux)."""
     counts = []
-    for _ in range(samples):
+    for i in range(samples):
         n = _runnable_tasks()
         if n is None:
             return None
-        counts.append(n - 1)  # minus the thread reading the count
-        time.sleep(0.002)
-    others = statistics.median_low(counts)
+        counts.append(n - _own_running())
+        if i + 1 < samples:
+            time.sleep(0.001)
+    others = max(statistics.median_low(counts), 0)
     return max(_usable_cores() - others, 0)
 
 
