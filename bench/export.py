@@ -46,6 +46,7 @@ from tensorfold.compression.api import Planner, apply
 from tensorfold.compression.config import CompressConfig
 from tensorfold.compression.export import ExportInputs, compare_variants
 from tensorfold.compression.hf_storage import load_hf_compressed, write_hf_compressed
+from tensorfold.compression.job import peak_rss_mb
 from tensorfold.zoo import hf, minilm
 
 KIND = "sentence-transformers"
@@ -103,7 +104,9 @@ def compress(args, model, path: str) -> None:
     for b in todo:
         t = time.perf_counter()
         cached = plain / f"b{b:.2f}"
-        if args.finetune_epochs and (cached / "hf.json").is_file():
+        if args.finetune_epochs and not (cached / "hf.json").is_file():
+            raise SystemExit(f"{cached} is missing: compress budget {b} without fine-tuning first")
+        if args.finetune_epochs:
             small = load_hf_compressed(cached)  # fine-tune the cached plain model rather than re-plan
             from tensorfold.compression.plan import Plan
 
@@ -121,12 +124,12 @@ def compress(args, model, path: str) -> None:
             train, val = minilm.finetune_data(BATCH, args.seed, max_train=args.finetune_sentences)
             small = tf.finetune(small, train, teacher=model, epochs=args.finetune_epochs, val_data=val,
                                 seed=args.seed, distill_loss="cosine", lr=args.lr, output_fn=hf.output_fn_for(KIND),
-                                progress=False)
+                                eval_every=50, progress=False)
         out = work / f"b{b:.2f}"
         out.mkdir(parents=True, exist_ok=True)
         write_hf_compressed(small, model, plan, out, kind=KIND, base_path=path)
         print(f"budget {b}: fraction {plan.fraction:.3f}, {time.perf_counter() - t:.0f} s "
-              f"(+{time.perf_counter() - t0:.0f} s total), {load_info()}", flush=True)
+              f"(+{time.perf_counter() - t0:.0f} s total), peak RSS {peak_rss_mb():.0f} MB, {load_info()}", flush=True)
 
 
 def variant_model(args, name: str, model, calib_batches):

@@ -7,17 +7,18 @@ FILE --calib N --budget 0.5 --no-speed``; the job records in metrics.json the pe
 each stage (load, plan, apply, evaluate) and the tensor bytes of the original and compressed model.
 
 Memory model: the planner holds, at its peak, the original model, one float64 input Gram matrix per
-compressed Linear layer (all layers at once: ``in_features**2 * 8`` bytes each), the compressed copy being
-built and one batch of activations. So
+compressed Linear layer (all layers at once: ``in_features**2 * 8`` bytes each), and working copies of
+both (candidate fits, sensitivity runs, block statistics) that grow with them. So
 
-    peak - start  ~=  c * model_mb + grams_mb
+    peak - start  ~=  c * (model_mb + grams_mb)
 
-with ``c`` fitted on the smallest size and checked on the others (the relative error is printed).
+with ``c`` fitted on one size (``--fit-on``) and checked on the others (the relative error is printed).
 ``--ceiling`` then solves it for the largest BERT-shaped encoder (hidden H, 4H feed-forward, H/64 heads,
 L = H/64 layers like BERT-base/large) and Llama-shaped decoder whose predicted peak fits in ``--ram-gb``.
 
     flock /tmp/tf-cpu.lock .venv/bin/python bench/memory.py --sizes 256x4
-    flock /tmp/tf-cpu.lock .venv/bin/python bench/memory.py --sizes 512x8
+    flock /tmp/tf-cpu.lock .venv/bin/python bench/memory.py --sizes 512x2
+    flock /tmp/tf-cpu.lock .venv/bin/python bench/memory.py --sizes 768x2
     .venv/bin/python bench/memory.py --fit --ram-gb 22
 """
 
@@ -101,35 +102,39 @@ def run(args, hidden: int, layers: int) -> dict:
     return row
 
 
-def fit(rows: list[dict], ram_gb: float) -> None:
-    rows = sorted(rows, key=lambda r: r["params"])
-    base = rows[0]
-    c = (base["peak_rss_mb"] - base["peak_rss_mb_at_start"] - base["grams_mb"]) / base["model_mb"]
-    print(f"c = {c:.2f} model copies (fitted on {base['hidden']}x{base['layers']})")
-    print("| encoder | params | model MB | grams MB | start MB | peak MB | predicted MB | error |")
-    print("|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        pred = r["peak_rss_mb_at_start"] + c * r["model_mb"] + r["grams_mb"]
+def fit(results: dict[str, dict], ram_gb: float, fit_on: str) -> None:
+    base = results[fit_on]
+    c = (base["peak_rss_mb"] - base["peak_rss_mb_at_start"]) / (base["model_mb"] + base["grams_mb"])
+    print(f"peak - start = c * (model MB + grams MB), c = {c:.2f} (fitted on {fit_on})")
+    print("| encoder | params | model MB | grams MB | start MB | peak MB | predicted MB | error | compress s |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in sorted(results.values(), key=lambda r: r["params"]):
+        pred = r["peak_rss_mb_at_start"] + c * (r["model_mb"] + r["grams_mb"])
         print(f"| {r['hidden']}x{r['layers']} | {r['params'] / 1e6:.1f}M | {r['model_mb']:.0f} | {r['grams_mb']:.0f} | "
               f"{r['peak_rss_mb_at_start']:.0f} | {r['peak_rss_mb']:.0f} | {pred:.0f} | "
-              f"{(pred - r['peak_rss_mb']) / r['peak_rss_mb']:+.1%} |")
-    start = max(r["peak_rss_mb_at_start"] for r in rows)
+              f"{(pred - r['peak_rss_mb']) / r['peak_rss_mb']:+.1%} | {r['seconds']:.0f} |")
+    start = max(r["peak_rss_mb_at_start"] for r in results.values())
     budget = ram_gb * 1024
 
-    def peak(h, layers, ffn=None, decoder=False):
-        return start + c * params(h, layers, ffn, decoder) * 4 / 2**20 + grams_mb(h, layers, ffn, decoder)
+    def peak(h, layers, ffn=None, decoder=False, vocab=VOCAB):
+        model_mb = params(h, layers, ffn, decoder, vocab) * 4 / 2**20
+        return start + c * (model_mb + grams_mb(h, layers, ffn, decoder))
 
     h = 64
     while peak(h + 64, (h + 64) // 64) <= budget:
         h += 64
     print(f"largest BERT-shaped encoder (H/64 layers, 4H FFN) within {ram_gb} GB: hidden {h}, {h // 64} layers, "
           f"{params(h, h // 64) / 1e6:.0f}M parameters (predicted peak {peak(h, h // 64) / 1024:.1f} GB)")
-    for name, (hid, layers, ffn) in {"BERT-base": (768, 12, 3072), "BERT-large": (1024, 24, 4096)}.items():
-        print(f"{name}: predicted peak {peak(hid, layers, ffn) / 1024:.1f} GB")
-    for name, (hid, layers, ffn) in {"TinyLlama-1.1B shape": (2048, 22, 5632), "Llama-2-7B shape": (4096, 32, 11008),
-                                     "Qwen2.5-0.5B shape": (896, 24, 4864)}.items():
-        print(f"{name}: {params(hid, layers, ffn, True, 32000) / 1e9:.2f}B parameters, predicted peak "
-              f"{peak(hid, layers, ffn, True) / 1024:.1f} GB")
+    shapes = {"BERT-base": (768, 12, 3072, False), "BERT-large": (1024, 24, 4096, False),
+              "Qwen2.5-0.5B shape": (896, 24, 4864, True), "TinyLlama-1.1B shape": (2048, 22, 5632, True),
+              "Llama-2-7B shape": (4096, 32, 11008, True)}
+    for name, (hid, layers, ffn, dec) in shapes.items():
+        vocab = 32000 if dec else VOCAB
+        full = peak(hid, layers, ffn, dec, vocab)
+        one_block = full - c * grams_mb(hid, layers - 1, ffn, dec)
+        print(f"{name}: {params(hid, layers, ffn, dec, vocab) / 1e6:.0f}M parameters, grams "
+              f"{grams_mb(hid, layers, ffn, dec) / 1024:.1f} GB, predicted peak {full / 1024:.1f} GB; with one "
+              f"block's grams at a time {one_block / 1024:.1f} GB")
 
 
 def main() -> None:
@@ -139,6 +144,7 @@ def main() -> None:
     ap.add_argument("--work", default="/tmp/tf-memory-bench")
     ap.add_argument("--json", default="bench/results/memory.json")
     ap.add_argument("--fit", action="store_true")
+    ap.add_argument("--fit-on", default="512x2", help="the size the memory model's constant is fitted on")
     ap.add_argument("--ram-gb", type=float, default=22.0)
     args = ap.parse_args()
     results = json.loads(Path(args.json).read_text()) if Path(args.json).is_file() else {}
@@ -148,7 +154,7 @@ def main() -> None:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(results, indent=1))
     if args.fit:
-        fit(list(results.values()), args.ram_gb)
+        fit(results, args.ram_gb, args.fit_on)
 
 
 if __name__ == "__main__":
