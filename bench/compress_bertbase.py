@@ -58,11 +58,18 @@ def main() -> None:
     held_out = [minilm.tokenize(list(minilm.eval_sentences()[i:i + 32])) for i in range(0, 128, 32)]
     load = os.getloadavg()[0]
     t0 = time.perf_counter()
+    seen: set[str] = set()
+
+    def progress(stage: str, done: int, total: int) -> None:  # a line per stage, as it starts
+        if stage not in seen:
+            seen.add(stage)
+            print(f"  {time.perf_counter() - t0:7.1f} s: {stage} ({total} steps)", flush=True)
+
     planner = Planner(model, tf.CompressConfig(budget=args.budget, curve=False), calib=calib,
-                      output_fn=lambda o: o.last_hidden_state)
+                      output_fn=lambda o: o.last_hidden_state, progress=progress)
     plan = planner.plan()
     t1 = time.perf_counter()
-    small = tf.apply(model, plan, calib)
+    small = tf.apply(model, plan, calib, progress=progress)
     t2 = time.perf_counter()
     a, b = pooled(model, held_out), pooled(small, held_out)
     cos = torch.nn.functional.cosine_similarity(a.double(), b.double()).mean()

@@ -91,6 +91,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, (x, group, xlabel) in zip(axes, (("layers", "tokens", "transformer blocks"),
@@ -104,6 +105,10 @@ def plot(rows: list[dict], path: Path) -> None:
             ax.plot(xs, [ys[0] * v / xs[0] for v in xs], ":", color="grey", linewidth=0.8)
         ax.set_xscale("log")
         ax.set_yscale("log")
+        for axis in (ax.xaxis, ax.yaxis):
+            axis.set_major_formatter(ScalarFormatter())
+            axis.set_minor_formatter(NullFormatter())
+        ax.set_xticks(sorted({r[x] for r in rows}))
         ax.set_xlabel(xlabel)
         ax.set_ylabel("compression seconds (plan + apply)")
         ax.legend(fontsize=8)
