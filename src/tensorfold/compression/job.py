@@ -389,7 +389,10 @@ def run_job(
         "plan_totals": plan.totals(),
         # compression = plan + apply; the stages say where the time went
         "seconds": {"plan": t_plan - t0, "apply": t_apply - t_plan, "compression": t_apply - t_load,
-                    "stages": {"load": t_load - t0, **planner.seconds, "fitting": t_apply - t_plan,
+                    "stages": {"load": t_load - t0, **planner.seconds,
+                               # choosing under the budget (with a speed goal: the measured rounds)
+                               "allocation": max(t_plan - t_load - sum(planner.seconds.values()), 0.0),
+                               "fitting": t_apply - t_plan,
                                **({"fine-tuning": t_tune - t_apply} if tuning is not None else {}),
                                "evaluation": t_eval - t_tune}},
     }
