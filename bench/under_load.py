@@ -13,7 +13,8 @@ environment, as a user's shell has it. Variants:
 - ``api-plan`` / ``api-fit``: a user script that imports torch, then ``tensorfold``, and plans (weight-only,
   default methods) / plans and applies (calibrated, svd+tt) a 256-512-512-10 MLP; the script times itself.
   "now" is this tree; "before" is ``--old-src`` (a tree without ``compression/threads.py``).
-- ``demo``: ``python -m tensorfold.demo`` (MiniLM to 50%), once per column unless ``--repeats`` says more.
+- ``demo``: ``python -m tensorfold.demo`` (MiniLM to 50%), once per column unless ``--repeats`` says more;
+  ``demo-compress``: its ``tensorfold compress`` command without the two extra ``--curve`` refits.
 
 Run it under the project's CPU lock (the busy process is deliberate load) and quote ``uptime`` before/after.
 """
@@ -71,6 +72,10 @@ def variants(case: str, old_src: str | None) -> list[tuple[str, list[str]]]:
     if case == "demo":
         return [("now", [py, "-c", f"import sys; sys.path.insert(0, {SRC!r}); "
                                    "from tensorfold.demo import main; main()"])]
+    if case == "demo-compress":  # the demo's command without its two extra --curve refits
+        args = ["compress", "--model", "minilm", "--budget", "0.5", "--target", "params", "--calib", "128",
+                "--out", "runs/minilm-50", "--overwrite"]
+        return [("now (PASSIVE set by the command)", [py, "-c", CLI_NOW.format(src=SRC), *args])]
     raise SystemExit(f"unknown case {case!r}")
 
 
@@ -104,6 +109,7 @@ def main() -> None:
     for case in args.cases.split(","):
         for label, cmd in variants(case, args.old_src):
             quiet = [run(cmd, work) for _ in range(args.repeats)]
+            print(f"  ({case}, {label}: quiet {fmt(quiet)})", flush=True)  # kept if the busy runs are cut
             spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.busy)]
             try:
                 time.sleep(0.5)

@@ -146,6 +146,9 @@ def test_tucker_completion_is_the_same_in_many_chunks(monkeypatch):
     monkeypatch.setattr(completion, "_CHUNK_SCALARS", 8 * 37)  # 37 observed cells per chunk (rank product 8)
     chunked = tf.complete(X, mask=mask, rank=(2, 2, 2), model="tucker", n_iter_max=5, tol=0.0)
     torch.testing.assert_close(chunked.to_tensor(), whole.to_tensor(), rtol=1e-9, atol=1e-9)
+    # the observed error of every sweep (computed in chunks too) is the same
+    assert chunked.info.fit_history == pytest.approx(whole.info.fit_history, rel=1e-9, abs=1e-12)
+    assert len(whole.info.fit_history) >= 5
 
 
 # --- decomp/rank_selection.py -----------------------------------------------------------------------
@@ -189,3 +192,14 @@ def test_select_rank_tt_names_its_arguments():
 def test_core_chain_errors_name_the_format(kind, cores, message):
     with pytest.raises(tf.TensorfoldError, match=message):
         kind(cores)
+
+
+def test_load_names_an_unknown_result_type(tmp_path):
+    import json
+
+    from safetensors.torch import save_file
+
+    path = tmp_path / "odd.safetensors"
+    save_file({"x": torch.zeros(1)}, str(path), metadata={"tensorfold": json.dumps({"type": "hypercube"})})
+    with pytest.raises(tf.FileFormatError, match=r"odd\.safetensors: unknown result type 'hypercube'$"):
+        tf.load(path)
