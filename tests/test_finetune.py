@@ -178,6 +178,17 @@ def test_train_mode_false_trains_without_dropout():
     assert torch.equal(a[0].weight, b[0].weight) and not torch.equal(a[0].weight, c[0].weight)
 
 
+def test_freeze_keeps_the_matching_parameters():
+    gen = torch.Generator().manual_seed(0)
+    data = [torch.randn(16, 4, generator=gen) for _ in range(3)]
+    teacher = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    student = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    tuned = finetune(student, data, teacher=teacher, lr=1e-2, distill_loss="mse", freeze=("0.*",), progress=False)
+    assert torch.equal(tuned[0].weight, student[0].weight) and torch.equal(tuned[0].bias, student[0].bias)
+    assert not torch.equal(tuned[2].weight, student[2].weight)
+    assert all(p.requires_grad for p in student.parameters())  # the input model is left as it was
+
+
 def test_dict_inputs_are_keyword_arguments_and_output_fn():
     class Keyworded(nn.Module):
         def __init__(self, width):

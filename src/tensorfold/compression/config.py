@@ -189,6 +189,7 @@ class FinetuneConfig(Settings):
     progress: bool = True
     eval_every: int | None = None  # also validate every this many steps (long epochs), not only per epoch
     train_mode: bool = True  # False: train in eval mode (no dropout)
+    freeze: tuple[str, ...] | None = None  # parameter-name patterns kept fixed (e.g. "*embeddings*")
 
     def __post_init__(self):
         put = object.__setattr__
@@ -213,3 +214,4 @@ class FinetuneConfig(Settings):
         if self.eval_every is not None:
             put(self, "eval_every", check_count(self.eval_every, "eval_every", minimum=1))
         check_flag(self.train_mode, "train_mode")
+        put(self, "freeze", check_patterns(self.freeze, "freeze"))

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import fnmatch
 import math
 import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -146,6 +147,8 @@ def finetune(
         - seed: seeds the batch order and any dropout (torch's global generator is restored afterwards).
         - max_steps: stop after this many optimizer steps in total; progress: a progress bar on stderr.
         - eval_every: with ``val_data``, also validate every this many steps (epochs longer than the time).
+        - freeze: parameter-name patterns (shell-style) that stay fixed, e.g. ``("*embeddings*",)``: the
+          layers compression left alone need not move (and a large embedding table makes every step slow).
         - train_mode: False trains the student in eval mode (no dropout, batch norm on its running
           statistics): a short distillation that repairs a compressed model matches the teacher's
           deterministic outputs better without dropout noise.
@@ -184,6 +187,9 @@ def finetune(
             p.requires_grad_(True)
     # else a partly frozen model (e.g. from tensorfold.adapt: frozen base, trainable adapters) trains
     # only what it left trainable.
+    for name, p in student.named_parameters():
+        if cfg.freeze and any(fnmatch.fnmatchcase(name, pattern) for pattern in cfg.freeze):
+            p.requires_grad_(False)
     params = [p for p in student.parameters() if p.is_floating_point() and p.requires_grad]
     if not params:
         raise InvalidArgumentError("the compressed model has no trainable floating-point parameters")

@@ -157,8 +157,10 @@ def _finetune(source: ModelSource, compressed: nn.Module, original: nn.Module, c
         changes["distill_loss"] = source.entry.extra["distill_loss"]  # a model directory: KL on logits
     if source.entry is not None and "finetune_lr" in source.entry.extra and config.lr == defaults.lr:
         changes["lr"] = source.entry.extra["finetune_lr"]
-    if source.entry is not None and "finetune_eval_every" in source.entry.extra and config.eval_every is None:
-        changes["eval_every"] = source.entry.extra["finetune_eval_every"]  # long epochs: validate within them
+    for key in ("eval_every", "train_mode", "freeze"):  # a built-in model's recipe (e.g. MiniLM's distillation)
+        if source.entry is not None and f"finetune_{key}" in source.entry.extra and (
+                getattr(config, key) == getattr(defaults, key)):
+            changes[key] = source.entry.extra[f"finetune_{key}"]
     return finetune(compressed, train, config.replace(**changes), teacher=original, val_data=val,
                     output_fn=source.output_fn, history=history)
 

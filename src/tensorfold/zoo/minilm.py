@@ -147,6 +147,7 @@ CALIBRATION_MIX = {"wikipedia": 0.6, "modern": 0.2, "scripture": 0.2}
 # Fine-tuning trains on these kinds and stops early on the shipped modern sentences (another kind).
 FINETUNE_MIX = {"wikipedia": 0.75, "scripture": 0.25}
 CALIBRATION_LIMIT = 4096  # sentences a calibration draw may take (far below every kind's pool)
+FINETUNE_LR = 1e-4
 
 
 def calibration_pool_size() -> int:
@@ -306,5 +307,7 @@ def builtin(name: str = NAME) -> BuiltinModel:
         exclude=EXCLUDE,
         output_fn=sentence_embedding,
         # the pretrained encoder drifts with larger steps; 1e-4 improved fidelity in a short distillation run
-        extra={"finetune_lr": 1e-4, "calibration_limit": CALIBRATION_LIMIT, "finetune_eval_every": 50},
+        # distillation recipe: validate every 50 steps (an epoch is 256), no dropout, embeddings fixed
+        extra={"finetune_lr": FINETUNE_LR, "calibration_limit": CALIBRATION_LIMIT, "finetune_eval_every": 50,
+               "finetune_train_mode": False, "finetune_freeze": ("*embeddings*",)},
     )
