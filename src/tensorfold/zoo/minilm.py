@@ -204,7 +204,11 @@ def finetune_data(batch_size: int = 32, seed: int = 0, max_train: int | None = 8
     train, val = finetune_text(seed, max_train)
 
     def batches(sentences):
-        return [tokenize(sentences[i : i + batch_size]) for i in range(0, len(sentences), batch_size)]
+        # sentences of similar length share a batch (sorted within windows of 16 batches): less padding,
+        # so faster steps; the fine-tune visits the batches in a seeded random order
+        window = 16 * batch_size
+        ordered = [s for i in range(0, len(sentences), window) for s in sorted(sentences[i:i + window], key=len)]
+        return [tokenize(ordered[i : i + batch_size]) for i in range(0, len(ordered), batch_size)]
 
     return batches(train), batches(val)
 
