@@ -203,3 +203,12 @@ def test_load_names_an_unknown_result_type(tmp_path):
     save_file({"x": torch.zeros(1)}, str(path), metadata={"tensorfold": json.dumps({"type": "hypercube"})})
     with pytest.raises(tf.FileFormatError, match=r"odd\.safetensors: unknown result type 'hypercube'$"):
         tf.load(path)
+
+
+def test_cp_input_errors_name_the_argument():
+    X = tf.testing.random_cp((5, 6, 7), 2, seed=0).to_tensor()
+    with pytest.raises(InvalidArgumentError, match=r"^callback must be None or callable as callback\(iteration, "
+                                                   r"fit\), got int$"):
+        tf.cp(X, 2, callback=5)
+    with pytest.raises(tf.TensorfoldError, match=r"^X has 1 modes \(shape \(3,\)\); at least 2 needed$"):
+        tf.cp(torch.ones(3), 2)
