@@ -89,3 +89,13 @@ def sentence_transformers_dir(root: Path, encoder: str = "bert") -> Path:
     path = Path(root) / f"st-{encoder}"
     SentenceTransformer(modules=[transformer, pooling], device="cpu").save(str(path))
     return path
+
+
+def bert_encoder(layers: int = 2, hidden: int = 32, heads: int = 4, inter: int = 64):
+    """A seeded, randomly initialised ``BertModel`` (no pooler) in eval mode, built in memory."""
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                                  intermediate_size=inter, vocab_size=100, max_position_embeddings=64)
+    return transformers.BertModel(cfg, add_pooling_layer=False).eval()

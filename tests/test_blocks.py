@@ -21,13 +21,11 @@ from tensorfold.compression.blocks.mlp import ActivationStats, mlp_select, selec
 from tensorfold.errors import InvalidArgumentError, RankError
 
 transformers = pytest.importorskip("transformers")
+hf_tiny = pytest.importorskip("hf_tiny")
 
 
-def _bert(layers=2, hidden=32, heads=4, inter=64):
-    torch.manual_seed(0)
-    cfg = transformers.BertConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-                                  intermediate_size=inter, vocab_size=100, max_position_embeddings=64)
-    return transformers.BertModel(cfg, add_pooling_layer=False).eval()
+def _bert(layers=2, **shape):
+    return hf_tiny.bert_encoder(layers, **shape)
 
 
 def _gpt2():
