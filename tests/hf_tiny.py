@@ -99,3 +99,15 @@ def bert_encoder(layers: int = 2, hidden: int = 32, heads: int = 4, inter: int =
     cfg = transformers.BertConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
                                   intermediate_size=inter, vocab_size=100, max_position_embeddings=64)
     return transformers.BertModel(cfg, add_pooling_layer=False).eval()
+
+
+def token_batches(n: int = 4, batch: int = 8, length: int = 12, seed: int = 0) -> list[dict]:
+    """``n`` seeded batches of random token ids for :func:`bert_encoder`, half of each batch padded."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(1, 100, (batch, length), generator=gen)
+        mask = torch.ones(batch, length, dtype=torch.int64)
+        mask[: batch // 2, length - 3:] = 0
+        out.append({"input_ids": ids, "attention_mask": mask})
+    return out

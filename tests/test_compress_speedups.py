@@ -26,14 +26,7 @@ def _bert(layers=3, **shape):
 
 
 def _batches(n=4, batch=8, length=12, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        ids = torch.randint(1, 100, (batch, length), generator=g)
-        mask = torch.ones(batch, length, dtype=torch.int64)
-        mask[: batch // 2, length - 3:] = 0
-        out.append({"input_ids": ids, "attention_mask": mask})
-    return out
+    return hf_tiny.token_batches(n, batch, length, seed)
 
 
 def _hidden(output):
