@@ -101,6 +101,31 @@ def test_select_neurons_reuses_a_longer_greedy_on_the_same_statistics():
     assert other is not full
 
 
+@pytest.mark.parametrize("rank", [None, 9])
+def test_blocked_neuron_greedy_takes_the_pivots_of_the_unblocked_recurrence(monkeypatch, rank):
+    from tensorfold.compression.blocks import mlp
+
+    g = torch.Generator().manual_seed(1)
+    H = torch.randn(400, 40, generator=g, dtype=torch.float64)
+    if rank is not None:  # 40 neurons spanning 9 directions: the greedy stops once the rest are combinations
+        H = H[:, :rank] @ torch.randn(rank, 40, generator=g, dtype=torch.float64)
+    H = H.relu() if rank is None else H
+    W, b = torch.randn(5, 40, generator=g, dtype=torch.float64), torch.randn(5, generator=g, dtype=torch.float64)
+    monkeypatch.setattr(mlp, "PANEL", 10**6)  # one panel: the plain recurrence
+    plain = select_neurons(ActivationStats.of(H), W, b, max_keep=30)
+    for panel, compact in ((3, 0.0), (7, 0.1), (16, 0.5)):
+        monkeypatch.setattr(mlp, "PANEL", panel)
+        monkeypatch.setattr(mlp, "COMPACT", compact)
+        blocked = select_neurons(ActivationStats.of(H), W, b, max_keep=30)
+        # the whole order, the tail after 30 steps too (with a rank-9 span, the last direction is
+        # explained equally by every neuron left, so only the first 8 choices are determined)
+        same = 40 if rank is None else rank - 1
+        assert blocked.order[:same].tolist() == plain.order[:same].tolist()
+        assert torch.allclose(blocked.errors, plain.errors, rtol=0, atol=1e-9)
+    if rank is not None:
+        assert float(plain.errors[rank]) < 1e-6 < float(plain.errors[rank - 1])
+
+
 def test_fitting_with_replayed_blocks_equals_fitting_through_the_model(monkeypatch):
     model, batches = _bert(), _batches()
     plan = tf.plan(model, budget=0.5, calib=batches, output_fn=_hidden)

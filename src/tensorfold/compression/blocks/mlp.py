@@ -35,7 +35,8 @@ from torch import nn
 from tensorfold.errors import InvalidArgumentError, RankError
 
 DEFAULT_RIDGE = 1e-6  # relative to the mean diagonal of the kept neurons' Gram matrix
-RESYNC = 128  # greedy steps between exact recomputations of the residual norms
+PANEL = 128  # greedy steps per panel (matrix-matrix updates between panels)
+COMPACT = 0.1  # taken rows (as a share of those left) that trigger dropping them from the residual matrices
 
 
 @dataclass
@@ -130,60 +131,95 @@ def _select(stats: ActivationStats, weight: torch.Tensor, bias: torch.Tensor | N
     # errors are relative to the output without its bias (kept exactly by the refit), as the per-matrix
     # methods' errors are: a large bias would otherwise make every selection look accurate
     energy = float((W * (C[:m, :m] @ W.T).T).sum())
-    diag = C.diagonal().clone()
-    scale = float(diag[:m].max()) if m else 1.0
-    floor = 1e-12 * max(scale, 1e-300)
-    # Only BLAS matrix-vector products per step (elementwise passes over an (m+1, out) matrix cost 10-50x
-    # more on CPU): the Cholesky columns are stored as rows (``Lt[t]`` is column t, read contiguously),
-    # the residual cross Gram ``B - Lt^T Z`` is never formed, and its squared row norms are updated by
-    # the rank-one change of each step (recomputed every RESYNC steps against drift).
-    Lt = torch.zeros(steps + 1, m + 1, dtype=C.dtype, device=C.device)
-    Z = torch.zeros(steps + 1, B.shape[1], dtype=C.dtype, device=C.device)
-    norms = (B * B).sum(dim=1)
-    taken = torch.zeros(m + 1, dtype=torch.bool, device=C.device)
-    explained = [0.0]
-    order: list[int] = []
-    score = torch.zeros(m + 1, dtype=C.dtype, device=C.device)
-    for t in range(steps + 1):
-        if t == 0:
-            p = m  # the constant column (the bias) is always kept
-        else:
-            if t % RESYNC == 0:
-                R = B - Lt[:t].T @ Z[:t]
-                norms = (R * R).sum(dim=1)
-            score = norms.clamp_min(0.0) / diag.clamp_min(floor)
-            score[taken | (diag <= floor)] = -1.0
-            p = int(score.argmax())
-            if float(score[p]) < 0:
-                break  # every remaining neuron is (numerically) a combination of the kept ones
-        dp = float(diag[p])
-        taken[p] = True
-        if dp <= floor:
-            if t > 0:
-                order.append(p)
-                explained.append(explained[-1])
-            continue
-        root = math.sqrt(dp)
-        col = (C[:, p] - Lt[:t].T @ Lt[:t, p]) / root
-        z = (B[p] - Lt[:t, p] @ Z[:t]) / root
-        residual_z = B @ z - Lt[:t].T @ (Z[:t] @ z)  # (B - Lt^T Z) z before this step
-        gain = float(z @ z)
-        norms = norms - 2.0 * col * residual_z + col * col * gain
-        Lt[t], Z[t] = col, z
-        diag -= col * col
-        diag[p] = 0.0
-        if t == 0:
-            explained[0] = gain
-        else:
-            order.append(p)
-            explained.append(explained[-1] + gain)
-    rest = [j for j in range(m) if not bool(taken[j])]
-    if rest:
-        tail = score[rest] if len(order) else torch.zeros(len(rest), dtype=torch.float64)
-        rest = [rest[i] for i in torch.argsort(tail, descending=True).tolist()]
-    full_order = torch.tensor(order + rest, dtype=torch.int64)
+    order, explained, score = _greedy(C, B, steps)
+    taken = torch.zeros(m + 1, dtype=torch.bool)
+    taken[order] = True
+    taken[m] = True
+    rest = (~taken).nonzero().squeeze(1)
+    if len(rest):
+        tail = score.cpu()[rest] if len(order) else torch.zeros(len(rest), dtype=torch.float64)
+        rest = rest[torch.argsort(tail, descending=True)]
+    full_order = torch.cat([torch.tensor(order, dtype=torch.int64), rest])
     errs = relative_errors(C, Wa, full_order, energy, known=explained, total=total)
     return NeuronSelection(full_order, errs)
+
+
+def _greedy(C: torch.Tensor, B: torch.Tensor, steps: int) -> tuple[list[int], list[float], torch.Tensor]:
+    """The steered pivoted Cholesky of ``C`` (constant column first, then ``steps`` neurons): the order,
+    the explained energy after each pivot and the scores of the last step (-1 where taken).
+
+    Blocked in panels of PANEL pivots, so that the quadratic work is matrix-matrix products: within a
+    panel a new Cholesky column is the residual Gram's row at the pivot corrected by the panel's earlier
+    columns only, and the residual Gram ``A`` and cross Gram ``R = B - L Z`` (whose squared row norms
+    steer the choice) are brought up to date once per panel; rows already taken are dropped from them as
+    they accumulate. Only matrix-vector products of the panel's width and one of ``R`` run per step.
+    Same pivots as the unblocked recurrence (the sums are only regrouped).
+    """
+    n, dev = C.shape[0], C.device
+    m = n - 1
+    diag = C.diagonal().clone()
+    floor = 1e-12 * max(float(diag[:m].max()) if m else 1.0, 1e-300)
+    A, R = C.clone(), B.clone()
+    norms = (R * R).sum(dim=1)
+    active = torch.arange(n, device=dev)  # original index of each row of A, R, diag, norms
+    taken = torch.zeros(n, dtype=torch.bool, device=dev)
+    explained, order = [0.0], []
+    score, scored = torch.zeros(0, dtype=C.dtype, device=dev), active  # the last step's scores, and their rows' indices
+    t = pending = 0
+    while t <= steps:
+        width = min(PANEL, steps + 1 - t)
+        Lt = torch.empty(width, A.shape[0], dtype=C.dtype, device=dev)  # the panel's Cholesky columns, stored as rows
+        Zt = torch.empty(width, R.shape[1], dtype=C.dtype, device=dev)
+        j = 0
+        while j < width and t <= steps:
+            if t == 0:
+                p = m  # the constant column (the bias) is always kept
+            else:
+                score, scored = norms.clamp_min(0.0) / diag.clamp_min(floor), active
+                score[taken | (diag <= floor)] = -1.0
+                p = int(score.argmax())
+                if float(score[p]) < 0:
+                    break  # every remaining neuron is (numerically) a combination of the kept ones
+            dp = float(diag[p])
+            taken[p] = True
+            if dp <= floor:
+                if t > 0:
+                    order.append(int(active[p]))
+                    explained.append(explained[-1])
+                t += 1
+                continue
+            root = math.sqrt(dp)
+            lp = Lt[:j, p]
+            col = (A[p] - lp @ Lt[:j]) / root  # A is symmetric: its row p is its column p
+            z = (R[p] - lp @ Zt[:j]) / root
+            residual_z = R @ z - (Zt[:j] @ z) @ Lt[:j]  # (R - Lt^T Zt) z, R as of the panel's start
+            gain = float(z @ z)
+            norms.addcmul_(col, residual_z, value=-2.0).addcmul_(col, col, value=gain)
+            Lt[j], Zt[j] = col, z
+            diag.addcmul_(col, col, value=-1.0)
+            diag[p] = 0.0
+            if t == 0:
+                explained[0] = gain
+            else:
+                order.append(int(active[p]))
+                explained.append(explained[-1] + gain)
+            j += 1
+            t += 1
+        Lt, Zt = Lt[:j], Zt[:j]
+        A.addmm_(Lt.T, Lt, alpha=-1.0)
+        R.addmm_(Lt.T, Zt, alpha=-1.0)
+        norms = (R * R).sum(dim=1)  # exact again (the per-step updates drift)
+        pending += j
+        if pending >= COMPACT * A.shape[0]:
+            keep = (~taken).nonzero().squeeze(1)
+            A, R = A[keep[:, None], keep], R[keep]
+            diag, norms, active, taken = diag[keep], norms[keep], active[keep], taken[keep]
+            pending = 0
+        if j < width and t <= steps:
+            break  # stopped early
+    last = torch.full((n,), -1.0, dtype=C.dtype, device=dev)
+    last[scored] = score
+    return order, explained, last
 
 
 def relative_errors(C: torch.Tensor, Wa: torch.Tensor, order: torch.Tensor, energy: float,
