@@ -18,15 +18,23 @@ the dense model's (every subset tried): the best this baseline can do without lo
 The work is split into short steps (each well under 5 minutes on 2 cores) that cache what they make:
 
     flock /tmp/tf-cpu.lock .venv/bin/python bench/export.py compress --budgets 0.9,0.7,0.5,0.3
+    flock /tmp/tf-cpu.lock .venv/bin/python bench/export.py compress --methods structured --budgets 0.7,0.6
+    flock /tmp/tf-cpu.lock .venv/bin/python bench/export.py compress --methods structured --budgets 0.6 \
+        --finetune-epochs 2
     flock /tmp/tf-cpu.lock .venv/bin/python bench/export.py measure --variants dense,drop1,drop2,drop3
-    flock /tmp/tf-cpu.lock .venv/bin/python bench/export.py measure --variants tf0.9,tf0.7,tf0.5,tf0.3
+    flock /tmp/tf-cpu.lock .venv/bin/python bench/export.py measure --variants tf0.9,tf0.7,structured:tf0.6
+    flock /tmp/tf-cpu.lock .venv/bin/python bench/export.py measure --variants structured-ft2:tf0.6
     .venv/bin/python bench/export.py report --plot docs/figures/export_minilm.png
 
-``compress`` writes each budget's model to ``--work`` (``/tmp/tf-export-bench/<plain|ftN>/b0.50``, the same
-files ``tensorfold compress`` writes for a model directory); ``measure`` exports and measures the named
-variants (``dense`` = dense fp32 and int8, ``dropK``, ``tfB``, ``ftN:tfB`` for a fine-tuned model) and merges
-their rows into ``--json``; ``report`` prints the four-variant table (at ``--main``) and the whole front and
-draws the speed-quality plot.
+``compress`` writes each budget's model to ``--work`` (``/tmp/tf-export-bench/<tag>/b0.50``, the same files
+``tensorfold compress`` writes for a model directory; the tag is ``plain`` for the default methods, else the
+``--methods`` given, e.g. ``structured``, with ``-ftN`` appended when fine-tuned for N epochs: ``ftN`` alone
+for the default methods). Fine-tuning starts from the cached model of the same methods and budget and uses
+the library's recipe for the built-in MiniLM (what ``tensorfold compress --model minilm --finetune-epochs N``
+does: its training and validation text, learning rate, validation interval, frozen embeddings).
+``measure`` exports and measures the named variants (``dense`` = dense fp32 and int8, ``dropK``, ``tfB``,
+``TAG:tfB`` for another tag) and merges their rows into ``--json``; ``report`` prints the four-variant table
+(at ``--main``) and the whole front and draws the speed-quality plot.
 """
 
 from __future__ import annotations
@@ -88,9 +96,28 @@ def work_dir(args, tag: str) -> Path:
     return Path(args.work) / tag
 
 
+def methods_tag(args) -> str:
+    """``plain`` for the default methods, else the ``--methods`` given (a directory-safe name)."""
+    return "plain" if args.methods is None else args.methods.replace(",", "+")
+
+
+def finetuned(model, small, epochs: int, seed: int):
+    """``small`` distilled from ``model`` with the library's recipe for the built-in MiniLM (the CLI's
+    ``--finetune-epochs`` path: training and validation text, learning rate, validation interval, frozen
+    embeddings), so the bench gets whatever recipe the library ships."""
+    from tensorfold.compression.config import FinetuneConfig
+    from tensorfold.compression.job import ModelSource, _finetune
+
+    entry = minilm.builtin()
+    source = ModelSource(entry.name, model, entry, entry.calibration, tuple(entry.exclude), entry.output_fn)
+    return _finetune(source, small, model, FinetuneConfig(epochs=epochs, seed=seed, progress=False), None)
+
+
 def compress(args, model, path: str) -> None:
     budgets = [float(b) for b in args.budgets.split(",") if b]
-    tag = f"ft{args.finetune_epochs}" if args.finetune_epochs else "plain"
+    base = methods_tag(args)
+    tag = (f"ft{args.finetune_epochs}" if base == "plain" else f"{base}-ft{args.finetune_epochs}"
+           ) if args.finetune_epochs else base
     work = work_dir(args, tag)
     todo = [b for b in budgets if not (work / f"b{b:.2f}" / "hf.json").is_file()]
     if not todo:
@@ -98,7 +125,7 @@ def compress(args, model, path: str) -> None:
         return
     calib = minilm.calibration(args.calib, args.seed)
     print(f"compress {todo} ({tag}), {args.calib} calibration sentences, {load_info()}", flush=True)
-    plain = work_dir(args, "plain")
+    plain = work_dir(args, base)
     t0 = time.perf_counter()
     planner = None
     for b in todo:
@@ -113,18 +140,14 @@ def compress(args, model, path: str) -> None:
             plan = Plan.from_json((cached / "plan.json").read_text())
         else:
             if planner is None:
-                planner = Planner(model, CompressConfig(todo[0], exclude=hf.EXCLUDE[KIND], seed=args.seed),
+                settings = {} if args.methods is None else {"methods": args.methods}
+                planner = Planner(model, CompressConfig(todo[0], exclude=hf.EXCLUDE[KIND], seed=args.seed, **settings),
                                   calib=calib, output_fn=hf.output_fn_for(KIND), model_name=f"hf:{path}")
                 print(f"planner (menus, sensitivities): {time.perf_counter() - t0:.0f} s", flush=True)
             plan = planner.plan(b, curve=False)
             small = apply(model, plan, calib)
         if args.finetune_epochs:
-            import tensorfold as tf
-
-            train, val = minilm.finetune_data(BATCH, args.seed, max_train=args.finetune_sentences)
-            small = tf.finetune(small, train, teacher=model, epochs=args.finetune_epochs, val_data=val,
-                                seed=args.seed, distill_loss="cosine", lr=args.lr, output_fn=hf.output_fn_for(KIND),
-                                eval_every=50, progress=False)
+            small = finetuned(model, small, args.finetune_epochs, args.seed)
         out = work / f"b{b:.2f}"
         out.mkdir(parents=True, exist_ok=True)
         write_hf_compressed(small, model, plan, out, kind=KIND, base_path=path)
@@ -146,12 +169,15 @@ def variant_model(args, name: str, model, calib_batches):
         return drop_blocks(model, keep), f"drop {k} of 6 (keep {','.join(map(str, keep))})"
     tag, _, budget = name.rpartition(":")
     if not budget.startswith("tf"):
-        raise SystemExit(f"unknown variant {name!r}: dense, dropK, tfB or ftN:tfB")
+        raise SystemExit(f"unknown variant {name!r}: dense, dropK, tfB or TAG:tfB (TAG: ftN, structured, ...)")
     b = float(budget[2:])
     directory = work_dir(args, tag or "plain") / f"b{b:.2f}"
     if not (directory / "hf.json").is_file():
         raise SystemExit(f"{directory} is missing: run 'bench/export.py compress --budgets {b}' first")
-    label = f"tensorfold {b:.1f}" + (f" fine-tuned {tag[2:]} ep" if tag else "")
+    methods, _, ft = (tag or "plain").rpartition("ft") if "ft" in (tag or "") else (tag or "plain", "", "")
+    methods = methods.rstrip("-") or "plain"
+    label = (f"tensorfold {b:.1f}" + ("" if methods == "plain" else f" {methods}")
+             + (f" fine-tuned {ft} ep" if ft else ""))
     return load_hf_compressed(directory), label
 
 
@@ -217,7 +243,8 @@ def report(args) -> None:
         for r in rows:
             fam = r["family"]
             group = ("dense" if fam == "dense" else "layer dropping" if fam.startswith("drop") else
-                     "tensorfold fine-tuned" if "fine-tuned" in fam else "tensorfold")
+                     "tensorfold" + (" structured" if "structured" in fam else "")
+                     + (" fine-tuned" if "fine-tuned" in fam else ""))
             xs, ys = series.setdefault(f"{group} {r['precision']}", ([], []))
             xs.append(r["speedup"])
             ys.append(r["mean_cos"])
@@ -242,8 +269,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--timing-batches", type=int, default=4)
     ap.add_argument("--finetune-epochs", type=int, default=0)
-    ap.add_argument("--finetune-sentences", type=int, default=4096)
-    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--methods", default=None, help="planner methods or preset (default: the default menus)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--work", default="/tmp/tf-export-bench")
     ap.add_argument("--plot", default=None)

@@ -68,7 +68,9 @@ def compress(
                                 show_default=False,
                                 help="Comma-separated, from svd, svd-input, spatial, tucker, cp, tt and the "
                                      "transformer block methods mlp-select, qk-select, vo-svd, drop (used where "
-                                     "blocks are recognised and --calib > 0); default: all of them."),
+                                     "blocks are recognised and --calib > 0); 'structured' = the four block "
+                                     "methods (smaller dense matrices only: fastest with --export onnx-int8); "
+                                     "default: all of them."),
     allocator: str = typer.Option("auto", "--allocator", help="uniform, energy, balanced, knapsack or auto."),
     include: list[str] = typer.Option(None, "--include", help="Only layers matching this pattern (repeatable)."),
     exclude: list[str] = typer.Option(None, "--exclude", help="Skip layers matching this pattern (repeatable)."),
@@ -85,6 +87,9 @@ def compress(
     speedup: float = typer.Option(None, "--speedup",
                                   help="Also reach this whole-model speedup (e.g. 1.3), measured while planning "
                                        "(knapsack allocator)."),
+    speed_tolerance: float = typer.Option(0.05, "--speed-tolerance",
+                                          help="Transformer blocks: the predicted error may exceed its optimum by "
+                                               "this fraction to choose faster options (0: error alone)."),
     calib_data: Path = typer.Option(None, "--calib-data",
                                     help="Text for calibration, fine-tuning and held-out evaluation: .txt (a sample "
                                          "a line), .jsonl or .csv (model directories and minilm)."),
@@ -105,7 +110,7 @@ def compress(
     try:
         config = CompressConfig(budget=budget, target=target, methods=methods, allocator=allocator,
                                 include=_split(include), exclude=_split(exclude), no_slower=no_slower,
-                                speedup=speedup, calib_samples=calib, seed=seed)
+                                speedup=speedup, speed_tolerance=speed_tolerance, calib_samples=calib, seed=seed)
         tune = FinetuneConfig(epochs=finetune_epochs, seed=seed) if finetune_epochs else None
     except InvalidArgumentError as exc:
         raise InvalidArgumentError(_as_option(str(exc))) from None

@@ -15,7 +15,9 @@ layers is at most ``budget`` times their dense cost:
   the result is always feasible). With ``latency_cap`` it also keeps the summed predicted latency
   of the chosen layers under that fraction of the dense layers' (a second constraint, handled by
   pricing latency in the objective and searching the price), so a FLOP budget becomes a real speedup
-  on hardware where fewer FLOPs are not always faster.
+  on hardware where fewer FLOPs are not always faster. With ``speed_tolerance`` (and no cap) it
+  prices predicted latency too, as a tie-break: the plan may raise the predicted error objective by
+  at most that fraction over the knapsack's optimum, and within it takes the fastest choice found.
 
 >>> from tensorfold.compression.candidates import Candidate, LayerMenu
 >>> opts = [Candidate("dense", None, 100, None, None, 0.0), Candidate("svd", 1, 30, None, None, 0.5),
@@ -237,6 +239,68 @@ def _knapsack_latency(per_layer, sens, target, cap, lat_cap, dense_lat):
     return best
 
 
+def _knapsack_tiebreak(per_layer, sens, target, cap, tolerance, dense_lat):
+    """The knapsack's choice, or a faster one whose objective is at most ``(1 + tolerance)`` times its.
+
+    Among options of about the same predicted error, the error alone picks by noise; a low-rank pair
+    and a smaller dense matrix of equal error differ in speed (two MatMuls against one). The objective
+    ``sum_i s_i e_i^2 + lam * t_i / T`` is minimised with the largest price ``lam`` (log bisection)
+    whose choice stays within the tolerance.
+    """
+    errors = _errors(per_layer, sens)
+    scale = max(sum(max(v) for v in errors), 1e-12)
+
+    def solve(lam, units=DP_UNITS):
+        values = [[v + lam * _cost(c, "latency") / dense_lat for c, v in zip(opts, vals)]
+                  for opts, vals in zip(per_layer, errors)]
+        return _knapsack(per_layer, values, target, cap, units)
+
+    def value(chosen):
+        return sum(v[opts.index(c)] for opts, v, c in zip(per_layer, errors, chosen))
+
+    plain = solve(0.0)
+    if plain is None or tolerance <= 0:
+        return plain
+    limit = value(plain) * (1 + tolerance) + 1e-15
+    lo, hi, best = math.log(scale * 1e-6), math.log(scale * 10), plain
+    for _ in range(24):
+        mid = (lo + hi) / 2
+        chosen = solve(math.exp(mid))
+        if chosen is not None and value(chosen) <= limit:
+            lo, best = mid, chosen
+        else:
+            hi = mid
+    return _spend_tolerance(per_layer, errors, best, target, cap, limit)
+
+
+def _spend_tolerance(per_layer, errors, chosen, target, cap, limit):
+    """Greedy: while the objective stays under ``limit`` and the cost under ``cap``, switch the layer
+    whose faster option saves the most latency per unit of objective (one price moves every layer of
+    the same kind at once; what it leaves of the tolerance can still buy a few of them)."""
+    idx = [opts.index(c) for opts, c in zip(per_layer, chosen)]
+    total = sum(_cost(c, target) for c in chosen)
+    val = sum(v[j] for v, j in zip(errors, idx))
+    while True:
+        best = None
+        for i, (opts, vals) in enumerate(zip(per_layer, errors)):
+            cur = opts[idx[i]]
+            for j, c in enumerate(opts):
+                saved = _cost(cur, "latency") - _cost(c, "latency")
+                extra = vals[j] - vals[idx[i]]
+                if (saved <= 0 or val + extra > limit
+                        or total - _cost(cur, target) + _cost(c, target) > cap * (1 + 1e-12)):
+                    continue
+                rate = saved / max(extra, 1e-18)
+                if best is None or rate > best[0]:
+                    best = (rate, i, j, extra)
+        if best is None:
+            return [opts[j] for opts, j in zip(per_layer, idx)]
+        _, i, j, extra = best
+        total += _cost(per_layer[i][j], target) - _cost(per_layer[i][idx[i]], target)
+        val += extra
+        idx[i] = j
+
+
 def fastest_latency(menus: Sequence[LayerMenu], budget: float, target: str = "params", *,
                     no_slower: bool = False) -> float:
     """The smallest summed predicted latency of the menus' choices within ``budget`` of ``target``, as a
@@ -258,11 +322,22 @@ def allocate(
     methods: Sequence[str] | None = None,
     no_slower: bool = False,
     latency_cap: float | None = None,
+    speed_tolerance: float = 0.0,
 ) -> Allocation:
     """Choose one candidate per menu under ``budget`` (fraction of the menus' dense cost); with
     ``no_slower`` no factorisation predicted slower than its dense layer is chosen; with
     ``latency_cap`` (knapsack only) the summed predicted latency is also at most that fraction of
-    the dense layers' (see :func:`fastest_latency` for the smallest reachable).
+    the dense layers' (see :func:`fastest_latency` for the smallest reachable); with
+    ``speed_tolerance`` (knapsack, no cap, every option's latency predicted) the predicted error
+    objective may exceed the knapsack's optimum by that fraction to choose faster options.
+
+    >>> from tensorfold.compression.candidates import Candidate, LayerMenu
+    >>> opts = [Candidate("dense", None, 100, None, 1.0, 0.0), Candidate("svd", 20, 50, None, 0.9, 0.300),
+    ...         Candidate("mlp-select", 50, 50, None, 0.5, 0.301)]   # equal error within 1%, one faster
+    >>> [c.method for c in allocate([LayerMenu("a", None, "", None, opts)], 0.5).choices]
+    ['svd']
+    >>> [c.method for c in allocate([LayerMenu("a", None, "", None, opts)], 0.5, speed_tolerance=0.02).choices]
+    ['mlp-select']
 
     ``budget``, ``target`` and ``allocator`` come from a validated
     :class:`~tensorfold.compression.config.CompressConfig` and are not checked again here.
@@ -306,11 +381,18 @@ def allocate(
             )
         chosen = _fill_slack(per_layer, root_w, chosen, target, cap, latency_cap * dense_lat)
     else:
-        chosen = _knapsack(per_layer, _errors(per_layer, sens), target, cap)
+        priced = speed_tolerance > 0 and all(c.latency is not None for opts in per_layer for c in opts)
+        if priced:
+            dense_lat = max(sum(_cost(m.dense, "latency") for m in menus), 1e-12)
+            chosen = _knapsack_tiebreak(per_layer, sens, target, cap, speed_tolerance, dense_lat)
+        else:
+            chosen = _knapsack(per_layer, _errors(per_layer, sens), target, cap)
         if chosen is None:  # rounding made the smallest choice infeasible: fall back to the balanced search
             chosen = _threshold(per_layer, root_w, target, cap)
-        # costs were rounded up on the grid: spend what that left over (each step lowers the objective)
-        chosen = _fill_slack(per_layer, root_w, chosen, target, cap)
+        # costs were rounded up on the grid: spend what that left over (each step lowers the objective;
+        # with latency priced, never at the cost of predicted speed)
+        lat_cap = sum(_cost(c, "latency") for c in chosen) if priced else None
+        chosen = _fill_slack(per_layer, root_w, chosen, target, cap, lat_cap)
     total = sum(_cost(c, target) for c in chosen)
     if total > cap * (1 + 1e-9):
         raise NotCompressibleError(

@@ -181,7 +181,13 @@ class Planner:
                 if wanted and all(s is None for s in shapes.values()):
                     raise InvalidArgumentError(f"{flag} needs the layers' input shapes: pass calib or example_inputs")
             needs_latency = config.target == "latency" or config.no_slower or speedup is not None
-            latency = LatencyModel() if needs_latency else None
+            blocks = find_blocks(model) if block_methods and batches else []
+            # recognised transformer blocks: predicted latencies break near-ties in the error (speed_tolerance);
+            # as a tie-break only, they are cheap: six ranks timed per layer shape and method (the rest
+            # interpolated), smaller dense layers scaled by FLOPs, dominated Tucker/TT/CP sizes left out
+            self.speed_priced = bool(blocks) and config.speed_tolerance > 0 and speedup is None
+            latency = (LatencyModel() if needs_latency else
+                       LatencyModel(probe_seconds=0.0, scaled=True) if self.speed_priced else None)
             # timed on the input the layers' shapes come from
             speed_sample = (example_inputs if example_inputs is not None else batches[0] if batches else
                             randn(*tuple(int(s) for s in input_shape or ()), generator=make_generator(0),
@@ -191,7 +197,7 @@ class Planner:
                 if name in unused:
                     continue
                 menus.append(layer_menu(name, layer, menu_methods, input_shape=shapes.get(name),
-                                        gram=grams.get(name), latency=latency))
+                                        gram=grams.get(name), latency=latency, prune=not needs_latency))
                 report("candidates", i + 1, len(layers))
             self.skipped = [(s.name, s.reason) for s in found.skipped]
             self.skipped += [(n, "never called on the given inputs") for n in unused]
@@ -199,7 +205,6 @@ class Planner:
                 raise NotCompressibleError("no layer has a factorisation that saves anything")
             self.calibrated = bool(batches)
             clock.lap("menus")
-            blocks = find_blocks(model) if block_methods and batches else []
             probe = None
             if self.calibrated and (config.sensitivity or blocks):
                 probe = OutputProbe(model, sensitivity_batches(batches), output_fn, stages=[b.name for b in blocks])
@@ -215,6 +220,10 @@ class Planner:
                 menus = block_menus(model, blocks, menus, settings, BlockData(batches, probe, grams), latency=latency,
                                     progress=lambda d, t: report("blocks", d, t), layer_menus=self.layer_menus)
                 clock.lap("block menus")
+            if not matrix_methods:  # block methods only (e.g. "structured"): the svd menus served sensitivities
+                for m in menus:
+                    if not isinstance(m.options[0], GroupCandidate):
+                        m.options = m.options[:1]
             if not menus or all(len(m.options) == 1 for m in menus):
                 raise NotCompressibleError("no layer has a factorisation that saves anything")
             self.speed = (SpeedCheck(model, menus, speed_sample, threads=latency.threads)
@@ -233,7 +242,8 @@ class Planner:
         lat_cap = measured = None
         if config.speedup is None:
             alloc = allocate(menus, config.budget, target=config.target, allocator=config.allocator,
-                             methods=config.methods, no_slower=config.no_slower)
+                             methods=config.methods, no_slower=config.no_slower,
+                             speed_tolerance=config.speed_tolerance if self.speed_priced else 0.0)
         else:
             alloc, lat_cap, measured = self._fast_allocation(config)
         curve_points = []

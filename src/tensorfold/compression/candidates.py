@@ -190,10 +190,15 @@ class LatencyModel:
     network (ResNet-20 has 19 convs of 5 shapes) are measured once.
     """
 
-    def __init__(self, threads: int = 2, repeats: int = 10, probe_seconds: float = PROBE_SECONDS):
+    def __init__(self, threads: int = 2, repeats: int = 10, probe_seconds: float = PROBE_SECONDS, *,
+                 scaled: bool = False):
         from tensorfold.nn import LatencyTable
 
         self.threads, self.repeats, self.probe_seconds = threads, repeats, probe_seconds
+        # scaled: a smaller dense Linear asked under the name of a measured one takes its time scaled by
+        # the FLOPs (a tie-break needs the order, not every size timed: MiniLM's block menus ask ~250 sizes)
+        self.scaled = scaled
+        self._named: dict[str, tuple[int, float]] = {}
         try:
             self.table = LatencyTable.load()
         except TensorfoldError:
@@ -213,6 +218,15 @@ class LatencyModel:
         return (repr(sorted(layer_key(layer).items())), tuple(input_shape), str(layer.weight.dtype), method, rank)
 
     def dense(self, name: str, layer: nn.Module, input_shape) -> float:
+        if self.scaled and isinstance(layer, nn.Linear) and name in self._named:
+            size, seconds = self._named[name]
+            return seconds * layer.in_features * layer.out_features / size
+        t = self._dense(layer, input_shape)
+        if isinstance(layer, nn.Linear) and name not in self._named:
+            self._named[name] = (layer.in_features * layer.out_features, t)
+        return t
+
+    def _dense(self, layer: nn.Module, input_shape) -> float:
         if self.table is not None:
             t = self.table.predict("dense", layer, None, input_shape, threads=self.threads)
             if t is not None:
@@ -288,8 +302,11 @@ def layer_menu(
     input_shape: Sequence[int] | None = None,
     gram: GramStats | None = None,
     latency: LatencyModel | None = None,
+    prune: bool | None = None,
 ) -> LayerMenu:
-    """Every candidate (dense first) of ``layer`` for ``methods``; see the module docs."""
+    """Every candidate (dense first) of ``layer`` for ``methods``; see the module docs. ``prune`` (default:
+    without a latency model) leaves out Tucker/TT/CP when two probe sizes are dominated by the SVD options."""
+    prune = latency is None if prune is None else prune
     spec = DenseSpec.of(layer)
     shape = tuple(input_shape) if input_shape is not None else None
     dense_p = dense_params(layer)
@@ -313,7 +330,7 @@ def layer_menu(
             if method == "svd" and menu.spectrum is None:
                 menu.spectrum = [float(s) for s in spectrum]
                 menu.calibrated = calibrated
-        elif latency is None and len(options) > 1:
+        elif prune and len(options) > 1:
             rows = _unless_dominated(method, cls, layer, opts, gram, options, shape)
         else:
             rows = _measured_candidates(method, cls, layer, opts, gram)

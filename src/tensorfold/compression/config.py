@@ -25,7 +25,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from tensorfold.compression.methods import known_methods
+from tensorfold.compression.methods import PRESETS, expand_presets, known_methods
 from tensorfold.core.settings import Settings
 from tensorfold.core.validate import check_choice, check_count, check_positive, check_strings
 from tensorfold.errors import InvalidArgumentError
@@ -35,6 +35,9 @@ ALLOCATORS = ("uniform", "energy", "balanced", "knapsack", "auto")
 # each applies where it can (the transformer block methods where blocks are recognised and calib is
 # given); methods registered later (tensorfold.compression.methods) are opt-in
 DEFAULT_METHODS = ("svd", "svd-input", "spatial", "tucker", "cp", "tt", "mlp-select", "qk-select", "vo-svd", "drop")
+
+# default CompressConfig.speed_tolerance (measured on MiniLM: docs/transformers.md)
+SPEED_TOLERANCE = 0.05
 
 
 def check_budget(budget, name: str = "budget") -> float:
@@ -52,7 +55,12 @@ def check_flag(value, name: str) -> bool:
 
 def check_methods(methods: Sequence[str] | str) -> tuple[str, ...]:
     """Method names as a tuple (a comma-separated string is accepted), checked against the registry
-    (:func:`tensorfold.compression.methods.known_methods`); duplicates dropped, order kept."""
+    (:func:`tensorfold.compression.methods.known_methods`); a preset name (``"structured"``: the
+    transformer block methods, dense options only) stands for its methods; duplicates dropped, order kept.
+
+    >>> check_methods("structured")
+    ('mlp-select', 'qk-select', 'vo-svd', 'drop')
+    """
     if isinstance(methods, str):
         methods = [m.strip() for m in methods.split(",") if m.strip()]
     try:
@@ -60,12 +68,13 @@ def check_methods(methods: Sequence[str] | str) -> tuple[str, ...]:
     except TypeError:
         raise InvalidArgumentError(f"methods must be a sequence of method names, got {methods!r}") from None
     known = known_methods()
+    choices = f"choose from {', '.join(known)} (or a preset: {', '.join(PRESETS)})"
     if not methods:
-        raise InvalidArgumentError(f"give at least one method; choose from {', '.join(known)}")
-    unknown = [m for m in methods if m not in known]
+        raise InvalidArgumentError(f"give at least one method; {choices}")
+    unknown = [m for m in methods if not isinstance(m, str) or (m not in known and m not in PRESETS)]
     if unknown:
-        raise InvalidArgumentError(f"unknown method(s) {', '.join(map(repr, unknown))}; choose from {', '.join(known)}")
-    return tuple(dict.fromkeys(methods))
+        raise InvalidArgumentError(f"unknown method(s) {', '.join(map(repr, unknown))}; {choices}")
+    return expand_presets(methods)
 
 
 def check_patterns(patterns, name: str) -> tuple[str, ...] | None:
@@ -94,6 +103,9 @@ class CompressConfig(Settings):
     include, exclude: shell-style patterns on layer names (an include pattern matching nothing is an error).
     no_slower: never choose a factorisation predicted slower than its dense layer.
     speedup: also reach this measured whole-model speedup (e.g. 1.3; knapsack only).
+    speed_tolerance: where transformer blocks are recognised (calibrated, block methods asked), the
+        knapsack prices the options' predicted latency as a tie-break: the predicted error objective
+        may exceed its optimum by at most this fraction to choose faster options (0: error alone).
     sensitivity: measure each layer's sensitivity on the calibration batches (when given).
     curve: record the predicted objective at a range of budgets in the plan.
     calib_samples: calibration samples a job draws (CLI ``--calib``; 0: weight-only fitting).
@@ -109,6 +121,7 @@ class CompressConfig(Settings):
     exclude: tuple[str, ...] | None = None
     no_slower: bool = False
     speedup: float | None = None
+    speed_tolerance: float = SPEED_TOLERANCE
     sensitivity: bool = True
     curve: bool = True
     calib_samples: int = 128
@@ -126,6 +139,7 @@ class CompressConfig(Settings):
         put(self, "exclude", check_patterns(self.exclude, "exclude"))
         check_flag(self.no_slower, "no_slower")
         put(self, "speedup", check_speedup(self.speedup))
+        put(self, "speed_tolerance", check_positive(self.speed_tolerance, "speed_tolerance", allow_zero=True))
         check_flag(self.sensitivity, "sensitivity")
         check_flag(self.curve, "curve")
         put(self, "calib_samples", check_count(self.calib_samples, "calib_samples"))

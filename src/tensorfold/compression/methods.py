@@ -10,6 +10,12 @@ Two kinds of method compete in one knapsack:
 
 Registering is additive and idempotent; no tuple of names has to be edited.
 
+A *preset* names a set of methods (``CompressConfig(methods="structured")``): ``structured`` is the
+transformer block methods, whose options all leave smaller DENSE matrices (fewer feed-forward neurons,
+fewer query/key/value dimensions per head, fewer blocks), so every compressed layer stays one MatMul.
+They speed up fp32 and int8 alike, where a low-rank pair becomes two smaller MatMuls, which dynamic
+int8 quantization speeds up less than one (docs/export.md).
+
 >>> from tensorfold.compression.methods import known_methods, register_method
 >>> "svd" in known_methods()
 True
@@ -17,6 +23,8 @@ True
 >>> "my-method" in known_methods()
 True
 >>> unregister_method("my-method")
+>>> expand_presets(("structured",))
+('mlp-select', 'qk-select', 'vo-svd', 'drop')
 """
 
 from __future__ import annotations
@@ -61,6 +69,14 @@ def extra_methods() -> dict[str, MethodInfo]:
     return dict(_EXTRA)
 
 
+def expand_presets(methods) -> tuple[str, ...]:
+    """``methods`` with every preset name replaced by its methods (order kept, duplicates dropped)."""
+    out: list[str] = []
+    for m in methods:
+        out.extend(PRESETS.get(m, (m,)))
+    return tuple(dict.fromkeys(out))
+
+
 def known_methods() -> tuple[str, ...]:
     """Every method name the planner accepts, layer methods first."""
     return tuple(dict.fromkeys((*layer_methods(), *_EXTRA)))
@@ -74,3 +90,6 @@ for _name, _description in (
     ("drop", "remove a whole transformer block, keeping the residual stream"),
 ):
     register_method(_name, description=_description, owner="tensorfold.compression.blocks")
+
+# Named method sets; a preset name is accepted wherever a method name is.
+PRESETS: dict[str, tuple[str, ...]] = {"structured": ("mlp-select", "qk-select", "vo-svd", "drop")}
