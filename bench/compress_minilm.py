@@ -17,9 +17,11 @@ Methods (all fitted to the same calibration sentences, knapsack allocation under
 - ``modular``: the full default menu (per-matrix SVD and every block method in one knapsack);
 - block plans (``mlp-select``, ``modular``) refit the layer ending each compressed sub-block toward the
   original model's output (error correction, ``tensorfold.compression.blocks.fit``);
-- each with ``--finetune S`` seconds of distillation (cosine loss on the embeddings, training text
+- each with ``--finetune S``: at most S seconds of distillation (0 = none), enforced by the library
+  (``max_seconds``), with MiniLM's recipe (``tensorfold.FinetuneConfig.for_transformers``: every block's
+  token outputs and the sentence embeddings' cosine, warmup and cosine decay over the time; training text
   Wikipedia + scripture, validation every 50 steps on shipped modern sentences that calibration never
-  uses, another kind of text, keeping the best weights; no dropout, embeddings fixed; 0 = none).
+  uses, another kind of text, keeping the best weights; no dropout, embeddings fixed).
 
 Run: .venv/bin/python bench/compress_minilm.py [--calib 512] [--budgets 0.7,0.5,0.3]
      [--methods svd,drop,mlp-select,modular] [--finetune 300] [--finetune-methods modular]
@@ -41,13 +43,14 @@ import tensorfold as tf
 from tensorfold import zoo
 from tensorfold.compression.api import Planner
 from tensorfold.compression.calibration import call_model, output_tensor
+from tensorfold.compression.config import FinetuneConfig
 from tensorfold.compression.evaluate import measure_speedup
-from tensorfold.compression.finetune import FinetuneHistory
+from tensorfold.compression.finetune import FinetuneHistory, model_finetune_config
 from tensorfold.compression.plan import Plan
 from tensorfold.errors import NotCompressibleError
 from tensorfold.zoo import minilm
 
-PATIENCE = 4  # fine-tuning: stop after 4 validations (every 50 steps) without improvement
+FOREVER = 10_000  # epochs: the time budget ends the fine-tune
 METHODS = {
     "svd": ("svd",),
     "mlp-select": ("mlp-select",),
@@ -79,24 +82,19 @@ def best_drop(model, calib, budget, entry):
     return best[2], keep / len(blocks), best[1]
 
 
-def finetune(small, model, entry, seconds: float, seed: int = 0):
-    """Distil ``model`` into ``small`` for about ``seconds`` with MiniLM's recipe (its ``extra``: learning
-    rate, validation every 50 steps on the shipped modern sentences calibration never uses, no dropout,
-    embeddings fixed; cosine loss on the embeddings; training text Wikipedia + scripture), keeping the
-    best weights on the validation text."""
-    x = entry.extra
-    recipe = dict(lr=x["finetune_lr"], train_mode=x["finetune_train_mode"], freeze=x["finetune_freeze"],
-                  distill_loss="cosine", output_fn=entry.output_fn, seed=seed, progress=False)
-    probe_data, _ = minilm.finetune_data(batch_size=32, seed=seed + 1, max_train=96)
-    # steps that fit the time: time three training steps first (validation adds a few percent)
-    t0 = time.perf_counter()
-    tf.finetune(small, probe_data, teacher=model, epochs=1, **recipe)
-    per_step = (time.perf_counter() - t0) / len(probe_data)
-    steps = max(1, int(seconds / max(per_step, 1e-3) * 0.85))
-    train, val = minilm.finetune_data(batch_size=32, seed=seed, max_train=steps * 32)
+def finetune(small, model, entry, seconds: float, seed: int = 0, train=None):
+    """Distil ``model`` into ``small`` for at most ``seconds`` (the library's wall-clock budget, validations
+    included) with MiniLM's recipe (``model_finetune_config`` of its ``extra``: the transformer recipe,
+    layer-wise distillation of the blocks' token outputs plus the cosine of the sentence embeddings, warmup
+    and cosine decay over the time, validation every 50 steps on the shipped modern sentences calibration
+    never uses, no dropout, embeddings fixed; training text Wikipedia + scripture, all of it), keeping the
+    best weights on the validation text. ``train``: the tokenized ``(train, val)`` batches, made once."""
+    config = model_finetune_config(entry.extra, FinetuneConfig(epochs=FOREVER, max_seconds=seconds, seed=seed,
+                                                                progress=False), embeddings=True)
+    train, val = train if train is not None else minilm.finetune_data(batch_size=32, seed=seed, max_train=None)
     history = FinetuneHistory()
-    tuned = tf.finetune(small, train, teacher=model, val_data=val, epochs=1, max_steps=steps, patience=PATIENCE,
-                        eval_every=x["finetune_eval_every"], history=history, **recipe)
+    tuned = tf.finetune(small, train, config, teacher=model, val_data=val, output_fn=entry.output_fn,
+                        history=history)
     return tuned, history
 
 
@@ -179,6 +177,7 @@ def main() -> None:
           f"sentences; load {os.getloadavg()[0]:.1f}", flush=True)
     rows = []
     cache: dict = {}  # the original's evaluation embeddings, computed once
+    ft_data = None  # fine-tuning batches, tokenized once
     budgets = [float(b) for b in args.budgets.split(",")]
     for name in args.methods.split(","):
         planner = None
@@ -216,8 +215,10 @@ def main() -> None:
             rows.append(row)
             print(json.dumps(row), flush=True)
             if args.finetune > 0 and name in args.finetune_methods.split(","):
+                if ft_data is None:
+                    ft_data = minilm.finetune_data(batch_size=32, seed=0, max_train=None)
                 t = time.perf_counter()
-                tuned, history = finetune(small, model, entry, args.finetune)
+                tuned, history = finetune(small, model, entry, args.finetune, train=ft_data)
                 t_ft = time.perf_counter() - t
                 qt = entry.evaluate(model, tuned, cache=cache)
                 row = dict(row, finetune=t_ft, steps=history.steps, best_step=_best_step(history),

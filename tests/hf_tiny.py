@@ -91,13 +91,15 @@ def sentence_transformers_dir(root: Path, encoder: str = "bert") -> Path:
     return path
 
 
-def bert_encoder(layers: int = 2, hidden: int = 32, heads: int = 4, inter: int = 64):
-    """A seeded, randomly initialised ``BertModel`` (no pooler) in eval mode, built in memory."""
+def bert_encoder(layers: int = 2, hidden: int = 32, heads: int = 4, inter: int = 64, init: float = 0.02):
+    """A seeded, randomly initialised ``BertModel`` (no pooler) in eval mode, built in memory (``init``: the
+    weights' standard deviation; a wide one, e.g. 0.3, lets the blocks change the residual stream visibly)."""
     import transformers
 
     torch.manual_seed(0)
     cfg = transformers.BertConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-                                  intermediate_size=inter, vocab_size=100, max_position_embeddings=64)
+                                  intermediate_size=inter, vocab_size=100, max_position_embeddings=64,
+                                  initializer_range=init)
     return transformers.BertModel(cfg, add_pooling_layer=False).eval()
 
 

@@ -84,6 +84,18 @@ def test_finetune_option_runs_distillation(tmp_path, factory):
     assert metrics["quality"]["rel_error"] < 1.0
 
 
+def test_finetune_minutes_bound_the_epochs(tmp_path, factory):
+    out = tmp_path / "run"
+    # 3 epochs of 4 batches end long before 10 minutes (early stopping after 2 epochs without improvement aside)
+    r = run("compress", "--model", factory, "--budget", "0.3", "--calib", "64", "--methods", "svd", "--out", str(out),
+            "--finetune-epochs", "3", "--finetune-minutes", "10", "--data", "tf_cli_models:finetune_data",
+            "--no-speed")
+    assert r.exit_code == 0, r.output
+    tuning = json.loads((out / "metrics.json").read_text())["finetune"]
+    assert tuning["out_of_time"] is False and tuning["steps"] == 4 * len(tuning["epochs"])
+    assert 0 < tuning["seconds"] < 600
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
@@ -98,6 +110,8 @@ def test_finetune_option_runs_distillation(tmp_path, factory):
         (["--weights", "nofile.pt"], "no such weights file"),
         (["--data", "builtin"], "--finetune-epochs"),
         (["--finetune-epochs", "1"], "data"),
+        (["--finetune-minutes", "-1"], "--finetune-minutes must be >= 0"),
+        (["--finetune-minutes", "2"], "data"),
     ],
 )
 def test_bad_input_is_one_clear_line_and_writes_nothing(tmp_path, factory, args, message):

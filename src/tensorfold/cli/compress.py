@@ -31,6 +31,8 @@ def _split(values: list[str] | None) -> list[str] | None:
     return out or None
 
 
+FOREVER = 10_000  # epochs of a fine-tune bounded by --finetune-minutes alone
+
 # config settings whose CLI option has another name
 _OPTIONS = {"calib_samples": "--calib", "epochs": "--finetune-epochs", "no_slower": "--no-slower"}
 
@@ -77,6 +79,10 @@ def compress(
     weights: str = typer.Option(None, "--weights", help="State dict to load (safetensors or torch, loaded safely)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out if it exists."),
     finetune_epochs: int = typer.Option(0, "--finetune-epochs", help="Fine-tune with distillation for N epochs."),
+    finetune_minutes: float = typer.Option(
+        0, "--finetune-minutes",
+        help="Fine-tune with distillation for at most M minutes of wall clock, validation included (with "
+             "--finetune-epochs: whichever ends first); the learning-rate schedule spans the time."),
     data: str = typer.Option(None, "--data", help="Fine-tuning data: 'builtin' or 'module:function'."),
     curve: str = typer.Option(None, "--curve", help="Extra budgets for the quality-vs-budget plot, e.g. 0.3,0.7."),
     seed: int = typer.Option(0, "--seed", help="Seed for calibration sampling and fine-tuning."),
@@ -107,11 +113,17 @@ def compress(
     # the options become one config each, validated once there (errors name the option)
     if finetune_epochs < 0:
         raise InvalidArgumentError(f"--finetune-epochs must be >= 0, got {finetune_epochs}")
+    if not finetune_minutes >= 0:
+        raise InvalidArgumentError(f"--finetune-minutes must be >= 0, got {finetune_minutes}")
     try:
         config = CompressConfig(budget=budget, target=target, methods=methods, allocator=allocator,
                                 include=_split(include), exclude=_split(exclude), no_slower=no_slower,
                                 speedup=speedup, speed_tolerance=speed_tolerance, calib_samples=calib, seed=seed)
-        tune = FinetuneConfig(epochs=finetune_epochs, seed=seed) if finetune_epochs else None
+        tune = None
+        if finetune_epochs or finetune_minutes:
+            # minutes alone: as many epochs as the time allows (early stopping may end it sooner)
+            tune = FinetuneConfig(epochs=finetune_epochs or FOREVER, seed=seed,
+                                  max_seconds=60.0 * finetune_minutes if finetune_minutes else None)
     except InvalidArgumentError as exc:
         raise InvalidArgumentError(_as_option(str(exc))) from None
     check_output_path(out, overwrite=overwrite, kind="dir")

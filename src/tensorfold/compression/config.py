@@ -171,8 +171,14 @@ class CompressConfig(Settings):
         return "knapsack" if self.allocator == "auto" else self.allocator
 
 
-DISTILL_MODES = ("logits", "features")
+DISTILL_MODES = ("logits", "features", "blocks")
 DISTILL_LOSSES = ("kl", "mse", "cosine")
+SCHEDULES = ("constant", "linear", "cosine")
+# Distilling a compressed transformer encoder back toward its original (measured on MiniLM at 50%, see
+# docs/transformers.md): every kept block's output matched token by token (padding masked) plus the output,
+# warmup then cosine decay, no dropout, the embedding tables fixed, validation every 50 steps.
+TRANSFORMER_RECIPE = {"distill": "blocks", "lr": 1e-4, "schedule": "cosine", "warmup": 0.1, "train_mode": False,
+                      "freeze": ("*embeddings*",), "eval_every": 50, "patience": 4}
 
 
 @dataclass(frozen=True)
@@ -204,6 +210,21 @@ class FinetuneConfig(Settings):
     eval_every: int | None = None  # also validate every this many steps (long epochs), not only per epoch
     train_mode: bool = True  # False: train in eval mode (no dropout)
     freeze: tuple[str, ...] | None = None  # parameter-name patterns kept fixed (e.g. "*embeddings*")
+    schedule: str = "constant"  # learning rate after warmup: constant, linear or cosine decay to 0
+    warmup: float = 0.0  # fraction of the run (steps or seconds, whichever ends it first) warming up from 0
+    max_seconds: float | None = None  # wall-clock budget of the whole fine-tune, validations included
+
+    @classmethod
+    def for_transformers(cls, **changes) -> FinetuneConfig:
+        """The distillation recipe for a compressed transformer encoder (:data:`TRANSFORMER_RECIPE`:
+        layer-wise distillation of the blocks' token outputs, warmup and cosine decay, no dropout,
+        embeddings fixed), amended by ``changes`` (e.g. ``max_seconds=600``, ``distill_loss="cosine"``
+        for sentence embeddings).
+
+        >>> FinetuneConfig.for_transformers(max_seconds=60).distill
+        'blocks'
+        """
+        return cls.build(cls(**TRANSFORMER_RECIPE), **changes)
 
     def __post_init__(self):
         put = object.__setattr__
@@ -229,3 +250,9 @@ class FinetuneConfig(Settings):
             put(self, "eval_every", check_count(self.eval_every, "eval_every", minimum=1))
         check_flag(self.train_mode, "train_mode")
         put(self, "freeze", check_patterns(self.freeze, "freeze"))
+        check_choice(self.schedule, "schedule", SCHEDULES)
+        if isinstance(self.warmup, bool) or not isinstance(self.warmup, (int, float)) or not 0.0 <= self.warmup < 1.0:
+            raise InvalidArgumentError(f"warmup must be a fraction of the run in [0, 1), got {self.warmup!r}")
+        put(self, "warmup", float(self.warmup))
+        if self.max_seconds is not None:
+            put(self, "max_seconds", check_positive(self.max_seconds, "max_seconds"))

@@ -22,6 +22,7 @@ import copy
 import fnmatch
 import math
 import sys
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,13 +32,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from tensorfold.compression.calibration import output_tensor
-from tensorfold.compression.config import DISTILL_LOSSES, DISTILL_MODES, FinetuneConfig
+from tensorfold.compression.config import DISTILL_LOSSES, DISTILL_MODES, SCHEDULES, FinetuneConfig
 from tensorfold.core.modules import Batch, eval_mode, split_batch  # noqa: F401  (Batch re-exported)
 from tensorfold.core.validate import make_generator
 from tensorfold.errors import InvalidArgumentError, ShapeError
 
-__all__ = ["finetune", "FinetuneConfig", "FinetuneHistory", "DISTILL_MODES", "DISTILL_LOSSES", "balance_factors",
-           "distillation_loss"]
+__all__ = ["finetune", "FinetuneConfig", "FinetuneHistory", "DISTILL_MODES", "DISTILL_LOSSES", "SCHEDULES",
+           "balance_factors", "block_feature_layers", "distillation_loss", "feature_loss", "lr_factor",
+           "model_finetune_config"]
 
 
 @dataclass
@@ -50,7 +52,11 @@ class FinetuneHistory:
     steps: int = 0
     stopped_early: bool = False
     checks: list[dict[str, float]] = field(default_factory=list)  # validations between epochs (eval_every)
+    seconds: float = 0.0  # wall-clock time of the whole fine-tune (by its clock)
+    out_of_time: bool = False  # stopped by ``max_seconds``
     on_epoch: Callable[[dict], object] | None = field(default=None, repr=False, compare=False)
+    # the clock the run is timed with (``max_seconds``, ``seconds``): seconds as a float
+    clock: Callable[[], float] = field(default=time.perf_counter, repr=False, compare=False)
 
 
 def default_output(outputs) -> torch.Tensor:
@@ -80,9 +86,49 @@ def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, *, temperatu
     raise InvalidArgumentError(f"distill_loss must be one of {', '.join(DISTILL_LOSSES)}, got {kind!r}")
 
 
-def feature_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-    """Mean squared difference of two feature maps relative to the teacher's mean square."""
-    return F.mse_loss(student, teacher) / teacher.pow(2).mean().clamp_min(1e-12)
+def feature_loss(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean squared difference of two feature maps relative to the teacher's mean square.
+
+    ``mask`` (e.g. a Hugging Face ``attention_mask``, shape ``(batch, tokens)``) keeps only the positions
+    where it is nonzero, so padding tokens count neither in the error nor in the teacher's mean square;
+    it applies when the feature maps start with its shape (``(batch, tokens, ...)``) and is ignored
+    otherwise (pooled outputs, conv maps).
+
+    >>> t = torch.tensor([[[1.0, 1.0], [3.0, 3.0]]])     # one sentence, 2 tokens (the second is padding)
+    >>> s = torch.tensor([[[2.0, 1.0], [0.0, 0.0]]])
+    >>> float(feature_loss(s, t, torch.tensor([[1, 0]])))  # (1 + 0) / (1 + 1)
+    0.5
+    """
+    if student.shape != teacher.shape:
+        raise ShapeError(f"student feature {tuple(student.shape)} and teacher feature {tuple(teacher.shape)} differ")
+    if mask is None or student.dim() < mask.dim() or tuple(student.shape[: mask.dim()]) != tuple(mask.shape):
+        return F.mse_loss(student, teacher) / teacher.pow(2).mean().clamp_min(1e-12)
+    keep = (mask != 0).to(student.dtype).reshape(*mask.shape, *([1] * (student.dim() - mask.dim())))
+    # sums over the kept positions: the ratio of the means, each over the same kept entries
+    return ((student - teacher).pow(2) * keep).sum() / (teacher.pow(2) * keep).sum().clamp_min(1e-12)
+
+
+def lr_factor(progress: float, schedule: str = "constant", warmup: float = 0.0) -> float:
+    """The learning rate's multiplier when ``progress`` (0 to 1) of the run is done: a linear warmup from 0
+    over the first ``warmup`` of the run, then ``schedule``: "constant" (1), "linear" (down to 0 at the end)
+    or "cosine" (half a cosine down to 0).
+
+    >>> [round(lr_factor(p, "linear", warmup=0.2), 3) for p in (0.1, 0.2, 0.6, 1.0)]
+    [0.5, 1.0, 0.5, 0.0]
+    >>> round(lr_factor(0.5, "cosine"), 3)
+    0.5
+    """
+    p = min(max(float(progress), 0.0), 1.0)
+    if warmup > 0 and p < warmup:
+        return p / warmup
+    done = (p - warmup) / (1 - warmup) if warmup < 1 else 1.0
+    if schedule == "constant":
+        return 1.0
+    if schedule == "linear":
+        return 1.0 - done
+    if schedule == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * done))
+    raise InvalidArgumentError(f"schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
 
 
 def task_loss(outputs: torch.Tensor, targets) -> torch.Tensor:
@@ -108,6 +154,52 @@ def feature_layer_names(student: nn.Module, teacher: nn.Module) -> list[str]:
         if type(module) is not type(teacher_modules[name]) and not any(name.startswith(n + ".") for n in names):
             names.append(name)
     return names
+
+
+def block_feature_layers(student: nn.Module, teacher: nn.Module) -> list[str]:
+    """The transformer blocks of ``teacher`` (:func:`~tensorfold.compression.blocks.find_blocks`) that the
+    student keeps under the same name: each student block's output should reproduce the teacher's block
+    of that name, whatever was dropped before it. A dropped block (a ``SkipBlock``) has no output of its
+    own to match and is left out. Empty when no block is recognised."""
+    from tensorfold.compression.blocks import find_blocks
+    from tensorfold.nn.transformer import SkipBlock
+
+    student_modules = dict(student.named_modules())
+    return [b.name for b in find_blocks(teacher)
+            if b.name in student_modules and not isinstance(student_modules[b.name], SkipBlock)]
+
+
+def model_finetune_config(extra: Mapping[str, Any], config: FinetuneConfig | None = None, *,
+                          embeddings: bool = False) -> FinetuneConfig:
+    """``config`` completed by a model's own fine-tuning recipe (a :class:`~tensorfold.zoo.BuiltinModel`'s
+    ``extra``), for the settings ``config`` leaves at their defaults (values set on purpose stay):
+
+    - ``extra["finetune_recipe"] == "transformers"``: :meth:`FinetuneConfig.for_transformers` (layer-wise
+      distillation of the blocks, warmup and cosine decay, no dropout, embeddings fixed);
+    - ``extra["finetune_<setting>"]``: that one setting (e.g. ``finetune_lr``);
+    - ``embeddings=True`` (the compared output is an embedding, e.g. a sentence embedding): cosine rather
+      than KL, unless ``extra["distill_loss"]`` says otherwise.
+
+    >>> model_finetune_config({"finetune_recipe": "transformers", "finetune_lr": 3e-4},
+    ...                       FinetuneConfig(max_seconds=60), embeddings=True).lr
+    0.0003
+    """
+    config = config if config is not None else FinetuneConfig()
+    defaults, changes = FinetuneConfig(), {}
+    if config.distill_loss == defaults.distill_loss:
+        if embeddings:
+            changes["distill_loss"] = "cosine"
+        if "distill_loss" in extra:
+            changes["distill_loss"] = extra["distill_loss"]  # a model directory: cosine or KL by its kind
+    recipe = FinetuneConfig.for_transformers() if extra.get("finetune_recipe") == "transformers" else defaults
+    for key in defaults.to_dict():
+        if key == "distill_loss" or getattr(config, key) != getattr(defaults, key):
+            continue  # set on purpose
+        if f"finetune_{key}" in extra:
+            changes[key] = extra[f"finetune_{key}"]
+        elif getattr(recipe, key) != getattr(defaults, key):
+            changes[key] = getattr(recipe, key)
+    return config.replace(**changes)
 
 
 def finetune(
@@ -137,7 +229,11 @@ def finetune(
         ``progress``):
 
         - distill: "logits" (match the teacher's outputs), "features" (outputs plus the outputs of every
-          layer whose type differs between student and teacher, or of ``feature_layers``), or None.
+          layer whose type differs between student and teacher, or of ``feature_layers``), "blocks"
+          (outputs plus every transformer block's output, :func:`block_feature_layers`: layer-wise
+          distillation in the TinyBERT/CoFi manner; the replaced layers when no block is recognised), or
+          None. Feature terms (:func:`feature_loss`, averaged over the layers, times ``feature_weight``)
+          compare every token, leaving out padding when the batch is a dict with an ``attention_mask``.
         - alpha: weight of the distillation term when targets are present: ``alpha * distill + (1 - alpha)
           * task``. Without targets the loss is the distillation term alone.
         - temperature, distill_loss: softening of the KL on logits; "kl" (default), "mse" or "cosine" (for
@@ -152,6 +248,11 @@ def finetune(
         - train_mode: False trains the student in eval mode (no dropout, batch norm on its running
           statistics): a short distillation that repairs a compressed model matches the teacher's
           deterministic outputs better without dropout noise.
+        - schedule, warmup: the learning rate warms up linearly from 0 over the first ``warmup`` of the run,
+          then stays ("constant") or decays to 0 ("linear", "cosine", :func:`lr_factor`). The run's length
+          is its steps (``max_steps`` or epochs x batches) or ``max_seconds``, whichever ends it first.
+        - max_seconds: a wall-clock budget for the whole call, validations included: no step starts once
+          the time left would not cover the final validation (measured as the last one took).
     teacher: the original model; its outputs are the distillation targets (it is run in eval mode and
         left as it was).
     val_data: batches for early stopping: the validation loss (same objective) is measured before
@@ -159,7 +260,8 @@ def finetune(
     output_fn: maps the model output to the tensor compared (default :func:`default_output`).
     loss_fn: ``loss_fn(outputs, targets)`` for the task term (default :func:`task_loss`).
     history: a :class:`FinetuneHistory` to fill with per-epoch losses (its ``on_epoch`` callback, if
-        any, receives each epoch's record as it ends).
+        any, receives each epoch's record as it ends; its ``clock``, ``time.perf_counter`` by default,
+        times the run for ``max_seconds``).
 
     Example: ``tuned = finetune(small, train_batches, teacher=model, epochs=3, val_data=val_batches)``.
     """
@@ -197,9 +299,14 @@ def finetune(
     optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
     features = None
-    if use_teacher and cfg.distill == "features":
-        names = list(cfg.feature_layers) if cfg.feature_layers is not None else feature_layer_names(student, teacher)
+    if use_teacher and cfg.distill in ("features", "blocks"):
+        if cfg.feature_layers is not None:
+            names = list(cfg.feature_layers)
+        else:
+            names = block_feature_layers(student, teacher) if cfg.distill == "blocks" else []
+            names = names or feature_layer_names(student, teacher)
         features = _FeatureTaps(student, teacher, names)
+    run = _RunLength(cfg, data, record.clock)
 
     objective = _Objective(student, teacher if use_teacher else None, features, output_fn, loss_fn, cfg)
     generator = make_generator(cfg.seed)
@@ -209,14 +316,14 @@ def finetune(
         with eval_mode(*([teacher] if teacher is not None else [])), _seeded_global_rng(cfg.seed), reporter:
             best_state, best_val = None, math.inf
             if val_data is not None:
-                best_val = objective.mean_loss(val_data, device)
+                best_val = run.timed(objective.mean_loss, val_data, device)
                 best_state = copy.deepcopy(student.state_dict())
                 record.best_val_loss = best_val
             bad = 0  # validations in a row without improvement
 
             def validate(epoch: int) -> float:
                 nonlocal best_val, best_state, bad
-                val = objective.mean_loss(val_data, device)
+                val = run.timed(objective.mean_loss, val_data, device)
                 if val < best_val:
                     best_val, bad = val, 0
                     best_state = copy.deepcopy(student.state_dict())
@@ -227,38 +334,50 @@ def finetune(
                 return val
 
             every = cfg.eval_every if val_data is not None else None
-            stop = False
+            stop, lr = False, cfg.lr
             for epoch in range(1, epochs + 1):
                 student.train(cfg.train_mode)
                 total, count = 0.0, 0
                 for item in _epoch_order(data, generator):
+                    if run.out_of_time(val_data is not None):
+                        record.out_of_time = True
+                        break
+                    lr = cfg.lr * run.factor(record.steps)
+                    for group in optimizer.param_groups:
+                        group["lr"] = lr
+                    run.step_started()
                     loss = objective.loss(split_batch(item).to(device))
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     optimizer.step()
+                    run.step_ended()
                     total, count = total + float(loss.detach()), count + 1
                     record.steps += 1
                     reporter.step(epoch, float(loss.detach()))
                     if max_steps is not None and record.steps >= max_steps:
                         break
                     if every is not None and record.steps % every == 0:
-                        record.checks.append({"epoch": epoch, "steps": record.steps, "val_loss": validate(epoch)})
+                        record.checks.append({"epoch": epoch, "steps": record.steps, "lr": lr,
+                                              "val_loss": validate(epoch)})
                         if patience is not None and bad >= patience:
                             stop = True
                             break
-                entry = {"epoch": epoch, "train_loss": total / max(1, count), "steps": record.steps}
+                if record.out_of_time and count == 0:
+                    break  # the time ran out before this epoch's first step: nothing new to validate
+                entry = {"epoch": epoch, "train_loss": total / max(1, count), "steps": record.steps, "lr": lr}
                 if val_data is not None:
                     checked = record.checks and record.checks[-1]["steps"] == record.steps
                     entry["val_loss"] = record.checks[-1]["val_loss"] if checked else validate(epoch)
                 record.epochs.append(entry)
                 reporter.epoch(entry)
-                if max_steps is not None and record.steps >= max_steps:
+                if record.out_of_time or (max_steps is not None and record.steps >= max_steps):
                     break
                 if stop or (patience is not None and val_data is not None and bad >= patience):
                     record.stopped_early = stop or epoch < epochs
                     break
             if best_state is not None:
                 student.load_state_dict(best_state)
+            record.seconds = run.elapsed()
     finally:
         if features is not None:
             features.remove()
@@ -323,7 +442,7 @@ class _Objective:
             teacher_out = self.output_fn(batch(self.teacher)).to(out.dtype)
         dist = distillation_loss(out, teacher_out, temperature=self.temperature, kind=self.kind)
         if self.features is not None:
-            dist = dist + self.feature_weight * self.features.loss()
+            dist = dist + self.feature_weight * self.features.loss(batch.kwargs.get("attention_mask"))
         return dist if task is None else self.alpha * dist + (1 - self.alpha) * task
 
     @torch.no_grad()
@@ -356,6 +475,8 @@ class _FeatureTaps:
     @staticmethod
     def _saver(store, name):
         def hook(module, inputs, output):
+            if isinstance(output, (tuple, list)) and output:  # (hidden_states, ...) of transformer blocks
+                output = output[0]
             if isinstance(output, torch.Tensor):
                 store[name] = output
         return hook
@@ -364,14 +485,64 @@ class _FeatureTaps:
         self.student_out.clear()
         self.teacher_out.clear()
 
-    def loss(self) -> torch.Tensor | float:
-        terms = [feature_loss(self.student_out[n], self.teacher_out[n].detach())
+    def loss(self, mask: torch.Tensor | None = None) -> torch.Tensor | float:
+        terms = [feature_loss(self.student_out[n], self.teacher_out[n].detach().to(self.student_out[n].dtype), mask)
                  for n in self.names if n in self.student_out and n in self.teacher_out]
         return torch.stack(terms).mean() if terms else 0.0
 
     def remove(self) -> None:
         for handle in self.handles:
             handle.remove()
+
+
+class _RunLength:
+    """How far the run has gone (steps and seconds against their limits): the learning-rate schedule's
+    progress and the wall-clock stop."""
+
+    def __init__(self, cfg: FinetuneConfig, data, clock: Callable[[], float]):
+        self.cfg, self.clock, self.start = cfg, clock, clock()
+        total = cfg.epochs * len(data) if hasattr(data, "__len__") else None
+        if cfg.max_steps is not None:
+            total = cfg.max_steps if total is None else min(total, cfg.max_steps)
+        self.total_steps = total
+        self.reserve = 0.0  # seconds the last validation took: the final one must still fit
+        self.step_seconds, self._step_start = 0.0, 0.0  # the last step's duration: the next one must fit too
+        if (cfg.schedule != "constant" or cfg.warmup > 0) and total is None and cfg.max_seconds is None:
+            raise InvalidArgumentError("a learning-rate schedule or warmup needs a run length: data with a length, "
+                                       "max_steps or max_seconds")
+
+    def elapsed(self) -> float:
+        return self.clock() - self.start
+
+    def timed(self, fn, *args):
+        t = self.clock()
+        out = fn(*args)
+        self.reserve = self.clock() - t
+        return out
+
+    def step_started(self) -> None:
+        self._step_start = self.clock()
+
+    def step_ended(self) -> None:
+        self.step_seconds = self.clock() - self._step_start
+
+    def out_of_time(self, validating: bool) -> bool:
+        """Whether the next step (as long as the last one), and the final validation when ``validating``,
+        would end past ``max_seconds``."""
+        limit = self.cfg.max_seconds
+        need = self.step_seconds + (self.reserve if validating else 0.0)
+        return limit is not None and self.elapsed() + need > limit
+
+    def factor(self, steps_done: int) -> float:
+        """The learning-rate multiplier for the next step (step ``steps_done + 1``)."""
+        if self.cfg.schedule == "constant" and self.cfg.warmup == 0:
+            return 1.0
+        progress = 0.0
+        if self.total_steps:
+            progress = (steps_done + 1) / self.total_steps
+        if self.cfg.max_seconds is not None:
+            progress = max(progress, self.elapsed() / self.cfg.max_seconds)
+        return lr_factor(progress, self.cfg.schedule, self.cfg.warmup)
 
 
 class _Progress:

@@ -131,12 +131,13 @@ def resolve_model(spec: str, weights: str | None = None, *, calib_data: str | No
 
 def _finetune(source: ModelSource, compressed: nn.Module, original: nn.Module, config: FinetuneConfig,
               data: str | None, history=None) -> nn.Module:
-    from tensorfold.compression.finetune import finetune
+    from tensorfold.compression.finetune import finetune, model_finetune_config
 
     if data in (None, "builtin"):
         entry = source.entry
         if entry is None or getattr(entry, "finetune_data", None) is None:
-            raise InvalidArgumentError(f"--finetune-epochs needs --data module:function for {source.name}")
+            raise InvalidArgumentError(f"--finetune-epochs/--finetune-minutes need --data module:function for "
+                                       f"{source.name}")
         train, val = entry.finetune_data(32, config.seed)
     else:
         fn = load_factory(data)
@@ -148,21 +149,10 @@ def _finetune(source: ModelSource, compressed: nn.Module, original: nn.Module, c
         except Exception as exc:
             raise InvalidArgumentError(f"--data {data} raised {type(exc).__name__}: {exc}") from exc
         train, val = loaded if isinstance(loaded, tuple) and len(loaded) == 2 else (loaded, None)
-    # The model's own choices replace the config's defaults (not values set on purpose): embeddings (an
-    # output_fn picks them) are matched by cosine rather than by KL, and a built-in model's learning rate.
-    defaults, changes = FinetuneConfig(), {}
-    if source.output_fn is not None and config.distill_loss == defaults.distill_loss:
-        changes["distill_loss"] = "cosine"
-    if source.entry is not None and "distill_loss" in source.entry.extra and config.distill_loss == "kl":
-        changes["distill_loss"] = source.entry.extra["distill_loss"]  # a model directory: KL on logits
-    if source.entry is not None and "finetune_lr" in source.entry.extra and config.lr == defaults.lr:
-        changes["lr"] = source.entry.extra["finetune_lr"]
-    for key in ("eval_every", "train_mode", "freeze"):  # a built-in model's recipe (e.g. MiniLM's distillation)
-        if source.entry is not None and f"finetune_{key}" in source.entry.extra and (
-                getattr(config, key) == getattr(defaults, key)):
-            changes[key] = source.entry.extra[f"finetune_{key}"]
-    return finetune(compressed, train, config.replace(**changes), teacher=original, val_data=val,
-                    output_fn=source.output_fn, history=history)
+    extra = source.entry.extra if source.entry is not None else {}
+    tuned = model_finetune_config(extra, config, embeddings=source.output_fn is not None)
+    return finetune(compressed, train, tuned, teacher=original, val_data=val, output_fn=source.output_fn,
+                    history=history)
 
 
 def headline_metric(quality: dict) -> tuple[str, bool] | None:
@@ -192,6 +182,7 @@ def finetune_and_keep_better(source: ModelSource, compressed: nn.Module, origina
     tuned = _finetune(source, compressed, original, config, data, history)
     after = evaluate_pair(source, original, tuned, eval_batches)
     record = {"epochs": history.epochs, "best_epoch": history.best_epoch, "stopped_early": history.stopped_early,
+              "steps": history.steps, "seconds": history.seconds, "out_of_time": history.out_of_time,
               "quality_before": before, "quality_after": after, "kept": "fine-tuned"}
     head = headline_metric(before)
     if head is not None:
@@ -328,7 +319,7 @@ def run_job(
     config = config if config is not None else CompressConfig()
     options = options if options is not None else JobOptions()
     if options.data is not None and finetune is None:
-        raise InvalidArgumentError("--data is only used with --finetune-epochs N")
+        raise InvalidArgumentError("--data is only used with --finetune-epochs N or --finetune-minutes M")
     out_path, overwrite = options.out, options.overwrite
     # refuse an output that cannot be written before minutes of work, not after
     if out_path is not None:

@@ -40,7 +40,9 @@ class BuiltinModel:
     ``example_inputs(batch_size)`` one input batch for speed measurements; ``finetune_data(batch_size,
     seed)`` optional ``(train, val)`` iterables of batches. ``exclude`` lists name patterns of layers a
     plan skips by default (e.g. layers whose output the model never uses); ``output_fn`` extracts
-    the tensor to compare from the model's output.
+    the tensor to compare from the model's output. ``extra`` may carry a fine-tuning recipe:
+    ``finetune_recipe="transformers"`` and ``finetune_<setting>`` values (see
+    :func:`tensorfold.compression.finetune.model_finetune_config`).
     """
 
     name: str

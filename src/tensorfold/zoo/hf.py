@@ -590,7 +590,9 @@ def entry(path: str | os.PathLike, data: str | os.PathLike | None = None, *, tex
         extra={"kind": kind, "path": str(p), "data": source, "split": split.sizes(), "split_record": record,
                "model": loaded,
                "eval_batches": eval_batches,
-               "distill_loss": "cosine" if kind in ("sentence-transformers", "encoder") else "kl"},
+               "distill_loss": "cosine" if kind in ("sentence-transformers", "encoder") else "kl",
+               # fine-tuning distils every block's token outputs too (tensorfold.FinetuneConfig.for_transformers)
+               "finetune_recipe": "transformers"},
     )
 
 
