@@ -182,23 +182,28 @@ class GramStats:
         self.add_product(*batch_gram(X))
 
     def add_product(self, gram: torch.Tensor, sums: torch.Tensor, rows: int) -> None:
-        """Add one batch's ``X^T X``, column sums and row count (from :func:`batch_gram`)."""
-        self.gram = gram.clone() if self.gram is None else self.gram + gram
+        """Add one batch's ``X^T X``, column sums and row count (from :func:`batch_gram`); the sums
+        over batches accumulate in float64, in place."""
+        if self.gram is None:
+            self.gram = gram.to(torch.float64, copy=True)
+        else:
+            self.gram.add_(gram)
         self.sums = sums.clone() if self.sums is None else self.sums + sums
         self.rows += rows
 
 
 def batch_gram(X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """``(X^T X, column sums, rows)`` of one batch of rows, in float64.
+    """``(X^T X, column sums, rows)`` of one batch of rows: the product in the activations' precision
+    (float32 or float64), the sums in float64.
 
-    The product runs in the activations' precision (float32 GEMMs are several times faster on CPU than
-    float64 ones, and one batch holds at most a few thousand rows: ~1e-7 relative error, far below the
-    fitting's ridge); the sums over batches accumulate in float64.
+    float32 GEMMs are several times faster on CPU than float64 ones, and one batch holds at most a few
+    thousand rows: ~1e-7 relative error, far below the fitting's ridge. :class:`GramStats` accumulates
+    the products over batches in float64.
     """
     X = X.detach()
     if X.dtype not in (torch.float32, torch.float64):
         X = X.float()
-    return (X.T @ X).double(), X.sum(dim=0, dtype=torch.float64), int(X.shape[0])
+    return X.T @ X, X.sum(dim=0, dtype=torch.float64), int(X.shape[0])
 
 
 @contextlib.contextmanager

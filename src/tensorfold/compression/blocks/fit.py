@@ -284,15 +284,17 @@ def _sub_block_input(block: Block, name: str) -> str | None:
 
 
 def _tap(module: nn.Module, args, kwargs, taps, mask, stop: str) -> dict[str, torch.Tensor]:
-    """Run ``module(*args, **kwargs)`` and return the rows (padding left out, float64) of the values
-    ``taps`` name: ``(key, submodule, "in" or "out")``; the run ends once ``stop`` is captured."""
+    """Run ``module(*args, **kwargs)`` and return the rows (padding left out, in the activations'
+    precision) of the values ``taps`` name: ``(key, submodule, "in" or "out")``; the run ends once
+    ``stop`` is captured."""
     from tensorfold.compression.calibration import _StopForward
 
     seen: dict[str, torch.Tensor] = {}
 
     def saver(key: str, when: str):
         def hook(mod, a, out=None):
-            seen[key] = _rows(a[0] if when == "in" else out, mask).double()
+            rows = _rows(a[0] if when == "in" else out, mask).detach()
+            seen[key] = rows if rows.dtype in (torch.float32, torch.float64) else rows.float()
             if key == stop:
                 raise _StopForward
         return hook
@@ -343,9 +345,12 @@ def correct_toward_original(new: nn.Module, original: nn.Module, block: Block, n
         target = seen["y"] + (seen["x_old"] - seen["x_new"] if post_norm else 0.0)
         Z = seen["z"]
         if bias:
-            Z = torch.cat([Z, torch.ones(Z.shape[0], 1, dtype=Z.dtype)], dim=1)
-        G = Z.T @ Z if G is None else G + Z.T @ Z
-        C = Z.T @ target if C is None else C + Z.T @ target
+            Z = torch.cat([Z, torch.ones(Z.shape[0], 1, dtype=Z.dtype, device=Z.device)], dim=1)
+        # one batch's products in the activations' precision (as the calibration Grams: float32 GEMMs
+        # are several times faster on CPU), accumulated over batches in float64
+        g, c = (Z.T @ Z).double(), (Z.T @ target).double()
+        G = g if G is None else G + g
+        C = c if C is None else C + c
     # the ridge pulls toward the weights as fitted (not toward zero): where they already reproduce the
     # original (a sub-block at full size after exact earlier blocks) the refit leaves them as they are
     w = last.weight

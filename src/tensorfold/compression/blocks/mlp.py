@@ -53,12 +53,17 @@ class ActivationStats:
         H = H.detach().reshape(-1, H.shape[-1])
         if H.dtype not in (torch.float32, torch.float64):
             H = H.float()
-        ones = torch.ones(H.shape[0], 1, dtype=H.dtype, device=H.device)
-        Ha = torch.cat([H, ones], dim=1)
+        m = H.shape[1]
+        if self.gram is None:
+            self.gram = torch.zeros(m + 1, m + 1, dtype=torch.float64, device=H.device)
         # one batch's product in the activations' precision (a float32 GEMM is several times faster on
-        # CPU, and a batch holds at most a few thousand rows), accumulated over batches in float64
-        g = (Ha.T @ Ha).double()
-        self.gram = g if self.gram is None else self.gram + g
+        # CPU, and a batch holds at most a few thousand rows), accumulated over batches in float64, in
+        # place (a 3072-neuron Gram is 75 MB); the constant column's entries are the column sums
+        self.gram[:m, :m].add_(H.T @ H)
+        sums = H.sum(dim=0, dtype=torch.float64)
+        self.gram[:m, m].add_(sums)
+        self.gram[m, :m].add_(sums)
+        self.gram[m, m] += H.shape[0]
         self.rows += H.shape[0]
 
     @classmethod
@@ -127,11 +132,12 @@ def _select(stats: ActivationStats, weight: torch.Tensor, bias: torch.Tensor | N
     Wa = _target(weight, bias).to(device=C.device, dtype=C.dtype)
     B = C @ Wa.T  # (m+1, out): cross Gram of every column with the target
     total = float((Wa * B.T).sum())  # energy of the output, bias included
-    W = Wa[:, :m]
     # errors are relative to the output without its bias (kept exactly by the refit), as the per-matrix
-    # methods' errors are: a large bias would otherwise make every selection look accurate
-    energy = float((W * (C[:m, :m] @ W.T).T).sum())
-    order, explained, score = _greedy(C, B, steps)
+    # methods' errors are: a large bias would otherwise make every selection look accurate.
+    # W C W^T from B = C [W b]^T: its first m rows are C W^T + C[:m, m] b^T
+    W, b = Wa[:, :m], Wa[:, m]
+    energy = float((W * B[:m].T).sum()) - float(b @ (W @ C[:m, m]))
+    order, explained, score, residual = _greedy(C, B, steps)
     taken = torch.zeros(m + 1, dtype=torch.bool)
     taken[order] = True
     taken[m] = True
@@ -140,13 +146,35 @@ def _select(stats: ActivationStats, weight: torch.Tensor, bias: torch.Tensor | N
         tail = score.cpu()[rest] if len(order) else torch.zeros(len(rest), dtype=torch.float64)
         rest = rest[torch.argsort(tail, descending=True)]
     full_order = torch.cat([torch.tensor(order, dtype=torch.int64), rest])
-    errs = relative_errors(C, Wa, full_order, energy, known=explained, total=total)
+    known = explained + _tail_explained(residual, rest, explained[-1], float(C.diagonal().mean()))
+    errs = relative_errors(C, Wa, full_order, energy, known=known, total=total)
     return NeuronSelection(full_order, errs)
 
 
-def _greedy(C: torch.Tensor, B: torch.Tensor, steps: int) -> tuple[list[int], list[float], torch.Tensor]:
+def _tail_explained(residual, rest: torch.Tensor, start: float, mean_diag: float) -> list[float]:
+    """Explained energy after each neuron of ``rest`` (the neurons the greedy did not pivot on, in that
+    order), continuing from ``start``: a Cholesky factorisation of the greedy's residual Gram restricted
+    to them (ridge-stabilised as :func:`relative_errors`), instead of one of the whole Gram in the full
+    order. Empty when the factorisation fails (then :func:`relative_errors` computes them)."""
+    A, R, active = residual
+    if not len(rest):
+        return []
+    where = torch.full((int(active.max()) + 1,), -1, dtype=torch.int64, device=active.device)
+    where[active] = torch.arange(len(active), device=active.device)
+    local = where[rest.to(active.device)]
+    Ar = A[local[:, None], local]
+    Ar.diagonal().add_(1e-10 * max(mean_diag, 1e-300))
+    Lc, info = torch.linalg.cholesky_ex(Ar)
+    if int(info) != 0:
+        return []
+    Z = torch.linalg.solve_triangular(Lc, R[local], upper=False)
+    return (start + torch.cumsum((Z * Z).sum(dim=1), 0)).cpu().tolist()
+
+
+def _greedy(C: torch.Tensor, B: torch.Tensor, steps: int) -> tuple[list[int], list[float], torch.Tensor, tuple]:
     """The steered pivoted Cholesky of ``C`` (constant column first, then ``steps`` neurons): the order,
-    the explained energy after each pivot and the scores of the last step (-1 where taken).
+    the explained energy after each pivot, the scores of the last step (-1 where taken) and the residual
+    ``(A, R, rows)``: Gram and cross Gram left after the pivots, on the rows ``rows`` (original indices).
 
     Blocked in panels of PANEL pivots, so that the quadratic work is matrix-matrix products: within a
     panel a new Cholesky column is the residual Gram's row at the pivot corrected by the panel's earlier
@@ -219,7 +247,7 @@ def _greedy(C: torch.Tensor, B: torch.Tensor, steps: int) -> tuple[list[int], li
             break  # stopped early
     last = torch.full((n,), -1.0, dtype=C.dtype, device=dev)
     last[scored] = score
-    return order, explained, last
+    return order, explained, last, (A, R, active)
 
 
 def relative_errors(C: torch.Tensor, Wa: torch.Tensor, order: torch.Tensor, energy: float,
