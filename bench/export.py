@@ -44,6 +44,7 @@ import copy
 import itertools
 import json
 import os
+import re
 import tempfile
 import time
 from pathlib import Path
@@ -101,7 +102,7 @@ def methods_tag(args) -> str:
     return "plain" if args.methods is None else args.methods.replace(",", "+")
 
 
-def finetuned(model, small, epochs: int, seed: int):
+def finetuned(model, small, epochs: int, seed: int, seconds: float | None = None):
     """``small`` distilled from ``model`` with the library's recipe for the built-in MiniLM (the CLI's
     ``--finetune-epochs`` path: training and validation text, learning rate, validation interval, frozen
     embeddings), so the bench gets whatever recipe the library ships."""
@@ -110,14 +111,20 @@ def finetuned(model, small, epochs: int, seed: int):
 
     entry = minilm.builtin()
     source = ModelSource(entry.name, model, entry, entry.calibration, tuple(entry.exclude), entry.output_fn)
-    return _finetune(source, small, model, FinetuneConfig(epochs=epochs, seed=seed, progress=False), None)
+    limit = {} if seconds is None else {"max_seconds": seconds}
+    return _finetune(source, small, model, FinetuneConfig(epochs=epochs, seed=seed, progress=False, **limit), None)
+
+
+def ft_tag(args) -> str:
+    """``ftN`` (N epochs), ``ftNs`` with a time limit of N seconds."""
+    return f"ft{args.finetune_seconds}s" if args.finetune_seconds else f"ft{args.finetune_epochs}"
 
 
 def compress(args, model, path: str) -> None:
     budgets = [float(b) for b in args.budgets.split(",") if b]
     base = methods_tag(args)
-    tag = (f"ft{args.finetune_epochs}" if base == "plain" else f"{base}-ft{args.finetune_epochs}"
-           ) if args.finetune_epochs else base
+    tuning = bool(args.finetune_epochs or args.finetune_seconds)
+    tag = (ft_tag(args) if base == "plain" else f"{base}-{ft_tag(args)}") if tuning else base
     work = work_dir(args, tag)
     todo = [b for b in budgets if not (work / f"b{b:.2f}" / "hf.json").is_file()]
     if not todo:
@@ -131,9 +138,9 @@ def compress(args, model, path: str) -> None:
     for b in todo:
         t = time.perf_counter()
         cached = plain / f"b{b:.2f}"
-        if args.finetune_epochs and not (cached / "hf.json").is_file():
+        if tuning and not (cached / "hf.json").is_file():
             raise SystemExit(f"{cached} is missing: compress budget {b} without fine-tuning first")
-        if args.finetune_epochs:
+        if tuning:
             small = load_hf_compressed(cached)  # fine-tune the cached plain model rather than re-plan
             from tensorfold.compression.plan import Plan
 
@@ -146,8 +153,9 @@ def compress(args, model, path: str) -> None:
                 print(f"planner (menus, sensitivities): {time.perf_counter() - t0:.0f} s", flush=True)
             plan = planner.plan(b, curve=False)
             small = apply(model, plan, calib)
-        if args.finetune_epochs:
-            small = finetuned(model, small, args.finetune_epochs, args.seed)
+        if tuning:
+            epochs = args.finetune_epochs or (100 if args.finetune_seconds else 1)  # the time limit ends it
+            small = finetuned(model, small, epochs, args.seed, args.finetune_seconds or None)
         out = work / f"b{b:.2f}"
         out.mkdir(parents=True, exist_ok=True)
         write_hf_compressed(small, model, plan, out, kind=KIND, base_path=path)
@@ -174,10 +182,10 @@ def variant_model(args, name: str, model, calib_batches):
     directory = work_dir(args, tag or "plain") / f"b{b:.2f}"
     if not (directory / "hf.json").is_file():
         raise SystemExit(f"{directory} is missing: run 'bench/export.py compress --budgets {b}' first")
-    methods, _, ft = (tag or "plain").rpartition("ft") if "ft" in (tag or "") else (tag or "plain", "", "")
-    methods = methods.rstrip("-") or "plain"
-    label = (f"tensorfold {b:.1f}" + ("" if methods == "plain" else f" {methods}")
-             + (f" fine-tuned {ft} ep" if ft else ""))
+    m = re.fullmatch(r"(?:(.+)-)?ft(\d+)(s?)", tag or "")
+    methods = (m.group(1) if m else tag) or "plain"
+    tuned = "" if not m else f" fine-tuned {m.group(2)} s" if m.group(3) else f" fine-tuned {m.group(2)} ep"
+    label = f"tensorfold {b:.2g}" + ("" if methods == "plain" else f" {methods}") + tuned
     return load_hf_compressed(directory), label
 
 
@@ -269,6 +277,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--timing-batches", type=int, default=4)
     ap.add_argument("--finetune-epochs", type=int, default=0)
+    ap.add_argument("--finetune-seconds", type=int, default=0, help="fine-tune for at most this long (the recipe's "
+                    "time limit; epochs default to as many as fit)")
     ap.add_argument("--methods", default=None, help="planner methods or preset (default: the default menus)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--work", default="/tmp/tf-export-bench")

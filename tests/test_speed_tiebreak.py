@@ -159,3 +159,16 @@ def test_scaled_latency_model_times_each_layer_once(monkeypatch):
     assert lat.dense("fc", nn.Linear(16, 32), (4, 16)) == pytest.approx(2e-3)
     assert len(calls) == 1
     assert LatencyModel().dense("fc", nn.Linear(64, 8), (4, 64)) == 8e-3 and len(calls) == 2  # unscaled: measured
+
+
+def test_speed_records_the_openmp_wait_policy(monkeypatch):
+    from tensorfold.compression.evaluate import describe_speed, measure_speedup
+
+    model = nn.Sequential(nn.Linear(8, 8))
+    x = torch.randn(4, 8, generator=torch.Generator().manual_seed(0))
+    monkeypatch.setenv("OMP_WAIT_POLICY", "passive")
+    speed = measure_speedup(model, model, x, repeats=2, warmup=0)
+    assert speed["omp_wait_policy"] == "PASSIVE" and "OMP_WAIT_POLICY=PASSIVE" in describe_speed(speed)
+    monkeypatch.delenv("OMP_WAIT_POLICY")
+    speed = measure_speedup(model, model, x, repeats=2, warmup=0)
+    assert speed["omp_wait_policy"] == "default" and "OMP_WAIT_POLICY" not in describe_speed(speed)

@@ -238,7 +238,11 @@ class LatencyModel:
 
     def factored(self, name: str, method: str, cls, layer, opts, ranks: Sequence, input_shape) -> list[float]:
         """Seconds for each rank: table entries where present, else measured (every rank while that
-        takes under ``probe_seconds``, else six ranks, the others interpolated linearly in FLOPs)."""
+        takes under ``probe_seconds``, else six ranks, the others interpolated linearly in FLOPs). A
+        ``scaled`` model (a tie-break) times only SVD-type pairs and prices Tucker/TT/CP layers at the
+        dense layer's time: never chosen for speed, and their many small cores are slow to time."""
+        if self.scaled and not issubclass(cls, LowRankLayer):
+            return [self.dense(name, layer, input_shape)] * len(ranks)
         out: list[float | None] = []
         for r in ranks:
             t = self.table.predict(method, layer, r, input_shape, threads=self.threads) if self.table else None

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -116,7 +117,8 @@ def measure_speedup(original: nn.Module, compressed: nn.Module, example_inputs, 
             "speedup": t["ratio"], "speedup_q1": t["ratio_q1"], "speedup_q3": t["ratio_q3"],
             "speedup_median": t["ratio"],  # the same figure, kept for readers of older metrics.json
             "speedup_best": t["first_best"] / t["second_best"], "spread": t["spread"], "noisy": t["noisy"],
-            "load": t["load"], "threads": threads, "repeats": repeats}
+            "load": t["load"], "threads": threads, "repeats": repeats,
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "").strip().upper() or "default"}
 
 
 def describe_speed(speed: dict) -> str:
@@ -126,6 +128,11 @@ def describe_speed(speed: dict) -> str:
             f"{speed['speedup']:.2f}x")
     if "speedup_q1" in speed:
         line += f" (middle half {speed['speedup_q1']:.2f}-{speed['speedup_q3']:.2f}x)"
+    if speed.get("omp_wait_policy") == "PASSIVE":
+        # measured on MiniLM at 50%: 1.5-1.8x here, 1.75-2.05x in a process with the default policy
+        line += (" - OpenMP threads sleep while waiting here (OMP_WAIT_POLICY=PASSIVE, the tensorfold command's "
+                 "setting for shared CPUs), which slows models of many small kernels more; a default process "
+                 "runs them faster (docs/performance.md)")
     if speed.get("noisy"):
         load = speed.get("load")
         line += (" - warning: timings spread widely, the CPU was busy"

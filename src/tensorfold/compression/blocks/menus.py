@@ -178,7 +178,9 @@ def _linear_cost(tokens: int | None, d_in: int, d_out: int, bias: bool, latency,
     flops = None if tokens is None else tokens * d_in * d_out
     t = None
     if latency is not None and shape is not None:
-        probe = nn.Linear(d_in, d_out, bias=bias, dtype=dtype)
+        # a scaled latency model reads only the shape: no weights to initialise (~250 sizes on MiniLM)
+        probe = nn.Linear(d_in, d_out, bias=bias, dtype=dtype, device="meta" if getattr(latency, "scaled", False)
+                          else None)
         t = latency.dense(name, probe, (*tuple(shape[:-1]), d_in))
     return params, flops, t
 
