@@ -138,6 +138,34 @@ def test_fitting_with_replayed_blocks_equals_fitting_through_the_model(monkeypat
             assert torch.equal(fast(**batch).last_hidden_state, slow(**batch).last_hidden_state)
 
 
+@pytest.mark.parametrize("family", ["bert", "llama"])
+def test_down_projection_corrected_in_the_selection_pass_as_in_a_pass_of_its_own(monkeypatch, family):
+    # the fused correction takes the kept neurons' Gram from the selection's statistics and the products
+    # with the target from the same runs of both blocks; a pass of its own recomputes them
+    if family == "bert":
+        model = _bert()
+    else:
+        torch.manual_seed(0)
+        cfg = transformers.LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                       num_key_value_heads=2, intermediate_size=64, vocab_size=100,
+                                       max_position_embeddings=64)
+        model = transformers.LlamaModel(cfg).eval()  # gated, pre-norm, no biases
+    batches = _batches()
+    plan = tf.plan(model, budget=0.6, methods=("svd", "mlp-select"), calib=batches, output_fn=_hidden)
+    assert "mlp-select" in {lp.method for lp in plan.layers}
+    fused = block_fit.apply_block_plan(model, plan, batches)
+    monkeypatch.setattr(block_fit, "FUSED_FFN_CORRECTION", False)
+    separate = block_fit.apply_block_plan(model, plan, batches)
+    plain = block_fit.apply_block_plan(model, plan, batches, correct=False)
+    with torch.no_grad():
+        for batch in batches:
+            a, b = fused(**batch).last_hidden_state, separate(**batch).last_hidden_state
+            c, ref = plain(**batch).last_hidden_state, model(**batch).last_hidden_state
+            assert torch.allclose(a, b, rtol=1e-4, atol=1e-5)
+            if family == "bert":  # post-norm: aimed at the residual stream too, closer to the original
+                assert (a - ref).norm() < (c - ref).norm()
+
+
 def test_measured_menus_left_out_only_when_the_svd_dominates():
     g = torch.Generator().manual_seed(0)
     layer = nn.Linear(64, 64)

@@ -242,17 +242,56 @@ def _fit_attention(new: nn.Module, block: Block, by_name: dict[str, LayerPlan], 
         set_submodule(new, a.o, _matrix(o_layer, lo, _gram_stats(st, st.features), ridge))
 
 
-def _fit_mlp(new: nn.Module, block: Block, keep: int, inputs: Inputs, ridge: float) -> None:
+def _fit_mlp(new: nn.Module, block: Block, keep: int, inputs: Inputs, ridge: float,
+             reference: tuple[nn.Module, Inputs] | None = None) -> None:
+    """mlp-select on the feed-forward pair of ``block`` in ``new``. With ``reference`` (the original
+    model and its :class:`Inputs`), the refitted down projection is also corrected toward the original
+    (as :func:`correct_toward_original` does) from the same pass: the kept neurons' activations are
+    columns of the ones the selection reads, so their Gram is a part of the selection's and the
+    products with the target come from one run of each block, not a second run of both."""
     from tensorfold.core.modules import set_submodule
 
     f = block.ffn
     down = new.get_submodule(f.down)
-    stats = inputs.stats(block.name, f.down)
+    cross = None
+    if reference is None:
+        stats = inputs.stats(block.name, f.down)
+    else:
+        stats, cross = _ffn_stats_and_target(new, reference[0], block, inputs, reference[1])
     ups = [new.get_submodule(u) for u in f.ups]
-    new_ups, new_down, _ = mlp_select(ups, down, stats, int(keep), ridge=ridge)
+    new_ups, new_down, kept = mlp_select(ups, down, stats, int(keep), ridge=ridge)
     for name, layer in zip(f.ups, new_ups):
         set_submodule(new, name, layer)
     set_submodule(new, f.down, new_down)
+    if cross is not None:
+        S = kept if new_down.bias is None else torch.cat([kept, torch.tensor([stats.features])])
+        S = S.to(stats.gram.device)
+        _refit_toward(new_down, stats.gram[S][:, S], cross[S])
+
+
+@torch.no_grad()
+def _ffn_stats_and_target(new: nn.Module, original: nn.Module, block: Block, inputs: Inputs, reference: Inputs
+                          ) -> tuple[ActivationStats, torch.Tensor]:
+    """``[H 1]`` statistics of the down projection's input ``H`` in ``new`` and ``[H 1]^T T``, with ``T``
+    the target :func:`correct_toward_original` fits the down projection to (the original's output, plus
+    the residual stream's difference in post-norm blocks)."""
+    f = block.ffn
+    post_norm = CORRECT_RESIDUAL and block.attention is not None and block.attention.style in POST_NORM_STYLES
+    stats, cross = ActivationStats(), None
+    for (a_n, k_n, mask), (a_o, k_o, _) in zip(inputs._block_inputs(block.name), reference._block_inputs(block.name)):
+        taps_new = [("h", new.get_submodule(f.down), "in")] + (
+            [("x_new", new.get_submodule(f.ups[0]), "in")] if post_norm else [])
+        taps_old = [("y", original.get_submodule(f.down), "out")] + (
+            [("x_old", original.get_submodule(f.ups[0]), "in")] if post_norm else [])
+        seen = {**_tap(new.get_submodule(block.name), a_n, k_n, taps_new, mask, stop="h"),
+                **_tap(original.get_submodule(block.name), a_o, k_o, taps_old, mask, stop="y")}
+        target = seen["y"] + (seen["x_old"] - seen["x_new"] if post_norm else 0.0)
+        H = seen["h"]
+        stats.add(H)
+        # as the statistics: the batch's product in the activations' precision, summed in float64
+        c = torch.cat([(H.T @ target).double(), target.sum(dim=0, dtype=torch.float64)[None, :]])
+        cross = c if cross is None else cross + c
+    return stats, cross
 
 
 # Attention styles whose blocks add the residual stream AFTER each sub-block and normalise the sum
@@ -260,6 +299,7 @@ def _fit_mlp(new: nn.Module, block: Block, keep: int, inputs: Inputs, ridge: flo
 POST_NORM_STYLES = ("bert", "distilbert", "mpnet")
 CORRECTION_RIDGE = 1e-4  # relative to the mean diagonal of the refitted layer's input Gram
 CORRECT_RESIDUAL = True  # in post-norm blocks, also aim at the residual stream's difference
+FUSED_FFN_CORRECTION = True  # correct an mlp-select down projection in the pass that selects its neurons
 
 
 def _last_linear(layer: nn.Module) -> nn.Linear | None:
@@ -351,6 +391,15 @@ def correct_toward_original(new: nn.Module, original: nn.Module, block: Block, n
         g, c = (Z.T @ Z).double(), (Z.T @ target).double()
         G = g if G is None else G + g
         C = c if C is None else C + c
+    _refit_toward(last, G, C, ridge)
+    return True
+
+
+@torch.no_grad()
+def _refit_toward(last: nn.Linear, G: torch.Tensor, C: torch.Tensor, ridge: float | None = None) -> None:
+    """Refit ``last`` (in place) by ridge least squares from the Gram ``G`` of its inputs (with the constant
+    column last when it has a bias) and their products ``C`` with the target (float64)."""
+    bias = last.bias is not None
     # the ridge pulls toward the weights as fitted (not toward zero): where they already reproduce the
     # original (a sub-block at full size after exact earlier blocks) the refit leaves them as they are
     w = last.weight
@@ -358,14 +407,13 @@ def correct_toward_original(new: nn.Module, original: nn.Module, block: Block, n
     if bias:
         X0 = torch.cat([X0, last.bias.detach().double()[None, :]])
     lam = (CORRECTION_RIDGE if ridge is None else ridge) * float(G.diagonal().mean().clamp_min(1e-300))
-    A = G + lam * torch.eye(G.shape[0], dtype=G.dtype)
-    C = C + lam * X0
+    A = G + lam * torch.eye(G.shape[0], dtype=G.dtype, device=G.device)
+    C = C + lam * X0.to(C.device)
     Lc, info = torch.linalg.cholesky_ex(A)
     X = torch.cholesky_solve(C, Lc) if int(info) == 0 else torch.linalg.lstsq(A, C).solution
     w.copy_(X[: w.shape[1]].T.to(w.dtype))
     if bias:
         last.bias.copy_(X[-1].to(w.dtype))
-    return True
 
 
 def apply_block_plan(model: nn.Module, plan: Plan | Sequence[LayerPlan], batches: list, *, ridge: float = 1e-6,
@@ -402,6 +450,7 @@ def apply_block_plan(model: nn.Module, plan: Plan | Sequence[LayerPlan], batches
             (b.attention.o,) if b.attention is not None else ()) + ((b.ffn.down,) if b.ffn is not None else ())]
         position = {n: j for j, (b, end) in enumerate(ends) for n in _sub_block_layers(b, end)}
         corrected = [0]  # ends handled so far
+        fused: set[str] = set()  # ends corrected while they were fitted
 
         def finish(upto: int) -> None:
             """Correct the sub-block ends before position ``upto`` that are still to do."""
@@ -410,7 +459,7 @@ def apply_block_plan(model: nn.Module, plan: Plan | Sequence[LayerPlan], batches
                 corrected[0] += 1
                 if not (correct and batches) or isinstance(new.get_submodule(b.name), SkipBlock):
                     continue
-                if end in by_name:  # refitting dense ends too was measured worse on held-out text
+                if end in by_name and end not in fused:  # refitting dense ends was measured worse
                     correct_toward_original(new, model, b, end, inputs, reference)
 
         for i, lp in enumerate(todo):
@@ -430,7 +479,11 @@ def apply_block_plan(model: nn.Module, plan: Plan | Sequence[LayerPlan], batches
                 done.update(attn.layers)
                 shared.clear()
             elif lp.method == "mlp-select":
-                _fit_mlp(new, block, lp.rank, inputs, ridge)
+                # the down projection ends its sub-block: corrected in the selection's own pass
+                ffn_end = correct and FUSED_FFN_CORRECTION and bool(batches)
+                _fit_mlp(new, block, lp.rank, inputs, ridge, reference=(model, reference) if ffn_end else None)
+                if ffn_end:
+                    fused.add(block.ffn.down)
                 done.update(block.ffn.layers)
                 shared.clear()
             else:
