@@ -278,19 +278,27 @@ def _ffn_stats_and_target(new: nn.Module, original: nn.Module, block: Block, inp
     f = block.ffn
     post_norm = CORRECT_RESIDUAL and block.attention is not None and block.attention.style in POST_NORM_STYLES
     stats, cross = ActivationStats(), None
+    # the original block runs to its end (the feed-forward pair ends it): its outputs are the next
+    # block's inputs, kept for the reference's next capture instead of running the block again (in
+    # post-norm encoders, whose blocks return no key/value cache)
+    record = ([] if post_norm and block.name in reference.blocks and block.name not in reference._outputs
+              else None)
     for (a_n, k_n, mask), (a_o, k_o, _) in zip(inputs._block_inputs(block.name), reference._block_inputs(block.name)):
         taps_new = [("h", new.get_submodule(f.down), "in")] + (
             [("x_new", new.get_submodule(f.ups[0]), "in")] if post_norm else [])
         taps_old = [("y", original.get_submodule(f.down), "out")] + (
             [("x_old", original.get_submodule(f.ups[0]), "in")] if post_norm else [])
         seen = {**_tap(new.get_submodule(block.name), a_n, k_n, taps_new, mask, stop="h"),
-                **_tap(original.get_submodule(block.name), a_o, k_o, taps_old, mask, stop="y")}
+                **_tap(original.get_submodule(block.name), a_o, k_o, taps_old, mask,
+                       stop="y" if record is None else None, outputs=record)}
         target = seen["y"] + (seen["x_old"] - seen["x_new"] if post_norm else 0.0)
         H = seen["h"]
         stats.add(H)
         # as the statistics: the batch's product in the activations' precision, summed in float64
         c = torch.cat([(H.T @ target).double(), target.sum(dim=0, dtype=torch.float64)[None, :]])
         cross = c if cross is None else cross + c
+    if record is not None and len(record) == len(reference.batches):
+        reference._outputs[block.name] = record
     return stats, cross
 
 
@@ -323,10 +331,12 @@ def _sub_block_input(block: Block, name: str) -> str | None:
     return None
 
 
-def _tap(module: nn.Module, args, kwargs, taps, mask, stop: str) -> dict[str, torch.Tensor]:
+def _tap(module: nn.Module, args, kwargs, taps, mask, stop: str | None, outputs: list | None = None
+         ) -> dict[str, torch.Tensor]:
     """Run ``module(*args, **kwargs)`` and return the rows (padding left out, in the activations'
     precision) of the values ``taps`` name: ``(key, submodule, "in" or "out")``; the run ends once
-    ``stop`` is captured."""
+    ``stop`` is captured (with ``stop=None`` it runs to the end and ``module``'s output is appended to
+    ``outputs``)."""
     from tensorfold.compression.calibration import _StopForward
 
     seen: dict[str, torch.Tensor] = {}
@@ -343,7 +353,9 @@ def _tap(module: nn.Module, args, kwargs, taps, mask, stop: str) -> dict[str, to
                for k, m, w in taps]
     try:
         with contextlib.suppress(_StopForward):
-            module(*args, **kwargs)
+            out = module(*args, **kwargs)
+            if outputs is not None:
+                outputs.append(out)
     finally:
         for h in handles:
             h.remove()
