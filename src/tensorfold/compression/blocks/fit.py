@@ -278,27 +278,16 @@ def _ffn_stats_and_target(new: nn.Module, original: nn.Module, block: Block, inp
     f = block.ffn
     post_norm = CORRECT_RESIDUAL and block.attention is not None and block.attention.style in POST_NORM_STYLES
     stats, cross = ActivationStats(), None
-    # the original block runs to its end (the feed-forward pair ends it): its outputs are the next
-    # block's inputs, kept for the reference's next capture instead of running the block again (in
-    # post-norm encoders, whose blocks return no key/value cache)
-    record = ([] if post_norm and block.name in reference.blocks and block.name not in reference._outputs
-              else None)
-    for (a_n, k_n, mask), (a_o, k_o, _) in zip(inputs._block_inputs(block.name), reference._block_inputs(block.name)):
+    for (a_n, k_n, mask), old in zip(inputs._block_inputs(block.name), _reference_taps(original, block, reference)):
         taps_new = [("h", new.get_submodule(f.down), "in")] + (
             [("x_new", new.get_submodule(f.ups[0]), "in")] if post_norm else [])
-        taps_old = [("y", original.get_submodule(f.down), "out")] + (
-            [("x_old", original.get_submodule(f.ups[0]), "in")] if post_norm else [])
-        seen = {**_tap(new.get_submodule(block.name), a_n, k_n, taps_new, mask, stop="h"),
-                **_tap(original.get_submodule(block.name), a_o, k_o, taps_old, mask,
-                       stop="y" if record is None else None, outputs=record)}
-        target = seen["y"] + (seen["x_old"] - seen["x_new"] if post_norm else 0.0)
+        seen = _tap(new.get_submodule(block.name), a_n, k_n, taps_new, mask, stop="h")
+        target = old["y:" + f.down] + (old["x:" + f.ups[0]] - seen["x_new"] if post_norm else 0.0)
         H = seen["h"]
         stats.add(H)
         # as the statistics: the batch's product in the activations' precision, summed in float64
         c = torch.cat([(H.T @ target).double(), target.sum(dim=0, dtype=torch.float64)[None, :]])
         cross = c if cross is None else cross + c
-    if record is not None and len(record) == len(reference.batches):
-        reference._outputs[block.name] = record
     return stats, cross
 
 
@@ -368,6 +357,37 @@ def _sub_block_layers(block: Block, end: str) -> tuple[str, ...]:
     return tuple(block.ffn.layers)
 
 
+def _reference_taps(original: nn.Module, block: Block, reference: Inputs) -> list[dict[str, torch.Tensor]]:
+    """Per calibration batch, the rows (padding left out) of what the corrections of ``block``'s
+    sub-block ends aim at in the ORIGINAL model: each end's output (``"y:" + end``) and each sub-block's
+    input (``"x:" + first layer``).
+
+    One run of the original block per batch serves every end of the block (kept while the block is
+    fitted; a later block's call drops it). In post-norm encoders (whose blocks return no key/value
+    cache) the block's outputs are also kept as the reference's next capture would record them, so
+    that capture does not run the block again."""
+    cache: dict = reference.__dict__.setdefault("_taps", {})
+    if block.name in cache:
+        return cache[block.name]
+    cache.clear()
+    taps = []
+    for end in ((block.attention.o,) if block.attention is not None else ()) + (
+            (block.ffn.down,) if block.ffn is not None else ()):
+        first = _sub_block_input(block, end)
+        taps.append(("y:" + end, original.get_submodule(end), "out"))
+        if first is not None:
+            taps.append(("x:" + first, original.get_submodule(first), "in"))
+    post_norm = block.attention is not None and block.attention.style in POST_NORM_STYLES
+    record = [] if post_norm and block.name in reference.blocks and block.name not in reference._outputs else None
+    module = original.get_submodule(block.name)
+    out = [_tap(module, args, kwargs, taps, mask, stop=None, outputs=record)
+           for args, kwargs, mask in reference._block_inputs(block.name)]
+    if record is not None and len(record) == len(reference.batches):
+        reference._outputs[block.name] = record
+    cache[block.name] = out
+    return out
+
+
 @torch.no_grad()
 def correct_toward_original(new: nn.Module, original: nn.Module, block: Block, name: str, inputs: Inputs,
                             reference: Inputs, ridge: float | None = None) -> bool:
@@ -388,13 +408,10 @@ def correct_toward_original(new: nn.Module, original: nn.Module, block: Block, n
                  and first is not None)
     bias = last.bias is not None
     G = C = None
-    for (a_n, k_n, mask), (a_o, k_o, _) in zip(inputs._block_inputs(block.name), reference._block_inputs(block.name)):
+    for (a_n, k_n, mask), old in zip(inputs._block_inputs(block.name), _reference_taps(original, block, reference)):
         taps_new = [("z", last, "in")] + ([("x_new", new.get_submodule(first), "in")] if post_norm else [])
-        taps_old = [("y", original.get_submodule(name), "out")] + (
-            [("x_old", original.get_submodule(first), "in")] if post_norm else [])
-        seen = {**_tap(new.get_submodule(block.name), a_n, k_n, taps_new, mask, stop="z"),
-                **_tap(original.get_submodule(block.name), a_o, k_o, taps_old, mask, stop="y")}
-        target = seen["y"] + (seen["x_old"] - seen["x_new"] if post_norm else 0.0)
+        seen = _tap(new.get_submodule(block.name), a_n, k_n, taps_new, mask, stop="z")
+        target = old["y:" + name] + (old["x:" + first] - seen["x_new"] if post_norm else 0.0)
         Z = seen["z"]
         if bias:
             Z = torch.cat([Z, torch.ones(Z.shape[0], 1, dtype=Z.dtype, device=Z.device)], dim=1)
