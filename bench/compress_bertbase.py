@@ -69,6 +69,7 @@ def main() -> None:
                       output_fn=lambda o: o.last_hidden_state, progress=progress)
     plan = planner.plan()
     t1 = time.perf_counter()
+    peak_plan = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     small = tf.apply(model, plan, calib, progress=progress)
     t2 = time.perf_counter()
     a, b = pooled(model, held_out), pooled(small, held_out)
@@ -78,14 +79,15 @@ def main() -> None:
         "fraction": plan.fraction, "compression_s": t2 - t0, "plan_s": t1 - t0,
         "stages": {**planner.seconds, "fitting": t2 - t1},
         "methods": dict(Counter(lp.method for lp in plan.layers)), "mean_cos_held_out": float(cos),
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "peak_rss_mb_plan": peak_plan,
         "load_start": load, "load_end": os.getloadavg()[0],
     }
     print(f"{params / 1e6:.1f}M parameters, {args.layers} layers, {args.calib} calibration sentences, "
           f"budget {args.budget}: compression {result['compression_s']:.1f} s ("
           + ", ".join(f"{k} {v:.1f}" for k, v in result["stages"].items()) + ")")
     print(f"kept {plan.fraction:.3f} of the encoder Linear parameters; methods {result['methods']}; "
-          f"held-out mean cos {cos:.3f}; peak memory {result['peak_rss_mb']:.0f} MB; "
+          f"held-out mean cos {cos:.3f}; peak memory {result['peak_rss_mb']:.0f} MB "
+          f"({peak_plan:.0f} MB by the end of planning); "
           f"load {load:.1f} -> {result['load_end']:.1f}")
     if args.json:
         with open(args.json, "w") as f:

@@ -136,11 +136,23 @@ class Inputs:
                     h.remove()
                 for name, original in replayed.items():
                     set_submodule(self.new, name, original)
-            self._outputs.update({name: outs for name, outs in recording.items() if len(outs) == len(self.batches)})
+            for name, outs in recording.items():
+                if len(outs) == len(self.batches):
+                    self.keep_outputs(name, outs)
             if len(inputs) != len(self.batches):
                 raise ShapeError(f"block {block!r} is not called once per forward pass")
             self._block, self._inputs = block, [(a, k, token_mask(b)) for (a, k), b in zip(inputs, self.batches)]
         return self._inputs
+
+    def keep_outputs(self, block: str, outputs: list) -> None:
+        """Record ``block``'s outputs (one per batch) for later captures to replay. Only the latest
+        block's are held: the blocks before it replay the same ones (a replayed block ignores its input,
+        so only the last replay's output reaches the next block), not a copy of every block's outputs."""
+        self._outputs[block] = outputs
+        if block in self.blocks:
+            for name in self.blocks[: self.blocks.index(block)]:
+                if name in self._outputs:
+                    self._outputs[name] = outputs
 
     def stats(self, block: str | None, name: str) -> ActivationStats:
         """``[X 1]`` Gram of the input of the layer ``name`` (inside ``block`` when given)."""
@@ -383,7 +395,7 @@ def _reference_taps(original: nn.Module, block: Block, reference: Inputs) -> lis
     out = [_tap(module, args, kwargs, taps, mask, stop=None, outputs=record)
            for args, kwargs, mask in reference._block_inputs(block.name)]
     if record is not None and len(record) == len(reference.batches):
-        reference._outputs[block.name] = record
+        reference.keep_outputs(block.name, record)
     cache[block.name] = out
     return out
 
