@@ -166,6 +166,21 @@ def test_down_projection_corrected_in_the_selection_pass_as_in_a_pass_of_its_own
                 assert (a - ref).norm() < (c - ref).norm()
 
 
+def test_captures_hold_one_block_of_recorded_outputs():
+    model, batches = _bert(layers=4), _batches()
+    names = [b.name for b in find_blocks(model)]
+    inputs = block_fit.Inputs(model, batches, names)
+    reached = []
+    for name in names[1:]:
+        reached.append(inputs._block_inputs(name))
+        lists = {id(v) for v in inputs._outputs.values()}
+        assert sorted(inputs._outputs) == names[: names.index(name)] and len(lists) == 1
+    # the replayed captures give the block inputs a plain run of the model gives
+    plain = block_fit.Inputs(model, batches)._block_inputs(names[3])
+    for (a, k, _), (b, kb, _) in zip(reached[-1], plain):
+        assert torch.equal(a[0] if a else k["hidden_states"], b[0] if b else kb["hidden_states"])
+
+
 def test_measured_menus_left_out_only_when_the_svd_dominates():
     g = torch.Generator().manual_seed(0)
     layer = nn.Linear(64, 64)
