@@ -178,3 +178,19 @@ def test_block_distillation_leaves_dropped_blocks_out():
                      output_fn=lambda o: o.last_hidden_state, lr=1e-3, epochs=3, progress=False, history=history)
     assert isinstance(tuned.encoder.layer[1], SkipBlock) and history.steps == 12
     assert (gap(student), gap(tuned)) == pytest.approx((0.873, 0.392), abs=2e-3)
+
+
+def test_a_models_recipe_fills_only_the_settings_left_at_their_defaults():
+    from tensorfold.compression.config import TRANSFORMER_RECIPE
+    from tensorfold.compression.finetune import model_finetune_config
+
+    extra = {"finetune_recipe": "transformers", "finetune_lr": 3e-5}
+    cfg = model_finetune_config(extra, FinetuneConfig(epochs=4, max_seconds=60.0, warmup=0.2), embeddings=True)
+    assert (cfg.epochs, cfg.max_seconds, cfg.warmup) == (4, 60.0, 0.2)  # set on purpose: kept
+    assert cfg.lr == 3e-5  # the model's own value beats the recipe's
+    assert (cfg.distill, cfg.patience, cfg.eval_every, cfg.train_mode, cfg.freeze) == (
+        "blocks", None, 50, False, ("*embeddings*",))
+    assert cfg.distill_loss == "cosine"  # embeddings: cosine, not KL
+    assert model_finetune_config({"distill_loss": "kl"}, embeddings=True).distill_loss == "kl"  # a causal LM's logits
+    assert model_finetune_config({}) == FinetuneConfig()  # no recipe: the defaults
+    assert FinetuneConfig.for_transformers() == FinetuneConfig(**TRANSFORMER_RECIPE)
