@@ -38,8 +38,8 @@ from tensorfold.core.validate import make_generator
 from tensorfold.errors import InvalidArgumentError, ShapeError
 
 __all__ = ["finetune", "FinetuneConfig", "FinetuneHistory", "DISTILL_MODES", "DISTILL_LOSSES", "SCHEDULES",
-           "balance_factors", "block_feature_layers", "distillation_loss", "feature_loss", "lr_factor",
-           "model_finetune_config"]
+           "balance_factors", "balance_value_output", "block_feature_layers", "distillation_loss", "feature_loss",
+           "lr_factor", "model_finetune_config"]
 
 
 @dataclass
@@ -285,6 +285,7 @@ def finetune(
     flags = [p.requires_grad for p in student.parameters()]
     if all(flags) or not any(flags):
         balance_factors(student)
+        balance_value_output(student, teacher)
         for p in student.parameters():
             p.requires_grad_(True)
     # else a partly frozen model (e.g. from tensorfold.adapt: frozen base, trainable adapters) trains
@@ -416,6 +417,54 @@ def balance_factors(model: nn.Module) -> int:
         scale = torch.where(ok, (n2 / n1.where(ok, torch.ones_like(n1))).sqrt(), torch.ones_like(n1))
         w1.mul_(scale.reshape(-1, *([1] * (w1.dim() - 1))))
         w2g.div_(scale.reshape(groups, 1, rank, 1))
+        count += 1
+    return count
+
+
+@torch.no_grad()
+def balance_value_output(model: nn.Module, reference: nn.Module | None = None, *, ratio: float = 4.0) -> int:
+    """Give each value channel of an attention and the output projection's columns that read it equal
+    norms, in place, where they are far apart (more than ``ratio`` on the geometric mean); returns the
+    number of attentions balanced.
+
+    A value/output pair fitted as one product (``vo-svd``) leaves the value rows tiny (norms ~1e-3) and the
+    output columns huge (~1e2). Adam moves every weight by about ``lr`` whatever its scale, so the first
+    steps of a fine-tune wipe the value rows out and the model gets worse before it gets better (measured:
+    a MiniLM plan's validation loss 0.064 -> 0.103 after 4 steps at lr 2e-5). Scaling value channel ``j``
+    (and its bias) by ``c_j`` and the output columns that read it by ``1 / c_j`` changes nothing: the
+    attention weights mix value rows linearly, per channel. Blocks are found on ``reference`` (the
+    teacher, whose attentions are recognisable) or on ``model``; only plain ``nn.Linear`` pairs are touched.
+    """
+    from tensorfold.compression.blocks import find_blocks
+
+    modules = dict(model.named_modules())
+    count = 0
+    for block in find_blocks(reference if reference is not None else model):
+        group = block.attention
+        if group is None:
+            continue
+        value, output = modules.get(group.v), modules.get(group.o)
+        if type(value) is not nn.Linear or type(output) is not nn.Linear:
+            continue
+        rep = group.heads // group.kv_heads
+        if value.out_features % group.head_dim or output.in_features != value.out_features * rep:
+            continue
+        # output column of head h, dimension i reads value channel (h // rep) * head_dim + i
+        heads = output.weight.reshape(output.out_features, group.kv_heads, rep, -1)
+        col_norm = heads.pow(2).sum(dim=(0, 2)).reshape(-1).sqrt()
+        row_norm = value.weight.norm(dim=1)
+        ok = (col_norm > 0) & (row_norm > 0)
+        if not bool(ok.any()):
+            continue
+        spread = (col_norm[ok] / row_norm[ok]).log().mean().exp()
+        if 1 / ratio <= float(spread) <= ratio:
+            continue
+        scale = torch.where(ok, (col_norm / row_norm.where(ok, torch.ones_like(row_norm))).sqrt(),
+                            torch.ones_like(row_norm))
+        value.weight.mul_(scale[:, None])
+        if value.bias is not None:
+            value.bias.mul_(scale)
+        heads.div_(scale.reshape(1, group.kv_heads, 1, -1))
         count += 1
     return count
 
