@@ -38,3 +38,22 @@ def test_balanced_pairs_are_left_as_they_are():
     weights = [p.clone() for p in model.parameters()]
     assert balance_value_output(model) == 0
     assert all(torch.equal(a, b) for a, b in zip(weights, model.parameters()))
+
+
+def test_a_pair_with_fewer_dimensions_per_head_is_balanced_against_the_reference_blocks():
+    reference = bert_encoder(layers=1)  # 4 heads of 8 dimensions
+    model = bert_encoder(layers=1)
+    attention = model.encoder.layer[0].attention
+    keep = torch.cat([torch.arange(h * 8, h * 8 + 5) for h in range(4)])  # 5 of 8 dimensions per head
+    with torch.no_grad():
+        value, output = attention.self.value, attention.output.dense
+        small_v = torch.nn.Linear(32, 20)
+        small_v.weight.copy_(value.weight[keep] * 1e-3)
+        small_v.bias.copy_(value.bias[keep] * 1e-3)
+        small_o = torch.nn.Linear(20, 32)
+        small_o.weight.copy_(output.weight[:, keep] * 1e3)
+        small_o.bias.copy_(output.bias)
+    attention.self.value, attention.output.dense = small_v, small_o
+    attention.self.attention_head_size, attention.self.all_head_size = 5, 20  # value heads of 5 dimensions
+    assert balance_value_output(model, reference) == 1
+    torch.testing.assert_close(small_v.weight.norm(dim=1), small_o.weight.norm(dim=0), rtol=1e-5, atol=1e-6)

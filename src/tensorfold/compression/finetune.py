@@ -446,10 +446,11 @@ def balance_value_output(model: nn.Module, reference: nn.Module | None = None, *
         value, output = modules.get(group.v), modules.get(group.o)
         if type(value) is not nn.Linear or type(output) is not nn.Linear:
             continue
-        rep = group.heads // group.kv_heads
-        if value.out_features % group.head_dim or output.in_features != value.out_features * rep:
+        # a compressed pair keeps fewer dimensions per head than the reference's head_dim
+        rep, kept = group.heads // group.kv_heads, value.out_features // group.kv_heads
+        if value.out_features % group.kv_heads or output.in_features != kept * group.heads:
             continue
-        # output column of head h, dimension i reads value channel (h // rep) * head_dim + i
+        # output column of head h, dimension i reads value channel (h // rep) * kept + i
         heads = output.weight.reshape(output.out_features, group.kv_heads, rep, -1)
         col_norm = heads.pow(2).sum(dim=(0, 2)).reshape(-1).sqrt()
         row_norm = value.weight.norm(dim=1)
