@@ -113,3 +113,18 @@ def token_batches(n: int = 4, batch: int = 8, length: int = 12, seed: int = 0) -
         mask[: batch // 2, length - 3:] = 0
         out.append({"input_ids": ids, "attention_mask": mask})
     return out
+
+
+def use_fake_latency(monkeypatch, time_of) -> None:
+    """Make every ``LatencyModel`` time a module with ``time_of(module)`` (seconds) and ignore the shipped
+    latency table (which is not the fake clock), for planner tests that need latencies without timing."""
+    from tensorfold.compression.candidates import LatencyModel
+
+    monkeypatch.setattr(LatencyModel, "_measure", lambda self, module, shape: time_of(module))
+    original_init = LatencyModel.__init__
+
+    def without_table(self, *args, **kwargs):
+        original_init(self, *args, **kwargs)
+        self.table = None
+
+    monkeypatch.setattr(LatencyModel, "__init__", without_table)

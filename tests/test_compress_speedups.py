@@ -229,17 +229,9 @@ def _fake_layer_times(model, names, sample, *, threads=2, repeats=20, warmup=3):
 def test_speedup_plans_merge_block_menus_priced_as_whole_blocks(monkeypatch):
     from tensorfold.compression import speed as speed_module
     from tensorfold.compression.blocks.menus import GroupCandidate
-    from tensorfold.compression.candidates import LatencyModel
 
     monkeypatch.setattr(speed_module, "layer_times", _fake_layer_times)
-    monkeypatch.setattr(LatencyModel, "_measure", lambda self, module, shape: _fake_time(module))
-    original_init = LatencyModel.__init__
-
-    def without_table(self, *args, **kwargs):  # the shipped latency table is not the fake clock
-        original_init(self, *args, **kwargs)
-        self.table = None
-
-    monkeypatch.setattr(LatencyModel, "__init__", without_table)
+    hf_tiny.use_fake_latency(monkeypatch, _fake_time)
     model, batches = _bert(layers=3, hidden=64, inter=256), _batches()
     planner = Planner(model, tf.CompressConfig(budget=0.5, speedup=1.6), calib=batches, output_fn=_hidden)
     blocks = [m for m in planner.menus if isinstance(m.options[0], GroupCandidate)]

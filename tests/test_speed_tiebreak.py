@@ -119,16 +119,8 @@ def _fake_time(module) -> float:
 
 
 def test_planner_prices_latency_within_the_tolerance(monkeypatch):
-    from tensorfold.compression.candidates import LatencyModel
 
-    monkeypatch.setattr(LatencyModel, "_measure", lambda self, module, shape: _fake_time(module))
-    original_init = LatencyModel.__init__
-
-    def without_table(self, *args, **kwargs):  # the shipped latency table is not the fake clock
-        original_init(self, *args, **kwargs)
-        self.table = None
-
-    monkeypatch.setattr(LatencyModel, "__init__", without_table)
+    hf_tiny.use_fake_latency(monkeypatch, _fake_time)
     model = hf_tiny.bert_encoder(layers=2, hidden=32, inter=128)
     calib = hf_tiny.token_batches(4)
     methods = ("svd", "mlp-select", "qk-select", "vo-svd")
