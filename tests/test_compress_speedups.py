@@ -172,11 +172,11 @@ def test_captures_hold_one_block_of_recorded_outputs():
     inputs = block_fit.Inputs(model, batches, names)
     reached = []
     for name in names[1:]:
-        reached.append(inputs._block_inputs(name))
+        reached.append(inputs.block_inputs(name))
         lists = {id(v) for v in inputs._outputs.values()}
         assert sorted(inputs._outputs) == names[: names.index(name)] and len(lists) == 1
     # the replayed captures give the block inputs a plain run of the model gives
-    plain = block_fit.Inputs(model, batches)._block_inputs(names[3])
+    plain = block_fit.Inputs(model, batches).block_inputs(names[3])
     for (a, k, _), (b, kb, _) in zip(reached[-1], plain):
         assert torch.equal(a[0] if a else k["hidden_states"], b[0] if b else kb["hidden_states"])
 

@@ -21,7 +21,8 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -31,11 +32,14 @@ from tensorfold.compression.allocators import allocate
 from tensorfold.compression.blocks import BLOCK_METHODS, find_blocks
 from tensorfold.compression.blocks.menus import (
     BlockData,
+    BlockMenuBuilder,
     BlockMenuSettings,
     GroupCandidate,
     block_menus,
+    drop_errors,
     expand_choice,
 )
+from tensorfold.compression.blocks.mlp import ActivationStats
 from tensorfold.compression.calibration import (
     GramStats,
     batch_input,
@@ -43,8 +47,9 @@ from tensorfold.compression.calibration import (
     collect_grams,
     materialize,
 )
-from tensorfold.compression.candidates import LatencyModel, layer_menu
+from tensorfold.compression.candidates import LatencyModel, LayerMenu, layer_menu
 from tensorfold.compression.config import DEFAULT_METHODS, CompressConfig
+from tensorfold.compression.onload import BlockOnload
 from tensorfold.compression.plan import Plan
 from tensorfold.compression.probe import OutputProbe
 from tensorfold.compression.replace import replace_layers
@@ -117,6 +122,37 @@ def _input_shapes(model, layers, batches, example_inputs, input_shape) -> dict[s
     return {name: st.input_shape for name, st in stats.items()}
 
 
+@dataclass
+class _Work:
+    """What the planner's two paths (:meth:`Planner._at_once`, :meth:`Planner._onloaded`) build menus with."""
+
+    model: nn.Module
+    layers: dict[str, nn.Module]
+    batches: list
+    blocks: list  # the blocks whose block menus are wanted
+    menu_methods: tuple[str, ...]
+    latency: LatencyModel | None
+    prune: bool
+    report: Progress
+    clock: Stopwatch
+    done: int = 0
+
+    def menu(self, name: str, shape, gram: GramStats | None) -> LayerMenu:
+        menu = layer_menu(name, self.layers[name], self.menu_methods, input_shape=shape, gram=gram,
+                          latency=self.latency, prune=self.prune)
+        self.done += 1
+        self.report("candidates", self.done, len(self.layers))
+        return menu
+
+    def sensitivities(self, probe: OutputProbe, menus: list[LayerMenu], grams: dict[str, GramStats],
+                      config: CompressConfig) -> None:
+        values = measure_sensitivities(probe, menus, budget=config.budget, methods=self.menu_methods, grams=grams,
+                                       progress=lambda d, t: self.report("sensitivity", d, t))
+        for m, s in zip(menus, values):
+            m.sensitivity = s
+        self.clock.lap("sensitivities")
+
+
 class Planner:
     """The expensive half of :func:`plan` (layer discovery, calibration statistics, candidate menus,
     sensitivities), kept so that plans for several budgets or allocators cost one allocation each.
@@ -164,74 +200,160 @@ class Planner:
         batches = materialize(calib)
         report = progress or (lambda stage, done, total: None)
         self.model_params = sum(p.numel() for p in model.parameters())
+        self.skipped = [(s.name, s.reason) for s in found.skipped]
+        self.calibrated = bool(batches)
         clock = Stopwatch()
         with fitting_threads(), eval_mode(model), torch.no_grad():  # one thread unless waiting threads sleep
-            grams: dict[str, GramStats] = {}
-            if batches:
-                grams = collect_grams(model, layers, batches,
-                                      progress=lambda i: report("calibration", i, len(batches)))
-                clock.lap("calibration")
-                shapes = {name: st.input_shape for name, st in grams.items()}
-                if example_inputs is not None or input_shape is not None:
-                    shapes = _input_shapes(model, layers, [], example_inputs, input_shape)
-            else:
-                shapes = _input_shapes(model, layers, [], example_inputs, input_shape)
-            unused = [n for n, s in shapes.items() if s is None and (batches or example_inputs is not None)]
-            for flag, wanted in (("no_slower", config.no_slower), ("speedup", speedup is not None)):
-                if wanted and all(s is None for s in shapes.values()):
-                    raise InvalidArgumentError(f"{flag} needs the layers' input shapes: pass calib or example_inputs")
-            needs_latency = config.target == "latency" or config.no_slower or speedup is not None
             blocks = find_blocks(model) if block_methods and batches else []
             # recognised transformer blocks: predicted latencies break near-ties in the error (speed_tolerance);
             # as a tie-break only, they are cheap: six ranks timed per layer shape and method (the rest
             # interpolated), smaller dense layers scaled by FLOPs, dominated Tucker/TT/CP sizes left out
             self.speed_priced = bool(blocks) and config.speed_tolerance > 0 and speedup is None
+            needs_latency = config.target == "latency" or config.no_slower or speedup is not None
             latency = (LatencyModel() if needs_latency else
                        LatencyModel(probe_seconds=0.0, scaled=True) if self.speed_priced else None)
-            # timed on the input the layers' shapes come from
-            speed_sample = (example_inputs if example_inputs is not None else batches[0] if batches else
-                            randn(*tuple(int(s) for s in input_shape or ()), generator=make_generator(0),
-                                  dtype=next(model.parameters()).dtype) if speedup is not None else None)
-            menus = []
-            for i, (name, layer) in enumerate(layers.items()):
-                if name in unused:
-                    continue
-                menus.append(layer_menu(name, layer, menu_methods, input_shape=shapes.get(name),
-                                        gram=grams.get(name), latency=latency, prune=not needs_latency))
-                report("candidates", i + 1, len(layers))
-            self.skipped = [(s.name, s.reason) for s in found.skipped]
-            self.skipped += [(n, "never called on the given inputs") for n in unused]
-            if (not menus or all(len(m.options) == 1 for m in menus)) and not (block_methods and batches):
-                raise NotCompressibleError("no layer has a factorisation that saves anything")
-            self.calibrated = bool(batches)
-            clock.lap("menus")
-            probe = None
-            if self.calibrated and (config.sensitivity or blocks):
-                probe = OutputProbe(model, sensitivity_batches(batches), output_fn, stages=[b.name for b in blocks])
-            if self.calibrated and config.sensitivity:
-                values = measure_sensitivities(probe, menus, budget=config.budget, methods=menu_methods, grams=grams,
-                                               progress=lambda d, t: report("sensitivity", d, t))
-                for m, s in zip(menus, values):
-                    m.sensitivity = s
-                clock.lap("sensitivities")
-            self.layer_menus = {m.name: m for m in menus}
-            if blocks:
-                settings = BlockMenuSettings(block_methods, config.target, config.budget, matrix_methods)
-                menus = block_menus(model, blocks, menus, settings, BlockData(batches, probe, grams), latency=latency,
-                                    progress=lambda d, t: report("blocks", d, t), layer_menus=self.layer_menus)
-                clock.lap("block menus")
+            work = _Work(model, layers, batches, blocks, menu_methods, latency, not needs_latency, report, clock)
+            # the statistics one block at a time where the blocks chain, else every layer's at once
+            onload = BlockOnload.of(model, layers, batches) if batches and self.sequential else None
+            if onload is not None:
+                shapes = (_input_shapes(model, layers, [], example_inputs, input_shape)
+                          if example_inputs is not None or input_shape is not None else None)
+                menus = self._onloaded(work, onload, shapes, output_fn, block_methods, matrix_methods)
+            else:
+                menus = self._at_once(work, example_inputs, input_shape, output_fn, block_methods, matrix_methods)
             if not matrix_methods:  # block methods only (e.g. "structured"): the svd menus served sensitivities
                 for m in menus:
                     if not isinstance(m.options[0], GroupCandidate):
                         m.options = m.options[:1]
             if not menus or all(len(m.options) == 1 for m in menus):
                 raise NotCompressibleError("no layer has a factorisation that saves anything")
+            # timed on the input the layers' shapes come from
+            speed_sample = (example_inputs if example_inputs is not None else batches[0] if batches else
+                            randn(*tuple(int(s) for s in input_shape or ()), generator=make_generator(0),
+                                  dtype=next(model.parameters()).dtype) if speedup is not None else None)
             self.speed = (SpeedCheck(model, menus, speed_sample, threads=latency.threads)
                           if speedup is not None else None)
             if self.speed is not None:
                 clock.lap("speed check")
         self.menus = menus
         self.seconds = clock.laps
+
+    # planner statistics block by block (compression/onload.py); tests switch it off to compare the paths
+    sequential = True
+
+    def _check_shapes(self, shapes: Mapping[str, tuple | None]) -> None:
+        config = self.config
+        for flag, wanted in (("no_slower", config.no_slower), ("speedup", config.speedup is not None)):
+            if wanted and all(s is None for s in shapes.values()):
+                raise InvalidArgumentError(f"{flag} needs the layers' input shapes: pass calib or example_inputs")
+
+    def _no_menu_saves(self, menus: list[LayerMenu], work: _Work, block_methods) -> bool:
+        return (not menus or all(len(m.options) == 1 for m in menus)) and not (block_methods and work.batches)
+
+    def _at_once(self, work: _Work, example_inputs, input_shape, output_fn, block_methods, matrix_methods):
+        """Menus from every layer's statistics collected in one pass (models without chained blocks)."""
+        config, model, layers, batches, report, clock = (self.config, work.model, work.layers, work.batches,
+                                                         work.report, work.clock)
+        grams: dict[str, GramStats] = {}
+        if batches:
+            grams = collect_grams(model, layers, batches, progress=lambda i: report("calibration", i, len(batches)))
+            clock.lap("calibration")
+            shapes = {name: st.input_shape for name, st in grams.items()}
+            if example_inputs is not None or input_shape is not None:
+                shapes = _input_shapes(model, layers, [], example_inputs, input_shape)
+        else:
+            shapes = _input_shapes(model, layers, [], example_inputs, input_shape)
+        unused = [n for n, s in shapes.items() if s is None and (batches or example_inputs is not None)]
+        self._check_shapes(shapes)
+        menus = [work.menu(name, shapes.get(name), grams.get(name)) for name in layers if name not in unused]
+        self.skipped += [(n, "never called on the given inputs") for n in unused]
+        if self._no_menu_saves(menus, work, block_methods):
+            raise NotCompressibleError("no layer has a factorisation that saves anything")
+        clock.lap("menus")
+        probe = None
+        if self.calibrated and (config.sensitivity or work.blocks):
+            probe = OutputProbe(model, sensitivity_batches(batches), output_fn, stages=[b.name for b in work.blocks])
+        if self.calibrated and config.sensitivity:
+            work.sensitivities(probe, menus, grams, config)
+        self.layer_menus = {m.name: m for m in menus}
+        if work.blocks:
+            settings = BlockMenuSettings(block_methods, config.target, config.budget, matrix_methods)
+            menus = block_menus(model, work.blocks, menus, settings, BlockData(batches, probe, grams),
+                                latency=work.latency, progress=lambda d, t: report("blocks", d, t),
+                                layer_menus=self.layer_menus)
+            clock.lap("block menus")
+        return menus
+
+    def _onloaded(self, work: _Work, onload: BlockOnload, shapes, output_fn, block_methods, matrix_methods):
+        """Menus, sensitivities and block menus built one block at a time, each block's statistics freed
+        before the next block's are gathered (see :mod:`tensorfold.compression.onload`). The measurements
+        do not depend on their order (each changes the probe's copy and restores it), so the menus are
+        those of :meth:`_at_once`."""
+        config, model, batches, report, clock = self.config, work.model, work.batches, work.report, work.clock
+        # the stages interleave block by block; their times are summed, listed in the one-pass order
+        stages = ["calibration", "menus", *(["sensitivities"] if config.sensitivity else []),
+                  *(["block menus"] if work.blocks else [])]
+        clock.laps.update(dict.fromkeys(stages, 0.0))
+        probe = None
+        if config.sensitivity or work.blocks:
+            probe = OutputProbe(model, sensitivity_batches(batches), output_fn, stages=[b.name for b in work.blocks])
+            clock.lap(stages[2])
+        builder = None
+        if work.blocks:
+            settings = BlockMenuSettings(block_methods, config.target, config.budget, matrix_methods)
+            builder = BlockMenuBuilder(model, settings, BlockData(batches, probe), latency=work.latency)
+        menu_blocks = {b.name for b in work.blocks}
+        built: dict[str, LayerMenu] = {}
+        unused: list[str] = []
+
+        def layer_menus(grams: dict[str, GramStats]) -> list[LayerMenu]:
+            out = []
+            for name in grams:
+                shape = shapes.get(name) if shapes is not None else grams[name].input_shape
+                if shape is None:
+                    unused.append(name)
+                    continue
+                out.append(work.menu(name, shape, grams[name]))
+            clock.lap("menus")
+            if config.sensitivity:
+                work.sensitivities(probe, out, grams, config)
+            built.update({m.name: m for m in out})
+            return out
+
+        total = len(onload.blocks) + 1
+        extra = (lambda b: builder.capture([b])) if builder is not None else None
+        for i, (b, grams, acts) in enumerate(onload.by_block(extra)):
+            report("calibration", i + 1, total)
+            clock.lap("calibration")
+            menus = layer_menus(grams)
+            if builder is not None and b.name in menu_blocks:
+                builder.add(menus)
+                if builder.prepare(b) and builder.wanted:
+                    stats = {n: ActivationStats.of_gram(grams[n]) for n in builder.capture([b])
+                             if n in grams and grams[n].sums is not None}
+                    stats.update(acts)
+                    drop_err = drop_errors(probe, [b])[0] if "drop" in builder.wanted else None
+                    report("blocks", i + 1, total - 1)
+                    builder.build(b, stats, drop_err)
+                clock.lap("block menus")
+            del grams, acts, menus
+        grams, _ = onload.outside()
+        report("calibration", total, total)
+        clock.lap("calibration")
+        layer_menus(grams)
+        del grams
+        all_shapes = {n: (shapes.get(n) if shapes is not None else built[n].input_shape if n in built else None)
+                      for n in work.layers}
+        self._check_shapes(all_shapes)
+        menus = [built[n] for n in work.layers if n in built]
+        self.skipped += [(n, "never called on the given inputs") for n in work.layers if n in unused]
+        if self._no_menu_saves(menus, work, block_methods):
+            raise NotCompressibleError("no layer has a factorisation that saves anything")
+        self.layer_menus = {m.name: m for m in menus}
+        if builder is None:
+            return menus
+        self.layer_menus.update({e.name: e for e in builder.extra})
+        return builder.menus(menus)
 
     def plan(self, budget: float | None = None, allocator: str | None = None, *, curve: bool | None = None) -> Plan:
         """The plan for ``budget`` with ``allocator`` (defaults: the config's); ``curve`` overrides

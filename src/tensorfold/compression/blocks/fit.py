@@ -104,7 +104,7 @@ class Inputs:
         self._inputs: list = []
         self._outputs: dict[str, list] = {}
 
-    def _block_inputs(self, block: str) -> list:
+    def block_inputs(self, block: str) -> list:
         from tensorfold.compression.calibration import _StopForward
         from tensorfold.compression.probe import Replay
         from tensorfold.core.modules import set_submodule
@@ -163,7 +163,7 @@ class Inputs:
             return capture_stats(self.new, {name: layer}, self.batches, stop_after=name)[name]
         st = ActivationStats()
         module = self.new.get_submodule(block)
-        for args, kwargs, mask in self._block_inputs(block):
+        for args, kwargs, mask in self.block_inputs(block):
 
             def hook(mod, a, _mask=mask):
                 st.add(_rows(a[0], _mask))
@@ -290,7 +290,7 @@ def _ffn_stats_and_target(new: nn.Module, original: nn.Module, block: Block, inp
     f = block.ffn
     post_norm = CORRECT_RESIDUAL and block.attention is not None and block.attention.style in POST_NORM_STYLES
     stats, cross = ActivationStats(), None
-    for (a_n, k_n, mask), old in zip(inputs._block_inputs(block.name), _reference_taps(original, block, reference)):
+    for (a_n, k_n, mask), old in zip(inputs.block_inputs(block.name), _reference_taps(original, block, reference)):
         taps_new = [("h", new.get_submodule(f.down), "in")] + (
             [("x_new", new.get_submodule(f.ups[0]), "in")] if post_norm else [])
         seen = _tap(new.get_submodule(block.name), a_n, k_n, taps_new, mask, stop="h")
@@ -393,7 +393,7 @@ def _reference_taps(original: nn.Module, block: Block, reference: Inputs) -> lis
     record = [] if post_norm and block.name in reference.blocks and block.name not in reference._outputs else None
     module = original.get_submodule(block.name)
     out = [_tap(module, args, kwargs, taps, mask, stop=None, outputs=record)
-           for args, kwargs, mask in reference._block_inputs(block.name)]
+           for args, kwargs, mask in reference.block_inputs(block.name)]
     if record is not None and len(record) == len(reference.batches):
         reference.keep_outputs(block.name, record)
     cache[block.name] = out
@@ -420,7 +420,7 @@ def correct_toward_original(new: nn.Module, original: nn.Module, block: Block, n
                  and first is not None)
     bias = last.bias is not None
     G = C = None
-    for (a_n, k_n, mask), old in zip(inputs._block_inputs(block.name), _reference_taps(original, block, reference)):
+    for (a_n, k_n, mask), old in zip(inputs.block_inputs(block.name), _reference_taps(original, block, reference)):
         taps_new = [("z", last, "in")] + ([("x_new", new.get_submodule(first), "in")] if post_norm else [])
         seen = _tap(new.get_submodule(block.name), a_n, k_n, taps_new, mask, stop="z")
         target = old["y:" + name] + (old["x:" + first] - seen["x_new"] if post_norm else 0.0)

@@ -273,6 +273,128 @@ class BlockData:
     grams: dict[str, GramStats] = field(default_factory=dict)
 
 
+class BlockMenuBuilder:
+    """:func:`block_menus` one block at a time: the block-sequential planner builds a block's menu while
+    that block's statistics are held, then frees them (see :mod:`tensorfold.compression.onload`).
+
+    Feed it the layer menus (:meth:`add`) and, per block in forward order, :meth:`prepare` (dense menus
+    for GPT-2's Conv1D projections), then :meth:`build` with the block's input statistics (of the modules
+    :meth:`capture` names) and its drop error; :meth:`menus` merges the result into the menu list. The
+    same steps in the same order as :func:`block_menus` give the same menus.
+    """
+
+    def __init__(self, model: nn.Module, settings: BlockMenuSettings, data: BlockData, *, latency=None,
+                 layer_menus: dict[str, LayerMenu] | None = None):
+        self.model, self.settings, self.data, self.latency = model, settings, data, latency
+        self.wanted = set(settings.methods) & set(BLOCK_METHODS)
+        self.allowed = set(settings.matrix_methods) if settings.matrix_methods is not None else None
+        self.layer_menus = layer_menus
+        self.by_name: dict[str, LayerMenu] = {}
+        self.extra: list[LayerMenu] = []
+        self.new_menus: dict[str, LayerMenu] = {}
+        self.merged_names: set[str] = set()
+        self.any_usable = False
+
+    def add(self, menus: Sequence[LayerMenu]) -> None:
+        self.by_name.update({m.name: m for m in menus})
+
+    def prepare(self, b: Block) -> bool:
+        """Dense-only menus for ``b``'s Conv1D projections (GPT-2's have no per-matrix methods, but the block
+        methods and drop still cover their blocks); whether ``b`` can get a block menu."""
+        for name in b.layers:
+            module = self.model.get_submodule(name)
+            if name not in self.by_name and is_conv1d(module):
+                d_in, d_out = projection_shape(module)
+                params = d_in * d_out + (d_out if getattr(module, "bias", None) is not None else 0)
+                menu = LayerMenu(name, module, f"Conv1D({d_in}, {d_out})", None,
+                                 [Candidate("dense", None, params, None, None, 0.0)])
+                self.by_name[name] = menu
+                self.extra.append(menu)
+                if self.layer_menus is not None:
+                    self.layer_menus[name] = menu
+        usable = bool(b.layers) and all(n in self.by_name for n in b.layers)
+        self.any_usable = self.any_usable or usable
+        return usable
+
+    def capture(self, blocks: Sequence[Block]) -> dict[str, nn.Module]:
+        """The modules whose input statistics the block methods of ``blocks`` are built from."""
+        capture: dict[str, nn.Module] = {}
+        for b in blocks:
+            if b.ffn is not None and "mlp-select" in self.wanted:
+                capture[b.ffn.down] = self.model.get_submodule(b.ffn.down)
+            if b.attention is not None and b.attention.rebuildable and self.wanted & {"qk-select", "vo-svd"}:
+                capture[b.attention.q] = self.model.get_submodule(b.attention.q)
+        return capture
+
+    def _measured(self, b: Block, options: list[GroupCandidate], stats) -> list[GroupCandidate]:
+        """The options with their predicted error scaled by the sensitivity measured for one of them
+        (as the per-matrix sensitivities are): the size nearest the budget, fitted and run alone."""
+        from tensorfold.compression.blocks.fit import option_effect
+
+        if not options:
+            return options
+        dense = sum(self.by_name[p.name].dense.params for p in options[0].parts)
+        target_params = max(min(self.settings.budget, 0.9), 0.1) * dense
+        ref = min(options, key=lambda c: abs(c.params - target_params))
+        if ref.error**2 <= 1e-12:
+            return options
+        effect = option_effect(self.data.probe, b, expand_choice(ref, self.by_name), stats)
+        scale = max(effect / ref.error**2, SENSITIVITY_FLOOR)
+        return [_make(c.parts, scale * c.error**2, c.method) for c in options]
+
+    def build(self, b: Block, stats: dict[str, ActivationStats], drop_err: float | None) -> None:
+        """The merged menu of the usable block ``b`` (``stats``: input statistics of :meth:`capture`'s
+        modules, at least ``b``'s; ``drop_err``: the measured change with ``b`` removed, or None)."""
+        model, by_name, allowed, target = self.model, self.by_name, self.allowed, self.settings.target
+        group: list[GroupCandidate] = []
+        if b.attention is not None:
+            a = b.attention
+            qk = _combine(_matrix_options(by_name[a.q], allowed), _matrix_options(by_name[a.k], allowed), target)
+            vo = _combine(_matrix_options(by_name[a.v], allowed), _matrix_options(by_name[a.o], allowed), target)
+            if a.q in stats:
+                qk_sel, vo_sel = _attention_options(b, model, by_name, stats[a.q], self.latency, self.wanted)
+                qk_sel, vo_sel = self._measured(b, qk_sel, stats), self._measured(b, vo_sel, stats)
+                qk, vo = _pareto(qk + qk_sel, target), _pareto(vo + vo_sel, target)
+            group = _combine(qk, vo, target)
+        if b.ffn is not None:
+            f = b.ffn
+            ffn: list[GroupCandidate] = []
+            for name in f.layers:
+                ffn = _combine(ffn, _matrix_options(by_name[name], allowed), target)
+            if f.down in stats:
+                mlp = _mlp_options(b, model, by_name, stats[f.down], self.latency)
+                ffn = _pareto(ffn + self._measured(b, mlp, stats), target)
+            group = _combine(group, ffn, target)
+        if drop_err is not None:
+            parts = tuple(Part(n, "drop", None, 0, 0 if by_name[n].dense.flops is not None else None,
+                               0.0 if by_name[n].dense.latency is not None else None, math.sqrt(drop_err))
+                          for n in b.layers)
+            group = _pareto([*group, _make(parts, drop_err, "drop")], target)
+        dense = [c for c in group if all(p.method == "dense" for p in c.parts)]
+        if not dense:  # the all-dense option is always on the front (zero error); keep it first
+            return
+        options = [dense[0]] + [c for c in group if c is not dense[0]]
+        first = by_name[b.layers[0]]
+        menu = LayerMenu(b.name, model.get_submodule(b.name), f"block({len(b.layers)} layers)",
+                         first.input_shape, options, calibrated=True, sensitivity=1.0)
+        self.new_menus[b.layers[0]] = menu
+        self.merged_names.update(b.layers)
+
+    def menus(self, menus: list[LayerMenu]) -> list[LayerMenu]:
+        """``menus`` (the layer menus, in layer order) with every built block menu in place of its layers'."""
+        if not self.any_usable or not self.wanted or not self.data.batches:
+            return menus
+        out = []
+        for m in [*menus, *(e for e in self.extra if e.name in self.new_menus)]:
+            if m.name in self.new_menus:
+                out.append(self.new_menus[m.name])
+            elif m.name not in self.merged_names:
+                if self.allowed is not None:
+                    m.options = [c for c in m.options if c.method == "dense" or c.method in self.allowed]
+                out.append(m)
+        return out
+
+
 def block_menus(
     model: nn.Module,
     blocks: Sequence[Block],
@@ -285,98 +407,19 @@ def block_menus(
     layer_menus: dict[str, LayerMenu] | None = None,
 ) -> list[LayerMenu]:
     """``menus`` with the layers of every recognised block merged into one menu per block (see module docs)."""
-    wanted = set(settings.methods) & set(BLOCK_METHODS)
-    target, budget, batches = settings.target, settings.budget, data.batches
-    by_name = {m.name: m for m in menus}
-    allowed = set(settings.matrix_methods) if settings.matrix_methods is not None else None
-    # GPT-2's Conv1D projections have no per-matrix methods: a dense-only menu lets the block methods
-    # (and drop) still cover their blocks
-    extra: list[LayerMenu] = []
-    for b in blocks:
-        for name in b.layers:
-            module = model.get_submodule(name)
-            if name not in by_name and is_conv1d(module):
-                d_in, d_out = projection_shape(module)
-                params = d_in * d_out + (d_out if getattr(module, "bias", None) is not None else 0)
-                menu = LayerMenu(name, module, f"Conv1D({d_in}, {d_out})", None,
-                                 [Candidate("dense", None, params, None, None, 0.0)])
-                by_name[name] = menu
-                extra.append(menu)
-    if layer_menus is not None:
-        layer_menus.update({m.name: m for m in extra})
-    usable = [b for b in blocks if all(n in by_name for n in b.layers) and b.layers]
-    if not usable or not wanted or not batches:
+    builder = BlockMenuBuilder(model, settings, data, latency=latency, layer_menus=layer_menus)
+    builder.add(menus)
+    usable = [b for b in blocks if builder.prepare(b)]
+    if not usable or not builder.wanted or not data.batches:
         return menus
-    capture: dict[str, nn.Module] = {}
-    for b in usable:
-        if b.ffn is not None and "mlp-select" in wanted:
-            capture[b.ffn.down] = model.get_submodule(b.ffn.down)
-        if b.attention is not None and b.attention.rebuildable and wanted & {"qk-select", "vo-svd"}:
-            capture[b.attention.q] = model.get_submodule(b.attention.q)
+    capture = builder.capture(usable)
     stats = block_stats(model, capture, data) if capture else {}
-    drops = drop_errors(data.probe, usable) if "drop" in wanted else [None] * len(usable)
-
-    def measured(b: Block, options: list[GroupCandidate]) -> list[GroupCandidate]:
-        """The options with their predicted error scaled by the sensitivity measured for one of them
-        (as the per-matrix sensitivities are): the size nearest the budget, fitted and run alone."""
-        from tensorfold.compression.blocks.fit import option_effect
-
-        if not options:
-            return options
-        dense = sum(by_name[p.name].dense.params for p in options[0].parts)
-        target_params = max(min(budget, 0.9), 0.1) * dense
-        ref = min(options, key=lambda c: abs(c.params - target_params))
-        if ref.error**2 <= 1e-12:
-            return options
-        effect = option_effect(data.probe, b, expand_choice(ref, by_name), stats)
-        scale = max(effect / ref.error**2, SENSITIVITY_FLOOR)
-        return [_make(c.parts, scale * c.error**2, c.method) for c in options]
-    merged_names: set[str] = set()
-    new_menus: dict[str, LayerMenu] = {}
+    drops = drop_errors(data.probe, usable) if "drop" in builder.wanted else [None] * len(usable)
     for i, (b, drop_err) in enumerate(zip(usable, drops)):
         if progress is not None:
             progress(i + 1, len(usable))
-        group: list[GroupCandidate] = []
-        if b.attention is not None:
-            a = b.attention
-            qk = _combine(_matrix_options(by_name[a.q], allowed), _matrix_options(by_name[a.k], allowed), target)
-            vo = _combine(_matrix_options(by_name[a.v], allowed), _matrix_options(by_name[a.o], allowed), target)
-            if a.q in stats:
-                qk_sel, vo_sel = _attention_options(b, model, by_name, stats[a.q], latency, wanted)
-                qk_sel, vo_sel = measured(b, qk_sel), measured(b, vo_sel)
-                qk, vo = _pareto(qk + qk_sel, target), _pareto(vo + vo_sel, target)
-            group = _combine(qk, vo, target)
-        if b.ffn is not None:
-            f = b.ffn
-            ffn: list[GroupCandidate] = []
-            for name in f.layers:
-                ffn = _combine(ffn, _matrix_options(by_name[name], allowed), target)
-            if f.down in stats:
-                ffn = _pareto(ffn + measured(b, _mlp_options(b, model, by_name, stats[f.down], latency)), target)
-            group = _combine(group, ffn, target)
-        if drop_err is not None:
-            parts = tuple(Part(n, "drop", None, 0, 0 if by_name[n].dense.flops is not None else None,
-                               0.0 if by_name[n].dense.latency is not None else None, math.sqrt(drop_err))
-                          for n in b.layers)
-            group = _pareto([*group, _make(parts, drop_err, "drop")], target)
-        dense = [c for c in group if all(p.method == "dense" for p in c.parts)]
-        if not dense:  # the all-dense option is always on the front (zero error); keep it first
-            continue
-        options = [dense[0]] + [c for c in group if c is not dense[0]]
-        first = by_name[b.layers[0]]
-        menu = LayerMenu(b.name, model.get_submodule(b.name), f"block({len(b.layers)} layers)",
-                         first.input_shape, options, calibrated=True, sensitivity=1.0)
-        new_menus[b.layers[0]] = menu
-        merged_names.update(b.layers)
-    out = []
-    for m in [*menus, *(e for e in extra if e.name in new_menus)]:
-        if m.name in new_menus:
-            out.append(new_menus[m.name])
-        elif m.name not in merged_names:
-            if allowed is not None:
-                m.options = [c for c in m.options if c.method == "dense" or c.method in allowed]
-            out.append(m)
-    return out
+        builder.build(b, stats, drop_err)
+    return builder.menus(menus)
 
 
 def expand_choice(choice: GroupCandidate, layer_menus: dict[str, LayerMenu]) -> list:
@@ -395,5 +438,5 @@ def expand_choice(choice: GroupCandidate, layer_menus: dict[str, LayerMenu]) -> 
     return out
 
 
-__all__ = ["BLOCK_METHODS", "BlockData", "BlockMenuSettings", "GroupCandidate", "Part", "block_menus", "block_stats",
-           "capture_stats", "drop_errors", "expand_choice"]
+__all__ = ["BLOCK_METHODS", "BlockData", "BlockMenuBuilder", "BlockMenuSettings", "GroupCandidate", "Part",
+           "block_menus", "block_stats", "capture_stats", "drop_errors", "expand_choice"]

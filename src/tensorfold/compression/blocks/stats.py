@@ -19,16 +19,14 @@ def _rows(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1])
 
 
-def capture_stats(model: nn.Module, modules: dict[str, nn.Module], batches: list, *, stop_after: str | None = None
-                  ) -> dict[str, ActivationStats]:
-    """``[X 1]`` Gram matrices of the inputs of ``modules`` over ``batches`` (padding tokens left out).
-
-    With ``stop_after`` (one of the names), each forward pass ends once that module has been reached.
-    """
+@contextlib.contextmanager
+def stats_hooks(modules: dict[str, nn.Module], mask_ref: dict, *, stop_after: str | None = None):
+    """Hooks adding each call's input rows of ``modules`` to their ``[X 1]`` statistics (yielded, by name);
+    ``mask_ref["mask"]`` (set by the caller per batch) selects the real tokens. With ``stop_after`` (one
+    of the names) the forward pass ends once that module has been reached."""
     from tensorfold.compression.calibration import _StopForward
 
     stats = {name: ActivationStats() for name in modules}
-    mask_ref: dict = {}
     handles = []
     for name, module in modules.items():
 
@@ -40,15 +38,27 @@ def capture_stats(model: nn.Module, modules: dict[str, nn.Module], batches: list
 
         handles.append(module.register_forward_pre_hook(hook))
     try:
-        with torch.no_grad():
-            for batch in batches:
-                mask_ref["mask"] = token_mask(batch)
-                with contextlib.suppress(_StopForward):
-                    call_model(model, batch)
+        yield stats
     finally:
         for h in handles:
             h.remove()
+
+
+def capture_stats(model: nn.Module, modules: dict[str, nn.Module], batches: list, *, stop_after: str | None = None
+                  ) -> dict[str, ActivationStats]:
+    """``[X 1]`` Gram matrices of the inputs of ``modules`` over ``batches`` (padding tokens left out).
+
+    With ``stop_after`` (one of the names), each forward pass ends once that module has been reached.
+    """
+    from tensorfold.compression.calibration import _StopForward
+
+    mask_ref: dict = {}
+    with torch.no_grad(), stats_hooks(modules, mask_ref, stop_after=stop_after) as stats:
+        for batch in batches:
+            mask_ref["mask"] = token_mask(batch)
+            with contextlib.suppress(_StopForward):
+                call_model(model, batch)
     return stats
 
 
-__all__ = ["BLOCK_METHODS", "capture_stats"]
+__all__ = ["BLOCK_METHODS", "capture_stats", "stats_hooks"]
