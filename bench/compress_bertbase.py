@@ -9,6 +9,11 @@ and the output fidelity on held-out sentences (mean cosine of mean-pooled last h
 model, so this only shows the fitting works).
 
 Run: .venv/bin/python bench/compress_bertbase.py [--calib 512] [--layers 12] [--budget 0.5]
+
+Peak memory of other shapes: ``--hidden 1024 --layers 24 --heads 16`` is BERT-large (335M; the feed-forward
+width is 4x the hidden size); ``--plan-only`` stops after planning; ``--one-pass`` plans from every layer's
+statistics collected at once (the planner's path before sequential onloading) instead of block by block;
+``--methods`` the planner's methods (default: the default menus).
 """
 
 from __future__ import annotations
@@ -43,6 +48,12 @@ def main() -> None:
     ap.add_argument("--budget", type=float, default=0.5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--hidden", type=int, default=768)
+    ap.add_argument("--heads", type=int, default=12)
+    ap.add_argument("--methods", default=None, help="the planner's methods (default: the default menus)")
+    ap.add_argument("--plan-only", action="store_true", help="stop after planning")
+    ap.add_argument("--one-pass", action="store_true",
+                    help="every layer's statistics at once (the planner before sequential onloading)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     from transformers import BertConfig, BertModel
@@ -52,11 +63,14 @@ def main() -> None:
     from tensorfold.zoo import minilm
 
     torch.manual_seed(0)
-    model = BertModel(BertConfig(num_hidden_layers=args.layers)).eval()
+    model = BertModel(BertConfig(num_hidden_layers=args.layers, hidden_size=args.hidden,
+                                 num_attention_heads=args.heads, intermediate_size=4 * args.hidden)).eval()
+    Planner.sequential = not args.one_pass
     params = sum(p.numel() for p in model.parameters())
     calib = minilm.calibration(args.calib, seed=0)
     held_out = [minilm.tokenize(list(minilm.eval_sentences()[i:i + 32])) for i in range(0, 128, 32)]
     load = os.getloadavg()[0]
+    peak_start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     t0 = time.perf_counter()
     seen: set[str] = set()
 
@@ -65,17 +79,31 @@ def main() -> None:
             seen.add(stage)
             print(f"  {time.perf_counter() - t0:7.1f} s: {stage} ({total} steps)", flush=True)
 
-    planner = Planner(model, tf.CompressConfig(budget=args.budget, curve=False), calib=calib,
+    settings = {"methods": args.methods} if args.methods else {}
+    planner = Planner(model, tf.CompressConfig(budget=args.budget, curve=False, **settings), calib=calib,
                       output_fn=lambda o: o.last_hidden_state, progress=progress)
     plan = planner.plan()
     t1 = time.perf_counter()
     peak_plan = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"planned in {t1 - t0:.1f} s (" + ", ".join(f"{k} {v:.1f}" for k, v in planner.seconds.items())
+          + f"); peak memory {peak_plan:.0f} MB (at the start {peak_start:.0f} MB); {params / 1e6:.1f}M parameters, "
+          f"{'one pass' if args.one_pass else 'block by block'}", flush=True)
+    if args.plan_only:
+        result = {"params": params, "hidden": args.hidden, "layers": args.layers, "calib": args.calib,
+                  "methods": args.methods or "default", "one_pass": args.one_pass, "plan_s": t1 - t0,
+                  "stages": planner.seconds, "peak_rss_mb_start": peak_start, "peak_rss_mb_plan": peak_plan,
+                  "fraction": plan.fraction, "load_start": load, "load_end": os.getloadavg()[0]}
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(result, f, indent=1)
+        return
     small = tf.apply(model, plan, calib, progress=progress)
     t2 = time.perf_counter()
     a, b = pooled(model, held_out), pooled(small, held_out)
     cos = torch.nn.functional.cosine_similarity(a.double(), b.double()).mean()
     result = {
-        "params": params, "layers": args.layers, "calib": args.calib, "budget": args.budget,
+        "params": params, "hidden": args.hidden, "layers": args.layers, "calib": args.calib, "budget": args.budget,
+        "one_pass": args.one_pass, "peak_rss_mb_start": peak_start,
         "fraction": plan.fraction, "compression_s": t2 - t0, "plan_s": t1 - t0,
         "stages": {**planner.seconds, "fitting": t2 - t1},
         "methods": dict(Counter(lp.method for lp in plan.layers)), "mean_cos_held_out": float(cos),
