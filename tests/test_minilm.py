@@ -124,3 +124,15 @@ def test_corpus_of_real_size_kept_apart_from_evaluation():
     assert len(train) == 1000 and sum(s in set(wikipedia) for s in train) == 750
     # validation: another kind than the training text, and never calibration text
     assert not set(train) & set(val) and set(val) == validation
+
+
+def test_minilm_fine_tunes_with_the_measured_transformer_recipe(entry):
+    from tensorfold.compression.config import FinetuneConfig
+    from tensorfold.compression.finetune import model_finetune_config
+
+    # what `tensorfold compress --model minilm --finetune-minutes 10` runs: the transformer recipe unchanged
+    # (lr 3e-4, 10% warmup, cosine decay; measured at 50%, docs/transformers.md) with the embeddings' cosine
+    cfg = model_finetune_config(entry.extra, FinetuneConfig(max_seconds=600.0), embeddings=True)
+    assert (cfg.lr, cfg.warmup, cfg.schedule, cfg.distill, cfg.distill_loss, cfg.max_seconds) == (
+        3e-4, 0.1, "cosine", "blocks", "cosine", 600.0)
+    assert cfg == FinetuneConfig.for_transformers(max_seconds=600.0, distill_loss="cosine")
