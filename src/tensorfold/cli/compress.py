@@ -106,6 +106,7 @@ def compress(
                                                        "(onnx-int8), verified and compared with PyTorch."),
 ) -> None:
     """Compress a model to a budget: per-layer plan, factorized weights, metrics and an HTML report."""
+    from tensorfold.cli import USER_OMP_WAIT_POLICY
     from tensorfold.cli.common import check_output_path, stderr_console, stdout_console
     from tensorfold.compression.config import CompressConfig, FinetuneConfig
     from tensorfold.compression.job import JobOptions
@@ -130,7 +131,10 @@ def compress(
     options = JobOptions(out=out, overwrite=overwrite, weights=weights, data=data,
                          curve_budgets=_floats(curve, "--curve"), speed=not no_speed, threads=speed_threads,
                          calib_data=str(calib_data) if calib_data is not None else None, text_field=text_field,
-                         standalone=standalone, export=export)
+                         standalone=standalone, export=export,
+                         # timed as a deployed model runs: a fresh process with the user's OpenMP wait policy,
+                         # not this command's PASSIVE one (which slows small-kernel models more)
+                         speed_in="fresh", speed_wait_policy=USER_OMP_WAIT_POLICY)
 
     import sys
 
@@ -167,9 +171,10 @@ def compress(
         from tensorfold.compression.evaluate import describe_speed
 
         console.print(describe_speed(speed))
+    from tensorfold.compression.export import describe_variant
+
     for row in result.metrics.get("export", {}).get("variants", []):
-        console.print(f"{row['variant']}: {row['seconds'] * 1e3:.1f} ms, {row['speedup']:.2f}x, "
-                      + ", ".join(f"{k} {row[k]:.4f}" for k in row.get("quality_keys", [])))
+        console.print(describe_variant(row))
     seconds = result.metrics.get("seconds", {})
     if seconds.get("stages"):
         console.print(f"time: compression {seconds['compression']:.1f} s (" + ", ".join(

@@ -54,7 +54,7 @@ def export(
     from rich.console import Console
 
     from tensorfold.cli.common import stderr_console, stdout_console
-    from tensorfold.compression.export import ExportInputs, export_directory
+    from tensorfold.compression.export import ExportInputs, describe_variant, export_directory
     from tensorfold.compression.hf_storage import base_directory, read_info
     from tensorfold.compression.storage import load_compressed, read_metrics
     from tensorfold.io import write_text_atomic
@@ -82,8 +82,7 @@ def export(
     console = stdout_console() if sys.stdout.isatty() else Console(highlight=False, width=150)
     console.print(f"ops: {', '.join(result['ops'])}")
     for row in result["variants"]:
-        console.print(f"{row['variant']:>16} ({row['runtime']}): {row['seconds'] * 1e3:8.1f} ms  "
-                      f"{row['speedup']:5.2f}x  " + ", ".join(f"{k} {row[k]:.4f}" for k in row["quality_keys"]))
+        console.print(describe_variant(row))
     console.print(f"wrote {', '.join(str(directory / f) for f in result['files'])}")
 
 

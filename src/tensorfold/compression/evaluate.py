@@ -128,7 +128,11 @@ def describe_speed(speed: dict) -> str:
             f"{speed['speedup']:.2f}x")
     if "speedup_q1" in speed:
         line += f" (middle half {speed['speedup_q1']:.2f}-{speed['speedup_q3']:.2f}x)"
-    if speed.get("omp_wait_policy") == "PASSIVE":
+    if speed.get("process") == "fresh":
+        policy = speed.get("omp_wait_policy", "default")
+        line += (f" - timed in a fresh process with the {'default' if policy == 'default' else policy} OpenMP "
+                 "wait policy, as a deployed model runs")
+    elif speed.get("omp_wait_policy") == "PASSIVE":
         # measured on MiniLM at 50%: 1.5-1.8x here, 1.75-2.05x in a process with the default policy
         line += (" - OpenMP threads sleep while waiting here (OMP_WAIT_POLICY=PASSIVE, the tensorfold command's "
                  "setting for shared CPUs), which slows models of many small kernels more; a default process "

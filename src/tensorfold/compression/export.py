@@ -11,9 +11,11 @@ or the logits (classifiers, causal LMs).
 (QInt8 weights, activations quantized per call). Every exported graph is checked against PyTorch on
 held-out batches before it is kept.
 
-"fp32" variants run in PyTorch and "int8" ones in ONNX Runtime, as a user would deploy each; all are timed
-interleaved at batch 32 with the same thread count, and their quality is measured against the dense
-PyTorch model on the held-out text with the metrics of the model's kind.
+"fp32" variants run in PyTorch and "int8" ones in ONNX Runtime (default session settings: worker threads
+spin between calls), as a user would deploy each; all are timed in one process, taking turns round by
+round at batch 32 with the same thread count (:func:`timed_rounds`): seconds are medians over the rounds,
+speedups the median of per-round ratios to dense fp32, each with its quartiles. Their quality is measured
+against the dense PyTorch model on the held-out text with the metrics of the model's kind.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from tensorfold.compression.evaluate import _quartiles
 from tensorfold.errors import TensorfoldError
 
 ONNX_FILE = "model.onnx"
@@ -124,13 +127,27 @@ def verify(path: str | Path, model: nn.Module, kind: str, batches: list[dict], t
     return worst
 
 
-def _time(fn: Callable[[], object], repeats: int) -> list[float]:
-    out = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t0)
-    return out
+def timed_rounds(passes: dict[str, Callable[[], object]], rounds: int, *, timed: int = 2,
+                 clock: Callable[[], float] = time.perf_counter) -> dict[str, list[float]]:
+    """Seconds of one pass of each variant, one figure per round (the median of its ``timed`` passes).
+
+    Variants take turns round by round, so load that comes and goes reaches all of them alike. In its turn a
+    variant first runs one pass untimed: measured on MiniLM here (2 cores, one process), ONNX Runtime int8
+    passes timed right after a PyTorch pass ran either ~123 or ~150 ms a batch (median 150, quartiles 125-151
+    in one process, 123-132 in the next), while passes that followed a pass of their own stayed within 3%
+    in every process. The untimed pass absorbs the switch between the two runtimes' thread pools.
+    """
+    seconds: dict[str, list[float]] = {k: [] for k in passes}
+    for _ in range(rounds):
+        for name, run in passes.items():
+            run()
+            own = []
+            for _ in range(timed):
+                t0 = clock()
+                run()
+                own.append(clock() - t0)
+            seconds[name].append(statistics.median(own))
+    return seconds
 
 
 @dataclass(frozen=True)
@@ -147,12 +164,12 @@ class ExportInputs:
 
 
 def compare_variants(original: nn.Module, compressed: nn.Module, inputs: ExportInputs, directory: str | Path, *,
-                     repeats: int = 10, log: Callable[[str], None] = lambda msg: None,
+                     repeats: int = 7, log: Callable[[str], None] = lambda msg: None,
                      extra: dict[str, nn.Module] | None = None) -> list[dict]:
-    """Speed (batch ``inputs.example``, best of ``repeats``, interleaved) and quality on ``inputs.eval_batches``
-    of dense fp32, dense int8, compressed fp32 and compressed int8 (plus ``extra`` models, each fp32 and
-    int8). Graphs are written into ``directory`` (``dense.onnx``, ``dense-int8.onnx``, ``model.onnx``,
-    ``model-int8.onnx``, ``NAME.onnx`` ...)."""
+    """Speed (``repeats`` rounds of :func:`timed_rounds` over ``inputs.timing``, else ``inputs.example``; see
+    :func:`speed_summary`) and quality on ``inputs.eval_batches`` of dense fp32, dense int8, compressed fp32
+    and compressed int8 (plus ``extra`` models, each fp32 and int8). Graphs are written into ``directory``
+    (``dense.onnx``, ``dense-int8.onnx``, ``model.onnx``, ``model-int8.onnx``, ``NAME.onnx`` ...)."""
     from tensorfold.zoo import hf
 
     kind, eval_batches, example, threads = inputs.kind, inputs.eval_batches, inputs.example, inputs.threads
@@ -172,27 +189,38 @@ def compare_variants(original: nn.Module, compressed: nn.Module, inputs: ExportI
         log(f"exported {name}: {fp32.name}, {int8.name}")
     old = torch.get_num_threads()
     torch.set_num_threads(int(threads))
-    times: dict[str, list[float]] = {k: [] for k in runners}
     try:
         with torch.inference_mode():
             reference = [runners["dense fp32"](b) for b in eval_batches]
             outputs = {k: [run(b) for b in eval_batches] for k, run in runners.items()}
             timing = inputs.timing or [example]
-            for run in runners.values():  # warm-up
-                run(example)
-            for _ in range(repeats):
-                for k, run in runners.items():
-                    times[k] += _time(lambda run=run: [run(b) for b in timing], 1)
+            times = timed_rounds({k: lambda run=run: [run(b) for b in timing] for k, run in runners.items()},
+                                 repeats)
     finally:
         torch.set_num_threads(old)
-    base = min(times["dense fp32"])
     rows = []
     for k in runners:
         q = hf.outputs_quality(kind, reference, outputs[k], eval_batches)
         rows.append({"variant": k, "runtime": "onnxruntime" if k.endswith("int8") else "pytorch",
-                     "seconds": min(times[k]), "seconds_median": statistics.median(times[k]),
-                     "speedup": base / min(times[k]), **q, "quality_keys": list(q)})
+                     **speed_summary(times["dense fp32"], times[k]), **q, "quality_keys": list(q)})
     return rows
+
+
+def speed_summary(dense: list[float], variant: list[float]) -> dict:
+    """A variant's seconds per pass (median over rounds, quartiles, best) and its speedup over dense fp32:
+    the median of the per-round ratios (each round's two figures were taken minutes apart at most), with
+    their quartiles as the spread."""
+    s1, s2, s3 = _quartiles(variant)
+    r1, r2, r3 = _quartiles([d / v for d, v in zip(dense, variant)])
+    return {"seconds": s2, "seconds_q1": s1, "seconds_q3": s3, "seconds_best": min(variant),
+            "speedup": r2, "speedup_q1": r1, "speedup_q3": r3, "rounds": len(variant)}
+
+
+def describe_variant(row: dict) -> str:
+    """One line for a measured export variant: median time, speedup with its spread, quality."""
+    spread = f" ({row['speedup_q1']:.2f}-{row['speedup_q3']:.2f}x)" if "speedup_q1" in row else ""
+    return (f"{row['variant']:>16} ({row['runtime']}): {row['seconds'] * 1e3:8.1f} ms  {row['speedup']:5.2f}x{spread}  "
+            + ", ".join(f"{k} {row[k]:.4f}" for k in row.get("quality_keys", [])))
 
 
 def export_directory(directory: str | Path, compressed: nn.Module, original: nn.Module, inputs: ExportInputs, *,
@@ -214,4 +242,5 @@ def export_directory(directory: str | Path, compressed: nn.Module, original: nn.
             "threads": inputs.threads, "batch": len(inputs.example["input_ids"]), "variants": rows}
 
 
-__all__ = ["ExportInputs", "compare_variants", "export_directory", "export_onnx", "quantize_int8", "verify"]
+__all__ = ["ExportInputs", "compare_variants", "describe_variant", "export_directory", "export_onnx", "quantize_int8",
+           "speed_summary", "timed_rounds", "verify"]

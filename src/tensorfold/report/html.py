@@ -148,7 +148,8 @@ def _hf_sections(metrics: dict) -> list[str]:
     if rows:
         keys = rows[0].get("quality_keys", [])
         parts.append(f"<h2>Export: the four variants</h2><p>batch {export.get('batch')}, {export.get('threads')} "
-                     f"threads, best of the timed runs; fp32 runs in PyTorch, int8 in ONNX Runtime (dynamic int8 "
+                     f"threads, medians over the timed rounds (speedup: the median of per-round ratios); fp32 "
+                     f"runs in PyTorch, int8 in ONNX Runtime (dynamic int8 "
                      f"weights); quality against the dense fp32 model on the held-out text. Files: "
                      f"{html_lib.escape(', '.join(export.get('files', [])))}; ops: "
                      f"{html_lib.escape(', '.join(export.get('ops', [])))}.</p>")
