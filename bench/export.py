@@ -8,9 +8,11 @@ scripture sentences of :func:`~tensorfold.zoo.minilm.finetune_data` (validation 
 held-out evaluation text, never used for a choice: the 1,468 sentences of :func:`~tensorfold.zoo.minilm.evaluate`
 (282 paraphrase-group sentences and 1,186 of the Python language reference). Quality: mean / min cosine to
 the dense fp32 embeddings and nearest-neighbour agreement over all 1,468. Speed: ``--timing-batches`` batches
-of 32 held-out sentences (a seeded draw, mixed lengths), ``--threads`` threads, best of ``--repeats`` passes,
-every variant of one run timed interleaved with dense fp32 (background load hits all alike); the speedup is
-over dense fp32 of the same run. fp32 runs in PyTorch, int8 in ONNX Runtime (quantize_dynamic, QInt8).
+of 32 held-out sentences (a seeded draw, mixed lengths), ``--threads`` threads, ``--repeats`` rounds in which
+every variant of the run takes its turn (one untimed pass, then two timed: ONNX Runtime passes timed right
+after a PyTorch pass ran bimodal, see ``compression.export.timed_rounds``); ms / batch is the median over the
+rounds, the speedup the median of per-round ratios to dense fp32 of the same run, both with their quartiles.
+fp32 runs in PyTorch (float32), int8 in ONNX Runtime (quantize_dynamic, QInt8, default session settings).
 
 Layer dropping keeps the subset of blocks whose embeddings on the calibration sentences are closest to
 the dense model's (every subset tried): the best this baseline can do without looking at the held-out text.
@@ -56,6 +58,7 @@ from tensorfold.compression.config import CompressConfig
 from tensorfold.compression.export import ExportInputs, compare_variants
 from tensorfold.compression.hf_storage import load_hf_compressed, write_hf_compressed
 from tensorfold.compression.job import peak_rss_mb
+from tensorfold.io import atomic_path, write_text_atomic
 from tensorfold.zoo import hf, minilm
 
 KIND = "sentence-transformers"
@@ -221,11 +224,24 @@ def measure(args, model) -> None:
                                   "measured": when, "load_before": before, "load_after": after,
                                   "threads": args.threads, "batch": BATCH, "timing_batches": args.timing_batches,
                                   "repeats": args.repeats, "held_out": len(texts), "calib": args.calib}
-        print(f"{label:>40}: {r['seconds'] * 1e3 / args.timing_batches:7.1f} ms/batch {r['speedup']:5.2f}x  "
+        print(f"{label:>40}: {ms(r, 'seconds'):7.1f} ms/batch ({ms(r, 'seconds_q1'):.1f}-{ms(r, 'seconds_q3'):.1f}) "
+              f"{r['speedup']:5.2f}x ({r['speedup_q1']:.2f}-{r['speedup_q3']:.2f})  "
               f"cos {r['mean_cos']:.3f} min {r['min_cos']:.3f} NN {r['nn_agreement']:.3f}")
     print(f"measured in {time.perf_counter() - t0:.0f} s; {before} -> {after}")
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(results, indent=1))
+    write_text_atomic(args.json, json.dumps(results, indent=1))  # a killed run leaves the old results whole
+
+
+def ms(row: dict, key: str) -> float:
+    """Milliseconds per batch of a row's ``key`` (seconds per timed pass over its batches)."""
+    return row.get(key, row["seconds"]) * 1e3 / row["timing_batches"]
+
+
+def spread(row: dict) -> str:
+    """A row's speedup with its quartiles over the rounds (rows of older runs have none)."""
+    if "speedup_q1" not in row:
+        return f"{row['speedup']:.2f}x (best of {row['repeats']})"
+    return f"{row['speedup']:.2f}x ({row['speedup_q1']:.2f}-{row['speedup_q3']:.2f})"
 
 
 def report(args) -> None:
@@ -234,16 +250,18 @@ def report(args) -> None:
     main = f"tensorfold {args.main:.1f}"
     four = ["dense fp32", "dense int8", f"{main} fp32", f"{main} int8"]
     print(f"MiniLM, {rows[0]['held_out']} held-out sentences, batch {BATCH}, {rows[0]['threads']} threads, "
-          f"best of {rows[0]['repeats']} passes over {rows[0]['timing_batches']} batches; speedup over dense fp32 "
-          "measured in the same run")
-    print("| variant | runtime | ms / batch | speedup | mean cos | min cos | NN agreement |")
-    print("|---|---|---|---|---|---|---|")
+          f"{rows[0]['timing_batches']} batches a pass; ms / batch: median over the rounds (quartiles); speedup over "
+          "dense fp32 of the same run: median of per-round ratios (quartiles); load average at the start")
+    print("| variant | runtime | ms / batch | speedup | mean cos | min cos | NN agreement | measured | load |")
+    print("|---|---|---|---|---|---|---|---|---|")
     by_label = results["rows"]
     ordered = [by_label[k] for k in four if k in by_label]
     ordered += sorted((r for r in rows if r["variant"] not in four), key=lambda r: (r["family"], r["precision"]))
     for r in ordered:
-        print(f"| {r['variant']} | {r['runtime']} | {r['seconds'] * 1e3 / r['timing_batches']:.1f} | "
-              f"{r['speedup']:.2f}x | {r['mean_cos']:.3f} | {r['min_cos']:.3f} | {r['nn_agreement']:.3f} |")
+        quartiles = f" ({ms(r, 'seconds_q1'):.1f}-{ms(r, 'seconds_q3'):.1f})" if "seconds_q1" in r else ""
+        print(f"| {r['variant']} | {r['runtime']} | {ms(r, 'seconds'):.1f}{quartiles} | {spread(r)} | "
+              f"{r['mean_cos']:.3f} | {r['min_cos']:.3f} | {r['nn_agreement']:.3f} | {r['measured']} | "
+              f"{r['load_before'].split()[2]} |")
     if args.plot:
 
         series: dict[str, tuple[list, list]] = {}
@@ -260,7 +278,8 @@ def report(args) -> None:
             order = sorted(range(len(xs)), key=xs.__getitem__)
             xs[:], ys[:] = [xs[i] for i in order], [ys[i] for i in order]
         Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.plot).write_bytes(front_plot(series, rows[0]["threads"]))
+        with atomic_path(args.plot) as tmp:
+            tmp.write_bytes(front_plot(series, rows[0]["threads"]))
         print(f"wrote {args.plot}")
 
 
@@ -304,7 +323,7 @@ def main() -> None:
     ap.add_argument("--variants", default="dense,drop1,drop2,drop3")
     ap.add_argument("--main", type=float, default=0.5, help="budget of the four-variant table")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=7, help="timing rounds (each variant: 1 untimed + 2 timed passes)")
     ap.add_argument("--timing-batches", type=int, default=4)
     ap.add_argument("--finetune-epochs", type=int, default=0)
     ap.add_argument("--finetune-seconds", type=int, default=0, help="fine-tune for at most this long (the recipe's "

@@ -77,6 +77,7 @@ def measure_in_fresh_process(spec: str, original: nn.Module, compressed: nn.Modu
 
     from tensorfold.compression.storage import _state_tensors, write_compressed
 
+    mine = output_fidelity(original, compressed, [example])["rel_error"]  # what the child must reproduce
     with tempfile.TemporaryDirectory(prefix="tensorfold-speed-") as tmp:  # private (0700): the child trusts it
         directory = Path(tmp)
         write_compressed(compressed, plan, directory)
@@ -99,7 +100,6 @@ def measure_in_fresh_process(spec: str, original: nn.Module, compressed: nn.Modu
             tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
             raise FreshProcessError(f"the speed process failed (exit {proc.returncode}): {tail[0]}")
         record = json.loads(result.read_text())
-    mine = output_fidelity(original, compressed, [example])["rel_error"]
     if abs(record["check_rel_error"] - mine) > CHECK_TOLERANCE * max(1.0, mine):
         raise FreshProcessError(f"the speed process rebuilt different models (output error "
                                 f"{record['check_rel_error']:.6g}, here {mine:.6g})")

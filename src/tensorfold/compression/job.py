@@ -28,7 +28,7 @@ from tensorfold.compression.evaluate import count_params, measure_speedup, outpu
 from tensorfold.compression.plan import Plan
 from tensorfold.compression.storage import call_factory, load_factory, load_state, write_compressed
 from tensorfold.core.validate import check_count
-from tensorfold.errors import FileFormatError, InvalidArgumentError
+from tensorfold.errors import FileFormatError, InvalidArgumentError, TensorfoldError
 from tensorfold.io import atomic_directory, check_output
 
 
@@ -262,14 +262,14 @@ def _speed(source: ModelSource, original: nn.Module, compressed: nn.Module, plan
     """The end-to-end speed record, timed where ``options.speed_in`` says; a fresh process that cannot
     rebuild the models falls back to this one, and the record says why."""
     if options.speed_in == "fresh":
-        from tensorfold.compression.fresh_speed import FreshProcessError, measure_in_fresh_process
+        from tensorfold.compression.fresh_speed import measure_in_fresh_process
 
         extra = source.entry.extra if source.entry is not None else {}
         spec = extra["path"] if "kind" in extra else source.name  # a model directory is rebuilt from its path
         try:
             return measure_in_fresh_process(spec, original, compressed, plan, example, threads=options.threads,
                                             wait_policy=options.speed_wait_policy)
-        except FreshProcessError as exc:
+        except TensorfoldError as exc:  # FreshProcessError, or models whose outputs cannot be compared
             log(f"speed: {exc}; timed in this process instead")
             return {**measure_speedup(original, compressed, example, threads=options.threads),
                     "process": "this", "fresh_error": str(exc)}
