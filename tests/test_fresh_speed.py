@@ -114,3 +114,18 @@ def test_the_command_times_in_a_fresh_process_with_the_users_wait_policy(factory
     assert speed["process"] == "fresh" and speed["omp_wait_policy"] == "default"
     assert "timed in a fresh process with the default OpenMP wait policy" in " ".join(r.output.split())
     assert "OMP_WAIT_POLICY=PASSIVE" not in r.output
+
+
+def test_a_dict_batch_with_other_values_goes_to_the_child_whole(tmp_path):
+    from tensorfold.compression.fresh_speed import _load_input, _save_input
+
+    ids = torch.arange(12).reshape(2, 6)
+    batch = {"input_ids": ids, "attention_mask": torch.ones(2, 6, dtype=torch.long), "modality": "text"}
+    _save_input((batch, torch.zeros(2)), tmp_path / "x.safetensors")  # an (inputs, targets) pair: inputs only
+    back = _load_input(tmp_path / "x.safetensors")
+    assert sorted(back) == ["attention_mask", "input_ids", "modality"] and back["modality"] == "text"
+    assert torch.equal(back["input_ids"], ids) and back["attention_mask"].dtype == torch.long
+    _save_input(ids.float(), tmp_path / "t.safetensors")
+    assert torch.equal(_load_input(tmp_path / "t.safetensors"), ids.float())
+    with pytest.raises(FreshProcessError, match="neither tensors nor JSON"):
+        _save_input({"input_ids": ids, "hook": object()}, tmp_path / "y.safetensors")

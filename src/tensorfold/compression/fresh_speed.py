@@ -50,20 +50,36 @@ class FreshProcessError(TensorfoldError):
     """The speed could not be measured in a fresh process (the reason is the message)."""
 
 
-def _input_tensors(example) -> dict[str, torch.Tensor]:
-    """The model input of ``example`` as named tensors: ``input`` for one tensor, ``input.KEY`` for a dict."""
+def _save_input(example, path: Path) -> None:
+    """The model input of ``example`` as safetensors: one tensor as ``input``; a dict's tensors as
+    ``input.KEY`` and its other values (sentence-transformers adds ``modality: "text"``) as JSON metadata."""
+    from safetensors.torch import save_file
+
     inputs = batch_input(example)
     if isinstance(inputs, torch.Tensor):
-        return {"input": inputs.detach().cpu().contiguous()}
-    if isinstance(inputs, Mapping) and all(isinstance(v, torch.Tensor) for v in inputs.values()):
-        return {f"input.{k}": v.detach().cpu().contiguous() for k, v in inputs.items()}
-    raise FreshProcessError(f"the timed batch is a {type(inputs).__name__}, not a tensor or a dict of tensors")
+        save_file({"input": inputs.detach().cpu().contiguous()}, str(path))
+        return
+    if not isinstance(inputs, Mapping):
+        raise FreshProcessError(f"the timed batch is a {type(inputs).__name__}, not a tensor or a dict")
+    tensors = {f"input.{k}": v.detach().cpu().contiguous() for k, v in inputs.items() if isinstance(v, torch.Tensor)}
+    others = {k: v for k, v in inputs.items() if not isinstance(v, torch.Tensor)}
+    try:
+        metadata = {"others": json.dumps(others)}
+    except TypeError:
+        raise FreshProcessError(f"the timed batch holds values that are neither tensors nor JSON: "
+                                f"{', '.join(sorted(others))}") from None
+    save_file(tensors, str(path), metadata=metadata)
 
 
-def _input_of(tensors: dict[str, torch.Tensor]):
+def _load_input(path: Path):
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
+        others = json.loads((f.metadata() or {}).get("others", "{}"))
     if set(tensors) == {"input"}:
         return tensors["input"]
-    return {k.removeprefix("input."): v for k, v in tensors.items()}
+    return {**{k.removeprefix("input."): v for k, v in tensors.items()}, **others}
 
 
 def measure_in_fresh_process(spec: str, original: nn.Module, compressed: nn.Module, plan: Plan, example, *,
@@ -82,7 +98,7 @@ def measure_in_fresh_process(spec: str, original: nn.Module, compressed: nn.Modu
         directory = Path(tmp)
         write_compressed(compressed, plan, directory)
         save_file(_state_tensors(original), str(directory / ORIGINAL_FILE))
-        save_file(_input_tensors(example), str(directory / INPUT_FILE))
+        _save_input(example, directory / INPUT_FILE)
         env = dict(os.environ)
         env.pop("OMP_WAIT_POLICY", None)
         if wait_policy:
@@ -135,7 +151,7 @@ def _child(directory: Path, spec: str, threads: int, repeats: int) -> None:
     load_state(compressed, load_file(str(directory / WEIGHTS_FILE)), WEIGHTS_FILE)
     original.eval()
     compressed.eval()
-    example = _input_of(load_file(str(directory / INPUT_FILE)))
+    example = _load_input(directory / INPUT_FILE)
     record = measure_speedup(original, compressed, example, threads=threads, repeats=repeats)
     record.update(process="fresh", check_rel_error=output_fidelity(original, compressed, [example])["rel_error"])
     tmp = directory / (RESULT_FILE + ".part")
