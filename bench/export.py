@@ -224,12 +224,13 @@ def measure(args, model) -> None:
                                   "measured": when, "load_before": before, "load_after": after,
                                   "threads": args.threads, "batch": BATCH, "timing_batches": args.timing_batches,
                                   "repeats": args.repeats, "held_out": len(texts), "calib": args.calib}
-        print(f"{label:>40}: {ms(r, 'seconds'):7.1f} ms/batch ({ms(r, 'seconds_q1'):.1f}-{ms(r, 'seconds_q3'):.1f}) "
-              f"{r['speedup']:5.2f}x ({r['speedup_q1']:.2f}-{r['speedup_q3']:.2f})  "
-              f"cos {r['mean_cos']:.3f} min {r['min_cos']:.3f} NN {r['nn_agreement']:.3f}")
+    write_text_atomic(args.json, json.dumps(results, indent=1))  # first: minutes of measuring are not lost
+    for label, row in results["rows"].items():
+        if row["measured"] == when:
+            print(f"{label:>40}: {ms(row, 'seconds'):7.1f} ms/batch ({ms(row, 'seconds_q1'):.1f}-"
+                  f"{ms(row, 'seconds_q3'):.1f}) {spread(row)}  "
+                  f"cos {row['mean_cos']:.3f} min {row['min_cos']:.3f} NN {row['nn_agreement']:.3f}")
     print(f"measured in {time.perf_counter() - t0:.0f} s; {before} -> {after}")
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(args.json, json.dumps(results, indent=1))  # a killed run leaves the old results whole
 
 
 def ms(row: dict, key: str) -> float:
