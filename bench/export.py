@@ -265,28 +265,31 @@ def report(args) -> None:
               f"{r['load_before'].split()[2]} |")
     if args.plot:
 
-        series: dict[str, tuple[list, list]] = {}
+        series: dict[str, tuple[list, ...]] = {}  # name -> speedups, mean cosines, speedup quartiles (q1, q3)
         for r in rows:
             fam = r["family"]
-            words = fam.split()  # "tensorfold 0.67 drop fine-tuned 300 s": budget, methods tag, tuning
-            tag = words[2] if len(words) > 2 and words[0] == "tensorfold" and words[2] != "fine-tuned" else ""
+            words = fam.split()  # "tensorfold 0.8 structured fine-tuned 420 s": budget, then methods and tuning
             group = ("dense" if fam == "dense" else "layer dropping" if fam.startswith("drop") else
-                     f"tensorfold {tag}".strip() + (" fine-tuned" if "fine-tuned" in fam else ""))
-            xs, ys = series.setdefault(f"{group} {r['precision']}", ([], []))
+                     " ".join(["tensorfold", *words[2:]]))
+            xs, ys, q1, q3 = series.setdefault(f"{group} {r['precision']}", ([], [], [], []))
             xs.append(r["speedup"])
             ys.append(r["mean_cos"])
-        for xs, ys in series.values():  # a front reads left to right
-            order = sorted(range(len(xs)), key=xs.__getitem__)
-            xs[:], ys[:] = [xs[i] for i in order], [ys[i] for i in order]
+            q1.append(r.get("speedup_q1", r["speedup"]))
+            q3.append(r.get("speedup_q3", r["speedup"]))
+        for columns in series.values():  # a front reads left to right
+            order = sorted(range(len(columns[0])), key=columns[0].__getitem__)
+            for c in columns:
+                c[:] = [c[i] for i in order]
         Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(args.plot) as tmp:
             tmp.write_bytes(front_plot(series, rows[0]["threads"]))
         print(f"wrote {args.plot}")
 
 
-def front_plot(series: dict[str, tuple[list, list]], threads: int) -> bytes:
-    """The speed-quality plot: one colour per family, fp32 solid circles, int8 dashed squares, the issue's
-    target region (>= 3x at mean cosine >= 0.90) shaded."""
+def front_plot(series: dict[str, tuple[list, ...]], threads: int) -> bytes:
+    """The speed-quality plot: one colour per family, fp32 solid circles, int8 dashed squares, each speedup's
+    quartiles over the timing rounds as a horizontal bar, the issue's target region (>= 3x at mean cosine
+    >= 0.90) shaded."""
     import io
 
     import matplotlib
@@ -298,11 +301,12 @@ def front_plot(series: dict[str, tuple[list, list]], threads: int) -> bytes:
     colours = plt.get_cmap("tab10")
     fig, ax = plt.subplots(figsize=(10, 4.8))
     ax.fill_between([3.0, 4.6], 0.90, 1.01, color="#2a2", alpha=0.08, label="target: >= 3x at cos >= 0.90")
-    for name, (xs, ys) in series.items():
+    for name, (xs, ys, q1, q3) in series.items():
         family, precision = name.rsplit(" ", 1)
         colour = colours(families.index(family) % 10)
         style = dict(marker="o", ls="-") if precision == "fp32" else dict(marker="s", ls="--")
-        ax.plot(xs, ys, color=colour, ms=5, label=name, **style)
+        ax.errorbar(xs, ys, xerr=[[x - lo for x, lo in zip(xs, q1)], [hi - x for x, hi in zip(xs, q3)]],
+                    color=colour, ms=5, capsize=2, elinewidth=0.8, label=name, **style)
     ax.set_xlabel(f"speedup over PyTorch fp32 (batch {BATCH}, {threads} threads)")
     ax.set_ylabel("mean cosine to dense fp32")
     ax.set_title("MiniLM: speed vs quality (fp32 solid, int8 dashed)")
