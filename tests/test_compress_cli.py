@@ -94,6 +94,10 @@ def test_finetune_minutes_bound_the_epochs(tmp_path, factory):
     tuning = json.loads((out / "metrics.json").read_text())["finetune"]
     assert tuning["out_of_time"] is False and tuning["steps"] == 4 * len(tuning["epochs"])
     assert 0 < tuning["seconds"] < 600
+    # the quality evaluations before and after fine-tuning count as evaluation, not as fine-tuning
+    stages = json.loads((out / "metrics.json").read_text())["seconds"]["stages"]
+    assert tuning["seconds_evaluating"] > 0 and stages["evaluation"] >= tuning["seconds_evaluating"]
+    assert stages["fine-tuning"] >= tuning["seconds"] * 0.99
 
 
 @pytest.mark.parametrize(

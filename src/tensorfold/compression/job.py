@@ -177,12 +177,18 @@ def finetune_and_keep_better(source: ModelSource, compressed: nn.Module, origina
         val = f", validation loss {entry['val_loss']:.5g}" if "val_loss" in entry else ""
         log(f"fine-tune epoch {entry['epoch']}: training loss {entry['train_loss']:.5g}{val}")
 
+    t0 = time.perf_counter()
     before = evaluate_pair(source, original, compressed, eval_batches)
+    evaluating = time.perf_counter() - t0
     history = FinetuneHistory(on_epoch=on_epoch)
     tuned = _finetune(source, compressed, original, config, data, history)
+    t0 = time.perf_counter()
     after = evaluate_pair(source, original, tuned, eval_batches)
+    evaluating += time.perf_counter() - t0
+    # the quality before and after is evaluation time, not fine-tuning time (the job's stage times)
     record = {"epochs": history.epochs, "best_epoch": history.best_epoch, "stopped_early": history.stopped_early,
               "steps": history.steps, "seconds": history.seconds, "out_of_time": history.out_of_time,
+              "seconds_evaluating": evaluating,
               "quality_before": before, "quality_after": after, "kept": "fine-tuned"}
     head = headline_metric(before)
     if head is not None:
@@ -396,6 +402,7 @@ def run_job(
     quality = tuning["quality_after" if tuning["kept"] == "fine-tuned" else "quality_before"] if tuning else \
         evaluate_pair(source, original, compressed, eval_batches)
     t_eval = time.perf_counter()
+    evaluating_tuned = tuning["seconds_evaluating"] if tuning else 0.0
     metrics = {
         "model": source.name,
         "budget": config.budget,
@@ -412,8 +419,9 @@ def run_job(
                                # choosing under the budget (with a speed goal: the measured rounds)
                                "allocation": max(t_plan - t_load - sum(planner.seconds.values()), 0.0),
                                "fitting": t_apply - t_plan,
-                               **({"fine-tuning": t_tune - t_apply} if tuning is not None else {}),
-                               "evaluation": t_eval - t_tune}},
+                               **({"fine-tuning": t_tune - t_apply - evaluating_tuned}
+                                  if tuning is not None else {}),
+                               "evaluation": t_eval - t_tune + evaluating_tuned}},
     }
     if tuning is not None:
         metrics["finetune"] = tuning
