@@ -6,9 +6,12 @@ it) compressed from the CLI, exactly as a user would: ``tensorfold compress --mo
 FILE --calib N --budget 0.5 --no-speed``; the job records in metrics.json the peak resident memory after
 each stage (load, plan, apply, evaluate) and the tensor bytes of the original and compressed model.
 
-Memory model: the planner holds, at its peak, the original model, one float64 input Gram matrix per
-compressed Linear layer (all layers at once: ``in_features**2 * 8`` bytes each), and working copies of
-both (candidate fits, sensitivity runs, block statistics) that grow with them. So
+Memory model of the one-pass planner (models without recognised transformer blocks; before session 6
+every model): it holds, at its peak, the original model, one float64 input Gram matrix per compressed
+Linear layer (all layers at once: ``in_features**2 * 8`` bytes each), and working copies of both
+(candidate fits, sensitivity runs, block statistics) that grow with them. (Where blocks are recognised the
+planner now holds one block's Gram matrices at a time: compression/onload.py; bench/compress_bertbase.py
+measures both paths.) So
 
     peak - start  ~=  c * (model_mb + grams_mb)
 
