@@ -177,15 +177,20 @@ def finetune_and_keep_better(source: ModelSource, compressed: nn.Module, origina
         val = f", validation loss {entry['val_loss']:.5g}" if "val_loss" in entry else ""
         log(f"fine-tune epoch {entry['epoch']}: training loss {entry['train_loss']:.5g}{val}")
 
-    t0 = time.perf_counter()
-    before = evaluate_pair(source, original, compressed, eval_batches)
-    evaluating = time.perf_counter() - t0
+    # the quality before and after is evaluation time, not fine-tuning time (the job's stage times)
+    evaluating = 0.0
+
+    def evaluated(model: nn.Module) -> dict:
+        nonlocal evaluating
+        start = time.perf_counter()
+        quality = evaluate_pair(source, original, model, eval_batches)
+        evaluating += time.perf_counter() - start
+        return quality
+
+    before = evaluated(compressed)
     history = FinetuneHistory(on_epoch=on_epoch)
     tuned = _finetune(source, compressed, original, config, data, history)
-    t0 = time.perf_counter()
-    after = evaluate_pair(source, original, tuned, eval_batches)
-    evaluating += time.perf_counter() - t0
-    # the quality before and after is evaluation time, not fine-tuning time (the job's stage times)
+    after = evaluated(tuned)
     record = {"epochs": history.epochs, "best_epoch": history.best_epoch, "stopped_early": history.stopped_early,
               "steps": history.steps, "seconds": history.seconds, "out_of_time": history.out_of_time,
               "seconds_evaluating": evaluating,
@@ -277,9 +282,10 @@ def _speed(source: ModelSource, original: nn.Module, compressed: nn.Module, plan
                                             wait_policy=options.speed_wait_policy)
         except TensorfoldError as exc:  # FreshProcessError, or models whose outputs cannot be compared
             log(f"speed: {exc}; timed in this process instead")
-            return {**measure_speedup(original, compressed, example, threads=options.threads),
-                    "process": "this", "fresh_error": str(exc)}
-    return {**measure_speedup(original, compressed, example, threads=options.threads), "process": "this"}
+            fallback = {"fresh_error": str(exc)}
+    else:
+        fallback = {}
+    return {**measure_speedup(original, compressed, example, threads=options.threads), "process": "this", **fallback}
 
 
 def evaluate_pair(source: ModelSource, original: nn.Module, compressed: nn.Module, batches: list) -> dict:
