@@ -93,7 +93,7 @@ def compress(
     speedup: float = typer.Option(None, "--speedup",
                                   help="Also reach this whole-model speedup (e.g. 1.3), measured while planning "
                                        "(knapsack allocator)."),
-    speed_tolerance: float = typer.Option(0.05, "--speed-tolerance",
+    speed_tolerance: float = typer.Option(0.0, "--speed-tolerance",
                                           help="Transformer blocks: the predicted error may exceed its optimum by "
                                                "this fraction to choose faster options (0: error alone)."),
     calib_data: Path = typer.Option(None, "--calib-data",
