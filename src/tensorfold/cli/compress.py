@@ -162,6 +162,10 @@ def compress(
     plan = result.plan
     console.print(plan.table())
     console.print(plan.summary())
+    if "plan_timing" in result.metrics:
+        from tensorfold.compression.speed import describe_timing
+
+        console.print(f"the budget's latencies {describe_timing(result.metrics['plan_timing'])}")
     for name, reason in plan.skipped:
         console.print(f"skipped {name}: {reason}")
     quality = result.metrics.get("quality", {})

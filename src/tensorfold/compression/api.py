@@ -54,7 +54,7 @@ from tensorfold.compression.plan import Plan
 from tensorfold.compression.probe import OutputProbe
 from tensorfold.compression.replace import replace_layers
 from tensorfold.compression.sensitivity import measure_sensitivities
-from tensorfold.compression.speed import SpeedCheck
+from tensorfold.compression.speed import SpeedCheck, Timer
 from tensorfold.compression.threads import fitting_threads
 from tensorfold.compression.walk import FoundLayers, find_layers
 from tensorfold.core.modules import eval_mode
@@ -210,7 +210,12 @@ class Planner:
             # interpolated), smaller dense layers scaled by FLOPs, dominated Tucker/TT/CP sizes left out
             self.speed_priced = bool(blocks) and config.speed_tolerance > 0 and speedup is None
             needs_latency = config.target == "latency" or config.no_slower or speedup is not None
-            latency = (LatencyModel() if needs_latency else
+            # where a speed/latency budget's layers and plans are timed: the active Timer (``with timer:``; the
+            # tensorfold command's is a fresh process with the user's OpenMP wait policy, compression/
+            # fresh_speed.py), else this process. The tie-break's scaled model stays here: it only orders
+            # near-ties, and starting a process for it would tax every default compress
+            timer = Timer.active()
+            latency = (LatencyModel(timer=timer) if needs_latency else
                        LatencyModel(probe_seconds=0.0, scaled=True) if self.speed_priced else None)
             work = _Work(model, layers, batches, blocks, menu_methods, latency, not needs_latency, report, clock)
             # the statistics one block at a time where the blocks chain, else every layer's at once
@@ -231,7 +236,7 @@ class Planner:
             speed_sample = (example_inputs if example_inputs is not None else batches[0] if batches else
                             randn(*tuple(int(s) for s in input_shape or ()), generator=make_generator(0),
                                   dtype=next(model.parameters()).dtype) if speedup is not None else None)
-            self.speed = (SpeedCheck(model, menus, speed_sample, threads=latency.threads)
+            self.speed = (SpeedCheck(model, menus, speed_sample, threads=latency.threads, timer=timer)
                           if speedup is not None else None)
             if self.speed is not None:
                 clock.lap("speed check")

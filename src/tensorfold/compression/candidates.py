@@ -191,10 +191,13 @@ class LatencyModel:
     """
 
     def __init__(self, threads: int = 2, repeats: int = 10, probe_seconds: float = PROBE_SECONDS, *,
-                 scaled: bool = False):
+                 scaled: bool = False, timer=None):
         from tensorfold.nn import LatencyTable
 
         self.threads, self.repeats, self.probe_seconds = threads, repeats, probe_seconds
+        # timer: where layers are timed (a compression.speed.Timer; None: here). The tensorfold command passes
+        # a FreshTimer: its own OMP_WAIT_POLICY=PASSIVE slows small factored layers more than dense ones
+        self.timer = timer
         # scaled: a smaller dense Linear asked under the name of a measured one takes its time scaled by
         # the FLOPs (a tie-break needs the order, not every size timed: MiniLM's block menus ask ~250 sizes)
         self.scaled = scaled
@@ -206,6 +209,8 @@ class LatencyModel:
         self._cache: dict = {}
 
     def _measure(self, module: nn.Module, input_shape) -> float:
+        if self.timer is not None:
+            return self.timer.latency(module, input_shape, threads=self.threads, repeats=self.repeats, warmup=2)
         from tensorfold.nn import measure_latency
 
         return measure_latency(module, input_shape, threads=self.threads, repeats=self.repeats, warmup=2)

@@ -24,11 +24,12 @@ from torch import nn
 from tensorfold.compression.api import Planner, apply
 from tensorfold.compression.calibration import materialize
 from tensorfold.compression.config import CompressConfig, FinetuneConfig, check_budget
-from tensorfold.compression.evaluate import count_params, measure_speedup, output_fidelity
+from tensorfold.compression.evaluate import count_params, output_fidelity
 from tensorfold.compression.plan import Plan
+from tensorfold.compression.speed import Timer
 from tensorfold.compression.storage import call_factory, load_factory, load_state, write_compressed
 from tensorfold.core.validate import check_count
-from tensorfold.errors import FileFormatError, InvalidArgumentError, TensorfoldError
+from tensorfold.errors import FileFormatError, InvalidArgumentError
 from tensorfold.io import atomic_directory, check_output
 
 
@@ -268,24 +269,18 @@ def _write_directory_model(tmp: Path, source: ModelSource, compressed: nn.Module
     (tmp / "metrics.json").write_text(json.dumps(metrics, indent=1))
 
 
-def _speed(source: ModelSource, original: nn.Module, compressed: nn.Module, plan: Plan, example,
-           options: JobOptions, log: Callable[[str], None]) -> dict:
-    """The end-to-end speed record, timed where ``options.speed_in`` says; a fresh process that cannot
-    rebuild the models falls back to this one, and the record says why."""
-    if options.speed_in == "fresh":
-        from tensorfold.compression.fresh_speed import measure_in_fresh_process
+def job_timer(source: ModelSource, original: nn.Module, options: JobOptions,
+              log: Callable[[str], None]) -> Timer:
+    """Where the job times (a speed or latency budget's planning, the speed line): this process, or with
+    ``options.speed_in == "fresh"`` one fresh process for all of it (a model directory is rebuilt from its
+    path); a fresh process that fails hands over to this one and the records say why."""
+    if options.speed_in != "fresh":
+        return Timer()
+    from tensorfold.compression.fresh_speed import FreshTimer
 
-        extra = source.entry.extra if source.entry is not None else {}
-        spec = extra["path"] if "kind" in extra else source.name  # a model directory is rebuilt from its path
-        try:
-            return measure_in_fresh_process(spec, original, compressed, plan, example, threads=options.threads,
-                                            wait_policy=options.speed_wait_policy)
-        except TensorfoldError as exc:  # FreshProcessError, or models whose outputs cannot be compared
-            log(f"speed: {exc}; timed in this process instead")
-            fallback = {"fresh_error": str(exc)}
-    else:
-        fallback = {}
-    return {**measure_speedup(original, compressed, example, threads=options.threads), "process": "this", **fallback}
+    extra = source.entry.extra if source.entry is not None else {}
+    spec = extra["path"] if "kind" in extra else source.name
+    return FreshTimer(spec, original, wait_policy=options.speed_wait_policy, log=log)
 
 
 def evaluate_pair(source: ModelSource, original: nn.Module, compressed: nn.Module, batches: list) -> dict:
@@ -389,77 +384,82 @@ def run_job(
     if source.exclude and not config.include:  # the model's own exclusions (e.g. a classifier head)
         config = config.replace(exclude=(*(config.exclude or ()), *source.exclude))
     t_load = time.perf_counter()
-    planner = Planner(original, config, calib=batches or None,
-                      example_inputs=source.entry.example_inputs(32) if source.entry is not None else None,
-                      output_fn=source.output_fn, model_name=source.name, progress=progress)
-    plan = planner.plan()
-    t_plan = time.perf_counter()
-    memory.stage("plan")
-    compressed = apply(original, plan, batches or None, progress=progress)
-    t_apply = time.perf_counter()
-    memory.stage("apply")
-    eval_batches = evaluation_batches(source, calib, seed)
-    tuning = None
-    if finetune is not None:
-        compressed, tuning = finetune_and_keep_better(source, compressed, original, finetune, options.data,
-                                                      eval_batches, log)
-        memory.stage("finetune")
-    t_tune = time.perf_counter()
-    quality = tuning["quality_after" if tuning["kept"] == "fine-tuned" else "quality_before"] if tuning else \
-        evaluate_pair(source, original, compressed, eval_batches)
-    t_eval = time.perf_counter()
-    evaluating_tuned = tuning["seconds_evaluating"] if tuning else 0.0
-    metrics = {
-        "model": source.name,
-        "budget": config.budget,
-        "target": config.target,
-        "allocator": plan.allocator,
-        "calibration_samples": calib,
-        "params_original": count_params(original),
-        "params_compressed": count_params(compressed),
-        "quality": quality,
-        "plan_totals": plan.totals(),
-        # compression = plan + apply; the stages say where the time went
-        "seconds": {"plan": t_plan - t0, "apply": t_apply - t_plan, "compression": t_apply - t_load,
-                    "stages": {"load": t_load - t0, **planner.seconds,
-                               # choosing under the budget (with a speed goal: the measured rounds)
-                               "allocation": max(t_plan - t_load - sum(planner.seconds.values()), 0.0),
-                               "fitting": t_apply - t_plan,
-                               **({"fine-tuning": t_tune - t_apply - evaluating_tuned}
-                                  if tuning is not None else {}),
-                               "evaluation": t_eval - t_tune + evaluating_tuned}},
-    }
-    if tuning is not None:
-        metrics["finetune"] = tuning
-    if options.speed:
-        example = (source.entry.example_inputs(32) if source.entry is not None
-                   else (eval_batches[0] if eval_batches else None))
-        if example is not None:
-            t_speed = time.perf_counter()
-            metrics["speed"] = _speed(source, original, compressed, plan, example, options, log)
-            metrics["seconds"]["stages"]["speed"] = time.perf_counter() - t_speed
-    budget = config.budget
-    curve = [{"budget": budget, "fraction": plan.fraction, **quality}]
-    for b in sorted(set(options.curve_budgets) - {budget}):
-        p_b = planner.plan(b, curve=False)
-        c_b = apply(original, p_b, batches or None)
-        curve.append({"budget": b, "fraction": p_b.fraction, **evaluate_pair(source, original, c_b, eval_batches)})
-    curve.sort(key=lambda r: r["budget"])
-    metrics["quality_curve"] = curve
-    if hf_info is not None:
-        record = hf_info.get("split_record") or {}
-        metrics["data"] = {"source": hf_info["data"], **hf_info["split"],
-                           **{k: record[k] for k in ("seed", "sha256", "evaluation_sha256") if k in record}}
-    memory.stage("evaluate")
-    metrics["memory"] = memory.result(original, compressed)
-    metrics["seconds"]["total"] = time.perf_counter() - t0
-    if out_path is not None:
-        from tensorfold.report import write_report
+    # one timer for the whole job: a fresh process, if asked, starts once (planning with a speed goal or the
+    # speed line, whichever comes first) and ends with the job
+    with job_timer(source, original, options, log) as timer:
+        planner = Planner(original, config, calib=batches or None,
+                          example_inputs=source.entry.example_inputs(32) if source.entry is not None else None,
+                          output_fn=source.output_fn, model_name=source.name, progress=progress)
+        plan = planner.plan()
+        t_plan = time.perf_counter()
+        memory.stage("plan")
+        compressed = apply(original, plan, batches or None, progress=progress)
+        t_apply = time.perf_counter()
+        memory.stage("apply")
+        eval_batches = evaluation_batches(source, calib, seed)
+        tuning = None
+        if finetune is not None:
+            compressed, tuning = finetune_and_keep_better(source, compressed, original, finetune, options.data,
+                                                          eval_batches, log)
+            memory.stage("finetune")
+        t_tune = time.perf_counter()
+        quality = tuning["quality_after" if tuning["kept"] == "fine-tuned" else "quality_before"] if tuning else \
+            evaluate_pair(source, original, compressed, eval_batches)
+        t_eval = time.perf_counter()
+        evaluating_tuned = tuning["seconds_evaluating"] if tuning else 0.0
+        metrics = {
+            "model": source.name,
+            "budget": config.budget,
+            "target": config.target,
+            "allocator": plan.allocator,
+            "calibration_samples": calib,
+            "params_original": count_params(original),
+            "params_compressed": count_params(compressed),
+            "quality": quality,
+            "plan_totals": plan.totals(),
+            # compression = plan + apply; the stages say where the time went
+            "seconds": {"plan": t_plan - t0, "apply": t_apply - t_plan, "compression": t_apply - t_load,
+                        "stages": {"load": t_load - t0, **planner.seconds,
+                                   # choosing under the budget (with a speed goal: the measured rounds)
+                                   "allocation": max(t_plan - t_load - sum(planner.seconds.values()), 0.0),
+                                   "fitting": t_apply - t_plan,
+                                   **({"fine-tuning": t_tune - t_apply - evaluating_tuned}
+                                      if tuning is not None else {}),
+                                   "evaluation": t_eval - t_tune + evaluating_tuned}},
+        }
+        if tuning is not None:
+            metrics["finetune"] = tuning
+        if config.speedup is not None or config.target == "latency" or config.no_slower:
+            metrics["plan_timing"] = timer.record()  # where the budget's latencies and checks were timed
+        if options.speed:
+            example = (source.entry.example_inputs(32) if source.entry is not None
+                       else (eval_batches[0] if eval_batches else None))
+            if example is not None:
+                t_speed = time.perf_counter()
+                metrics["speed"] = timer.pair(original, compressed, plan, example, threads=options.threads)
+                metrics["seconds"]["stages"]["speed"] = time.perf_counter() - t_speed
+        budget = config.budget
+        curve = [{"budget": budget, "fraction": plan.fraction, **quality}]
+        for b in sorted(set(options.curve_budgets) - {budget}):
+            p_b = planner.plan(b, curve=False)
+            c_b = apply(original, p_b, batches or None)
+            curve.append({"budget": b, "fraction": p_b.fraction, **evaluate_pair(source, original, c_b, eval_batches)})
+        curve.sort(key=lambda r: r["budget"])
+        metrics["quality_curve"] = curve
+        if hf_info is not None:
+            record = hf_info.get("split_record") or {}
+            metrics["data"] = {"source": hf_info["data"], **hf_info["split"],
+                               **{k: record[k] for k in ("seed", "sha256", "evaluation_sha256") if k in record}}
+        memory.stage("evaluate")
+        metrics["memory"] = memory.result(original, compressed)
+        metrics["seconds"]["total"] = time.perf_counter() - t0
+        if out_path is not None:
+            from tensorfold.report import write_report
 
-        with atomic_directory(out_path, overwrite=overwrite) as tmp:
-            if hf_info is None:
-                write_compressed(compressed, plan, tmp, {"metrics.json": json.dumps(metrics, indent=1)})
-            else:
-                _write_directory_model(tmp, source, compressed, original, plan, metrics, options, log)
-            write_report(tmp / "report.html", plan, metrics)
-    return JobResult(plan, compressed, original, metrics, out_path, curve)
+            with atomic_directory(out_path, overwrite=overwrite) as tmp:
+                if hf_info is None:
+                    write_compressed(compressed, plan, tmp, {"metrics.json": json.dumps(metrics, indent=1)})
+                else:
+                    _write_directory_model(tmp, source, compressed, original, plan, metrics, options, log)
+                write_report(tmp / "report.html", plan, metrics)
+        return JobResult(plan, compressed, original, metrics, out_path, curve)

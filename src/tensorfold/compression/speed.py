@@ -21,6 +21,7 @@ True
 
 from __future__ import annotations
 
+import contextvars
 import statistics
 import time
 from collections.abc import Sequence
@@ -80,6 +81,88 @@ def layer_times(model: nn.Module, names: Sequence[str], sample, *, threads: int 
     return statistics.median(totals), {name: statistics.median(v) for name, v in per.items()}
 
 
+_ACTIVE: contextvars.ContextVar[Timer | None] = contextvars.ContextVar("tensorfold_timer", default=None)
+
+
+class Timer:
+    """Where the planner and the sweep time models: this process (this class).
+
+    ``with timer:`` makes it the active timer (:meth:`active`): a :class:`~tensorfold.compression.api.Planner`
+    built inside times a speed or latency budget's layers and plans with it; leaving the block closes it.
+
+    :class:`tensorfold.compression.fresh_speed.FreshTimer` answers the same three questions in a fresh
+    process with the user's OpenMP wait policy (the ``tensorfold`` command runs itself with ``PASSIVE``,
+    which slows models of many small kernels more than dense ones). ``plan=None`` means ``model`` itself,
+    else the structure of ``plan`` on ``model`` with random weights (:func:`skeleton_model`).
+    """
+
+    def pair(self, original: nn.Module, compressed: nn.Module, plan: Plan | None, sample, *, threads: int = 2,
+             repeats: int = 10, warmup: int = 2) -> dict:
+        """:func:`~tensorfold.compression.evaluate.measure_speedup` of ``original`` vs ``compressed``
+        (``plan`` is the compressed model's, for a timer that rebuilds it; None: ``original`` twice)."""
+        from tensorfold.compression.evaluate import measure_speedup
+
+        return {**measure_speedup(original, compressed, sample, threads=threads, repeats=repeats, warmup=warmup),
+                "process": "this"}
+
+    def layer_times(self, model: nn.Module, plan: Plan | None, names: Sequence[str], sample, *, threads: int = 2,
+                    repeats: int = 20, warmup: int = 3) -> tuple[float, dict[str, float]]:
+        """:func:`layer_times` of ``model`` (``plan`` None) or of ``plan``'s skeleton on ``model``."""
+        if plan is None:
+            timed = model
+        else:  # a check times one plan's skeleton several rounds: built once
+            cached = getattr(self, "_skeleton", None)
+            if cached is None or cached[0] is not model or cached[1] is not plan:
+                self._skeleton = cached = (model, plan, skeleton_model(model, plan))
+            timed = cached[2]
+        return layer_times(timed, names, sample, threads=threads, repeats=repeats, warmup=warmup)
+
+    def latency(self, module: nn.Module, input_shape, *, threads: int = 2, repeats: int = 10,
+                warmup: int = 2) -> float:
+        """:func:`~tensorfold.nn.measure_latency` of one layer alone."""
+        from tensorfold.nn import measure_latency
+
+        return measure_latency(module, input_shape, threads=threads, repeats=repeats, warmup=warmup)
+
+    @staticmethod
+    def active() -> Timer:
+        """The timer of the innermost ``with timer:`` block, else one for this process."""
+        return _ACTIVE.get() or Timer()
+
+    def __enter__(self) -> Timer:
+        self.__dict__.setdefault("_tokens", []).append(_ACTIVE.set(self))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        _ACTIVE.reset(self._tokens.pop())
+        self.close()
+
+    def close(self) -> None:
+        """Free what the timer holds (nothing here; a FreshTimer's process)."""
+        self.__dict__.pop("_skeleton", None)
+
+    def record(self) -> dict:
+        """Where the timings were taken: ``process`` and ``omp_wait_policy`` (and why not fresh)."""
+        import os
+
+        return {"process": "this", "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "").strip().upper()
+                or "default"}
+
+
+def describe_timing(timing: dict | None) -> str | None:
+    """One line saying where a :meth:`Timer.record`'s timings were taken, or None when nothing was timed."""
+    if not timing:
+        return None
+    policy = timing.get("omp_wait_policy", "default")
+    if timing.get("process") == "fresh":
+        return (f"timed in a fresh process with the {'default' if policy == 'default' else policy} OpenMP wait "
+                "policy, as a deployed model runs")
+    line = f"timed in this process (OMP_WAIT_POLICY {policy})"
+    if timing.get("fresh_error"):
+        line += f": the fresh process failed ({timing['fresh_error']}); timings after that are this process's"
+    return line
+
+
 def _shape_key(menu) -> tuple:
     return (menu.description, tuple(menu.input_shape) if menu.input_shape is not None else None)
 
@@ -101,12 +184,14 @@ class SpeedCheck:
     latencies, and ``drop`` nothing at all (removing a block removes its core too).
     """
 
-    def __init__(self, model: nn.Module, menus, sample, *, threads: int = 2, repeats: int = 20):
+    def __init__(self, model: nn.Module, menus, sample, *, threads: int = 2, repeats: int = 20,
+                 timer: Timer | None = None):
         self.model, self.sample, self.threads, self.repeats = model, sample, threads, repeats
+        self.timer = timer if timer is not None else Timer()  # every timing of the check goes through it
         names = [m.name for m in menus]
         parts = {p.name for m in menus if _is_block(m) for p in m.options[0].parts}
-        self.dense_total, per = layer_times(model, [*names, *sorted(parts)], sample, threads=threads,
-                                            repeats=repeats)
+        self.dense_total, per = self.timer.layer_times(model, None, [*names, *sorted(parts)], sample,
+                                                       threads=threads, repeats=repeats)
         self.rest = max(self.dense_total - sum(per[name] for name in names), 0.0)
         self._corrected: set[tuple] = set()  # (layer shape, input shape, method) whose latencies were corrected
         # the dense candidates take their in-model times; factored ones keep the isolated prediction
@@ -134,12 +219,12 @@ class SpeedCheck:
         blocks = {m.name: c for m, c in zip(menus, choices or ()) if _is_block(m)}
         inside = {p.name for m in menus if m.name in blocks for p in m.options[0].parts}
         names = [lp.name for lp in plan.layers if lp.name not in inside] + list(blocks)
-        skeleton = skeleton_model(self.model, plan)
         best_dense = best_small = float("inf")
         in_model: dict[str, list[float]] = {}
+        timer, sample, threads, repeats = self.timer, self.sample, self.threads, self.repeats
         for _ in range(rounds):
-            t_dense, _ = layer_times(self.model, [], self.sample, threads=self.threads, repeats=self.repeats)
-            t_small, per = layer_times(skeleton, names, self.sample, threads=self.threads, repeats=self.repeats)
+            t_dense, _ = timer.layer_times(self.model, None, [], sample, threads=threads, repeats=repeats)
+            t_small, per = timer.layer_times(self.model, plan, names, sample, threads=threads, repeats=repeats)
             best_dense, best_small = min(best_dense, t_dense), min(best_small, t_small)
             for name, t in per.items():
                 in_model.setdefault(name, []).append(t)

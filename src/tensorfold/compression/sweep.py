@@ -32,6 +32,7 @@ from tensorfold.compression.api import Planner, apply
 from tensorfold.compression.config import ALLOCATORS, CompressConfig, FinetuneConfig, check_budget
 from tensorfold.compression.evaluate import paired_timing
 from tensorfold.compression.finetune import finetune as run_finetune
+from tensorfold.compression.speed import Timer, describe_timing
 from tensorfold.core.validate import check_count
 from tensorfold.errors import InvalidArgumentError, TensorfoldError
 from tensorfold.io import atomic_directory
@@ -60,6 +61,7 @@ class SweepPoint:
     ratio: float | None = None  # median of the paired dense/compressed time ratios
     ratio_spread: tuple[float, float] | None = None  # its interquartile range
     noisy: bool = False  # timed while the machine was busy (wide spread, or the dense time moved)
+    timed_in: str | None = None  # "fresh" (a fresh process with the user's OpenMP wait policy) or "this"
 
     @property
     def speedup(self) -> float | None:
@@ -87,6 +89,9 @@ class SweepResult:
     points: list[SweepPoint] = field(default_factory=list)
     dense_latency_spread: tuple[float, float] | None = None  # interquartile range of the dense timing
     calib_samples: int | None = None  # calibration samples each point was planned and fitted with
+    # where the latencies (and a speedup goal's checks) were timed: process, omp_wait_policy and, when a
+    # fresh process failed and this one timed the rest, fresh_error (see compression/fresh_speed.py)
+    timing: dict | None = None
 
     def curve(self, allocator: str) -> list[SweepPoint]:
         """The points of one allocator, largest budget first."""
@@ -169,6 +174,8 @@ def sweep(
     threads: int = 2,
     batch_size: int = 32,
     progress: bool | Callable[[str], None] = True,
+    speed_in: str = "this",
+    speed_wait_policy: str | None = None,
     **settings,
 ) -> SweepResult:
     """Compress the built-in ``model`` at every budget with every allocator; see the module docstring.
@@ -184,7 +191,15 @@ def sweep(
     ``finetune_lr=`` build one) fine-tunes every point, with the model's ``finetune_data``; the learning
     rate defaults to the model's ``extra["finetune_lr"]`` (else 1e-3): a trained ResNet with batch norm
     wants 1e-4, where 1e-3 makes a 47-step fine-tune worse than none.
+
+    ``speed_in`` ("this" or "fresh") says where latencies and a speedup goal's plans are timed: in this
+    process, or in one fresh process whose ``OMP_WAIT_POLICY`` is ``speed_wait_policy`` (None: the runtime's
+    default), as a deployed model runs (:class:`~tensorfold.compression.fresh_speed.FreshTimer`; the
+    ``tensorfold`` command asks for it because it runs itself with ``PASSIVE``). ``result.timing`` and each
+    point's ``timed_in`` record where; a fresh process that fails hands over to this one, saying why.
     """
+    if speed_in not in ("this", "fresh"):
+        raise InvalidArgumentError(f"speed_in must be 'this' or 'fresh', got {speed_in!r}")
     entry = resolve_builtin(model)
     budgets = _check_budgets(budgets)
     allocators = _check_allocators(allocators)
@@ -218,10 +233,46 @@ def sweep(
         calib_samples=config.calib_samples,
     )
     data = entry.finetune_data(64, seed) if finetune is not None else None
+    if speed_in == "fresh":
+        from tensorfold.compression.fresh_speed import FreshTimer
+
+        timer: Timer = FreshTimer(entry.name, original, wait_policy=speed_wait_policy, log=say)
+    else:
+        timer = Timer()
+    with timer:
+        run = _Run(entry, original, config, inputs, calib, timer, threads, say)
+        _sweep_points(result, run, budgets, allocators, finetune, data, latency)
+        timed = latency or config.speedup is not None or config.target == "latency"
+        result.timing = timer.record() if timed else None
+    # reported allocator by allocator, budgets in the order given
+    result.points.sort(key=lambda pt: (allocators.index(pt.allocator), budgets.index(pt.budget)))
+    return result
+
+
+@dataclass
+class _Run:
+    """What every point of a sweep is made and timed with."""
+
+    entry: object
+    original: nn.Module
+    config: CompressConfig
+    inputs: object  # the timed batch
+    calib: object
+    timer: Timer
+    threads: int
+    say: Callable[[str], None] | None
+
+
+def _sweep_points(result: SweepResult, run: _Run, budgets, allocators, finetune: FinetuneConfig | None, data,
+                  latency: bool) -> None:
+    """The dense reference and every point of :func:`sweep`, timed by ``run.timer``."""
+    metric, entry, original, config, inputs, calib = (result.metric, run.entry, run.original, run.config,
+                                                      run.inputs, run.calib)
+    timer, threads, say = run.timer, run.threads, run.say
     if latency:  # the dense reference, measured once (paired with itself for its spread)
-        ref = paired_timing(original, original, inputs, threads=threads, repeats=20)
-        result.dense_latency = ref["first_median"]
-        q = sorted([ref["first_median"] * ref["ratio_q1"], ref["first_median"] * ref["ratio_q3"]])
+        ref = timer.pair(original, original, None, inputs, threads=threads, repeats=20)
+        result.dense_latency = ref["seconds_original"]
+        q = sorted([ref["seconds_original"] * ref["speedup_q1"], ref["seconds_original"] * ref["speedup_q3"]])
         result.dense_latency_spread = (q[0], q[1])
     # Budget by budget: the planner's calibration statistics, menus and sensitivities (measured at the
     # budget) are shared by the allocators, as in plan(); only allocators with a speedup goal need their own.
@@ -260,9 +311,10 @@ def sweep(
                 point.metrics_finetuned = entry.evaluate(original, small)
             point.seconds = time.perf_counter() - start
             if latency:
-                t = paired_timing(original, small, inputs, threads=threads, repeats=30)
-                point.dense_latency, point.latency = t["first_median"], t["second_median"]
-                point.ratio, point.ratio_spread = t["ratio"], (t["ratio_q1"], t["ratio_q3"])
+                t = timer.pair(original, small, p, inputs, threads=threads, repeats=30)
+                point.dense_latency, point.latency = t["seconds_original"], t["seconds_compressed"]
+                point.ratio, point.ratio_spread = t["speedup"], (t["speedup_q1"], t["speedup_q3"])
+                point.timed_in = t["process"]
                 drift = abs(point.dense_latency / result.dense_latency - 1) if result.dense_latency else 0.0
                 point.noisy = bool(t["noisy"] or drift > DENSE_DRIFT)
             result.points.append(point)
@@ -270,9 +322,6 @@ def sweep(
                 shown = point.metrics_finetuned or point.metrics
                 speed = f", speedup {point.speedup:.2f}x" if point.speedup else ""
                 say(f"{allocator} @ {budget:g}: fraction {point.fraction:.3f}, {metric} {shown[metric]:.4f}{speed}")
-    # reported allocator by allocator, budgets in the order given
-    result.points.sort(key=lambda pt: (allocators.index(pt.allocator), budgets.index(pt.budget)))
-    return result
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -354,6 +403,8 @@ def render_html(result: SweepResult, images: dict[str, bytes]) -> str:
     )
     dense = ", ".join(f"{k} {v:.4f}" for k, v in result.dense_metrics.items() if not k.endswith("_drop"))
     lat = f"; dense latency {result.dense_latency * 1e3:.2f} ms" if result.dense_latency else ""
+    where = describe_timing(result.timing)
+    lat += f" ({html.escape(where)})" if where else ""
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>tensorfold sweep: {html.escape(result.model)}</title>
 <style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}
