@@ -41,6 +41,13 @@ def pooled(model, batches) -> torch.Tensor:
     return torch.cat(out)
 
 
+def _memory() -> str:
+    """Resident and peak resident memory of this process (VmRSS, VmHWM)."""
+    with open("/proc/self/status") as f:
+        fields = dict(line.split(":", 1) for line in f if line.startswith(("VmRSS", "VmHWM")))
+    return ", ".join(f"{k} {int(v.split()[0]) / 1024:.0f} MB" for k, v in fields.items())
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--calib", type=int, default=512)
@@ -54,6 +61,8 @@ def main() -> None:
     ap.add_argument("--plan-only", action="store_true", help="stop after planning")
     ap.add_argument("--one-pass", action="store_true",
                     help="every layer's statistics at once (the planner before sequential onloading)")
+    ap.add_argument("--trace", action="store_true",
+                    help="a line per block planned and per block fitted: time, resident and peak memory")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     from transformers import BertConfig, BertModel
@@ -78,6 +87,9 @@ def main() -> None:
         if stage not in seen:
             seen.add(stage)
             print(f"  {time.perf_counter() - t0:7.1f} s: {stage} ({total} steps)", flush=True)
+        elif args.trace and stage in ("calibration", "fitting") and (stage == "calibration" or done % 6 == 0):
+            print(f"  {time.perf_counter() - t0:7.1f} s: {stage} {done}/{total}, {_memory()}, "
+                  f"load {os.getloadavg()[0]:.2f}", flush=True)
 
     settings = {"methods": args.methods} if args.methods else {}
     planner = Planner(model, tf.CompressConfig(budget=args.budget, curve=False, **settings), calib=calib,

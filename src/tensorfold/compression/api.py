@@ -122,6 +122,12 @@ def _input_shapes(model, layers, batches, example_inputs, input_shape) -> dict[s
     return {name: st.input_shape for name, st in stats.items()}
 
 
+def _probe(model: nn.Module, batches: list, output_fn, blocks) -> OutputProbe:
+    # the measurements change the model itself and restore it: no probe copy of the weights is held
+    return OutputProbe(model, sensitivity_batches(batches), output_fn, stages=[b.name for b in blocks],
+                       private_copy=False)
+
+
 @dataclass
 class _Work:
     """What the planner's two paths (:meth:`Planner._at_once`, :meth:`Planner._onloaded`) build menus with."""
@@ -277,7 +283,7 @@ class Planner:
         clock.lap("menus")
         probe = None
         if self.calibrated and (config.sensitivity or work.blocks):
-            probe = OutputProbe(model, sensitivity_batches(batches), output_fn, stages=[b.name for b in work.blocks])
+            probe = _probe(model, batches, output_fn, work.blocks)
         if self.calibrated and config.sensitivity:
             work.sensitivities(probe, menus, grams, config)
         self.layer_menus = {m.name: m for m in menus}
@@ -301,7 +307,7 @@ class Planner:
         clock.laps.update(dict.fromkeys(stages, 0.0))
         probe = None
         if config.sensitivity or work.blocks:
-            probe = OutputProbe(model, sensitivity_batches(batches), output_fn, stages=[b.name for b in work.blocks])
+            probe = _probe(model, batches, output_fn, work.blocks)
             clock.lap(stages[2])
         builder = None
         if work.blocks:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import math
 import weakref
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
@@ -33,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tensorfold.core.modules import batch_input, call_model, takes_dict  # noqa: F401  (re-exported)
-from tensorfold.core.svd import truncated_svd
+from tensorfold.core.svd import full_svd, truncate, truncated_svd
 from tensorfold.errors import InvalidArgumentError, ShapeError, TensorfoldError
 from tensorfold.nn.conv import channel_gram  # noqa: F401  (re-exported: it lived here)
 
@@ -393,13 +394,42 @@ def _whitening_factor(gram: torch.Tensor, ridge: float) -> tuple[torch.Tensor, t
     return Q * root, (Q / root).T
 
 
+# The planner's menu takes a layer's whitened spectrum, then its sensitivity probe fits the same layer at one
+# rank from the same whitened weight: one SVD of ``W L`` serves both (the menu's spectrum comes from the
+# full decomposition the fit needs, not from a separate ``svdvals``). Kept per Gram tensor, checked against
+# the weight's values, handed out once, and only the latest few (a block's layers) are held.
+_WHITENED_SVD: OrderedDict[int, tuple] = OrderedDict()  # id(gram) -> (weak ref, (version, ridge), weight, svd)
+_WHITENED_SVD_KEPT = 8
+
+
+def _keep_svd(gram: torch.Tensor, ridge: float, weight_matrix: torch.Tensor, svd: tuple) -> None:
+    ref = weakref.ref(gram, lambda _, k=id(gram): _WHITENED_SVD.pop(k, None))
+    _WHITENED_SVD.pop(id(gram), None)
+    _WHITENED_SVD[id(gram)] = (ref, (gram._version, float(ridge)), weight_matrix.detach().clone(), svd)
+    while len(_WHITENED_SVD) > _WHITENED_SVD_KEPT:
+        _WHITENED_SVD.popitem(last=False)
+
+
+def _kept_svd(gram: torch.Tensor, ridge: float, weight_matrix: torch.Tensor) -> tuple | None:
+    known = _WHITENED_SVD.get(id(gram))
+    if (known is None or known[0]() is not gram or known[1] != (gram._version, float(ridge))
+            or known[2].shape != weight_matrix.shape or known[2].dtype != weight_matrix.dtype
+            or not torch.equal(known[2], weight_matrix.detach())):
+        return None
+    del _WHITENED_SVD[id(gram)]
+    return known[3]
+
+
 def whitened_spectrum(weight_matrix: torch.Tensor, gram: torch.Tensor, ridge: float = 1e-6) -> torch.Tensor | None:
-    """Singular values of ``W L`` (float64): the output-error spectrum of rank truncation."""
+    """Singular values of ``W L`` (float64): the output-error spectrum of rank truncation. The decomposition
+    is kept for one :func:`whitened_lowrank` of the same weight and Gram (without ``cross``)."""
     factors = whitening_factor(gram, ridge)
     if factors is None:
         return None
     L, _ = factors
-    return torch.linalg.svdvals(weight_matrix.double() @ L)
+    svd = full_svd(weight_matrix.double() @ L)
+    _keep_svd(gram, ridge, weight_matrix, svd)
+    return svd[1]
 
 
 def whitened_lowrank(weight_matrix: torch.Tensor, gram: torch.Tensor, rank: int,
@@ -422,7 +452,8 @@ def whitened_lowrank(weight_matrix: torch.Tensor, gram: torch.Tensor, rank: int,
     if cross is not None:
         # Unconstrained least squares: A* = W cross^T gram^{-1}, solved through the Cholesky factor.
         target = (W @ cross.double().T) @ L_inv.T @ L_inv
-    t = truncated_svd(target @ L, rank)
+    kept = _kept_svd(gram, ridge, weight_matrix) if cross is None else None
+    t = truncate(kept, rank) if kept is not None else truncated_svd(target @ L, rank)
     total = float((t.full_spectrum.double() ** 2).sum())
     err = math.sqrt(t.tail_sq / total) if total > 0 else 0.0
     first = t.V.T @ L_inv  # (r, in)

@@ -134,15 +134,25 @@ def _shape_for_params(layer: nn.Module) -> tuple[int, ...]:
     return _probe_shape(layer)
 
 
-def _output_error(layer: nn.Module, approx: torch.Tensor, gram: GramStats | None) -> tuple[float, bool]:
-    """Relative error of ``approx`` (a dense weight) in the outputs when the Gram is known, else in the weight."""
+def _output_energy(layer: nn.Module, gram: GramStats | None) -> float | None:
+    """``||X W^T||^2`` from the Gram (the denominator of every output error of the layer), None without it."""
+    Wm = layer.weight.detach().double().reshape(layer.weight.shape[0], -1)
+    if gram is None or gram.gram is None or gram.gram.shape[0] != Wm.shape[1]:
+        return None
+    return float(((Wm @ gram.gram) * Wm).sum())
+
+
+def _output_error(layer: nn.Module, approx: torch.Tensor, gram: GramStats | None,
+                  energy: float | None = None) -> tuple[float, bool]:
+    """Relative error of ``approx`` (a dense weight) in the outputs when the Gram is known, else in the weight
+    (``energy``: the layer's :func:`_output_energy`, when already known)."""
     W = layer.weight.detach().double()
     D = (W - approx.double()).reshape(W.shape[0], -1)
     Wm = W.reshape(W.shape[0], -1)
     if gram is not None and gram.gram is not None and gram.gram.shape[0] == Wm.shape[1]:
         G = gram.gram
         num = float(((D @ G) * D).sum())
-        den = float(((Wm @ G) * Wm).sum())
+        den = _output_energy(layer, gram) if energy is None else energy
         if den > 0:
             return math.sqrt(max(num, 0.0) / den), True
     den = float((Wm**2).sum())
@@ -154,6 +164,7 @@ def _measured_candidates(method, cls, layer, opts, gram, fractions=None, seen=No
     (``fractions``, default the method's grid; ranks in ``seen`` are skipped, and added to it)."""
     seen = set() if seen is None else seen
     out = []
+    energy = None  # the same for every size: computed once (it cost as much as each size's own error)
     for frac in fractions or MEASURED_FRACTIONS.get(method, (0.1, 0.25, 0.5, 0.75)):
         try:
             rank = cls.resolve_rank(layer, frac, **opts)
@@ -168,7 +179,9 @@ def _measured_candidates(method, cls, layer, opts, gram, fractions=None, seen=No
             with torch.no_grad(), warnings.catch_warnings():
                 warnings.simplefilter("ignore", ConvergenceWarning)  # a candidate's error is measured anyway
                 built = cls.from_dense(layer, rank, **build_opts)
-                err, calibrated = _output_error(layer, built.dense_weight(), gram)
+                if energy is None:
+                    energy = _output_energy(layer, gram)
+                err, calibrated = _output_error(layer, built.dense_weight(), gram, energy)
         except TensorfoldError:
             continue
         out.append((rank, err, calibrated))

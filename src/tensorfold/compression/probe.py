@@ -59,11 +59,15 @@ class OutputProbe:
 
     ``stages``: names of modules that run once per forward pass, in order (transformer blocks); a stage
     called any other number of times is not replayed.
+
+    ``private_copy=False``: ``work`` is ``model`` itself (already in eval mode), which every measurement
+    changes and restores before it returns (the planner's measurements all do): no second copy of the
+    model's weights is held (BERT-large: 1.34 GB).
     """
 
     def __init__(self, model: nn.Module, batches: list, output_fn: Callable | None = None,
-                 stages: Sequence[str] = ()):
-        self.work = copy.deepcopy(model).eval()
+                 stages: Sequence[str] = (), *, private_copy: bool = True):
+        self.work = copy.deepcopy(model).eval() if private_copy else model
         self.batches, self.output_fn = list(batches), output_fn
         outputs: dict[str, list] = {name: [] for name in stages}
         inputs: dict[str, list] = {name: [] for name in stages}

@@ -76,10 +76,7 @@ def truncated_svd(
             raise InvalidArgumentError("error targets must be >= 0")
         max_error_sq = bound**2
     if method == "exact":
-        U, S, V = _exact_svd(M)
-        r = choose_rank(S, rank=rank, max_error_sq=max_error_sq)
-        tail_sq = float((S[r:].double() ** 2).sum())
-        return Truncation(U[:, :r], S[:r], V[:, :r], tail_sq, S)
+        return truncate(full_svd(M), rank=rank, max_error_sq=max_error_sq)
     if method == "randomized":
         if rank is None:
             raise InvalidArgumentError("method='randomized' needs a rank")
@@ -89,6 +86,22 @@ def truncated_svd(
         tail_sq = max(total - float((S[:r].double() ** 2).sum()), 0.0)
         return Truncation(U[:, :r], S[:r], V[:, :r], tail_sq, None)
     raise InvalidArgumentError(f"method must be 'exact' or 'randomized', got {method!r}")
+
+
+def truncate(svd: tuple[torch.Tensor, torch.Tensor, torch.Tensor], rank: int | None = None, *,
+             max_error_sq: float | None = None) -> Truncation:
+    """The exact truncation of a full SVD ``(U, S, V)`` (from :func:`full_svd`) at ``rank`` and/or an
+    absolute squared-error bound: what ``truncated_svd(M, rank)`` returns, without decomposing ``M`` again."""
+    U, S, V = svd
+    r = choose_rank(S, rank=rank, max_error_sq=max_error_sq)
+    tail_sq = float((S[r:].double() ** 2).sum())
+    return Truncation(U[:, :r], S[:r], V[:, :r], tail_sq, S)
+
+
+def full_svd(M: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(U, S, V)`` with ``M = U diag(S) V^T`` (thin; singular values descending), as the exact
+    :func:`truncated_svd` computes it."""
+    return _exact_svd(M)
 
 
 def _exact_svd(M: torch.Tensor):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import weakref
 from collections.abc import Callable, Sequence
 
 import torch
@@ -457,6 +458,69 @@ def _refit_toward(last: nn.Linear, G: torch.Tensor, C: torch.Tensor, ridge: floa
         last.bias.copy_(X[-1].to(w.dtype))
 
 
+def _all_tensors(module: nn.Module) -> list[torch.Tensor]:
+    """Every parameter and buffer of ``module``, once per place it is held (tied ones repeat)."""
+    return [t for _, t in (*module.named_parameters(remove_duplicate=False),
+                           *module.named_buffers(remove_duplicate=False)) if t is not None]
+
+
+class _BlockwiseCopy:
+    """The fitting's new model, copied block by block: ``new`` starts as a copy of ``model`` whose recognised
+    blocks hold the original's tensors (their modules are new objects, so replacing a layer in ``new`` never
+    touches ``model``); :meth:`own` gives a block its own copy before anything in it is fitted or changed, and
+    :meth:`done` copies the blocks never owned. The fitting then holds the original, the blocks fitted so far
+    and one block, not two whole models at once (BERT-large: 1.34 GB less at the fitting's peak); the result
+    shares no tensor with ``model``. Tensors also used outside their block (tied weights) are copied at once."""
+
+    def __init__(self, model: nn.Module, blocks: Sequence[Block]):
+        self.model = model
+        names = [b.name for b in blocks if b.name]
+        names = [n for n in names if not any(o != n and (n.startswith(o + ".") or o.startswith(n + "."))
+                                             for o in names)]
+        uses: dict[int, int] = {}
+        for t in _all_tensors(model):
+            uses[id(t)] = uses.get(id(t), 0) + 1
+        memo: dict[int, object] = {}
+        self.pending: set[str] = set()
+        for name in names:
+            module = model.get_submodule(name)
+            tensors = _all_tensors(module)
+            inside: dict[int, int] = {}
+            for t in tensors:
+                inside[id(t)] = inside.get(id(t), 0) + 1
+            if all(uses[i] == k for i, k in inside.items()):  # none of them also used elsewhere
+                memo.update({id(t): t for t in tensors})
+                self.pending.add(name)
+        self.new = copy.deepcopy(model, memo)
+        # train/eval flags as they are now: a block copied while the fitting holds the model in eval mode
+        # gets its modules' own flags back in done()
+        self.flags = {name: m.training for name, m in model.named_modules()}
+        self.copied: weakref.WeakSet[nn.Module] = weakref.WeakSet()  # (ids of replaced modules get reused)
+
+    def own(self, name: str) -> None:
+        """Give the block ``name`` its own copy of the original's, unless it has one."""
+        from tensorfold.core.modules import set_submodule
+
+        if name in self.pending:
+            self.pending.discard(name)
+            block = copy.deepcopy(self.model.get_submodule(name))
+            self.copied.update(block.modules())
+            set_submodule(self.new, name, block)
+
+    def replaced(self, name: str) -> None:
+        """The block ``name`` was replaced whole in ``new`` (dropped): nothing of the original's to copy."""
+        self.pending.discard(name)
+
+    def done(self) -> nn.Module:
+        """``new`` with every block its own (call it once the model's flags are restored)."""
+        for name, m in self.new.named_modules():
+            if m in self.copied and name in self.flags:
+                m.training = self.flags[name]
+        for name in sorted(self.pending):
+            self.own(name)
+        return self.new
+
+
 def apply_block_plan(model: nn.Module, plan: Plan | Sequence[LayerPlan], batches: list, *, ridge: float = 1e-6,
                      progress: Callable[[str, int, int], None] | None = None, correct: bool = True) -> nn.Module:
     """A new model with ``plan`` applied, block methods included (``model`` is not modified).
@@ -471,7 +535,8 @@ def apply_block_plan(model: nn.Module, plan: Plan | Sequence[LayerPlan], batches
             f"the plan's block methods (e.g. {needs_data[0]!r}) are fitted to calibration data: pass calib")
     report = progress or (lambda stage, done, total: None)
     block_of, by_name = _block_index(model, plan)
-    new = copy.deepcopy(model)
+    blockwise = _BlockwiseCopy(model, find_blocks(model))
+    new = blockwise.new
     todo = list(by_name.values())
     with eval_mode(model, new), torch.no_grad():
         leader: dict[str, str] = {}
@@ -501,6 +566,7 @@ def apply_block_plan(model: nn.Module, plan: Plan | Sequence[LayerPlan], batches
                 if not (correct and batches) or isinstance(new.get_submodule(b.name), SkipBlock):
                     continue
                 if end in by_name and end not in fused:  # refitting dense ends was measured worse
+                    blockwise.own(b.name)
                     correct_toward_original(new, model, b, end, inputs, reference)
 
         for i, lp in enumerate(todo):
@@ -509,7 +575,10 @@ def apply_block_plan(model: nn.Module, plan: Plan | Sequence[LayerPlan], batches
             finish(position.get(lp.name, 0))
             block = block_of.get(lp.name)
             attn = block.attention if block is not None else None
+            if lp.method != "drop" and block is not None:
+                blockwise.own(block.name)  # before anything in it is fitted
             if lp.method == "drop":
+                blockwise.replaced(block.name)
                 set_submodule(new, block.name, SkipBlock.like(new.get_submodule(block.name)))
                 done.update(block.layers)
                 shared.clear()
@@ -543,7 +612,7 @@ def apply_block_plan(model: nn.Module, plan: Plan | Sequence[LayerPlan], batches
                 done.add(lp.name)
             report("fitting", i + 1, len(todo))
         finish(len(ends))
-    return new
+    return blockwise.done()
 
 
 def restructure_blocks(model: nn.Module, plan: Plan | Sequence[LayerPlan], *,
