@@ -13,7 +13,10 @@ Run: .venv/bin/python bench/compress_bertbase.py [--calib 512] [--layers 12] [--
 Peak memory of other shapes: ``--hidden 1024 --layers 24 --heads 16`` is BERT-large (335M; the feed-forward
 width is 4x the hidden size); ``--plan-only`` stops after planning; ``--one-pass`` plans from every layer's
 statistics collected at once (the planner's path before sequential onloading) instead of block by block;
-``--methods`` the planner's methods (default: the default menus).
+``--methods`` the planner's methods (default: the default menus); ``--arch llama`` a decoder (``LlamaModel``,
+no LM head: ``--hidden 896 --heads 14 --kv-heads 2 --ffn 4864 --vocab 151936 --layers 24`` is
+Qwen2.5-0.5B's shape, 494M parameters); ``--trace`` a line per block planned and fitted with the resident
+and peak resident memory (VmRSS, VmHWM).
 """
 
 from __future__ import annotations
@@ -61,23 +64,37 @@ def main() -> None:
     ap.add_argument("--plan-only", action="store_true", help="stop after planning")
     ap.add_argument("--one-pass", action="store_true",
                     help="every layer's statistics at once (the planner before sequential onloading)")
+    ap.add_argument("--arch", choices=("bert", "llama"), default="bert",
+                    help="llama: a LlamaModel decoder (no LM head) from --hidden/--heads/--kv-heads/--ffn/--vocab")
+    ap.add_argument("--kv-heads", type=int, default=None, help="llama: key/value heads (default: --heads)")
+    ap.add_argument("--ffn", type=int, default=None, help="feed-forward width (default: 4x --hidden)")
+    ap.add_argument("--vocab", type=int, default=30522, help="vocabulary size (the token ids are BERT's)")
     ap.add_argument("--trace", action="store_true",
                     help="a line per block planned and per block fitted: time, resident and peak memory")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    from transformers import BertConfig, BertModel
+    from transformers import BertConfig, BertModel, LlamaConfig, LlamaModel
 
     import tensorfold as tf
     from tensorfold.compression.api import Planner
     from tensorfold.zoo import minilm
 
     torch.manual_seed(0)
-    model = BertModel(BertConfig(num_hidden_layers=args.layers, hidden_size=args.hidden,
-                                 num_attention_heads=args.heads, intermediate_size=4 * args.hidden)).eval()
+    ffn = args.ffn or 4 * args.hidden
+    if args.arch == "llama":  # Qwen2.5-0.5B's shape: --hidden 896 --heads 14 --kv-heads 2 --ffn 4864 --vocab 151936
+        model = LlamaModel(LlamaConfig(num_hidden_layers=args.layers, hidden_size=args.hidden, intermediate_size=ffn,
+                                       num_attention_heads=args.heads, num_key_value_heads=args.kv_heads or args.heads,
+                                       vocab_size=args.vocab)).eval()
+    else:
+        model = BertModel(BertConfig(num_hidden_layers=args.layers, hidden_size=args.hidden, vocab_size=args.vocab,
+                                     num_attention_heads=args.heads, intermediate_size=ffn)).eval()
     Planner.sequential = not args.one_pass
     params = sum(p.numel() for p in model.parameters())
     calib = minilm.calibration(args.calib, seed=0)
     held_out = [minilm.tokenize(list(minilm.eval_sentences()[i:i + 32])) for i in range(0, 128, 32)]
+    if args.arch == "llama":  # a decoder takes no segment ids
+        calib, held_out = ([{k: v for k, v in b.items() if k != "token_type_ids"} for b in bs]
+                           for bs in (calib, held_out))
     load = os.getloadavg()[0]
     peak_start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     t0 = time.perf_counter()
@@ -101,7 +118,8 @@ def main() -> None:
           + f"); peak memory {peak_plan:.0f} MB (at the start {peak_start:.0f} MB); {params / 1e6:.1f}M parameters, "
           f"{'one pass' if args.one_pass else 'block by block'}", flush=True)
     if args.plan_only:
-        result = {"params": params, "hidden": args.hidden, "layers": args.layers, "calib": args.calib,
+        result = {"arch": args.arch, "params": params, "hidden": args.hidden, "layers": args.layers,
+                  "calib": args.calib,
                   "methods": args.methods or "default", "one_pass": args.one_pass, "plan_s": t1 - t0,
                   "stages": planner.seconds, "peak_rss_mb_start": peak_start, "peak_rss_mb_plan": peak_plan,
                   "fraction": plan.fraction, "load_start": load, "load_end": os.getloadavg()[0]}
@@ -114,7 +132,8 @@ def main() -> None:
     a, b = pooled(model, held_out), pooled(small, held_out)
     cos = torch.nn.functional.cosine_similarity(a.double(), b.double()).mean()
     result = {
-        "params": params, "hidden": args.hidden, "layers": args.layers, "calib": args.calib, "budget": args.budget,
+        "arch": args.arch, "params": params, "hidden": args.hidden, "layers": args.layers, "calib": args.calib,
+        "budget": args.budget,
         "one_pass": args.one_pass, "peak_rss_mb_start": peak_start,
         "fraction": plan.fraction, "compression_s": t2 - t0, "plan_s": t1 - t0,
         "stages": {**planner.seconds, "fitting": t2 - t1},
