@@ -55,9 +55,9 @@ def measure_sensitivities(
             out.append(1.0)
             continue
         original = work.get_submodule(menu.name)
-        # this layer alone in the dense model: its input statistics are the planner's
-        replace_layers(work, [menu.decision(cand)], "fitted", stats=grams or {}, inplace=True)
-        try:
+        try:  # (the probe's model may be the user's own: restored whatever happens)
+            # this layer alone in the dense model: its input statistics are the planner's
+            replace_layers(work, [menu.decision(cand)], "fitted", stats=grams or {}, inplace=True)
             change = probe.effect(menu.name)
         finally:
             set_submodule(work, menu.name, original)
