@@ -164,3 +164,60 @@ def test_fitting_copies_the_model_block_by_block_with_the_result_of_a_whole_copy
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     ours = {t.data_ptr() for t in model.state_dict().values() if t.numel()}
     assert not any(t.data_ptr() in ours for t in new.state_dict().values() if t.numel())
+
+
+class _Shared(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.q, self.k, self.last = (nn.Linear(8, 8) for _ in range(4))
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        y = self.q(h) + self.k(h)  # q and k read the very same tensor
+        del h
+        return self.last(torch.relu(y))
+
+
+def test_shared_inputs_are_found_without_holding_every_layer_input():
+    import weakref
+
+    from tensorfold.compression.calibration import forward_order_and_shared_inputs
+
+    net = _Shared()
+    refs, alive_at_last = {}, []
+    def on_q(module, args):
+        refs.setdefault("h", weakref.ref(args[0]))
+
+    def on_last(module, args):
+        alive_at_last.append(refs["h"]() is not None)
+
+    net.q.register_forward_pre_hook(on_q)
+    net.last.register_forward_pre_hook(on_last)
+    layers = {n: getattr(net, n) for n in ("a", "q", "k", "last")}
+    order, leader = forward_order_and_shared_inputs(net, layers, torch.randn(4, 8))
+    assert order == ["a", "q", "k", "last"]
+    assert leader == {"a": "a", "q": "q", "k": "q", "last": "last"}
+    assert alive_at_last == [False]  # q's input was not kept for the rest of the pass
+
+
+def test_a_second_layer_of_the_same_shape_times_nothing(monkeypatch):
+    from tensorfold.compression.candidates import LatencyModel
+    from tensorfold.nn import LowRankLinear
+
+    timed: list = []
+
+    def fake(self, module, shape):
+        timed.append(module)
+        return _fake_time(module)
+
+    hf_tiny.use_fake_latency(monkeypatch, _fake_time)  # and no shipped table
+    monkeypatch.setattr(LatencyModel, "_measure", fake)
+    latency = LatencyModel(probe_seconds=0.0, scaled=True)
+    ranks = list(range(1, 40))
+    first, second = nn.Linear(96, 96), nn.Linear(96, 96)
+    a = latency.factored("block0.fc", "svd", LowRankLinear, first, {}, ranks, (4, 96))
+    n_first = len(timed)
+    b = latency.factored("block1.fc", "svd", LowRankLinear, second, {}, ranks, (4, 96))
+    assert 6 <= n_first < len(ranks)  # six ranks timed, the rest interpolated
+    assert len(timed) == n_first  # the next block's layer: every rank from the cache
+    assert a == b
