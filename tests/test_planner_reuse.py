@@ -221,3 +221,30 @@ def test_a_second_layer_of_the_same_shape_times_nothing(monkeypatch):
     assert 6 <= n_first < len(ranks)  # six ranks timed, the rest interpolated
     assert len(timed) == n_first  # the next block's layer: every rank from the cache
     assert a == b
+
+
+def test_fitting_frees_each_shared_capture_after_its_last_reader(monkeypatch):
+    import weakref
+
+    import tensorfold as tf
+    from tensorfold.compression import replace
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 8))
+    calib = [torch.randn(64, 16, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    plan = tf.plan(model, CompressConfig(budget=0.5, methods=("svd",)), calib=calib)
+    n = sum(lp.factored for lp in plan.layers)
+    assert n >= 2
+    made: list = []
+    capture = replace.layer_input_grams
+
+    def spy(*args, **kwargs):
+        stats = capture(*args, **kwargs)
+        made.append(weakref.ref(stats))
+        return stats
+
+    alive: list[int] = []
+    monkeypatch.setattr(replace, "layer_input_grams", spy)
+    tf.apply(model, plan, calib, progress=lambda stage, d, t: alive.append(sum(r() is not None for r in made)))
+    # only the layer just fitted still holds its capture (all of them were held to the end before: 1, 2, ...)
+    assert len(made) == n and alive == [1] * n, alive

@@ -26,7 +26,7 @@ import contextlib
 import math
 import weakref
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -301,6 +301,14 @@ def forward_order_and_shared_inputs(model: nn.Module, layers: Mapping[str, nn.Mo
     return order, leader
 
 
+def last_reads(names: Sequence[str], leader: Mapping[str, str]) -> dict[str, int]:
+    """For each shared capture (a layer's leader in ``leader``, else the layer itself), the position in
+    ``names`` (the fitting order) of the last layer that reads it: its statistics (the Gram, and the
+    whitening factors cached on it) are freed once that layer is fitted, not held to the end of the fitting
+    (BERT-large: ~450 MB a block)."""
+    return {leader.get(n, n): i for i, n in enumerate(names)}
+
+
 def layer_input_grams(current: nn.Module, current_layer: nn.Module, batches: list, *,
                       original: nn.Module | None = None, original_layer: nn.Module | None = None) -> GramStats:
     """Gram of ``current_layer``'s inputs in the (partly compressed) ``current`` model and, when
@@ -483,6 +491,7 @@ __all__ = [
     "output_tensor",
     "layer_input_grams",
     "forward_order_and_shared_inputs",
+    "last_reads",
     "relative_tail_errors",
     "run_checked",
     "whitened_lowrank",

@@ -36,6 +36,7 @@ from torch import nn
 from tensorfold.compression.calibration import (
     GramStats,
     forward_order_and_shared_inputs,
+    last_reads,
     layer_input_grams,
     materialize,
     run_checked,
@@ -121,6 +122,7 @@ def replace_layers(
             rank_of = {name: i for i, name in enumerate(order)}
             decisions.sort(key=lambda lp: rank_of.get(lp.name, len(order)))
         shared: dict[str, GramStats] = {}
+        last = last_reads([lp.name for lp in decisions], leader)
         for i, lp in enumerate(decisions):
             layer = layers[lp.name]
             layer_stats = stats.get(lp.name) if stats is not None else None
@@ -137,6 +139,8 @@ def replace_layers(
             built = build_factored(layer, lp.method, lp.rank, layer_stats, correct_upstream=correct_upstream,
                                    ridge=ridge, options=lp.options)
             set_submodule(target, lp.name, built)
+            if lp.name in leader and last[leader[lp.name]] == i:
+                shared.pop(leader[lp.name], None)
             report("fitting", i + 1, len(decisions))
     return target
 

@@ -34,6 +34,7 @@ from tensorfold.compression.calibration import (
     GramStats,
     call_model,
     forward_order_and_shared_inputs,
+    last_reads,
     layer_input_grams,
     token_mask,
 )
@@ -547,6 +548,7 @@ def apply_block_plan(model: nn.Module, plan: Plan | Sequence[LayerPlan], batches
             todo.sort(key=lambda lp: rank_of.get(lp.name, len(order)))
         done: set[str] = set()
         shared: dict[str, GramStats] = {}
+        last = last_reads([lp.name for lp in todo], leader)
         # the blocks in forward order: captures replay the finished ones (see Inputs)
         names = [blk.name for blk in sorted(set(block_of.values()), key=lambda blk: blk.index)]
         inputs, reference = Inputs(new, batches, names), Inputs(model, batches, names)
@@ -608,6 +610,8 @@ def apply_block_plan(model: nn.Module, plan: Plan | Sequence[LayerPlan], batches
                         else:
                             shared[key] = layer_input_grams(new, layer, batches)
                     stats = shared[key]
+                    if last[key] == i:
+                        del shared[key]
                 set_submodule(new, lp.name, _matrix(layer, lp, stats, ridge))
                 done.add(lp.name)
             report("fitting", i + 1, len(todo))
