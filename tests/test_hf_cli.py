@@ -93,8 +93,13 @@ def test_sentence_transformers_standalone_finetune_export(root, tmp_path):
     assert variants["dense fp32"]["mean_cos"] == pytest.approx(1.0)
     assert variants["compressed fp32"]["mean_cos"] == pytest.approx(metrics["quality"]["mean_cos"], abs=1e-6)
     assert all(":" not in op for op in metrics["export"]["ops"])  # standard ONNX ops only
+    # the int8 file: quantized from ONNX Runtime's fused graph (verified like model.onnx), its ops recorded
+    assert metrics["export"]["int8_graph"]["graph"] == "fused", metrics["export"]["int8_graph"]
+    assert "com.microsoft:SkipLayerNormalization" in metrics["export"]["int8_ops"]
+    assert variants["dense int8"]["int8_graph"]["fused"]["Attention"] == 2
     report = (out / "report.html").read_text()
     assert "the four variants" in report and "compressed int8" in report and "peak rss mb" in report
+    assert "The int8 file was quantized from the fused graph: 1 EmbedLayerNormalization" in report
     # standalone: the output directory moves alone and the base directory can go
     moved = tmp_path / "moved"
     shutil.copytree(out, moved)
@@ -185,6 +190,10 @@ def test_export_command(root, tmp_path):
     rows = {r["variant"]: r for r in metrics["export"]["variants"]}
     assert rows["dense fp32"]["top1_agreement"] == 1.0
     assert rows["compressed int8"]["perplexity"] > 0
+    assert metrics["export"]["int8_graph"] == {"graph": "plain",
+                                               "reason": "no BERT-style encoder (the fused graph is for encoders)"}
+    assert "from the plain graph; no BERT-style encoder" in " ".join(proc.stderr.split())  # folded lines
+    assert "int8 ops: " in proc.stdout and "quantized from the plain graph" in proc.stdout
     # the exported fp32 graph is the compressed model: same perplexity as the compress run measured
     assert rows["compressed fp32"]["perplexity"] == pytest.approx(metrics["quality"]["perplexity"], rel=1e-6)
     again = cli("export", out, "--onnx", ok=False)

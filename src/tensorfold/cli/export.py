@@ -26,7 +26,9 @@ EPILOG = (
 def export(
     directory: Path = typer.Argument(..., help="Output directory of 'tensorfold compress' for a model directory."),
     onnx: bool = typer.Option(False, "--onnx", help="Write DIR/model.onnx (required: the one format today)."),
-    int8: bool = typer.Option(False, "--int8", help="Also write DIR/model-int8.onnx (dynamic int8 weights)."),
+    int8: bool = typer.Option(False, "--int8", help="Also write DIR/model-int8.onnx (dynamic int8 weights per "
+                                                    "output channel; for encoders an ONNX Runtime graph with its "
+                                                    "fused transformer ops)."),
     calib_data: Path = typer.Option(None, "--calib-data",
                                     help="Text to verify and compare on (its held-out part, split with the compress "
                                          "run's seed); default: the compress run's own held-out part, recorded "
@@ -81,6 +83,9 @@ def export(
     # a pipe or a log file gets wide lines instead of ones folded into 80 columns
     console = stdout_console() if sys.stdout.isatty() else Console(highlight=False, width=150)
     console.print(f"ops: {', '.join(result['ops'])}")
+    if int8:
+        console.print(f"int8 ops: {', '.join(result['int8_ops'])} (quantized from the "
+                      f"{result['int8_from']})")
     for row in result["variants"]:
         console.print(describe_variant(row))
     console.print(f"wrote {', '.join(str(directory / f) for f in result['files'])}")

@@ -138,6 +138,14 @@ def render_report(plan, metrics: dict | None = None, title: str | None = None) -
             f"</title><style>{STYLE}</style></head><body>\n{body}\n</body></html>\n")
 
 
+def _int8_graph(export: dict) -> str:
+    """Which graph the int8 file was quantized from and its ops (exports since the fused int8 recipe)."""
+    if not export.get("int8_ops"):
+        return ""
+    return (f" The int8 file was quantized from the {html_lib.escape(export.get('int8_from', '?'))}; its ops: "
+            f"{html_lib.escape(', '.join(export['int8_ops']))}.")
+
+
 def _hf_sections(metrics: dict) -> list[str]:
     """Calibration text, export variants (speed and quality side by side) and memory, when recorded."""
     parts = []
@@ -150,9 +158,9 @@ def _hf_sections(metrics: dict) -> list[str]:
         parts.append(f"<h2>Export: the four variants</h2><p>batch {export.get('batch')}, {export.get('threads')} "
                      f"threads, medians over the timed rounds (speedup: the median of per-round ratios); fp32 "
                      f"runs in PyTorch, int8 in ONNX Runtime (dynamic int8 "
-                     f"weights); quality against the dense fp32 model on the held-out text. Files: "
-                     f"{html_lib.escape(', '.join(export.get('files', [])))}; ops: "
-                     f"{html_lib.escape(', '.join(export.get('ops', [])))}.</p>")
+                     f"weights, one scale per output channel); quality against the dense fp32 model on the held-out "
+                     f"text. Files: {html_lib.escape(', '.join(export.get('files', [])))}; ops: "
+                     f"{html_lib.escape(', '.join(export.get('ops', [])))}.{_int8_graph(export)}</p>")
         parts.append(table_html(rows, ["variant", "runtime", "seconds", "speedup", *keys], left=("variant", "runtime")))
         if keys:
             series = {r["variant"]: ([r["speedup"]], [r[keys[0]]]) for r in rows}
