@@ -12,7 +12,10 @@ of 32 held-out sentences (a seeded draw, mixed lengths), ``--threads`` threads, 
 every variant of the run takes its turn (one untimed pass, then two timed: ONNX Runtime passes timed right
 after a PyTorch pass ran bimodal, see ``compression.export.timed_rounds``); ms / batch is the median over the
 rounds, the speedup the median of per-round ratios to dense fp32 of the same run, both with their quartiles.
-fp32 runs in PyTorch (float32), int8 in ONNX Runtime (quantize_dynamic, QInt8, default session settings).
+fp32 runs in PyTorch (float32), int8 in ONNX Runtime (default session settings) with the library's recipe
+(``compression.export``: quantize_dynamic, QInt8 weights per output channel, quantized from ONNX Runtime's
+fused transformer graph where it applies and verifies, else from the plain graph; each int8 row records
+which in ``int8_graph``).
 
 Layer dropping keeps the subset of blocks whose embeddings on the calibration sentences are closest to
 the dense model's (every subset tried): the best this baseline can do without looking at the held-out text.
@@ -229,7 +232,8 @@ def measure(args, model) -> None:
         if row["measured"] == when:
             print(f"{label:>40}: {ms(row, 'seconds'):7.1f} ms/batch ({ms(row, 'seconds_q1'):.1f}-"
                   f"{ms(row, 'seconds_q3'):.1f}) {spread(row)}  "
-                  f"cos {row['mean_cos']:.3f} min {row['min_cos']:.3f} NN {row['nn_agreement']:.3f}")
+                  f"cos {row['mean_cos']:.3f} min {row['min_cos']:.3f} NN {row['nn_agreement']:.3f}"
+                  + (f"  (int8 from the {row['int8_graph']['graph']} graph)" if "int8_graph" in row else ""))
     print(f"measured in {time.perf_counter() - t0:.0f} s; {before} -> {after}")
 
 

@@ -99,7 +99,8 @@ def test_sentence_transformers_standalone_finetune_export(root, tmp_path):
     assert variants["dense int8"]["int8_graph"]["fused"]["Attention"] == 2
     report = (out / "report.html").read_text()
     assert "the four variants" in report and "compressed int8" in report and "peak rss mb" in report
-    assert "The int8 file was quantized from the fused graph: 1 EmbedLayerNormalization" in report
+    # the compressed blocks (factor pairs, fewer query/key dimensions) keep Attention from fusing; the rest fuses
+    assert "The int8 file was quantized from the fused graph: 2 BiasGelu" in report
     # standalone: the output directory moves alone and the base directory can go
     moved = tmp_path / "moved"
     shutil.copytree(out, moved)
