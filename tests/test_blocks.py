@@ -302,9 +302,12 @@ def test_gpt2_blocks_planned_with_mlp_select_and_drop(tmp_path):
     assert torch.allclose(_hidden(again, x), _hidden(small, x), atol=1e-6)
 
 
-def test_correction_toward_the_original_lowers_the_error_on_held_out_inputs():
+def test_correction_toward_the_original_lowers_the_error_on_held_out_inputs(monkeypatch):
+    from tensorfold.compression.blocks import fit
     from tensorfold.compression.blocks.fit import apply_block_plan
 
+    # the correction itself (its cross-validation, tested below, needs more calibration rows than this)
+    monkeypatch.setattr(fit, "CROSS_VALIDATE", False)
     model = _bert(layers=3)
     calib, held = _batches(8), _batches(2, seed=7)
 
@@ -320,3 +323,30 @@ def test_correction_toward_the_original_lowers_the_error_on_held_out_inputs():
         assert error(corrected, held) < error(plain, held)
         # the same structure: only weights changed
         assert [tuple(q.shape) for q in corrected.parameters()] == [tuple(q.shape) for q in plain.parameters()]
+
+
+def test_cross_validated_correction_applies_a_real_map_and_refuses_to_fit_noise():
+    from tensorfold.compression.blocks.fit import _Held, _refit_toward
+
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randn(40, 12, generator=g, dtype=torch.float64) for _ in range(8)]
+    true = torch.randn(12, 5, generator=g, dtype=torch.float64)
+
+    def refit(targets):
+        layer = nn.Linear(12, 5, bias=False, dtype=torch.float64)
+        with torch.no_grad():
+            layer.weight.zero_()
+        G = sum(Z.T @ Z for Z in batches)
+        C = sum(Z.T @ T for Z, T in zip(batches, targets))
+        held = _Held()
+        for i in (3, 7):  # every 4th batch held out
+            held.add(batches[i].T @ batches[i], batches[i].T @ targets[i])
+        _refit_toward(layer, G, C, held=held)
+        return layer.weight.T
+
+    # the target is a linear map of the inputs: corrected (to the map, up to the small ridge)
+    got = refit([Z @ true for Z in batches])
+    assert torch.allclose(got, true, atol=1e-3)
+    # the target is noise the inputs cannot predict: any fit only overfits, the weights stay as they were
+    noise = [torch.randn(40, 5, generator=g, dtype=torch.float64) for _ in batches]
+    assert torch.count_nonzero(refit(noise)) == 0

@@ -267,11 +267,11 @@ def _fit_mlp(new: nn.Module, block: Block, keep: int, inputs: Inputs, ridge: flo
 
     f = block.ffn
     down = new.get_submodule(f.down)
-    cross = None
+    cross = held = None
     if reference is None:
         stats = inputs.stats(block.name, f.down)
     else:
-        stats, cross = _ffn_stats_and_target(new, reference[0], block, inputs, reference[1])
+        stats, cross, held = _ffn_stats_and_target(new, reference[0], block, inputs, reference[1])
     ups = [new.get_submodule(u) for u in f.ups]
     new_ups, new_down, kept = mlp_select(ups, down, stats, int(keep), ridge=ridge)
     for name, layer in zip(f.ups, new_ups):
@@ -280,19 +280,20 @@ def _fit_mlp(new: nn.Module, block: Block, keep: int, inputs: Inputs, ridge: flo
     if cross is not None:
         S = kept if new_down.bias is None else torch.cat([kept, torch.tensor([stats.features])])
         S = S.to(stats.gram.device)
-        _refit_toward(new_down, stats.gram[S][:, S], cross[S])
+        _refit_toward(new_down, stats.gram[S][:, S], cross[S], held=held.part(S))
 
 
 @torch.no_grad()
 def _ffn_stats_and_target(new: nn.Module, original: nn.Module, block: Block, inputs: Inputs, reference: Inputs
-                          ) -> tuple[ActivationStats, torch.Tensor]:
+                          ) -> tuple[ActivationStats, torch.Tensor, _Held]:
     """``[H 1]`` statistics of the down projection's input ``H`` in ``new`` and ``[H 1]^T T``, with ``T``
     the target :func:`correct_toward_original` fits the down projection to (the original's output, plus
-    the residual stream's difference in post-norm blocks)."""
+    the residual stream's difference in post-norm blocks), and the held-out batches' share of both."""
     f = block.ffn
     post_norm = CORRECT_RESIDUAL and block.attention is not None and block.attention.style in POST_NORM_STYLES
-    stats, cross = ActivationStats(), None
-    for (a_n, k_n, mask), old in zip(inputs.block_inputs(block.name), _reference_taps(original, block, reference)):
+    stats, cross, held = ActivationStats(), None, _Held()
+    for i, ((a_n, k_n, mask), old) in enumerate(zip(inputs.block_inputs(block.name),
+                                                     _reference_taps(original, block, reference))):
         taps_new = [("h", new.get_submodule(f.down), "in")] + (
             [("x_new", new.get_submodule(f.ups[0]), "in")] if post_norm else [])
         seen = _tap(new.get_submodule(block.name), a_n, k_n, taps_new, mask, stop="h")
@@ -302,7 +303,9 @@ def _ffn_stats_and_target(new: nn.Module, original: nn.Module, block: Block, inp
         # as the statistics: the batch's product in the activations' precision, summed in float64
         c = torch.cat([(H.T @ target).double(), target.sum(dim=0, dtype=torch.float64)[None, :]])
         cross = c if cross is None else cross + c
-    return stats, cross
+        if _held_out(i):
+            held.add(ActivationStats.of(H).gram, c)
+    return stats, cross, held
 
 
 # Attention styles whose blocks add the residual stream AFTER each sub-block and normalise the sum
@@ -422,7 +425,9 @@ def correct_toward_original(new: nn.Module, original: nn.Module, block: Block, n
                  and first is not None)
     bias = last.bias is not None
     G = C = None
-    for (a_n, k_n, mask), old in zip(inputs.block_inputs(block.name), _reference_taps(original, block, reference)):
+    held = _Held()
+    for i, ((a_n, k_n, mask), old) in enumerate(zip(inputs.block_inputs(block.name),
+                                                     _reference_taps(original, block, reference))):
         taps_new = [("z", last, "in")] + ([("x_new", new.get_submodule(first), "in")] if post_norm else [])
         seen = _tap(new.get_submodule(block.name), a_n, k_n, taps_new, mask, stop="z")
         target = old["y:" + name] + (old["x:" + first] - seen["x_new"] if post_norm else 0.0)
@@ -434,14 +439,54 @@ def correct_toward_original(new: nn.Module, original: nn.Module, block: Block, n
         g, c = (Z.T @ Z).double(), (Z.T @ target).double()
         G = g if G is None else G + g
         C = c if C is None else C + c
-    _refit_toward(last, G, C, ridge)
+        if _held_out(i):
+            held.add(g, c)
+    _refit_toward(last, G, C, ridge, held=held)
     return True
 
 
+# Cross-validated corrections: every HELD_OUT_EVERY-th calibration batch is held out, each ridge of
+# CV_RIDGES (and no correction at all) is fitted on the others and scored on those; the best is refitted on
+# every batch (a correction that does not generalise within the calibration text is not applied)
+HELD_OUT_EVERY = 4
+CV_RIDGES = (1e-4, 1e-2, 1.0)
+CROSS_VALIDATE = True
+
+
+def _held_out(i: int) -> bool:
+    return CROSS_VALIDATE and i % HELD_OUT_EVERY == HELD_OUT_EVERY - 1
+
+
+class _Held:
+    """The held-out batches' share of a correction's Gram ``G`` and cross products ``C``."""
+
+    def __init__(self, G: torch.Tensor | None = None, C: torch.Tensor | None = None):
+        self.G, self.C = G, C
+
+    def add(self, g: torch.Tensor, c: torch.Tensor) -> None:
+        self.G = g.clone() if self.G is None else self.G + g
+        self.C = c.clone() if self.C is None else self.C + c
+
+    def part(self, S: torch.Tensor) -> _Held:
+        """The share of the rows/columns ``S`` (the kept neurons and the constant)."""
+        return _Held() if self.G is None else _Held(self.G[S][:, S], self.C[S])
+
+
+def _ridge_solve(G: torch.Tensor, C: torch.Tensor, X0: torch.Tensor, ridge: float) -> torch.Tensor:
+    lam = ridge * float(G.diagonal().mean().clamp_min(1e-300))
+    A = G + lam * torch.eye(G.shape[0], dtype=G.dtype, device=G.device)
+    Lc, info = torch.linalg.cholesky_ex(A)
+    rhs = C + lam * X0
+    return torch.cholesky_solve(rhs, Lc) if int(info) == 0 else torch.linalg.lstsq(A, rhs).solution
+
+
 @torch.no_grad()
-def _refit_toward(last: nn.Linear, G: torch.Tensor, C: torch.Tensor, ridge: float | None = None) -> None:
+def _refit_toward(last: nn.Linear, G: torch.Tensor, C: torch.Tensor, ridge: float | None = None,
+                  held: _Held | None = None) -> None:
     """Refit ``last`` (in place) by ridge least squares from the Gram ``G`` of its inputs (with the constant
-    column last when it has a bias) and their products ``C`` with the target (float64)."""
+    column last when it has a bias) and their products ``C`` with the target (float64). With ``held`` (the
+    held-out batches' share of ``G`` and ``C``) and no ``ridge`` given, the ridge, or no refit at all, is
+    chosen by the held-out batches' error (see :data:`CV_RIDGES`)."""
     bias = last.bias is not None
     # the ridge pulls toward the weights as fitted (not toward zero): where they already reproduce the
     # original (a sub-block at full size after exact earlier blocks) the refit leaves them as they are
@@ -449,11 +494,20 @@ def _refit_toward(last: nn.Linear, G: torch.Tensor, C: torch.Tensor, ridge: floa
     X0 = w.detach().double().T
     if bias:
         X0 = torch.cat([X0, last.bias.detach().double()[None, :]])
-    lam = (CORRECTION_RIDGE if ridge is None else ridge) * float(G.diagonal().mean().clamp_min(1e-300))
-    A = G + lam * torch.eye(G.shape[0], dtype=G.dtype, device=G.device)
-    C = C + lam * X0.to(C.device)
-    Lc, info = torch.linalg.cholesky_ex(A)
-    X = torch.cholesky_solve(C, Lc) if int(info) == 0 else torch.linalg.lstsq(A, C).solution
+    X0 = X0.to(C.device)
+    chosen = CORRECTION_RIDGE if ridge is None else ridge
+    if ridge is None and held is not None and held.G is not None:
+        G_fit, C_fit = G - held.G, C - held.C
+
+        def held_error(X):  # ||Z X - T||^2 on the held-out rows, less the constant ||T||^2
+            return float((X * (held.G @ X)).sum() - 2 * (X * held.C).sum())
+
+        scores = {None: held_error(X0)}
+        scores.update({r: held_error(_ridge_solve(G_fit, C_fit, X0, r)) for r in CV_RIDGES})
+        chosen = min(scores, key=scores.get)
+        if chosen is None:
+            return
+    X = _ridge_solve(G, C, X0, chosen)
     w.copy_(X[: w.shape[1]].T.to(w.dtype))
     if bias:
         last.bias.copy_(X[-1].to(w.dtype))
