@@ -85,6 +85,31 @@ def test_unknown_architecture_has_no_blocks_and_plans_as_before():
     assert p.fraction <= 0.5
 
 
+class _FcPair(nn.Module):
+    """A plain network with an fc1/fc2 pair: recognised as one block, the model itself."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(16, 48), nn.Linear(48, 4)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+def test_planning_a_model_that_is_its_own_block_leaves_it_as_it_was():
+    torch.manual_seed(0)
+    model = _FcPair()
+    assert [b.name for b in find_blocks(model)] == [""]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    calib = [torch.randn(64, 16, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    p = tf.plan(model, 0.5, calib=calib, curve=False)  # measures mlp-select options on the model itself
+    assert "drop" not in {lp.method for lp in p.layers}  # no block to skip to: the model itself
+    assert [n for n, _ in model.named_modules()] == ["", "fc1", "fc2"]
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert p.fraction <= 0.5 + 1e-9
+
+
 # ---- mlp-select ---------------------------------------------------------------------------------------
 
 

@@ -203,8 +203,11 @@ def option_effect(probe: OutputProbe, block: Block, decisions: Sequence[LayerPla
     from tensorfold.core.modules import set_submodule
 
     work = probe.work
-    original = work.get_submodule(block.name)
-    set_submodule(work, block.name, copy.deepcopy(original))
+    # the fitting puts new modules in place of the block's layers (and attention): put the originals back.
+    # (The block is the model itself where a plain fc1/fc2 network is recognised as one block; the probe's
+    # model is the user's own, so nothing may be left changed.)
+    names = ([block.attention.module] if block.attention is not None else []) + list(block.layers)
+    originals = {name: work.get_submodule(name) for name in names}
     try:
         by_name = {lp.name: lp for lp in decisions}
         fixed = FixedInputs(stats)
@@ -215,7 +218,8 @@ def option_effect(probe: OutputProbe, block: Block, decisions: Sequence[LayerPla
             _fit_mlp(work, block, int(by_name[block.ffn.down].rank), fixed, ridge)
         return probe.effect(block.name)
     finally:
-        set_submodule(work, block.name, original)
+        for name, module in originals.items():
+            set_submodule(work, name, module)
 
 
 def _fit_attention(new: nn.Module, block: Block, by_name: dict[str, LayerPlan], inputs: Inputs,

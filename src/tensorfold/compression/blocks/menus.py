@@ -66,14 +66,18 @@ class GroupCandidate(Candidate):
 
 
 @torch.no_grad()
-def drop_errors(probe: OutputProbe, blocks: Sequence[Block]) -> list[float]:
-    """For each block, ``||f'(x) - f(x)||^2 / ||f(x)||^2`` on the probe's batches with the block removed."""
+def drop_errors(probe: OutputProbe, blocks: Sequence[Block]) -> list[float | None]:
+    """For each block, ``||f'(x) - f(x)||^2 / ||f(x)||^2`` on the probe's batches with the block removed
+    (None for a block that is the model itself, e.g. a plain fc1/fc2 network: nothing to skip to)."""
     from tensorfold.core.modules import set_submodule
     from tensorfold.nn.transformer import SkipBlock
 
     work = probe.work
-    out = []
+    out: list[float | None] = []
     for block in blocks:
+        if not block.name:
+            out.append(None)
+            continue
         original = work.get_submodule(block.name)
         set_submodule(work, block.name, SkipBlock.like(original))
         try:
