@@ -126,6 +126,9 @@ class _WholeCopy:
     def own(self, name):
         pass
 
+    def own_holder(self, layer):
+        pass
+
     def replaced(self, name):
         pass
 
@@ -248,3 +251,58 @@ def test_fitting_frees_each_shared_capture_after_its_last_reader(monkeypatch):
     tf.apply(model, plan, calib, progress=lambda stage, d, t: alive.append(sum(r() is not None for r in made)))
     # only the layer just fitted still holds its capture (all of them were held to the end before: 1, 2, ...)
     assert len(made) == n and alive == [1] * n, alive
+
+
+class _RootMLP(nn.Module):
+    """A model that is one feed-forward pair at its root (as the small CNNs' classifier heads are): the block
+    discovery sees a block without a name of its own."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(16, 32), nn.Linear(32, 16)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+def test_planning_a_model_that_is_one_block_leaves_it_unchanged():
+    import tensorfold as tf
+
+    torch.manual_seed(0)
+    model = _RootMLP()
+    batches = [torch.randn(64, 16) for _ in range(4)]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    structure = [(n, repr(m)) for n, m in model.named_modules()]
+    plan = tf.plan(model, CompressConfig(budget=0.5, methods="svd,mlp-select,drop"), calib=batches)
+    # the probe measured the block's options on the model itself: every module is back, weights untouched
+    assert [(n, repr(m)) for n, m in model.named_modules()] == structure
+    assert model.state_dict().keys() == before.keys()
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert "drop" not in {lp.method for lp in plan.layers}  # nothing is left to drop the only block from
+    new = tf.apply(model, plan, batches)
+    kept = {lp.name: lp for lp in plan.layers}["fc1"]
+    assert kept.method == "mlp-select" and plan.fraction <= 0.5
+    assert new.fc1.out_features == kept.rank < model.fc1.out_features == 32
+
+
+def test_fitting_replaces_a_layer_its_block_does_not_list():
+    """GPT-2's fused ``c_attn`` lies inside a block's module but outside the layers the block discovery pairs;
+    the block-by-block copy must still keep its replacement (it once copied the original block over it)."""
+    import transformers as t
+
+    import tensorfold as tf
+
+    torch.manual_seed(0)
+    from tensorfold.zoo.hf import linearize_conv1d
+
+    model = linearize_conv1d(t.GPT2Model(hf_tiny._config("gpt2")).eval())
+    g = torch.Generator().manual_seed(1)
+    batches = [{"input_ids": torch.randint(4, hf_tiny.VOCAB, (4, 8), generator=g)} for _ in range(4)]
+    plan = tf.plan(model, CompressConfig(budget=0.5, methods="svd,mlp-select"), calib=batches,
+                   output_fn=lambda out: out.last_hidden_state)
+    planned = {lp.name: lp for lp in plan.layers if lp.method == "svd"}
+    assert any(name.endswith("c_attn") for name in planned)
+    assert "mlp-select" in {lp.method for lp in plan.layers}  # the block-by-block fitting path
+    new = tf.apply(model, plan, batches)
+    for name in planned:
+        assert type(new.get_submodule(name)) is not type(model.get_submodule(name)), name

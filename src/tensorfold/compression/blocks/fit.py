@@ -566,6 +566,12 @@ class _BlockwiseCopy:
             self.copied.update(block.modules())
             set_submodule(self.new, name, block)
 
+    def own_holder(self, layer: str) -> None:
+        """Give the block holding the module ``layer`` its own copy (a layer the block discovery left out of
+        the block's own layers, e.g. GPT-2's fused ``c_attn``, is still inside the block's module)."""
+        for name in [n for n in self.pending if layer == n or layer.startswith(n + ".")]:
+            self.own(name)
+
     def replaced(self, name: str) -> None:
         """The block ``name`` was replaced whole in ``new`` (dropped): nothing of the original's to copy."""
         self.pending.discard(name)
@@ -635,8 +641,8 @@ def apply_block_plan(model: nn.Module, plan: Plan | Sequence[LayerPlan], batches
             finish(position.get(lp.name, 0))
             block = block_of.get(lp.name)
             attn = block.attention if block is not None else None
-            if lp.method != "drop" and block is not None:
-                blockwise.own(block.name)  # before anything in it is fitted
+            if lp.method != "drop":
+                blockwise.own_holder(lp.name)  # before anything in its block is fitted
             if lp.method == "drop":
                 blockwise.replaced(block.name)
                 set_submodule(new, block.name, SkipBlock.like(new.get_submodule(block.name)))
