@@ -11,7 +11,9 @@ every model): it holds, at its peak, the original model, one float64 input Gram 
 Linear layer (all layers at once: ``in_features**2 * 8`` bytes each), and working copies of both
 (candidate fits, sensitivity runs, block statistics) that grow with them. (Where blocks are recognised the
 planner now holds one block's Gram matrices at a time: compression/onload.py; bench/compress_bertbase.py
-measures both paths.) So
+measures both paths. There the peak is ``0.4 GB + 4 bytes x params x (2 copies while fitting) + one
+block's working set`` (1.2-1.5 GB at BERT-large width; a finished 335M run peaked at 4.33 GB,
+docs/export.md "Memory"): about 2B parameters fit in 22 GB; this model's ceiling is the one-pass planner's.) So
 
     peak - start  ~=  c * (model_mb + grams_mb)
 
