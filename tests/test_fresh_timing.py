@@ -253,3 +253,19 @@ def test_the_sweep_command_says_where_it_timed(tmp_path, monkeypatch):
     data = json.loads((out / "sweep.json").read_text())
     assert data["timing"] == {"process": "fresh", "omp_wait_policy": "default"}
     assert data["points"][0]["timed_in"] == "fresh"
+
+
+def test_the_snapshot_keeps_the_state_from_before_planning(factory):
+    """Planning measures on the user's model and puts each change back; the child must rebuild the state
+    from before, whenever its first request comes."""
+    from safetensors.torch import load_file
+
+    spec, build = factory
+    original = build()
+    before = {k: v.clone() for k, v in original.state_dict().items()}
+    with FreshTimer(spec, original).snapshot() as timer:
+        with torch.no_grad():
+            original[0].weight.add_(1.0)  # a change in progress when the first request comes
+        timer.snapshot()  # later calls keep the first state
+        saved = load_file(str(timer._dir / fresh_speed.ORIGINAL_FILE))
+    assert sorted(saved) == sorted(before) and all(torch.equal(saved[k], before[k]) for k in before)

@@ -151,6 +151,7 @@ class FreshTimer(Timer):
         self._proc: subprocess.Popen | None = None
         self._tmp: tempfile.TemporaryDirectory | None = None
         self._names: dict[int, tuple[object, str]] = {}  # id(input or plan) -> (it, its file in the directory)
+        self._saved = False
 
     # ---- the Timer questions: asked of the child, else of this process ----------------------------
 
@@ -200,6 +201,7 @@ class FreshTimer(Timer):
             self._tmp.cleanup()
             self._tmp = None
         self._names.clear()
+        self._saved = False
 
     def _either(self, fresh: Callable, here: Callable):
         if self.error is None:
@@ -225,12 +227,20 @@ class FreshTimer(Timer):
             self._tmp = tempfile.TemporaryDirectory(prefix="tensorfold-speed-")
         return Path(self._tmp.name)
 
-    def _start(self) -> subprocess.Popen:
+    def snapshot(self) -> FreshTimer:
+        """Write the original's state now (else on the first request): planning measures on the user's model
+        and puts each change back, so the state to rebuild is the one before planning starts."""
         from safetensors.torch import save_file
 
         from tensorfold.compression.storage import _state_tensors
 
-        save_file(_state_tensors(self.original), str(self._dir / ORIGINAL_FILE))
+        if not self._saved:
+            save_file(_state_tensors(self.original), str(self._dir / ORIGINAL_FILE))
+            self._saved = True
+        return self
+
+    def _start(self) -> subprocess.Popen:
+        self.snapshot()
         env = dict(os.environ)
         env.pop("OMP_WAIT_POLICY", None)
         if self.wait_policy:

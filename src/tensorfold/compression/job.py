@@ -280,7 +280,7 @@ def job_timer(source: ModelSource, original: nn.Module, options: JobOptions,
 
     extra = source.entry.extra if source.entry is not None else {}
     spec = extra["path"] if "kind" in extra else source.name
-    return FreshTimer(spec, original, wait_policy=options.speed_wait_policy, log=log)
+    return FreshTimer(spec, original, wait_policy=options.speed_wait_policy, log=log).snapshot()
 
 
 def evaluate_pair(source: ModelSource, original: nn.Module, compressed: nn.Module, batches: list) -> dict:

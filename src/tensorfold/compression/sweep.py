@@ -236,7 +236,7 @@ def sweep(
     if speed_in == "fresh":
         from tensorfold.compression.fresh_speed import FreshTimer
 
-        timer: Timer = FreshTimer(entry.name, original, wait_policy=speed_wait_policy, log=say)
+        timer: Timer = FreshTimer(entry.name, original, wait_policy=speed_wait_policy, log=say).snapshot()
     else:
         timer = Timer()
     with timer:
