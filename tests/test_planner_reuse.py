@@ -253,36 +253,22 @@ def test_fitting_frees_each_shared_capture_after_its_last_reader(monkeypatch):
     assert len(made) == n and alive == [1] * n, alive
 
 
-class _RootMLP(nn.Module):
-    """A model that is one feed-forward pair at its root (as the small CNNs' classifier heads are): the block
-    discovery sees a block without a name of its own."""
+def test_a_model_that_is_one_block_is_planned_and_fitted_with_block_methods():
+    """The model itself as the block (see test_blocks' planning test, which checks the model is left as it
+    was): its feed-forward pair is fitted with the planned number of neurons."""
+    from test_blocks import _FcPair
 
-    def __init__(self):
-        super().__init__()
-        self.fc1, self.fc2 = nn.Linear(16, 32), nn.Linear(32, 16)
-
-    def forward(self, x):
-        return self.fc2(torch.relu(self.fc1(x)))
-
-
-def test_planning_a_model_that_is_one_block_leaves_it_unchanged():
     import tensorfold as tf
 
     torch.manual_seed(0)
-    model = _RootMLP()
+    model = _FcPair()
     batches = [torch.randn(64, 16) for _ in range(4)]
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    structure = [(n, repr(m)) for n, m in model.named_modules()]
     plan = tf.plan(model, CompressConfig(budget=0.5, methods="svd,mlp-select,drop"), calib=batches)
-    # the probe measured the block's options on the model itself: every module is back, weights untouched
-    assert [(n, repr(m)) for n, m in model.named_modules()] == structure
-    assert model.state_dict().keys() == before.keys()
-    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert "drop" not in {lp.method for lp in plan.layers}  # nothing is left to drop the only block from
     new = tf.apply(model, plan, batches)
     kept = {lp.name: lp for lp in plan.layers}["fc1"]
     assert kept.method == "mlp-select" and plan.fraction <= 0.5
-    assert new.fc1.out_features == kept.rank < model.fc1.out_features == 32
+    assert new.fc1.out_features == kept.rank < model.fc1.out_features == 48
 
 
 def test_fitting_replaces_a_layer_its_block_does_not_list():
