@@ -431,6 +431,8 @@ def run_job(
             metrics["finetune"] = tuning
         if config.speedup is not None or config.target == "latency" or config.no_slower:
             metrics["plan_timing"] = timer.record()  # where the budget's latencies and checks were timed
+        if plan.speed_rounds:  # the speed goal's rounds: what each measured, which was kept and why
+            metrics["speed_rounds"] = plan.speed_rounds
         if options.speed:
             example = (source.entry.example_inputs(32) if source.entry is not None
                        else (eval_batches[0] if eval_batches else None))

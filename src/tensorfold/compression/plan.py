@@ -110,6 +110,9 @@ class Plan:
     latency_cap: float | None = None  # the covered layers' predicted latency cap it meant (fraction of dense)
     model_latency: float | None = None  # the dense model's measured seconds per batch
     measured_speedup: float | None = None  # whole-model speedup of the plan's structure, timed while planning
+    # a speed goal's allocate-and-time rounds: what each measured and why the kept one was kept (round,
+    # fraction, objective, cap, predicted, measured, met, kept, outcome, then; see describe_speed_round)
+    speed_rounds: list[dict] = field(default_factory=list)
 
     # ---- the settings, read from the config ------------------------------------------------------
 
@@ -269,6 +272,7 @@ class Plan:
                 latency_cap=d.get("latency_cap"),
                 model_latency=d.get("model_latency"),
                 measured_speedup=d.get("measured_speedup"),
+                speed_rounds=[dict(r) for r in d.get("speed_rounds", [])],
             )
         except FileFormatError:
             raise
@@ -363,6 +367,7 @@ class Plan:
             lines.append(f"whole-model speedup asked {self.speedup:g}x: measured {self.measured_speedup:.2f}x while "
                          f"planning (dense model {self.model_latency * 1e3:.2f} ms), predicted "
                          f"{self.predicted_speedup:.2f}x")
+        lines += [f"  {describe_speed_round(r, self.speedup, self.target)}" for r in self.speed_rounds]
         return "\n".join(lines)
 
     def __str__(self) -> str:
@@ -374,3 +379,18 @@ class Plan:
         ]
         skipped = [f"skipped {n}: {why}" for n, why in self.skipped]
         return "\n".join([self.summary(), head, *body, *skipped])
+
+
+def describe_speed_round(record: dict, speedup: float | None, target: str = "params") -> str:
+    """One line for a speed goal's round (``Plan.speed_rounds``), e.g. ``round 2 measured 1.93x >= 1.8x (checks
+    1.96x, 1.93x), kept as the most faithful (0.500 of the params, predicted error 0.1214, predicted 1.49x)``:
+    the lower of a plan's checks is its measurement."""
+    sign = ">=" if record.get("met") else "<"
+    checks = record.get("checks") or []
+    timed = f" (checks {', '.join(f'{c:.2f}x' for c in checks)})" if len(checks) > 1 else ""
+    predicted = record.get("predicted")
+    detail = f"{record['fraction']:.3f} of the {target}, predicted error {record['objective']:.4g}" + (
+        f", predicted {predicted:.2f}x" if predicted is not None else "")
+    then = f"; then {record['then']}" if record.get("then") else ""
+    return (f"round {record['round']} measured {record['measured']:.2f}x {sign} {speedup:g}x{timed}, "
+            f"{record['outcome']} ({detail}){then}")

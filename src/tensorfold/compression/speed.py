@@ -208,18 +208,32 @@ class SpeedCheck:
         dense = sum(m.dense.latency for m in menus)
         return (self.dense_total / speedup - self.rest) / dense
 
-    def check(self, menus, plan: Plan, choices=None, *, rounds: int = 3) -> float:
+    def predicted(self, menus, picks: Sequence[int]) -> float | None:
+        """The whole-model speedup the menus' latencies predict NOW (after the checks' corrections) for
+        option ``picks[i]`` of each menu, on the same terms as :meth:`cap` (None if one is unknown).
+        Compared with what a check measured for the same options, it says how far the predictions the
+        next allocation uses still are from the measurement."""
+        latencies = [m.options[i].latency for m, i in zip(menus, picks)]
+        if any(t is None for t in latencies):
+            return None
+        return self.dense_total / (self.rest + sum(latencies))
+
+    def check(self, menus, plan: Plan, choices=None, *, rounds: int = 3, correct: bool = True) -> float:
         """Measured whole-model speedup of ``plan``'s structure (dense and compressed alternately, the
         best of ``rounds`` medians each); corrects the predicted latency of every menu option of the
         same layer shape and method as a factored layer of the plan by the ratio measured for it, and
         the options of kinds never measured yet by the median ratio of this check (isolated timings
         are optimistic for every kind; correcting only the chosen ones made the next round switch to
         the uncorrected kinds, round after round). ``choices`` (the allocation's choice per menu) lets
-        a block menu be corrected as a whole: its options by the ratio measured for its chosen one."""
+        a block menu be corrected as a whole: its options by the ratio measured for its chosen one.
+        ``correct=False`` only measures (a second check of the same plan, whose latencies are corrected
+        already: correcting them again by the ratio to the plan's first predictions would count it twice)."""
         blocks = {m.name: c for m, c in zip(menus, choices or ()) if _is_block(m)}
         inside = {p.name for m in menus if m.name in blocks for p in m.options[0].parts}
         names = [lp.name for lp in plan.layers if lp.name not in inside] + list(blocks)
         best_dense = best_small = float("inf")
+        if not correct:
+            names = []
         in_model: dict[str, list[float]] = {}
         timer, sample, threads, repeats = self.timer, self.sample, self.threads, self.repeats
         for _ in range(rounds):
@@ -228,6 +242,8 @@ class SpeedCheck:
             best_dense, best_small = min(best_dense, t_dense), min(best_small, t_small)
             for name, t in per.items():
                 in_model.setdefault(name, []).append(t)
+        if not correct:
+            return best_dense / best_small
         ratios: dict[tuple, list[float]] = {}
         by_name = {m.name: m for m in menus}
         for lp in plan.layers:

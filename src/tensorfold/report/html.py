@@ -96,6 +96,11 @@ def render_report(plan, metrics: dict | None = None, title: str | None = None) -
         parts.append("<h2>Quality (original vs compressed)</h2>" + kv_html(metrics["quality"]))
     if metrics.get("finetune"):
         parts.append(finetune_html(metrics["finetune"]))
+    if plan.speed_rounds:
+        parts.append(f"<h2>Speed goal {plan.speedup:g}x: the rounds timed while planning</h2><p>The plan kept is the "
+                     "most faithful (lowest predicted error) of those that measured at least the goal.</p>"
+                     + table_html(plan.speed_rounds, ["round", "fraction", "objective", "predicted", "measured",
+                                                      "outcome", "then"], left=("outcome", "then")))
     if metrics.get("speed"):
         parts.append("<h2>Measured speed (end to end)</h2>" + kv_html(metrics["speed"]))
     parts.extend(_hf_sections(metrics))
