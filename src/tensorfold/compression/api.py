@@ -18,6 +18,7 @@ torch.Size([64, 10])
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 import warnings
@@ -28,7 +29,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from tensorfold.compression.allocators import allocate
+from tensorfold.compression.allocators import Allocation, allocate
 from tensorfold.compression.blocks import BLOCK_METHODS, find_blocks
 from tensorfold.compression.blocks.menus import (
     BlockData,
@@ -66,7 +67,7 @@ CURVE_BUDGETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 SENSITIVITY_SAMPLES = 64
 SPEED_ROUNDS = 6  # allocate-and-time rounds to reach the goal of plan(..., speedup=)
 # once a plan beats the goal by more than the timing noise, at most this many more rounds look for a more
-# faithful plan that still meets it (each costs one whole-plan check: ~12 s on MiniLM in the fresh process)
+# faithful plan that still meets it (each costs one or two whole-plan checks: ~11 s each on MiniLM in the fresh process)
 SPEED_REFINE_ROUNDS = 3
 # a plan within this much of the goal leaves nothing to spend: the spread of one whole-plan check (best of 3
 # medians) on a quiet machine (MiniLM's speed line's middle half is 1-2% wide then; under load much more,
@@ -441,7 +442,7 @@ class Planner:
                 f"is {speed.rest * 1e3:.2f} ms of {speed.dense_total * 1e3:.2f} ms"
             )
         tried: list[_SpeedRound] = []
-        tighten, previous = 1.0, None
+        tighten, previous, self._checks = 1.0, None, 0
         for _ in range(SPEED_ROUNDS):
             cap = speed.cap(menus, speedup) * tighten
             try:
@@ -472,7 +473,7 @@ class Planner:
         kept = self._refine(config, tried)
         return kept.alloc, kept.cap, kept.measured, _round_records(tried, kept, speedup)
 
-    def _speed_round(self, config: CompressConfig, alloc, cap: float, number: int) -> _SpeedRound:
+    def _speed_round(self, config: CompressConfig, alloc: Allocation, cap: float, number: int) -> _SpeedRound:
         """Time ``alloc``'s plan inside the model (the check corrects the menus' latencies) and record it."""
         menus = self.menus
         # which option of each menu was chosen: the check replaces the options by their corrected copies
@@ -483,9 +484,9 @@ class Planner:
         return _SpeedRound(number, alloc, cap, candidate, candidate.predicted_speedup, [measured], corrected,
                            _choice_keys(alloc))
 
-    def _timed_check(self, candidate: Plan, alloc, *, correct: bool = True) -> float:
+    def _timed_check(self, candidate: Plan, alloc: Allocation, *, correct: bool = True) -> float:
         """One whole-plan check (:meth:`SpeedCheck.check`), counted on the "speed rounds" progress."""
-        self._checks = getattr(self, "_checks", 0) + 1
+        self._checks += 1
         self._progress("speed rounds", self._checks, SPEED_ROUNDS + 2 * SPEED_REFINE_ROUNDS)
         return self.speed.check(self.menus, candidate, alloc.choices, correct=correct)
 
@@ -509,13 +510,13 @@ class Planner:
                              "faithful plan")
                 return kept
             scale = last.measured / last.corrected if last.corrected else 1.0
-            cap = speed.cap(menus, goal / scale)
-            try:
-                if cap <= 0:
-                    raise NotCompressibleError("the cap is not positive")
+            cap, alloc = speed.cap(menus, goal / scale), None
+            # a cap that is not positive, or out of the budget's reach: no plan predicted to meet the goal
+            with contextlib.suppress(NotCompressibleError):
                 alloc = allocate(menus, config.budget, target=config.target, allocator=config.allocator,
-                                 methods=config.methods, no_slower=config.no_slower, latency_cap=cap)
-            except NotCompressibleError:
+                                 methods=config.methods, no_slower=config.no_slower,
+                                 latency_cap=cap) if cap > 0 else None
+            if alloc is None:
                 last.then = f"no plan is predicted to reach {goal:.2f}x as measured: stopped"
                 return kept
             again = next((r.number for r in tried if r.keys == _choice_keys(alloc)), None)
@@ -545,7 +546,7 @@ class _SpeedRound:
     """One allocate-and-time round of a speed goal (:meth:`Planner._fast_allocation`)."""
 
     number: int
-    alloc: object  # the Allocation
+    alloc: Allocation
     cap: float
     plan: Plan  # the allocation's plan, as timed
     predicted: float | None  # whole-model speedup predicted when allocated
@@ -560,7 +561,7 @@ class _SpeedRound:
         return min(self.checks)
 
 
-def _choice_keys(alloc) -> list:
+def _choice_keys(alloc: Allocation) -> list:
     """What an allocation chose, comparable across rounds (the check replaces the candidates by corrected
     copies, so the objects themselves differ)."""
     return [(c.method, c.rank, getattr(c, "parts", None)) for c in alloc.choices]
