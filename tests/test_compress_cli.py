@@ -100,6 +100,23 @@ def test_finetune_minutes_bound_the_epochs(tmp_path, factory):
     assert stages["fine-tuning"] >= tuning["seconds"] * 0.99
 
 
+def test_finetune_precision_reaches_the_fine_tune_and_metrics(tmp_path, factory):
+    runs = {}
+    for precision in (None, "bfloat16"):
+        out = tmp_path / f"run-{precision}"
+        extra = [] if precision is None else ["--finetune-precision", precision]
+        r = run("compress", "--model", factory, "--budget", "0.3", "--calib", "64", "--methods", "svd", "--out",
+                str(out), "--finetune-epochs", "2", "--data", "tf_cli_models:finetune_data", "--no-speed", *extra)
+        assert r.exit_code == 0, r.output
+        runs[precision] = json.loads((out / "metrics.json").read_text())["finetune"]
+    assert runs[None]["precision"] == "float32" and runs["bfloat16"]["precision"] == "bfloat16"
+    assert runs[None]["notes"] == [] and runs["bfloat16"]["notes"] == []
+    assert runs[None]["steps"] == runs["bfloat16"]["steps"] == 8  # 2 epochs of 4 batches
+    # the same seeded steps in another arithmetic: near, not equal, training losses
+    losses = [[e["train_loss"] for e in runs[k]["epochs"]] for k in (None, "bfloat16")]
+    assert losses[0] != losses[1] and losses[1] == pytest.approx(losses[0], rel=0.05)
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
@@ -116,6 +133,8 @@ def test_finetune_minutes_bound_the_epochs(tmp_path, factory):
         (["--finetune-epochs", "1"], "data"),
         (["--finetune-minutes", "-1"], "--finetune-minutes must be >= 0"),
         (["--finetune-minutes", "2"], "data"),
+        (["--finetune-epochs", "1", "--finetune-precision", "bf16"], "--finetune-precision must be one of"),
+        (["--finetune-precision", "bfloat16"], "--finetune-precision is only used with"),
     ],
 )
 def test_bad_input_is_one_clear_line_and_writes_nothing(tmp_path, factory, args, message):

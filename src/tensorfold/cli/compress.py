@@ -34,7 +34,8 @@ def _split(values: list[str] | None) -> list[str] | None:
 FOREVER = 10_000  # epochs of a fine-tune bounded by --finetune-minutes alone
 
 # config settings whose CLI option has another name
-_OPTIONS = {"calib_samples": "--calib", "epochs": "--finetune-epochs", "no_slower": "--no-slower"}
+_OPTIONS = {"calib_samples": "--calib", "epochs": "--finetune-epochs", "no_slower": "--no-slower",
+            "precision": "--finetune-precision"}
 
 
 def _as_option(message: str) -> str:
@@ -83,6 +84,11 @@ def compress(
         0, "--finetune-minutes",
         help="Fine-tune with distillation for at most M minutes of wall clock, validation included (with "
              "--finetune-epochs: whichever ends first); the learning-rate schedule spans the time."),
+    finetune_precision: str = typer.Option(
+        None, "--finetune-precision",
+        help="Arithmetic of the fine-tune's training steps: float32, bfloat16 (CPU or CUDA), float16 (CUDA) or "
+             "auto (bfloat16 where the hardware computes it natively); weights stay float32. Default: the "
+             "model's recipe (auto for minilm and model directories, float32 otherwise)."),
     data: str = typer.Option(None, "--data", help="Fine-tuning data: 'builtin' or 'module:function'."),
     curve: str = typer.Option(None, "--curve", help="Extra budgets for the quality-vs-budget plot, e.g. 0.3,0.7."),
     seed: int = typer.Option(0, "--seed", help="Seed for calibration sampling and fine-tuning."),
@@ -125,6 +131,11 @@ def compress(
             # minutes alone: as many epochs as the time allows (early stopping may end it sooner)
             tune = FinetuneConfig(epochs=finetune_epochs or FOREVER, seed=seed,
                                   max_seconds=60.0 * finetune_minutes if finetune_minutes else None)
+            if finetune_precision is not None:
+                tune = tune.replace(precision=finetune_precision)
+        elif finetune_precision is not None:
+            raise InvalidArgumentError("--finetune-precision is only used with --finetune-epochs N or "
+                                       "--finetune-minutes M")
     except InvalidArgumentError as exc:
         raise InvalidArgumentError(_as_option(str(exc))) from None
     check_output_path(out, overwrite=overwrite, kind="dir")

@@ -191,9 +191,12 @@ def finetune_and_keep_better(source: ModelSource, compressed: nn.Module, origina
     before = evaluated(compressed)
     history = FinetuneHistory(on_epoch=on_epoch)
     tuned = _finetune(source, compressed, original, config, data, history)
+    for note in history.notes:  # e.g. precision "auto" fell back to float32 on this hardware
+        log(note)
     after = evaluated(tuned)
     record = {"epochs": history.epochs, "best_epoch": history.best_epoch, "stopped_early": history.stopped_early,
               "steps": history.steps, "seconds": history.seconds, "out_of_time": history.out_of_time,
+              "precision": history.precision, "notes": history.notes,
               "seconds_evaluating": evaluating,
               "quality_before": before, "quality_after": after, "kept": "fine-tuned"}
     head = headline_metric(before)
