@@ -247,6 +247,8 @@ def test_speedup_plans_merge_block_menus_priced_as_whole_blocks(monkeypatch):
     assert any(lp.method in ("mlp-select", "qk-select", "vo-svd", "drop") for lp in p.layers)
     # the fake clock is the model's: what the plan predicts is what it measures
     assert p.predicted_speedup == pytest.approx(p.measured_speedup, rel=1e-6)
+    # the rounds record the prediction the allocation used (block terms), here the measurement too
+    assert p.speed_rounds[-1]["kept"] and p.speed_rounds[-1]["predicted"] == pytest.approx(p.measured_speedup, rel=1e-6)
     small = tf.apply(model, p, batches)
     assert _fake_time(small) + REST == pytest.approx((REST + _fake_time(model)) / p.measured_speedup, rel=1e-6)
 

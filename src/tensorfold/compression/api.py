@@ -479,10 +479,12 @@ class Planner:
         # which option of each menu was chosen: the check replaces the options by their corrected copies
         picks = [next((i for i, o in enumerate(m.options) if o is c), None) for m, c in zip(menus, alloc.choices)]
         candidate = self._plan_of(alloc, config)
+        # the prediction the allocation used (menu terms, as the cap): the plan's own predicted_speedup sums
+        # its layers' latencies, which for a block option need not add up to the block's time
+        predicted = None if None in picks else self.speed.predicted(menus, picks)
         measured = self._timed_check(candidate, alloc)
         corrected = None if None in picks else self.speed.predicted(menus, picks)
-        return _SpeedRound(number, alloc, cap, candidate, candidate.predicted_speedup, [measured], corrected,
-                           _choice_keys(alloc))
+        return _SpeedRound(number, alloc, cap, candidate, predicted, [measured], corrected, _choice_keys(alloc))
 
     def _timed_check(self, candidate: Plan, alloc: Allocation, *, correct: bool = True) -> float:
         """One whole-plan check (:meth:`SpeedCheck.check`), counted on the "speed rounds" progress."""
