@@ -157,3 +157,32 @@ def test_the_transformer_recipe_asks_for_auto_and_an_explicit_float32_wins():
     # set on purpose: kept, whatever the recipe says
     assert model_finetune_config(recipe, FinetuneConfig(precision="float32")).precision == "float32"
     assert model_finetune_config({}, FinetuneConfig()).precision is None  # no recipe: float32
+
+
+def test_float16_steps_scale_the_loss_and_still_learn(monkeypatch):
+    """The CUDA float16 path (autocast + GradScaler), run on the CPU by letting float16 through: no GPU here."""
+    real = finetune_module.resolve_precision
+    monkeypatch.setattr(finetune_module, "resolve_precision",
+                        lambda p, d="cpu": ("float16", None) if p == "float16" else real(p, d))
+    torch.manual_seed(0)
+    teacher = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3))
+    student = nn.Sequential(nn.Linear(6, 4), nn.ReLU(), nn.Linear(4, 3))
+    gen = torch.Generator().manual_seed(1)
+    data = [torch.randn(8, 6, generator=gen) for _ in range(4)]
+    scales: list[float] = []
+    update = torch.amp.GradScaler.update
+
+    def recorded(self, *args, **kwargs):
+        update(self, *args, **kwargs)
+        scales.append(self.get_scale())
+
+    monkeypatch.setattr(torch.amp.GradScaler, "update", recorded)
+    history = FinetuneHistory()
+    half = finetune(student, data, teacher=teacher, val_data=data[:1], epochs=3, lr=1e-2, distill_loss="mse",
+                    precision="float16", progress=False, history=history)
+    assert history.precision == "float16" and {p.dtype for p in half.parameters()} == {torch.float32}
+    # the loss is scaled: the first two steps' gradients overflow float16 at 2**16 and 2**15 and are skipped,
+    # then the scale holds at 2**14
+    assert scales == [2.0 ** 15] + [2.0 ** 14] * 11
+    # so it trails float32 (1.826, 1.418, 1.100 with these 12 steps), but it learns
+    assert [e["val_loss"] for e in history.epochs] == pytest.approx([2.141, 1.675, 1.295], abs=2e-3)
