@@ -102,6 +102,9 @@ def compress(
     speed_tolerance: float = typer.Option(0.0, "--speed-tolerance",
                                           help="Transformer blocks: the predicted error may exceed its optimum by "
                                                "this fraction to choose faster options (0: error alone)."),
+    remeasure: bool = typer.Option(False, "--remeasure/--no-remeasure",
+                                   help="Transformer blocks: fit the plan once, re-price each sub-block by its "
+                                        "real error on held-out calibration batches, plan and fit again."),
     calib_data: Path = typer.Option(None, "--calib-data",
                                     help="Text for calibration, fine-tuning and held-out evaluation: .txt (a sample "
                                          "a line), .jsonl or .csv (model directories and minilm)."),
@@ -125,7 +128,8 @@ def compress(
     try:
         config = CompressConfig(budget=budget, target=target, methods=methods, allocator=allocator,
                                 include=_split(include), exclude=_split(exclude), no_slower=no_slower,
-                                speedup=speedup, speed_tolerance=speed_tolerance, calib_samples=calib, seed=seed)
+                                speedup=speedup, speed_tolerance=speed_tolerance, calib_samples=calib, seed=seed,
+                                remeasure=remeasure)
         tune = None
         if finetune_epochs or finetune_minutes:
             # minutes alone: as many epochs as the time allows (early stopping may end it sooner)

@@ -33,6 +33,7 @@ from tensorfold.compression.allocators import Allocation, allocate
 from tensorfold.compression.blocks import BLOCK_METHODS, find_blocks
 from tensorfold.compression.blocks.menus import (
     BlockData,
+    BlockHalves,
     BlockMenuBuilder,
     BlockMenuSettings,
     GroupCandidate,
@@ -53,6 +54,7 @@ from tensorfold.compression.config import DEFAULT_METHODS, CompressConfig
 from tensorfold.compression.onload import BlockOnload
 from tensorfold.compression.plan import Plan
 from tensorfold.compression.probe import OutputProbe
+from tensorfold.compression.remeasure import held_out_split, remeasured_menus
 from tensorfold.compression.replace import replace_layers
 from tensorfold.compression.sensitivity import measure_sensitivities
 from tensorfold.compression.speed import SpeedCheck, Timer
@@ -215,6 +217,10 @@ class Planner:
         report = progress or (lambda stage, done, total: None)
         self._progress = report  # the speed goal's rounds report too (plan())
         self.model_params = sum(p.numel() for p in model.parameters())
+        # what a re-measured plan (config.remeasure) fits and measures: the user's model and calibration
+        self._model, self._batches, self._output_fn = model, batches, output_fn
+        self.halves: dict[str, BlockHalves] = {}  # each block menu before merging, to re-price its halves
+        self.remeasure_report: dict | None = None  # the last re-measured plan's per-block figures
         self.skipped = [(s.name, s.reason) for s in found.skipped]
         self.calibrated = bool(batches)
         clock = Stopwatch()
@@ -256,6 +262,7 @@ class Planner:
             if self.speed is not None:
                 clock.lap("speed check")
         self.menus = menus
+        self.blocks = blocks
         self.seconds = clock.laps
 
     # planner statistics block by block (compression/onload.py); tests switch it off to compare the paths
@@ -300,7 +307,7 @@ class Planner:
             settings = BlockMenuSettings(block_methods, config.target, config.budget, matrix_methods)
             menus = block_menus(model, work.blocks, menus, settings, BlockData(batches, probe, grams),
                                 latency=work.latency, progress=lambda d, t: report("blocks", d, t),
-                                layer_menus=self.layer_menus)
+                                layer_menus=self.layer_menus, halves=self.halves)
             clock.lap("block menus")
         return menus
 
@@ -373,6 +380,7 @@ class Planner:
         if builder is None:
             return menus
         self.layer_menus.update({e.name: e for e in builder.extra})
+        self.halves = builder.halves
         return builder.menus(menus)
 
     def plan(self, budget: float | None = None, allocator: str | None = None, *, curve: bool | None = None) -> Plan:
@@ -387,6 +395,8 @@ class Planner:
             alloc = allocate(menus, config.budget, target=config.target, allocator=config.allocator,
                              methods=config.methods, no_slower=config.no_slower,
                              speed_tolerance=config.speed_tolerance if self.speed_priced else 0.0)
+            if config.remeasure and self.halves and len(self._batches) > 1:
+                alloc = self._remeasured(alloc, config)
         else:
             alloc, lat_cap, measured, rounds = self._fast_allocation(config)
         curve_points = []
@@ -399,6 +409,23 @@ class Planner:
                 except NotCompressibleError:
                     continue
         return self._plan_of(alloc, config, curve_points, lat_cap, measured, rounds)
+
+    def _remeasured(self, alloc, config: CompressConfig):
+        """The allocation once more, each block's attention and feed-forward options re-priced by what the
+        plan of ``alloc``, fitted on most calibration batches, shows on the held-out rest (see
+        :mod:`tensorfold.compression.remeasure`). ``self.menus`` stay as they were (other budgets and the
+        curve use the planner's own prices); the returned objective is in the re-measured prices."""
+        fit, held = held_out_split(self._batches)
+        with fitting_threads():
+            fitted = replace_layers(self._model, self._plan_of(alloc, config), "fitted", calib=fit)
+            with eval_mode(self._model, fitted), torch.no_grad():
+                menus, self.remeasure_report = remeasured_menus(
+                    self.menus, alloc.choices, self.halves, self.blocks, self._model, fitted, held,
+                    target=config.target, output_fn=self._output_fn)
+        del fitted
+        return allocate(menus, config.budget, target=config.target, allocator=config.allocator,
+                        methods=config.methods, no_slower=config.no_slower,
+                        speed_tolerance=config.speed_tolerance if self.speed_priced else 0.0)
 
     def _plan_of(self, alloc, config: CompressConfig, curve_points=(), lat_cap=None, measured=None,
                  rounds=()) -> Plan:

@@ -41,6 +41,10 @@ DEFAULT_METHODS = ("svd", "svd-input", "spatial", "tucker", "cp", "tt", "mlp-sel
 # measured (mean cos 0.8165 -> 0.8103 at 50%, 0.9055 -> 0.9026 at 70%; docs/transformers.md)
 SPEED_TOLERANCE = 0.0
 
+# default CompressConfig.remeasure (plan, fit on 3/4 of the calibration, re-price the block halves by their
+# real held-out error, plan again): see compression/remeasure.py and docs/transformers.md for its figures
+REMEASURE = False
+
 
 def check_budget(budget, name: str = "budget") -> float:
     """A budget: a fraction in (0, 1]."""
@@ -113,6 +117,9 @@ class CompressConfig(Settings):
     calib_samples: calibration samples a job draws (CLI ``--calib``; 0: weight-only fitting).
     seed: seed of the calibration sampling (and of fine-tuning in a job).
     correct_upstream, ridge: calibrated fitting (see :func:`tensorfold.apply`).
+    remeasure: where transformer blocks are recognised, fit the plan on 3/4 of the calibration batches,
+        measure each sub-block's real share of the output error on the other 1/4, re-price its options
+        by real / predicted and allocate once more (:mod:`tensorfold.compression.remeasure`; one more fit).
     """
 
     budget: float = 0.5
@@ -130,6 +137,7 @@ class CompressConfig(Settings):
     seed: int = 0
     correct_upstream: bool = False
     ridge: float = 1e-6
+    remeasure: bool = REMEASURE
 
     def __post_init__(self):
         put = object.__setattr__  # frozen: canonical forms are stored once, here
@@ -148,6 +156,7 @@ class CompressConfig(Settings):
         put(self, "seed", check_count(self.seed, "seed"))
         check_flag(self.correct_upstream, "correct_upstream")
         put(self, "ridge", check_positive(self.ridge, "ridge", allow_zero=True))
+        check_flag(self.remeasure, "remeasure")
         if self.speedup is not None and self.allocator not in ("knapsack", "auto"):
             raise InvalidArgumentError(f"speedup needs allocator 'knapsack' (or 'auto'), got {self.allocator!r}")
 

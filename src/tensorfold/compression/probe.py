@@ -60,13 +60,17 @@ class OutputProbe:
     ``stages``: names of modules that run once per forward pass, in order (transformer blocks); a stage
     called any other number of times is not replayed.
 
+    ``reference``: the outputs the changes are measured against, one per batch (default: the unchanged
+    model's own); the replayed stages still replay ``model``'s.
+
     ``private_copy=False``: ``work`` is ``model`` itself (already in eval mode), which every measurement
     changes and restores before it returns (the planner's measurements all do): no second copy of the
     model's weights is held (BERT-large: 1.34 GB).
     """
 
     def __init__(self, model: nn.Module, batches: list, output_fn: Callable | None = None,
-                 stages: Sequence[str] = (), *, private_copy: bool = True):
+                 stages: Sequence[str] = (), *, private_copy: bool = True,
+                 reference: Sequence[torch.Tensor] | None = None):
         self.work = copy.deepcopy(model).eval() if private_copy else model
         self.batches, self.output_fn = list(batches), output_fn
         outputs: dict[str, list] = {name: [] for name in stages}
@@ -89,6 +93,8 @@ class OutputProbe:
         finally:
             for h in handles:
                 h.remove()
+        if reference is not None:  # measured against another model's outputs (e.g. the uncompressed one's)
+            self.reference = [y.detach().double() for y in reference]
         self._ref_sq = sum(float((y**2).sum()) for y in self.reference) or 1.0
         self.stages = [name for name in stages if len(outputs[name]) == len(self.batches)]
         self._outputs, self._inputs = outputs, inputs

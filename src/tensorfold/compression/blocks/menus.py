@@ -162,6 +162,49 @@ def _combine(a: list[GroupCandidate], b: list[GroupCandidate], target: str) -> l
     return _pareto(out, target)
 
 
+def _scaled(options: Sequence[GroupCandidate], scale: float) -> list[GroupCandidate]:
+    return list(options) if scale == 1.0 else [_make(c.parts, scale * _value(c), c.method) for c in options]
+
+
+@dataclass(frozen=True)
+class BlockHalves:
+    """A block's menu before merging: the Pareto fronts of its attention and of its feed-forward options
+    (values ``sum s_i e_i^2``) and its drop option. Kept by the planner so that a measured correction can
+    re-price each sub-block apart (:mod:`tensorfold.compression.remeasure`) without rebuilding any option."""
+
+    attention: tuple[GroupCandidate, ...] = ()
+    ffn: tuple[GroupCandidate, ...] = ()
+    drop: GroupCandidate | None = None
+
+    def options(self, target: str, attention: float = 1.0, ffn: float = 1.0,
+                drop: float = 1.0) -> list[GroupCandidate] | None:
+        """The block menu's options (all-dense first) with each half's values scaled; None without an
+        all-dense option."""
+        group = _combine(_scaled(self.attention, attention), _scaled(self.ffn, ffn), target)
+        if self.drop is not None:
+            group = _pareto([*group, *_scaled([self.drop], drop)], target)
+        dense = [c for c in group if all(p.method == "dense" for p in c.parts)]
+        if not dense:  # the all-dense option is always on the front (zero error); keep it first
+            return None
+        return [dense[0]] + [c for c in group if c is not dense[0]]
+
+    def split(self, choice: GroupCandidate) -> tuple[float, float] | None:
+        """The predicted values of ``choice``'s attention and feed-forward halves (None for the drop option
+        or a choice not made of this block's fronts)."""
+        if self.drop is not None and choice.parts == self.drop.parts:
+            return None
+        names = {p.name for p in self.attention[0].parts} if self.attention else set()
+        attn = tuple(p for p in choice.parts if p.name in names)
+        ffn = tuple(p for p in choice.parts if p.name not in names)
+        values = []
+        for half, parts in ((self.attention, attn), (self.ffn, ffn)):
+            found = [_value(c) for c in half if c.parts == parts] if parts else [0.0]
+            if not found:
+                return None
+            values.append(found[0])
+        return values[0], values[1]
+
+
 def _matrix_options(menu: LayerMenu, allowed: set[str] | None) -> list[GroupCandidate]:
     """A layer's own menu as single-part group options (value ``s e^2``)."""
     out = []
@@ -297,6 +340,7 @@ class BlockMenuBuilder:
         self.extra: list[LayerMenu] = []
         self.new_menus: dict[str, LayerMenu] = {}
         self.merged_names: set[str] = set()
+        self.halves: dict[str, BlockHalves] = {}  # per block name: its menu before merging
         self.any_usable = False
 
     def add(self, menus: Sequence[LayerMenu]) -> None:
@@ -360,24 +404,25 @@ class BlockMenuBuilder:
                 qk_sel, vo_sel = self._measured(b, qk_sel, stats), self._measured(b, vo_sel, stats)
                 qk, vo = _pareto(qk + qk_sel, target), _pareto(vo + vo_sel, target)
             group = _combine(qk, vo, target)
+        ffn: list[GroupCandidate] = []
         if b.ffn is not None:
             f = b.ffn
-            ffn: list[GroupCandidate] = []
             for name in f.layers:
                 ffn = _combine(ffn, _matrix_options(by_name[name], allowed), target)
             if f.down in stats:
                 mlp = _mlp_options(b, model, by_name, stats[f.down], self.latency)
                 ffn = _pareto(ffn + self._measured(b, mlp, stats), target)
-            group = _combine(group, ffn, target)
+        drop = None
         if drop_err is not None:
             parts = tuple(Part(n, "drop", None, 0, 0 if by_name[n].dense.flops is not None else None,
                                0.0 if by_name[n].dense.latency is not None else None, math.sqrt(drop_err))
                           for n in b.layers)
-            group = _pareto([*group, _make(parts, drop_err, "drop")], target)
-        dense = [c for c in group if all(p.method == "dense" for p in c.parts)]
-        if not dense:  # the all-dense option is always on the front (zero error); keep it first
+            drop = _make(parts, drop_err, "drop")
+        halves = BlockHalves(tuple(group), tuple(ffn), drop)
+        options = halves.options(target)
+        if options is None:
             return
-        options = [dense[0]] + [c for c in group if c is not dense[0]]
+        self.halves[b.name] = halves
         first = by_name[b.layers[0]]
         menu = LayerMenu(b.name, model.get_submodule(b.name), f"block({len(b.layers)} layers)",
                          first.input_shape, options, calibrated=True, sensitivity=1.0)
@@ -409,9 +454,13 @@ def block_menus(
     latency=None,
     progress: Callable[[int, int], None] | None = None,
     layer_menus: dict[str, LayerMenu] | None = None,
+    halves: dict[str, BlockHalves] | None = None,
 ) -> list[LayerMenu]:
-    """``menus`` with the layers of every recognised block merged into one menu per block (see module docs)."""
+    """``menus`` with the layers of every recognised block merged into one menu per block (see module docs);
+    ``halves``, when given, receives each merged block's :class:`BlockHalves`."""
     builder = BlockMenuBuilder(model, settings, data, latency=latency, layer_menus=layer_menus)
+    if halves is not None:
+        builder.halves = halves
     builder.add(menus)
     usable = [b for b in blocks if builder.prepare(b)]
     if not usable or not builder.wanted or not data.batches:
@@ -442,5 +491,5 @@ def expand_choice(choice: GroupCandidate, layer_menus: dict[str, LayerMenu]) -> 
     return out
 
 
-__all__ = ["BLOCK_METHODS", "BlockData", "BlockMenuBuilder", "BlockMenuSettings", "GroupCandidate", "Part",
-           "block_menus", "block_stats", "capture_stats", "drop_errors", "expand_choice"]
+__all__ = ["BLOCK_METHODS", "BlockData", "BlockHalves", "BlockMenuBuilder", "BlockMenuSettings", "GroupCandidate",
+           "Part", "block_menus", "block_stats", "capture_stats", "drop_errors", "expand_choice"]
