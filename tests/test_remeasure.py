@@ -50,6 +50,16 @@ def test_block_halves_merge_into_the_block_menu_and_split_its_choices(planned):
                 assert doubled[c.parts] == pytest.approx(2 * pa + pf, rel=1e-12)
 
 
+def test_the_one_pass_planner_keeps_the_same_halves(planned, monkeypatch):
+    model, batches, planner = planned
+    monkeypatch.setattr(Planner, "sequential", False)
+    at_once = Planner(model, CompressConfig(budget=0.5, methods=METHODS), calib=batches)
+    assert list(at_once.halves) == list(planner.halves)
+    for name, h in planner.halves.items():
+        assert [(c.parts, c.error) for c in at_once.halves[name].options("params")] == [
+            (c.parts, c.error) for c in h.options("params")]
+
+
 def _error(model, fitted, batches) -> float:
     diff = ref = 0.0
     for b in batches:

@@ -54,7 +54,7 @@ from tensorfold.compression.config import DEFAULT_METHODS, CompressConfig
 from tensorfold.compression.onload import BlockOnload
 from tensorfold.compression.plan import Plan
 from tensorfold.compression.probe import OutputProbe
-from tensorfold.compression.remeasure import held_out_split, remeasured_menus
+from tensorfold.compression.remeasure import held_out_split, measure_halves, remeasured_menus
 from tensorfold.compression.replace import replace_layers
 from tensorfold.compression.sensitivity import measure_sensitivities
 from tensorfold.compression.speed import SpeedCheck, Timer
@@ -305,9 +305,9 @@ class Planner:
         self.layer_menus = {m.name: m for m in menus}
         if work.blocks:
             settings = BlockMenuSettings(block_methods, config.target, config.budget, matrix_methods)
-            menus = block_menus(model, work.blocks, menus, settings, BlockData(batches, probe, grams),
+            menus = block_menus(model, work.blocks, menus, settings, BlockData(batches, probe, grams, self.halves),
                                 latency=work.latency, progress=lambda d, t: report("blocks", d, t),
-                                layer_menus=self.layer_menus, halves=self.halves)
+                                layer_menus=self.layer_menus)
             clock.lap("block menus")
         return menus
 
@@ -419,9 +419,9 @@ class Planner:
         with fitting_threads():
             fitted = replace_layers(self._model, self._plan_of(alloc, config), "fitted", calib=fit)
             with eval_mode(self._model, fitted), torch.no_grad():
-                menus, self.remeasure_report = remeasured_menus(
-                    self.menus, alloc.choices, self.halves, self.blocks, self._model, fitted, held,
-                    target=config.target, output_fn=self._output_fn)
+                real = measure_halves(self._model, fitted, [b for b in self.blocks if b.name in self.halves], held,
+                                      self._output_fn)
+        menus, self.remeasure_report = remeasured_menus(self.menus, alloc.choices, self.halves, real, config.target)
         del fitted
         return allocate(menus, config.budget, target=config.target, allocator=config.allocator,
                         methods=config.methods, no_slower=config.no_slower,

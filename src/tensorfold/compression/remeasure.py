@@ -131,29 +131,35 @@ def half_scales(halves: BlockHalves, choice: GroupCandidate, real: Mapping[str, 
     return {"attention": _ratio(real.get("attention", 0.0), pa), "ffn": _ratio(real.get("ffn", 0.0), pf)}
 
 
-def remeasured_menus(menus: Sequence[LayerMenu], choices: Sequence[Candidate], halves: Mapping[str, BlockHalves],
-                     blocks: Sequence[Block], original: nn.Module, fitted: nn.Module, batches: Sequence, *,
-                     target: str = "params", output_fn: Callable | None = None) -> tuple[list[LayerMenu], dict]:
-    """``menus`` with every block menu's halves re-priced by what ``fitted`` (the plan of ``choices``, fitted
-    without ``batches``) shows on ``batches``; the other menus as they are. Returns the menus and, per
-    block, the measured and predicted values and the factors (for reports and tests)."""
-    units = [u for b in sorted(blocks, key=lambda b: b.index) if b.name in halves for u in block_units(fitted, b)]
+def measure_halves(original: nn.Module, fitted: nn.Module, blocks: Sequence[Block], batches: Sequence,
+                   output_fn: Callable | None = None) -> dict[str, dict[str, float]]:
+    """Per block name, each unit's real contribution (:func:`marginal_errors`) by half ("attention", "ffn",
+    or "block" where the halves cannot be swapped apart) in ``fitted`` on ``batches``."""
+    units = [u for b in sorted(blocks, key=lambda b: b.index) for u in block_units(fitted, b)]
     real = marginal_errors(original, fitted, units, batches, output_fn)
-    by_block: dict[str, dict[str, float]] = {}
+    out: dict[str, dict[str, float]] = {}
     for u, r in zip(units, real):
-        by_block.setdefault(u.block, {})[u.half] = r
+        out.setdefault(u.block, {})[u.half] = r
+    return out
+
+
+def remeasured_menus(menus: Sequence[LayerMenu], choices: Sequence[Candidate], halves: Mapping[str, BlockHalves],
+                     real: Mapping[str, Mapping[str, float]], target: str = "params") -> tuple[list[LayerMenu], dict]:
+    """``menus`` with every block menu's halves re-priced by ``real`` (:func:`measure_halves` of the plan of
+    ``choices``, fitted without the batches it was measured on); the other menus as they are. Returns the
+    menus and, per block, the measured and predicted values and the factors (for reports and tests)."""
     out, report = [], {}
     for menu, choice in zip(menus, choices):
         h = halves.get(menu.name)
-        if h is None or menu.name not in by_block or not isinstance(choice, GroupCandidate):
+        if h is None or menu.name not in real or not isinstance(choice, GroupCandidate):
             out.append(menu)
             continue
-        scales = half_scales(h, choice, by_block[menu.name])
+        scales = half_scales(h, choice, real[menu.name])
         options = h.options(target, **scales)
-        report[menu.name] = {"real": by_block[menu.name], "predicted": h.split(choice), "scales": scales}
+        report[menu.name] = {"real": dict(real[menu.name]), "predicted": h.split(choice), "scales": scales}
         out.append(dataclasses.replace(menu, options=options) if options is not None else menu)
     return out, report
 
 
 __all__ = ["HELD_OUT_EVERY", "SCALE_RANGE", "Unit", "block_units", "half_scales", "held_out_split",
-           "marginal_errors", "remeasured_menus"]
+           "marginal_errors", "measure_halves", "remeasured_menus"]

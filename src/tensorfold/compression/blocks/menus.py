@@ -313,11 +313,12 @@ class BlockMenuSettings:
 class BlockData:
     """What the block menus are measured from: ``batches`` (input statistics), ``probe`` (measured
     output changes on the sensitivity batches) and ``grams`` (the planner's calibration statistics,
-    reused for the layers they cover)."""
+    reused for the layers they cover); ``halves`` receives each merged block's menu before merging."""
 
     batches: list
     probe: OutputProbe
     grams: dict[str, GramStats] = field(default_factory=dict)
+    halves: dict[str, BlockHalves] = field(default_factory=dict)
 
 
 class BlockMenuBuilder:
@@ -340,7 +341,7 @@ class BlockMenuBuilder:
         self.extra: list[LayerMenu] = []
         self.new_menus: dict[str, LayerMenu] = {}
         self.merged_names: set[str] = set()
-        self.halves: dict[str, BlockHalves] = {}  # per block name: its menu before merging
+        self.halves = data.halves  # per block name: its menu before merging
         self.any_usable = False
 
     def add(self, menus: Sequence[LayerMenu]) -> None:
@@ -454,13 +455,10 @@ def block_menus(
     latency=None,
     progress: Callable[[int, int], None] | None = None,
     layer_menus: dict[str, LayerMenu] | None = None,
-    halves: dict[str, BlockHalves] | None = None,
 ) -> list[LayerMenu]:
-    """``menus`` with the layers of every recognised block merged into one menu per block (see module docs);
-    ``halves``, when given, receives each merged block's :class:`BlockHalves`."""
+    """``menus`` with the layers of every recognised block merged into one menu per block (see module docs;
+    ``data.halves`` receives each merged block's :class:`BlockHalves`)."""
     builder = BlockMenuBuilder(model, settings, data, latency=latency, layer_menus=layer_menus)
-    if halves is not None:
-        builder.halves = halves
     builder.add(menus)
     usable = [b for b in blocks if builder.prepare(b)]
     if not usable or not builder.wanted or not data.batches:
