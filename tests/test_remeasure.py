@@ -166,3 +166,31 @@ def test_remeasuring_moves_budget_to_the_half_whose_real_error_was_under_predict
                                                                       "ffn": pytest.approx(1.0)}
     # the planner's own menus are not changed by a re-measured plan
     assert [m.options for m in planner.menus] == [planner.halves[m.name].options("params") for m in planner.menus]
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_decoders_are_remeasured_by_attention_and_feed_forward_halves(kind):
+    import transformers
+
+    torch.manual_seed(0)
+    if kind == "gpt2":
+        model = transformers.GPT2Model(transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=100,
+                                                               n_positions=64, bos_token_id=0, eos_token_id=0)).eval()
+        methods, halves = "mlp-select,drop", {"ffn"}  # (GPT-2's fused attention is not a recognised group)
+    else:
+        model = transformers.LlamaModel(transformers.LlamaConfig(
+            hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
+            vocab_size=100, max_position_embeddings=64)).eval()
+        methods, halves = METHODS, {"attention", "ffn"}
+    calib = [{"input_ids": b["input_ids"]} for b in hf_tiny.token_batches(4, 8, 12, seed=0)]
+    planner = Planner(model, CompressConfig(budget=0.6, methods=methods, remeasure=True), calib=calib)
+    p = planner.plan(curve=False)
+    assert p.fraction <= 0.6
+    report = planner.remeasure_report
+    assert set(report) == set(planner.halves) and len(report) == 2
+    for r in report.values():
+        if r["predicted"] is not None:  # a dropped block is measured whole
+            assert set(r["real"]) == halves
+            assert all(remeasure.SCALE_RANGE[0] <= s <= remeasure.SCALE_RANGE[1] for s in r["scales"].values())
+    small = tf.apply(model, p, calib)
+    assert small(**calib[0]).last_hidden_state.shape == model(**calib[0]).last_hidden_state.shape
