@@ -263,6 +263,7 @@ class Planner:
                 clock.lap("speed check")
         self.menus = menus
         self.blocks = blocks
+        self.retimed_probes = list(latency.retimed) if latency is not None else []
         self.seconds = clock.laps
 
     # planner statistics block by block (compression/onload.py); tests switch it off to compare the paths
@@ -442,7 +443,7 @@ class Planner:
             objective=alloc.objective, curve=list(curve_points),
             spectra={m.name: m.spectrum for m in self.layer_menus.values() if m.spectrum is not None},
             latency_cap=lat_cap, model_latency=self.speed.dense_total if self.speed is not None else None,
-            measured_speedup=measured, speed_rounds=list(rounds),
+            measured_speedup=measured, speed_rounds=list(rounds), retimed_probes=list(self.retimed_probes),
         )
 
     def _fast_allocation(self, config: CompressConfig):

@@ -436,6 +436,8 @@ def run_job(
             metrics["plan_timing"] = timer.record()  # where the budget's latencies and checks were timed
         if plan.speed_rounds:  # the speed goal's rounds: what each measured, which was kept and why
             metrics["speed_rounds"] = plan.speed_rounds
+        if plan.retimed_probes:  # latency probes timed again as implausible (a hiccup would reach a whole shape)
+            metrics["retimed_probes"] = plan.retimed_probes
         if options.speed:
             example = (source.entry.example_inputs(32) if source.entry is not None
                        else (eval_batches[0] if eval_batches else None))

@@ -113,6 +113,9 @@ class Plan:
     # a speed goal's allocate-and-time rounds: what each measured and why the kept one was kept (round,
     # fraction, objective, cap, predicted, measured, met, kept, outcome, then; see describe_speed_round)
     speed_rounds: list[dict] = field(default_factory=list)
+    # latency probes timed again as implausible (compression/candidates.py RETIME_FACTOR): layer, method, rank,
+    # first and kept seconds, the bound they were judged by, re-timings
+    retimed_probes: list[dict] = field(default_factory=list)
 
     # ---- the settings, read from the config ------------------------------------------------------
 
@@ -192,12 +195,23 @@ class Plan:
 
     @property
     def predicted_speedup(self) -> float | None:
-        """Dense / compressed whole-model latency predicted from the measured dense model and the layers'
-        predicted latencies (``None`` unless the dense model was timed, i.e. with ``speedup``)."""
+        """Dense / compressed whole-model latency predicted from the measured dense model (``None`` unless it
+        was timed, i.e. with ``speedup``): the kept speed round's prediction, the one its allocation used, when
+        the plan has rounds; else from the layers' predicted latencies. The rounds' figure prices a transformer
+        block option by the block's time inside the model, while a layer of a block option carries its isolated
+        probe (MiniLM: the layer sum said 0.49x for a plan the allocation predicted and measured near 1.9x)."""
+        allocated = self._allocated_speedup()
+        if allocated is not None:
+            return allocated
         if self.model_latency is None or self.latency is None or self.dense_latency is None:
             return None
         rest = max(self.model_latency - self.dense_latency, 0.0)
         return self.model_latency / (rest + self.latency)
+
+    def _allocated_speedup(self) -> float | None:
+        """The whole-model speedup the kept speed round's allocation predicted (None without one)."""
+        return next((r["predicted"] for r in self.speed_rounds if r.get("kept") and r.get("predicted") is not None),
+                    None)
 
     def totals(self) -> dict:
         def ratio(a, b):
@@ -273,6 +287,7 @@ class Plan:
                 model_latency=d.get("model_latency"),
                 measured_speedup=d.get("measured_speedup"),
                 speed_rounds=[dict(r) for r in d.get("speed_rounds", [])],
+                retimed_probes=[dict(r) for r in d.get("retimed_probes", [])],
             )
         except FileFormatError:
             raise
@@ -366,8 +381,14 @@ class Plan:
         if self.speedup is not None and self.model_latency is not None:
             lines.append(f"whole-model speedup asked {self.speedup:g}x: measured {self.measured_speedup:.2f}x while "
                          f"planning (dense model {self.model_latency * 1e3:.2f} ms), predicted "
-                         f"{self.predicted_speedup:.2f}x")
+                         f"{self.predicted_speedup:.2f}x"
+                         + (" (the kept round's allocation)" if self._allocated_speedup() is not None else ""))
         lines += [f"  {describe_speed_round(r, self.speedup, self.target)}" for r in self.speed_rounds]
+        if self.retimed_probes:
+            worst = max(self.retimed_probes, key=lambda r: r["first"] / max(r["kept"], 1e-12))
+            lines.append(f"latency probes timed again as implausible: {len(self.retimed_probes)} (e.g. "
+                         f"{worst['method']} {worst['layer']}: {worst['first'] * 1e3:.2f} ms, then "
+                         f"{worst['kept'] * 1e3:.2f} ms kept)")
         return "\n".join(lines)
 
     def __str__(self) -> str:
