@@ -7,6 +7,7 @@ share (the part the per-layer predictions get wrong)."""
 
 from __future__ import annotations
 
+import statistics
 import warnings
 from collections.abc import Callable
 
@@ -38,7 +39,7 @@ class FakeTimer(Timer):
     ``n`` numbers the plans in the order they are first timed (1, 2, ...) and ``k`` the checks of plan ``n``
     (a check times it ``ROUNDS`` times)."""
 
-    ROUNDS = 3
+    ROUNDS = speed.CHECK_WARMUP + speed.CHECK_PAIRS  # the skeleton forwards of one check
 
     def __init__(self, factor: Callable[[int, int], float]):
         self.factor, self.plans, self.timed = factor, [], []
@@ -124,8 +125,10 @@ def test_predictions_too_pessimistic_keep_the_full_budget_plan_that_still_meets_
     assert [r["outcome"] for r in p.speed_rounds[:2]] == ["met, less faithful than round 3"] * 2
     assert "allocating again toward the budget" in first["then"]
     assert "round 3's plan again: stopped" in kept["then"]
-    assert (f"round 3 measured {p.measured_speedup:.2f}x >= 1.9x (checks {p.measured_speedup:.2f}x, "
-            f"{p.measured_speedup:.2f}x), kept as the most faithful") in p.summary()
+    m = f"{p.measured_speedup:.2f}"  # a steady clock: every pair's ratio the same, quartiles = the median
+    assert (f"round 3 measured {m}x >= 1.9x (checks {m}x [{m}-{m}], {m}x [{m}-{m}]), kept as the most "
+            "faithful") in p.summary()
+    assert kept["quartiles"] == [[pytest.approx(p.measured_speedup)] * 2] * 2
     # the record travels with the plan
     assert tf.Plan.from_json(p.to_json()).speed_rounds == p.speed_rounds
 
@@ -160,7 +163,8 @@ def test_a_more_faithful_plan_is_kept_only_when_a_second_check_confirms_it(setti
     assert p.objective == pytest.approx(first["objective"], rel=1e-12) and ranks(p) == ranks(timer.plans[0])
     assert p.measured_speedup == pytest.approx(first["measured"], rel=1e-12)
     line = p.summary().splitlines()[-1]
-    assert f"< 1.9x (checks {later[-1]['checks'][0]:.2f}x, {later[-1]['checks'][1]:.2f}x), not kept" in line
+    a, b = (f"{c:.2f}" for c in later[-1]["checks"])
+    assert f"< 1.9x (checks {a}x [{a}-{a}], {b}x [{b}-{b}]), not kept" in line
 
 
 def test_a_plan_that_meets_the_goal_within_the_noise_ends_the_rounds(setting):
@@ -201,6 +205,66 @@ def test_no_plan_meets_the_goal_the_fastest_is_returned_with_the_message(setting
     assert message == [f"plan: the asked 1.9x speedup was not reached in 6 measured rounds; the fastest plan found "
                        f"measured {p.measured_speedup:.2f}x (machine load makes timings noisy; lower the budget or "
                        f"ask for less speed)"]
+
+
+# ---- a load that comes and goes: the check pairs each dense forward with a skeleton forward (speed.py) ---------
+
+class DutyCycleTimer(FakeTimer):
+    """:class:`FakeTimer`'s clock with a competing job that runs half the time: forwards are numbered in the
+    order they run (``t`` from 0) and the ones with ``(t // PERIOD)`` even take ``SLOW`` x their time. A
+    ``layer_times`` call runs ``warmup + repeats`` forwards and answers the median of the counted ones, as
+    the real one does. ``PERIOD`` is one former check round's call (3 warm-up + 20 forwards), so the former
+    check (the best of three medians of each side, timed side after side) timed every one of one side's
+    rounds inside the busy half and every one of the other side's outside it."""
+
+    SLOW, PERIOD = 1.3, 23
+
+    def __init__(self):
+        super().__init__(lambda n, k: 1.0)
+        self.t = self.PERIOD  # quiet while the check's dense reference is timed (before any check)
+
+    def layer_times(self, model, plan, names, sample, *, threads=2, repeats=20, warmup=3):
+        total, per = super().layer_times(model, plan, names, sample, threads=threads, repeats=repeats,
+                                         warmup=warmup)
+        times = []
+        for _ in range(warmup + repeats):
+            times.append(total * (self.SLOW if (self.t // self.PERIOD) % 2 == 0 else 1.0))
+            self.t += 1
+        return statistics.median(times[warmup:]), per
+
+
+def test_a_load_that_comes_and_goes_leaves_the_paired_check_at_the_true_ratio(setting):
+    model, calib = setting
+    steady = FakeTimer(lambda n, k: 1.0)  # the true clock: predictions exact, one round
+    _, expected, _ = plan_with(steady, model, calib)
+    true = steady.measured(model, expected)
+    assert len(expected.speed_rounds) == 1 and expected.measured_speedup == pytest.approx(true, rel=1e-12)
+    # the same planning under the duty-cycle load: the same plan, measured at the true ratio (the former
+    # check measured 1.3x it: its dense rounds fell in the busy halves)
+    timer = DutyCycleTimer()
+    planner, p, _ = plan_with(timer, model, calib)
+    assert ranks(p) == ranks(expected) and p.objective == pytest.approx(expected.objective, rel=1e-12)
+    assert p.measured_speedup == pytest.approx(true, rel=1e-12)
+    (record,) = p.speed_rounds
+    # the round records its check's spread: the few pairs split by a load change sit outside the middle half
+    assert record["checks"] == [pytest.approx(true, rel=1e-12)]
+    assert record["quartiles"] == [[pytest.approx(true, rel=1e-12)] * 2]
+    assert tf.Plan.from_dict(p.to_dict()).speed_rounds[0]["quartiles"] == record["quartiles"]
+    assert f"(checks {true:.2f}x [{true:.2f}-{true:.2f}])" in p.summary()
+    # one check from the start of a busy half: a paired figure, the true ratio, for the cost of the former
+    # check (63 forwards of each side, warm-up included; it timed 3 x 23)
+    timer.t, before = 0, len(timer.timed)
+    assert planner.speed.check(planner.menus, p, correct=False) == pytest.approx(true, rel=1e-12)
+    assert len(timer.timed) - before == speed.CHECK_WARMUP + speed.CHECK_PAIRS == 63
+    last = planner.speed.last
+    assert last["pairs"] == 60 and last["q1"] == pytest.approx(true) and last["q3"] == pytest.approx(true)
+    # what the former check measured on this clock: the dense rounds all busy, the skeleton's all quiet
+    timer.t = 0
+    dense, small = [], []
+    for _ in range(3):
+        dense.append(timer.layer_times(model, None, [], None)[0])
+        small.append(timer.layer_times(model, p, [], None)[0])
+    assert min(dense) / min(small) == pytest.approx(DutyCycleTimer.SLOW * true, rel=1e-12)
 
 
 # ---- an implausible latency probe is timed again before it is cached (compression/candidates.py) ------------

@@ -23,7 +23,7 @@ import math
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
@@ -512,13 +512,19 @@ class Planner:
         predicted = None if None in picks else self.speed.predicted(menus, picks)
         measured = self._timed_check(candidate, alloc)
         corrected = None if None in picks else self.speed.predicted(menus, picks)
-        return _SpeedRound(number, alloc, cap, candidate, predicted, [measured], corrected, _choice_keys(alloc))
+        return _SpeedRound(number, alloc, cap, candidate, predicted, [measured], corrected, _choice_keys(alloc),
+                           quartiles=[self._check_quartiles()])
 
     def _timed_check(self, candidate: Plan, alloc: Allocation, *, correct: bool = True) -> float:
         """One whole-plan check (:meth:`SpeedCheck.check`), counted on the "speed rounds" progress."""
         self._checks += 1
         self._progress("speed rounds", self._checks, SPEED_ROUNDS + 2 * SPEED_REFINE_ROUNDS)
         return self.speed.check(self.menus, candidate, alloc.choices, correct=correct)
+
+    def _check_quartiles(self) -> list[float] | None:
+        """The last check's paired-ratio quartiles [q1, q3] (its spread, recorded with the round)."""
+        last = self.speed.last
+        return [last["q1"], last["q3"]] if "q1" in last else None
 
     def _refine(self, config: CompressConfig, tried: list[_SpeedRound]) -> _SpeedRound:
         """More faithful plans after the goal is met with room to spare; returns the round kept.
@@ -565,6 +571,7 @@ class Planner:
                 # once would favour lucky timings, so such a plan is timed again and kept only if both
                 # checks meet the goal; it counts the lower of the two
                 new.checks.append(self._timed_check(new.plan, new.alloc, correct=False))
+                new.quartiles.append(self._check_quartiles())
                 if new.measured >= speedup:
                     kept = new
         tried[-1].then = f"{SPEED_REFINE_ROUNDS} rounds after the goal was met: stopped"
@@ -584,6 +591,7 @@ class _SpeedRound:
     corrected: float | None  # the same plan's prediction after its first check corrected the latencies
     keys: list
     then: str = ""  # what the planner did after this round, and why
+    quartiles: list = field(default_factory=list)  # per check: [q1, q3] of its paired ratios (None: not known)
 
     @property
     def measured(self) -> float:
@@ -614,6 +622,7 @@ def _round_records(tried: list[_SpeedRound], kept: _SpeedRound, speedup: float) 
             outcome = "not kept" if met else f"slower than round {kept.number}"
         out.append({"round": r.number, "fraction": r.plan.fraction, "objective": r.alloc.objective, "cap": r.cap,
                     "predicted": r.predicted, "measured": r.measured, "checks": list(r.checks),
+                    "quartiles": list(r.quartiles),
                     "met": r.measured >= speedup, "kept": r is kept, "outcome": outcome, "then": r.then})
     return out
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -94,14 +94,24 @@ def paired_timing(first: nn.Module, second: nn.Module, inputs, *, threads: int |
                     b_times.append(t2 - t1)
     finally:
         torch.set_num_threads(old)
+    return {**paired_ratios(a_times, b_times), "load": load_before, "repeats": repeats, "threads": threads}
+
+
+def paired_ratios(a_times: Sequence[float], b_times: Sequence[float]) -> dict:
+    """The summary of paired timings (``a_times[i]`` and ``b_times[i]`` taken back to back): the median of
+    the per-pair ratios ``a / b`` with its quartiles, each side's median and best, the spread and ``noisy``.
+
+    Shared by :func:`paired_timing` and the planner's whole-model check
+    (:meth:`tensorfold.compression.speed.SpeedCheck.check`), whose pairs come from a timer one forward at a
+    time: a load that comes and goes hits both sides of a pair alike, so the ratios' median stays the
+    true ratio where the ratio of two separately timed medians moves with the load."""
     ratios = [a / b for a, b in zip(a_times, b_times) if b > 0]
     r1, r2, r3 = _quartiles(ratios)
-    a1, a2, a3 = _quartiles(a_times)
-    b1, b2, b3 = _quartiles(b_times)
+    a1, a2, a3 = _quartiles(list(a_times))
+    b1, b2, b3 = _quartiles(list(b_times))
     spread = max((r3 - r1) / r2 if r2 else 0.0, (a3 - a1) / a2 if a2 else 0.0, (b3 - b1) / b2 if b2 else 0.0)
     return {"first_median": a2, "second_median": b2, "first_best": min(a_times), "second_best": min(b_times),
-            "ratio": r2, "ratio_q1": r1, "ratio_q3": r3, "spread": spread, "noisy": spread > NOISY_SPREAD,
-            "load": load_before, "repeats": repeats, "threads": threads}
+            "ratio": r2, "ratio_q1": r1, "ratio_q3": r3, "spread": spread, "noisy": spread > NOISY_SPREAD}
 
 
 def measure_speedup(original: nn.Module, compressed: nn.Module, example_inputs, *, threads: int | None = 2,

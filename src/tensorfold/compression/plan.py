@@ -404,11 +404,15 @@ class Plan:
 
 def describe_speed_round(record: dict, speedup: float | None, target: str = "params") -> str:
     """One line for a speed goal's round (``Plan.speed_rounds``), e.g. ``round 2 measured 1.93x >= 1.8x (checks
-    1.96x, 1.93x), kept as the most faithful (0.500 of the params, predicted error 0.1214, predicted 1.49x)``:
-    the lower of a plan's checks is its measurement."""
+    1.96x [1.92-1.99], 1.93x [1.90-1.95]), kept as the most faithful (0.500 of the params, predicted error
+    0.1214, predicted 1.49x)``: the lower of a plan's checks is its measurement, [q1-q3] each check's spread."""
     sign = ">=" if record.get("met") else "<"
     checks = record.get("checks") or []
-    timed = f" (checks {', '.join(f'{c:.2f}x' for c in checks)})" if len(checks) > 1 else ""
+    quartiles = record.get("quartiles") or []
+    shown = [f"{c:.2f}x" + (f" [{q[0]:.2f}-{q[1]:.2f}]" if q else "")
+             for c, q in zip(checks, [*quartiles, *[None] * len(checks)])]
+    # a check's figure is the median of paired ratios; [q1-q3] is its middle half (older plans: none)
+    timed = f" (checks {', '.join(shown)})" if len(checks) > 1 or quartiles else ""
     predicted = record.get("predicted")
     detail = f"{record['fraction']:.3f} of the {target}, predicted error {record['objective']:.4g}" + (
         f", predicted {predicted:.2f}x" if predicted is not None else "")

@@ -32,9 +32,14 @@ from torch import nn
 
 from tensorfold.compression.blocks.menus import GroupCandidate
 from tensorfold.compression.calibration import call_model
+from tensorfold.compression.evaluate import paired_ratios
 from tensorfold.compression.plan import Plan
 from tensorfold.compression.replace import replace_layers
 from tensorfold.core.modules import eval_mode
+
+# The whole-plan check's pairs (one dense and one skeleton forward each) and uncounted warm-up pairs: 63
+# forwards of each side, about what the former three rounds of 20 (+3 warm-up) timed forwards of each cost.
+CHECK_PAIRS, CHECK_WARMUP = 60, 3
 
 
 def skeleton_model(model: nn.Module, plan: Plan, *, seed: int = 0) -> nn.Module:
@@ -193,6 +198,8 @@ class SpeedCheck:
         self.dense_total, per = self.timer.layer_times(model, None, [*names, *sorted(parts)], sample,
                                                        threads=threads, repeats=repeats)
         self.rest = max(self.dense_total - sum(per[name] for name in names), 0.0)
+        # the last check's paired figure: measured (median ratio), q1/q3 (its quartiles), pairs, noisy
+        self.last: dict = {}
         self._corrected: set[tuple] = set()  # (layer shape, input shape, method) whose latencies were corrected
         # the dense candidates take their in-model times; factored ones keep the isolated prediction
         # until a check measures their kind inside the model
@@ -218,9 +225,16 @@ class SpeedCheck:
             return None
         return self.dense_total / (self.rest + sum(latencies))
 
-    def check(self, menus, plan: Plan, choices=None, *, rounds: int = 3, correct: bool = True) -> float:
-        """Measured whole-model speedup of ``plan``'s structure (dense and compressed alternately, the
-        best of ``rounds`` medians each); corrects the predicted latency of every menu option of the
+    def check(self, menus, plan: Plan, choices=None, *, pairs: int = CHECK_PAIRS, warmup: int = CHECK_WARMUP,
+              correct: bool = True) -> float:
+        """Measured whole-model speedup of ``plan``'s structure: ``pairs`` single forwards of the dense model
+        and the plan's skeleton, alternating (after ``warmup`` pairs not counted), summed up by
+        :func:`~tensorfold.compression.evaluate.paired_ratios`: the median of the per-pair ratios, its
+        quartiles in :attr:`last`. Why paired: the best of three medians of each side, timed one side after
+        the other, spread 5-10% per check on MiniLM (as much as a 0.45 and a 0.50 plan differ; a plan
+        measured 1.83x while planning ran 1.72x end to end), since a load that comes and goes hits one side's
+        median and not the other's; a pair's two forwards share it. Each layer's in-model time is the
+        median of its hooked times over the pairs. Corrects the predicted latency of every menu option of the
         same layer shape and method as a factored layer of the plan by the ratio measured for it, and
         the options of kinds never measured yet by the median ratio of this check (isolated timings
         are optimistic for every kind; correcting only the chosen ones made the next round switch to
@@ -232,26 +246,32 @@ class SpeedCheck:
         inside = {p.name for m in menus if m.name in blocks for p in m.options[0].parts}
         # hooked alike when only measuring: a second check must time what the first one timed
         names = [lp.name for lp in plan.layers if lp.name not in inside] + list(blocks)
-        best_dense = best_small = float("inf")
+        dense_times: list[float] = []
+        small_times: list[float] = []
         in_model: dict[str, list[float]] = {}
-        timer, sample, threads, repeats = self.timer, self.sample, self.threads, self.repeats
-        for _ in range(rounds):
-            t_dense, _ = timer.layer_times(self.model, None, [], sample, threads=threads, repeats=repeats)
-            t_small, per = timer.layer_times(self.model, plan, names, sample, threads=threads, repeats=repeats)
-            best_dense, best_small = min(best_dense, t_dense), min(best_small, t_small)
-            for name, t in per.items():
-                in_model.setdefault(name, []).append(t)
+        timer, sample, threads = self.timer, self.sample, self.threads
+        for i in range(warmup + pairs):  # one forward per call: the pair's two sides back to back
+            t_dense, _ = timer.layer_times(self.model, None, [], sample, threads=threads, repeats=1, warmup=0)
+            t_small, per = timer.layer_times(self.model, plan, names, sample, threads=threads, repeats=1, warmup=0)
+            if i >= warmup:
+                dense_times.append(t_dense)
+                small_times.append(t_small)
+                for name, t in per.items():
+                    in_model.setdefault(name, []).append(t)
+        summary = paired_ratios(dense_times, small_times)
+        self.last = {"measured": summary["ratio"], "q1": summary["ratio_q1"], "q3": summary["ratio_q3"],
+                     "pairs": pairs, "noisy": summary["noisy"]}
         if not correct:
-            return best_dense / best_small
+            return summary["ratio"]
         ratios: dict[tuple, list[float]] = {}
         by_name = {m.name: m for m in menus}
         for lp in plan.layers:
             if lp.factored and lp.latency and lp.name in by_name:
                 key = (*_shape_key(by_name[lp.name]), lp.method)
-                ratios.setdefault(key, []).append(min(in_model[lp.name]) / lp.latency)
+                ratios.setdefault(key, []).append(statistics.median(in_model[lp.name]) / lp.latency)
         for name, choice in blocks.items():
             if choice.method != "dense" and choice.latency:
-                ratios.setdefault((name, "block"), []).append(min(in_model[name]) / choice.latency)
+                ratios.setdefault((name, "block"), []).append(statistics.median(in_model[name]) / choice.latency)
         factors = {key: statistics.median(v) for key, v in ratios.items()}
         default = statistics.median([r for v in ratios.values() for r in v]) if ratios else None
         for m in menus:
@@ -263,4 +283,4 @@ class SpeedCheck:
         if ratios:
             self._corrected |= {(m.name, "block") if _is_block(m) else (*_shape_key(m), c.method)
                                 for m in menus for c in m.options[1:]}
-        return best_dense / best_small
+        return summary["ratio"]
