@@ -71,9 +71,9 @@ SPEED_ROUNDS = 6  # allocate-and-time rounds to reach the goal of plan(..., spee
 # once a plan beats the goal by more than the timing noise, at most this many more rounds look for a more
 # faithful plan that still meets it (each costs one or two whole-plan checks: ~11 s each on MiniLM in the fresh process)
 SPEED_REFINE_ROUNDS = 3
-# a plan within this much of the goal leaves nothing to spend: the spread of one whole-plan check (best of 3
-# medians) on a quiet machine (MiniLM's speed line's middle half is 1-2% wide then; under load much more,
-# which is why a more faithful plan is kept only when a second check confirms it)
+# a plan within this much of the goal leaves nothing to spend: about the half-width of one whole-plan check's
+# paired ratios on a quiet machine (MiniLM: quartiles +-2-3%; under load more, which is why a more faithful
+# plan is kept only when a second check confirms it)
 SPEED_NOISE = 0.02
 
 Progress = Callable[[str, int, int], None]
@@ -393,9 +393,7 @@ class Planner:
         lat_cap = measured = None
         rounds: list[dict] = []
         if config.speedup is None:
-            alloc = allocate(menus, config.budget, target=config.target, allocator=config.allocator,
-                             methods=config.methods, no_slower=config.no_slower,
-                             speed_tolerance=config.speed_tolerance if self.speed_priced else 0.0)
+            alloc = self._allocate(menus, config)
             if config.remeasure and self.halves and len(self._batches) > 1:
                 alloc = self._remeasured(alloc, config)
         else:
@@ -404,9 +402,8 @@ class Planner:
         if config.curve:
             for b in sorted(set(CURVE_BUDGETS) | {config.budget}):
                 try:
-                    curve_points.append((b, allocate(menus, b, target=config.target, allocator=config.allocator,
-                                                     methods=config.methods, no_slower=config.no_slower,
-                                                     latency_cap=lat_cap).objective))
+                    curve_points.append((b, self._allocate(menus, config, b, latency_cap=lat_cap,
+                                                                 tie_break=False).objective))
                 except NotCompressibleError:
                     continue
         return self._plan_of(alloc, config, curve_points, lat_cap, measured, rounds)
@@ -424,9 +421,17 @@ class Planner:
                                       self._output_fn)
         menus, self.remeasure_report = remeasured_menus(self.menus, alloc.choices, self.halves, real, config.target)
         del fitted
-        return allocate(menus, config.budget, target=config.target, allocator=config.allocator,
-                        methods=config.methods, no_slower=config.no_slower,
-                        speed_tolerance=config.speed_tolerance if self.speed_priced else 0.0)
+        return self._allocate(menus, config)
+
+    def _allocate(self, menus, config: CompressConfig, budget: float | None = None, *,
+                  latency_cap: float | None = None, tie_break: bool = True) -> Allocation:
+        """``allocate`` under ``config``'s target, allocator, methods and no-slower rule, at ``budget``
+        (default ``config.budget``); the latency tie-break (``config.speed_tolerance``) only where the
+        latencies are priced, no ``latency_cap`` is given and ``tie_break`` (the curve's points go without)."""
+        tolerance = config.speed_tolerance if tie_break and self.speed_priced and latency_cap is None else 0.0
+        return allocate(menus, config.budget if budget is None else budget, target=config.target,
+                        allocator=config.allocator, methods=config.methods, no_slower=config.no_slower,
+                        latency_cap=latency_cap, speed_tolerance=tolerance)
 
     def _plan_of(self, alloc, config: CompressConfig, curve_points=(), lat_cap=None, measured=None,
                  rounds=()) -> Plan:
@@ -474,8 +479,7 @@ class Planner:
         for _ in range(SPEED_ROUNDS):
             cap = speed.cap(menus, speedup) * tighten
             try:
-                alloc = allocate(menus, budget, target=config.target, allocator=config.allocator,
-                                 methods=config.methods, no_slower=config.no_slower, latency_cap=cap)
+                alloc = self._allocate(menus, config, budget, latency_cap=cap)
             except NotCompressibleError as exc:
                 if not tried:
                     raise
@@ -549,9 +553,7 @@ class Planner:
             cap, alloc = speed.cap(menus, goal / scale), None
             # a cap that is not positive, or out of the budget's reach: no plan predicted to meet the goal
             with contextlib.suppress(NotCompressibleError):
-                alloc = allocate(menus, config.budget, target=config.target, allocator=config.allocator,
-                                 methods=config.methods, no_slower=config.no_slower,
-                                 latency_cap=cap) if cap > 0 else None
+                alloc = self._allocate(menus, config, latency_cap=cap) if cap > 0 else None
             if alloc is None:
                 last.then = f"no plan is predicted to reach {goal:.2f}x as measured: stopped"
                 return kept
